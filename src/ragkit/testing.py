@@ -1,0 +1,202 @@
+"""Tiny, offline building blocks: tokenizers, configs and passages small enough for tests and demos.
+
+Nothing here downloads anything. Tokenizers are built from vocabularies written on the fly (as
+Transformers' own tests do): a WordPiece vocabulary for the DPR question encoder and a byte-level
+BPE trained on an embedded corpus for the BART generator, so every string tokenizes without
+unknown tokens.
+"""
+
+from __future__ import annotations
+
+import os
+import string
+from typing import Any
+
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import BartConfig, BartTokenizer, DPRConfig, DPRQuestionEncoderTokenizer, T5Config
+
+from .configuration_rag import RagConfig
+
+__all__ = [
+    "TINY_PASSAGES",
+    "tiny_bart_config",
+    "tiny_dpr_config",
+    "tiny_rag_config",
+    "tiny_t5_config",
+    "write_tiny_generator_tokenizer",
+    "write_tiny_question_encoder_tokenizer",
+]
+
+#: (title, text) pairs: a small encyclopedia used for tiny indexes in tests and examples.
+TINY_PASSAGES: tuple[tuple[str, str], ...] = (
+    ("Paris", "Paris is the capital and most populous city of France, with about 2.1 million residents."),
+    ("Berlin", "Berlin is the capital and largest city of Germany by both area and population."),
+    ("London", "London is the capital of England and the United Kingdom, on the river Thames."),
+    ("Seine", "The Seine is a river in northern France that flows through Paris into the English Channel."),
+    ("Thames", "The Thames is a river that flows through southern England, including London."),
+    ("Eiffel Tower", "The Eiffel Tower is a wrought-iron lattice tower in Paris, completed in 1889."),
+    ("Brandenburg Gate", "The Brandenburg Gate is an 18th-century monument in Berlin."),
+    ("Big Ben", "Big Ben is the nickname for the great bell of the clock at the Palace of Westminster."),
+    ("Louvre", "The Louvre is the world's most-visited art museum, located in Paris."),
+    ("Rhine", "The Rhine is a river that flows from the Alps through Germany to the North Sea."),
+    ("Madrid", "Madrid is the capital and most populous city of Spain."),
+    ("Rome", "Rome is the capital city of Italy and was the centre of the Roman Empire."),
+    ("Tiber", "The Tiber is the third-longest river in Italy and flows through Rome."),
+    ("Vienna", "Vienna is the capital of Austria and lies on the river Danube."),
+    ("Danube", "The Danube is the second-longest river in Europe, after the Volga."),
+    ('"Quoted Title"', '"A passage whose title and text carry quotes, which the retriever strips."'),
+)
+
+_QUESTIONS = (
+    "How many people live in Paris?",
+    "What is the capital of Germany?",
+    "Which river flows through London?",
+    "When was the Eiffel Tower completed?",
+    "Where is the Louvre?",
+)
+
+_GENERATOR_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+_QUESTION_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def _corpus() -> list[str]:
+    """Texts the tiny tokenizers are built from."""
+    texts = [f"{title} / {text}" for title, text in TINY_PASSAGES] + list(_QUESTIONS)
+    return texts * 4
+
+
+def write_tiny_question_encoder_tokenizer(directory: str | os.PathLike) -> DPRQuestionEncoderTokenizer:
+    """Write a WordPiece vocabulary to ``directory`` and return a DPR question encoder tokenizer over it.
+
+    Every lowercase word of the tiny corpus is a token; single characters and their ``##``
+    continuations make any other ASCII text tokenizable without ``[UNK]``.
+    """
+    os.makedirs(directory, exist_ok=True)
+    words: dict[str, None] = {}
+    for text in _corpus():
+        for word in text.lower().replace('"', " ").split():
+            words.setdefault(word.strip(string.punctuation), None)
+    chars = string.ascii_lowercase + string.digits + string.punctuation
+    vocab = _QUESTION_SPECIALS + list(chars) + [f"##{c}" for c in string.ascii_lowercase + string.digits]
+    vocab += [w for w in words if w and w not in vocab]
+    path = os.path.join(directory, "vocab.txt")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(vocab) + "\n")
+    return DPRQuestionEncoderTokenizer(vocab=path)
+
+
+def write_tiny_generator_tokenizer(directory: str | os.PathLike, vocab_size: int = 400) -> BartTokenizer:
+    """Train a byte-level BPE on the tiny corpus, write ``vocab.json``/``merges.txt``, return a BART tokenizer.
+
+    Ids: ``<s>`` 0, ``<pad>`` 1, ``</s>`` 2, ``<unk>`` 3, ``<mask>`` 4, as in BART.
+    """
+    os.makedirs(directory, exist_ok=True)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=_GENERATOR_SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(_corpus(), trainer)
+    bpe.model.save(str(directory))
+    return BartTokenizer(
+        vocab=os.path.join(directory, "vocab.json"), merges=os.path.join(directory, "merges.txt")
+    )
+
+
+def tiny_dpr_config(vocab_size: int = 256, hidden_size: int = 32, **kwargs: Any) -> DPRConfig:
+    """A 2-layer DPR question encoder config of width ``hidden_size``."""
+    defaults = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=128,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    defaults.update(kwargs)
+    return DPRConfig(**defaults)
+
+
+def tiny_bart_config(vocab_size: int = 400, d_model: int = 32, **kwargs: Any) -> BartConfig:
+    """A 2+2-layer BART config with BART's special token ids."""
+    defaults = dict(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=37,
+        decoder_ffn_dim=37,
+        max_position_embeddings=512,
+        dropout=0.0,
+        attention_dropout=0.0,
+        bos_token_id=0,
+        pad_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+        forced_bos_token_id=None,
+        forced_eos_token_id=None,
+    )
+    defaults.update(kwargs)
+    return BartConfig(**defaults)
+
+
+def tiny_t5_config(vocab_size: int = 400, d_model: int = 32, **kwargs: Any) -> T5Config:
+    """A 2+2-layer T5 config; pad 1 and eos 2 match the tiny generator tokenizer."""
+    defaults = dict(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        dropout_rate=0.0,
+        pad_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=1,
+    )
+    defaults.update(kwargs)
+    return T5Config(**defaults)
+
+
+def tiny_rag_config(generator: str = "bart", hidden_size: int = 32, **kwargs: Any) -> RagConfig:
+    """A RAG config over a tiny DPR encoder and a tiny BART or T5 generator, with a custom index.
+
+    Args:
+        generator: ``"bart"`` or ``"t5"``.
+        hidden_size: Width of the question encoder, hence of the retrieval vectors.
+        **kwargs: RAG fields to override (``n_docs``, ``max_combined_length``, ...).
+
+    Returns:
+        RagConfig
+    """
+    if generator == "bart":
+        gen_config = tiny_bart_config()
+    elif generator == "t5":
+        gen_config = tiny_t5_config()
+    else:
+        raise ValueError(f"`generator` must be 'bart' or 't5', got {generator!r}.")
+    rag_fields = dict(
+        n_docs=3,
+        max_combined_length=48,
+        retrieval_vector_size=hidden_size,
+        index_name="custom",
+        pad_token_id=gen_config.pad_token_id,
+        eos_token_id=gen_config.eos_token_id,
+        bos_token_id=getattr(gen_config, "bos_token_id", None),
+        decoder_start_token_id=gen_config.decoder_start_token_id,
+    )
+    if generator == "t5":
+        rag_fields["prefix"] = ""
+    rag_fields.update(kwargs)
+    return RagConfig.from_question_encoder_generator_configs(
+        tiny_dpr_config(hidden_size=hidden_size), gen_config, **rag_fields
+    )

@@ -1,0 +1,173 @@
+"""RagTokenizer: the question encoder's tokenizer for questions, the generator's for targets and decoding."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from transformers import AutoTokenizer, BatchEncoding, PreTrainedTokenizerBase
+
+from .configuration_rag import RagConfig
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["RagTokenizer"]
+
+QUESTION_ENCODER_SUBFOLDER = "question_encoder_tokenizer"
+GENERATOR_SUBFOLDER = "generator_tokenizer"
+
+
+def _hub_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The subset of ``kwargs`` that locating a Hub file understands."""
+    keys = ("revision", "cache_dir", "token", "local_files_only", "force_download", "proxies", "subfolder")
+    return {k: kwargs[k] for k in keys if k in kwargs}
+
+
+class RagTokenizer:
+    """Pair of tokenizers used by RAG, saved as ``question_encoder_tokenizer/`` and ``generator_tokenizer/``.
+
+    Calling the tokenizer tokenizes questions with the question encoder's tokenizer. Targets
+    (``text_target=`` or inside :meth:`as_target_tokenizer`) and decoding use the generator's
+    tokenizer. Transformers' RAG tokenizes ``text_target`` with the question encoder's tokenizer,
+    which gives labels in the wrong vocabulary; ragkit fixes that (see ``docs/migrating.md``).
+
+    Args:
+        question_encoder: Tokenizer of the question encoder (for example DPR's).
+        generator: Tokenizer of the generator (for example BART's).
+    """
+
+    def __init__(self, question_encoder: PreTrainedTokenizerBase, generator: PreTrainedTokenizerBase):
+        self.question_encoder = question_encoder
+        self.generator = generator
+        self.current_tokenizer = self.question_encoder
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write both tokenizers into their subfolders of ``save_directory``."""
+        if os.path.isfile(save_directory):
+            raise ValueError(f"`save_directory` ({save_directory}) is a file; give a directory path.")
+        os.makedirs(save_directory, exist_ok=True)
+        self.question_encoder.save_pretrained(os.path.join(save_directory, QUESTION_ENCODER_SUBFOLDER))
+        self.generator.save_pretrained(os.path.join(save_directory, GENERATOR_SUBFOLDER))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> RagTokenizer:
+        """Load both tokenizers from a RAG checkpoint (Hub id or local directory).
+
+        Args:
+            pretrained_model_name_or_path: Hub id such as ``"facebook/rag-sequence-nq"`` or a local directory
+                holding ``question_encoder_tokenizer/`` and ``generator_tokenizer/``.
+            **kwargs: ``config`` (a :class:`RagConfig`) and options forwarded to ``AutoTokenizer.from_pretrained``
+                (``revision``, ``cache_dir``, ``token``, ...).
+
+        Returns:
+            RagTokenizer
+        """
+        config = kwargs.pop("config", None)
+        if config is None:
+            config = RagConfig.from_pretrained(pretrained_model_name_or_path, **_hub_kwargs(kwargs))
+        question_encoder = AutoTokenizer.from_pretrained(
+            pretrained_model_name_or_path,
+            config=config.question_encoder,
+            subfolder=QUESTION_ENCODER_SUBFOLDER,
+            **kwargs,
+        )
+        generator = AutoTokenizer.from_pretrained(
+            pretrained_model_name_or_path, config=config.generator, subfolder=GENERATOR_SUBFOLDER, **kwargs
+        )
+        return cls(question_encoder=question_encoder, generator=generator)
+
+    def __call__(self, *args: Any, text_target: Any = None, **kwargs: Any) -> BatchEncoding:
+        """Tokenize questions with the current tokenizer; ``text_target`` with the generator's tokenizer.
+
+        With both ``text`` and ``text_target`` the targets' ids are returned as ``labels``.
+        """
+        has_text = bool(args) or kwargs.get("text") is not None
+        if text_target is None:
+            return self.current_tokenizer(*args, **kwargs)
+        target_kwargs = {k: v for k, v in kwargs.items() if k != "text"}
+        targets = self.generator(text_target, **target_kwargs)
+        if not has_text:
+            return targets
+        inputs = self.current_tokenizer(*args, **kwargs)
+        inputs["labels"] = targets["input_ids"]
+        return inputs
+
+    def batch_decode(self, *args: Any, **kwargs: Any) -> list[str]:
+        """Decode generated ids with the generator's tokenizer."""
+        return self.generator.batch_decode(*args, **kwargs)
+
+    def decode(self, *args: Any, **kwargs: Any) -> str:
+        """Decode one sequence of generated ids with the generator's tokenizer."""
+        return self.generator.decode(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def as_target_tokenizer(self) -> Iterator[RagTokenizer]:
+        """Within this context, calling the tokenizer tokenizes targets with the generator's tokenizer."""
+        self._switch_to_target_mode()
+        try:
+            yield self
+        finally:
+            self._switch_to_input_mode()
+
+    def _switch_to_input_mode(self) -> None:
+        self.current_tokenizer = self.question_encoder
+
+    def _switch_to_target_mode(self) -> None:
+        self.current_tokenizer = self.generator
+
+    def prepare_seq2seq_batch(
+        self,
+        src_texts: str | list[str],
+        tgt_texts: str | list[str] | None = None,
+        max_length: int | None = None,
+        max_target_length: int | None = None,
+        padding: str | bool = "longest",
+        return_tensors: str | None = None,
+        truncation: bool = True,
+        **kwargs: Any,
+    ) -> BatchEncoding:
+        """Tokenize questions (and optionally targets) into one batch, as the seed's first example uses it.
+
+        Args:
+            src_texts: Question(s), tokenized with the question encoder's tokenizer.
+            tgt_texts: Target answer(s), tokenized with the generator's tokenizer into ``labels``.
+            max_length: Max length of the questions (defaults to the tokenizer's model max length).
+            max_target_length: Max length of the targets (defaults to ``max_length``).
+            padding: Padding strategy for both.
+            return_tensors: ``"pt"``, ``"np"`` or ``None``.
+            truncation: Whether to truncate to the max lengths.
+            **kwargs: Forwarded to both tokenizers.
+
+        Returns:
+            BatchEncoding with ``input_ids``, ``attention_mask`` and, with targets, ``labels``.
+        """
+        if max_length is None:
+            max_length = self.current_tokenizer.model_max_length
+        model_inputs = self(
+            src_texts,
+            add_special_tokens=True,
+            return_tensors=return_tensors,
+            max_length=max_length,
+            padding=padding,
+            truncation=truncation,
+            **kwargs,
+        )
+        if tgt_texts is None:
+            return model_inputs
+        if max_target_length is None:
+            max_target_length = self.current_tokenizer.model_max_length
+        labels = self.generator(
+            text_target=tgt_texts,
+            add_special_tokens=True,
+            return_tensors=return_tensors,
+            padding=padding,
+            max_length=max_target_length,
+            truncation=truncation,
+            **kwargs,
+        )
+        model_inputs["labels"] = labels["input_ids"]
+        return model_inputs
+
