@@ -12,7 +12,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from ragkit.testing import (  # noqa: E402
+from ragkit.testing import (
     TINY_PASSAGES,
     tiny_rag_config,
     write_tiny_generator_tokenizer,

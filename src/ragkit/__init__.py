@@ -23,7 +23,18 @@ _LAZY = {
     "RetrievAugLMMarginOutput": "modeling_rag",
 }
 
-__all__ = [*_LAZY, "__version__"]
+__all__ = [
+    "RagConfig",
+    "RagModel",
+    "RagPreTrainedModel",
+    "RagRetriever",
+    "RagSequenceForGeneration",
+    "RagTokenForGeneration",
+    "RagTokenizer",
+    "RetrievAugLMMarginOutput",
+    "RetrievAugLMOutput",
+    "__version__",
+]
 
 if TYPE_CHECKING:
     from .configuration_rag import RagConfig

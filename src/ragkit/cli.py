@@ -21,26 +21,26 @@ _COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser and one (still empty) sub-parser per command."""
     parser = argparse.ArgumentParser(prog="ragkit", description="Retrieval-augmented generation tools.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True)
+    command_parsers = {}
     for name, (module, help_text) in _COMMANDS.items():
-        command_parser = sub.add_parser(name, help=help_text, description=help_text)
-        command_parser.set_defaults(_module=module)
-        # Arguments are added lazily, once we know which command runs; see main().
-    return parser
+        command_parsers[name] = sub.add_parser(name, help=help_text, description=help_text)
+        command_parsers[name].set_defaults(_module=module)
+    return parser, command_parsers
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ragkit`` command."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = _build_parser()
+    parser, command_parsers = _build_parser()
+    # Only the command that runs has its arguments (and its module) loaded.
     command = next((a for a in argv if not a.startswith("-")), None)
     if command in _COMMANDS:
-        module = importlib.import_module(_COMMANDS[command][0])
-        sub = parser._subparsers._group_actions[0].choices[command]  # noqa: SLF001
-        module.configure_parser(sub)
+        importlib.import_module(_COMMANDS[command][0]).configure_parser(command_parsers[command])
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

@@ -11,6 +11,8 @@ from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 
+from .pooling import POOLING_MODES
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["INDEX_NAMES", "RagConfig"]
@@ -41,8 +43,9 @@ def _sub_config(value: Any, field: str) -> PretrainedConfig:
 class RagConfig(PretrainedConfig):
     r"""Configuration of a :class:`~ragkit.RagModel` and its heads.
 
-    Same fields and defaults as ``transformers.RagConfig``. Two fields are ragkit's own and are
-    ignored by transformers when it reads the file: ``index_nprobe`` and ``index_ef_search``.
+    Same fields and defaults as ``transformers.RagConfig``. Four fields are ragkit's own and are
+    ignored by transformers when it reads the file: ``index_nprobe``, ``index_ef_search``,
+    ``question_encoder_pooling`` and ``question_encoder_normalize``.
 
     Args:
         question_encoder (`PretrainedConfig | dict`): Config of the question encoder (DPR, BERT, ...).
@@ -72,6 +75,10 @@ class RagConfig(PretrainedConfig):
         dataset_revision (`str`, optional): Revision of the Hub dataset used for retrieval.
         index_nprobe (`int`, optional): faiss ``nprobe`` for IVF indexes (the compressed index).
         index_ef_search (`int`, optional): faiss ``efSearch`` for HNSW indexes (the exact index).
+        question_encoder_pooling (`str`, defaults to ``"pooler"``): How question vectors are read from the
+            question encoder: ``"pooler"`` (its first output, as DPR), ``"cls"`` or ``"mean"`` (masked mean, as
+            sentence encoders such as all-MiniLM-L6-v2).
+        question_encoder_normalize (`bool`, defaults to `False`): L2-normalize question vectors.
     """
 
     model_type = "rag"
@@ -110,6 +117,8 @@ class RagConfig(PretrainedConfig):
     dataset_revision: str | None = None
     index_nprobe: int | None = None
     index_ef_search: int | None = None
+    question_encoder_pooling: str = "pooler"
+    question_encoder_normalize: bool = False
 
     def __post_init__(self, **kwargs):
         for field in ("question_encoder", "generator"):
@@ -148,6 +157,11 @@ class RagConfig(PretrainedConfig):
             )
         if not 0.0 <= float(self.label_smoothing) < 1.0:
             raise ValueError(f"RagConfig: `label_smoothing` must be in [0, 1), got {self.label_smoothing!r}.")
+        if self.question_encoder_pooling not in POOLING_MODES:
+            raise ValueError(
+                f"RagConfig: `question_encoder_pooling` must be one of {POOLING_MODES}, "
+                f"got {self.question_encoder_pooling!r}."
+            )
         for name in ("index_nprobe", "index_ef_search"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -167,4 +181,6 @@ class RagConfig(PretrainedConfig):
         Returns:
             RagConfig: the combined configuration.
         """
-        return cls(question_encoder=question_encoder_config.to_dict(), generator=generator_config.to_dict(), **kwargs)
+        return cls(
+            question_encoder=question_encoder_config.to_dict(), generator=generator_config.to_dict(), **kwargs
+        )
