@@ -130,8 +130,6 @@ class RagConfig(PretrainedConfig):
                     "or load a RAG checkpoint with RagConfig.from_pretrained(path)."
                 )
             setattr(self, field, _sub_config(value, field))
-        if self.vocab_size is None:
-            self.vocab_size = getattr(self.generator, "vocab_size", None)
         super().__post_init__(**kwargs)
         self.validate_rag_fields()
 

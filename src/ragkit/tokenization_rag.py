@@ -26,6 +26,19 @@ def _hub_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: kwargs[k] for k in keys if k in kwargs}
 
 
+def _length_kwargs(
+    tokenizer: PreTrainedTokenizerBase, max_length: int | None, truncation: bool
+) -> dict[str, Any]:
+    """``max_length``/``truncation`` arguments, defaulting to the tokenizer's limit when it has a real one."""
+    if max_length is None:
+        limit = tokenizer.model_max_length
+        # Tokenizers without a known limit report a huge sentinel that cannot be passed on.
+        max_length = limit if limit is not None and limit < 1_000_000 else None
+    if max_length is None:
+        return {}
+    return {"max_length": max_length, "truncation": truncation}
+
+
 class RagTokenizer:
     """Pair of tokenizers used by RAG, saved as ``question_encoder_tokenizer/`` and ``generator_tokenizer/``.
 
@@ -144,28 +157,22 @@ class RagTokenizer:
         Returns:
             BatchEncoding with ``input_ids``, ``attention_mask`` and, with targets, ``labels``.
         """
-        if max_length is None:
-            max_length = self.current_tokenizer.model_max_length
-        model_inputs = self(
+        model_inputs = self.question_encoder(
             src_texts,
             add_special_tokens=True,
             return_tensors=return_tensors,
-            max_length=max_length,
             padding=padding,
-            truncation=truncation,
+            **_length_kwargs(self.question_encoder, max_length, truncation),
             **kwargs,
         )
         if tgt_texts is None:
             return model_inputs
-        if max_target_length is None:
-            max_target_length = self.current_tokenizer.model_max_length
         labels = self.generator(
             text_target=tgt_texts,
             add_special_tokens=True,
             return_tensors=return_tensors,
             padding=padding,
-            max_length=max_target_length,
-            truncation=truncation,
+            **_length_kwargs(self.generator, max_target_length or max_length, truncation),
             **kwargs,
         )
         model_inputs["labels"] = labels["input_ids"]

@@ -1,0 +1,162 @@
+"""RagConfig: same fields and defaults as transformers.RagConfig, files readable both ways, clear errors."""
+
+from __future__ import annotations
+
+import inspect
+import json
+
+import pytest
+import transformers
+from transformers import BartConfig, BertConfig, DPRConfig, T5Config
+
+from ragkit import RagConfig
+from ragkit.testing import tiny_bart_config, tiny_dpr_config, tiny_t5_config
+
+RAGKIT_ONLY_FIELDS = {
+    "index_nprobe",
+    "index_ef_search",
+    "question_encoder_pooling",
+    "question_encoder_normalize",
+}
+# In the seed's signature; transformers 5 moved it to the generation config, so its RagConfig lacks it.
+SEED_ONLY_FIELDS = {"forced_eos_token_id"}
+
+
+def _reference_defaults() -> dict:
+    reference = transformers.RagConfig(
+        question_encoder=DPRConfig().to_dict(), generator=BartConfig().to_dict()
+    )
+    return reference.to_dict()
+
+
+def test_every_reference_field_has_the_same_default():
+    ours = RagConfig(question_encoder=DPRConfig().to_dict(), generator=BartConfig().to_dict()).to_dict()
+    reference = _reference_defaults()
+    for key, value in reference.items():
+        if key in ("question_encoder", "generator", "transformers_version"):
+            continue
+        assert key in ours, f"ragkit's RagConfig lacks the reference field {key!r}"
+        assert ours[key] == value, f"default of {key!r}: ragkit {ours[key]!r} != reference {value!r}"
+    assert set(ours) - set(reference) <= RAGKIT_ONLY_FIELDS | SEED_ONLY_FIELDS | {"transformers_version"}
+
+
+def test_seed_signature_defaults():
+    config = RagConfig(question_encoder=DPRConfig().to_dict(), generator=BartConfig().to_dict())
+    expected = dict(
+        title_sep=" / ",
+        doc_sep=" // ",
+        n_docs=5,
+        max_combined_length=300,
+        retrieval_vector_size=768,
+        retrieval_batch_size=8,
+        dataset="wiki_dpr",
+        dataset_split="train",
+        index_name="compressed",
+        index_path=None,
+        passages_path=None,
+        use_dummy_dataset=False,
+        reduce_loss=False,
+        label_smoothing=0.0,
+        do_deduplication=True,
+        exclude_bos_score=False,
+        do_marginalize=False,
+        output_retrieved=False,
+        use_cache=True,
+        forced_eos_token_id=None,
+        dataset_revision=None,
+        is_encoder_decoder=True,
+    )
+    for key, value in expected.items():
+        assert getattr(config, key) == value, key
+
+
+@pytest.mark.parametrize(
+    "question_encoder, generator",
+    [
+        (tiny_dpr_config(), tiny_bart_config()),
+        (tiny_dpr_config(), tiny_t5_config()),
+        (
+            BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37),
+            tiny_bart_config(),
+        ),
+    ],
+)
+def test_from_question_encoder_generator_configs_keeps_sub_config_types(question_encoder, generator):
+    config = RagConfig.from_question_encoder_generator_configs(question_encoder, generator, n_docs=2)
+    assert type(config.question_encoder) is type(question_encoder)
+    assert type(config.generator) is type(generator)
+    assert config.question_encoder.hidden_size == question_encoder.hidden_size
+    assert config.generator.d_model == generator.d_model
+    assert config.n_docs == 2
+
+
+def test_config_json_round_trips_with_transformers(tmp_path):
+    ours = RagConfig.from_question_encoder_generator_configs(
+        tiny_dpr_config(), tiny_t5_config(), n_docs=4, index_name="custom", title_sep=" | ", index_nprobe=64
+    )
+    ours.save_pretrained(tmp_path / "ours")
+    saved = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert saved["model_type"] == "rag"
+    reference = transformers.RagConfig.from_pretrained(tmp_path / "ours")
+    assert isinstance(reference.generator, T5Config)
+    assert (reference.n_docs, reference.index_name, reference.title_sep) == (4, "custom", " | ")
+    assert reference.generator.d_model == ours.generator.d_model
+
+    reference.n_docs = 7
+    reference.save_pretrained(tmp_path / "theirs")
+    back = RagConfig.from_pretrained(tmp_path / "theirs")
+    assert back.n_docs == 7
+    assert isinstance(back.question_encoder, DPRConfig)
+    assert back.generator.to_dict()["d_model"] == ours.generator.d_model
+    assert back.index_nprobe == 64  # transformers keeps fields it does not know
+
+
+def test_ragkit_fields_survive_a_transformers_round_trip(tmp_path):
+    ours = RagConfig.from_question_encoder_generator_configs(
+        tiny_dpr_config(), tiny_bart_config(), index_ef_search=128, question_encoder_pooling="mean"
+    )
+    ours.save_pretrained(tmp_path / "a")
+    transformers.RagConfig.from_pretrained(tmp_path / "a").save_pretrained(tmp_path / "b")
+    back = RagConfig.from_pretrained(tmp_path / "b")
+    assert back.index_ef_search == 128
+    assert back.question_encoder_pooling == "mean"
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("n_docs", 0, "n_docs"),
+        ("n_docs", -3, "n_docs"),
+        ("index_name", "faiss", "index_name"),
+        ("max_combined_length", 0, "max_combined_length"),
+        ("label_smoothing", 1.5, "label_smoothing"),
+        ("index_nprobe", 0, "index_nprobe"),
+        ("question_encoder_pooling", "max", "question_encoder_pooling"),
+    ],
+)
+def test_invalid_values_name_the_field(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        RagConfig.from_question_encoder_generator_configs(
+            tiny_dpr_config(), tiny_bart_config(), **{field: value}
+        )
+
+
+@pytest.mark.parametrize("missing", ["question_encoder", "generator"])
+def test_missing_sub_config_is_a_value_error(missing):
+    kwargs = {"question_encoder": tiny_dpr_config().to_dict(), "generator": tiny_bart_config().to_dict()}
+    del kwargs[missing]
+    with pytest.raises(ValueError, match=missing):
+        RagConfig(**kwargs)
+
+
+def test_sub_config_dict_without_model_type_is_rejected():
+    generator = tiny_bart_config().to_dict()
+    del generator["model_type"]
+    with pytest.raises(ValueError, match="model_type"):
+        RagConfig(question_encoder=tiny_dpr_config().to_dict(), generator=generator)
+
+
+def test_from_question_encoder_generator_configs_signature_matches_reference():
+    ours = inspect.signature(RagConfig.from_question_encoder_generator_configs)
+    reference = inspect.signature(transformers.RagConfig.from_question_encoder_generator_configs)
+    assert list(ours.parameters) == list(reference.parameters)
