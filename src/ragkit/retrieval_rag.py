@@ -1,0 +1,388 @@
+"""RagRetriever: find passages for question vectors and build the generator's contextualized inputs.
+
+Same constructor, methods, attributes and outputs as ``transformers.RagRetriever``; the index backends
+live in :mod:`ragkit.retrieval`. Differences, all on the safe side: passages and embeddings are
+fetched in bulk; question vectors may be torch tensors on any device or in half precision; the
+canonical wiki_dpr index loads without dataset scripts; legacy pickles need an explicit opt-in (or a
+one-off conversion); slots faiss cannot fill come back as id -1 with an empty passage and a zero
+embedding instead of a repeated passage.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from transformers import BatchEncoding, PreTrainedTokenizerBase
+
+from ._io import atomic_directory, atomic_file
+from .configuration_rag import RagConfig
+from .retrieval.base import Index, as_query_matrix
+from .retrieval.canonical import CanonicalHFIndex
+from .retrieval.custom import CustomHFIndex
+from .retrieval.legacy import LEGACY_INDEX_PATH, LegacyIndex
+from .tokenization_rag import RagTokenizer
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["RagRetriever"]
+
+#: Names ``save_pretrained`` gives a custom index's files inside the retriever directory.
+SAVED_INDEX_NAME = "hf_dataset_index.faiss"
+SAVED_PASSAGES_NAME = "hf_dataset"
+_HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "force_download")
+
+
+def _relocated(path: str | None, directory: str | os.PathLike, name: str) -> str | None:
+    """``path`` if it exists, else ``directory/name`` when that exists (a saved retriever that was moved)."""
+    if path is not None and os.path.exists(path):
+        return path
+    candidate = os.path.join(directory, name)
+    if os.path.isdir(directory) and os.path.exists(candidate):
+        if path is not None:
+            logger.info("%s not found; using %s saved next to the retriever.", path, candidate)
+        return candidate
+    return path
+
+
+def _as_id_lists(question_input_ids: Any) -> list[list[int]]:
+    """Question token ids (list, numpy or torch on any device) as a list of lists of ints."""
+    if hasattr(question_input_ids, "tolist"):
+        question_input_ids = question_input_ids.tolist()
+    question_input_ids = list(question_input_ids)
+    if question_input_ids and isinstance(question_input_ids[0], (int, np.integer)):
+        question_input_ids = [question_input_ids]
+    return question_input_ids
+
+
+class RagRetriever:
+    """Retrieve passages for question vectors and format them for a RAG generator.
+
+    Args:
+        config (`RagConfig`): Says which index to build (``index_name``, ``dataset``, ``index_path``,
+            ``passages_path``, ``use_dummy_dataset``, ``index_nprobe``, ``index_ef_search``, ...) and how to
+            format contexts (``title_sep``, ``doc_sep``, ``max_combined_length``).
+        question_encoder_tokenizer: Tokenizer of the question encoder, used to decode the questions.
+        generator_tokenizer: Tokenizer of the generator, used to encode the contexts.
+        index (`Index`, optional): Use this index instead of building the one the config names.
+        init_retrieval (`bool`, defaults to `True`): Load the index now.
+        allow_pickle (`bool`, defaults to `False`): Trust and unpickle DPR's legacy files
+            (``index_name="legacy"``); ``TRUST_REMOTE_CODE=True`` in the environment does the same.
+
+    Examples:
+
+    ```python
+    >>> from ragkit import RagRetriever
+    >>> retriever = RagRetriever.from_pretrained("facebook/rag-sequence-nq", index_name="exact",
+    ...                                          use_dummy_dataset=True)
+    >>> retriever = RagRetriever.from_pretrained("facebook/rag-sequence-nq", index_name="custom",
+    ...                                          passages_path="my_index/passages",
+    ...                                          index_path="my_index/index.faiss")
+    ```
+    """
+
+    def __init__(
+        self,
+        config: RagConfig,
+        question_encoder_tokenizer: PreTrainedTokenizerBase,
+        generator_tokenizer: PreTrainedTokenizerBase,
+        index: Index | None = None,
+        init_retrieval: bool = True,
+        allow_pickle: bool = False,
+    ):
+        self._init_retrieval = init_retrieval
+        self.index = index or self._build_index(config, allow_pickle=allow_pickle)
+        self.generator_tokenizer = generator_tokenizer
+        self.question_encoder_tokenizer = question_encoder_tokenizer
+        self.n_docs = config.n_docs
+        self.batch_size = config.retrieval_batch_size
+        self.config = config
+        if self._init_retrieval:
+            self.init_retrieval()
+        self.ctx_encoder_tokenizer: PreTrainedTokenizerBase | None = None
+        self.return_tokenized_docs = False
+
+    @staticmethod
+    def _build_index(
+        config: RagConfig,
+        allow_pickle: bool = False,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
+    ) -> Index:
+        """The index ``config`` names (not yet initialized)."""
+        nprobe = getattr(config, "index_nprobe", None)
+        ef_search = getattr(config, "index_ef_search", None)
+        if config.index_name == "legacy":
+            return LegacyIndex(
+                config.retrieval_vector_size,
+                config.index_path or LEGACY_INDEX_PATH,
+                allow_pickle=allow_pickle,
+                ef_search=ef_search,
+                cache_dir=cache_dir,
+            )
+        if config.index_name == "custom":
+            return CustomHFIndex.load_from_disk(
+                vector_size=config.retrieval_vector_size,
+                dataset_path=config.passages_path,
+                index_path=config.index_path,
+                nprobe=nprobe,
+                ef_search=ef_search,
+            )
+        return CanonicalHFIndex(
+            vector_size=config.retrieval_vector_size,
+            dataset_name=config.dataset,
+            dataset_split=config.dataset_split,
+            index_name=config.index_name,
+            index_path=config.index_path,
+            use_dummy_dataset=config.use_dummy_dataset,
+            dataset_revision=config.dataset_revision,
+            embeddings_name=getattr(config, "embeddings_name", None) or "nq",
+            nprobe=nprobe,
+            ef_search=ef_search,
+            cache_dir=cache_dir,
+            token=token,
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls, retriever_name_or_path: str | os.PathLike, indexed_dataset: Any = None, **kwargs: Any
+    ) -> RagRetriever:
+        """Load the config and tokenizers of a RAG checkpoint and build its index.
+
+        Args:
+            retriever_name_or_path: Hub id or local directory of a RAG checkpoint or saved retriever.
+            indexed_dataset (`datasets.Dataset`, optional): Passages (title, text, embeddings) with a faiss
+                index on ``embeddings``; sets ``index_name="custom"``.
+            **kwargs: Config overrides (``index_name``, ``passages_path``, ``index_path``,
+                ``use_dummy_dataset``, ``dataset``, ``n_docs``, ``index_nprobe``, ``index_ef_search``, ...),
+                ``config`` (a ready :class:`RagConfig`), ``allow_pickle`` (legacy files),
+                ``embeddings_name`` (``"nq"`` or ``"multiset"`` for wiki_dpr), ``init_retrieval`` and Hub
+                options (``revision``, ``cache_dir``, ``token``, ...).
+
+        Returns:
+            RagRetriever
+        """
+        allow_pickle = kwargs.pop("allow_pickle", False)
+        embeddings_name = kwargs.pop("embeddings_name", None)
+        init_retrieval = kwargs.pop("init_retrieval", True)
+        hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+        config = kwargs.pop("config", None)
+        if config is None:
+            config = RagConfig.from_pretrained(retriever_name_or_path, **kwargs)
+            config.validate_rag_fields()  # overrides are set after the constructor's checks
+        if embeddings_name is not None:
+            config.embeddings_name = embeddings_name
+        rag_tokenizer = RagTokenizer.from_pretrained(retriever_name_or_path, config=config, **hub_kwargs)
+        if indexed_dataset is not None:
+            config.index_name = "custom"
+            index = CustomHFIndex(
+                config.retrieval_vector_size,
+                indexed_dataset,
+                nprobe=getattr(config, "index_nprobe", None),
+                ef_search=getattr(config, "index_ef_search", None),
+            )
+        else:
+            if config.index_name == "custom":
+                config.index_path = _relocated(config.index_path, retriever_name_or_path, SAVED_INDEX_NAME)
+                config.passages_path = _relocated(
+                    config.passages_path, retriever_name_or_path, SAVED_PASSAGES_NAME
+                )
+            index = cls._build_index(
+                config,
+                allow_pickle=allow_pickle,
+                cache_dir=hub_kwargs.get("cache_dir"),
+                token=hub_kwargs.get("token"),
+            )
+        return cls(
+            config,
+            question_encoder_tokenizer=rag_tokenizer.question_encoder,
+            generator_tokenizer=rag_tokenizer.generator,
+            index=index,
+            init_retrieval=init_retrieval,
+        )
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write the config and tokenizers, plus a custom index's passages and faiss index if not yet on disk.
+
+        The passages go to ``save_directory/hf_dataset`` and the index to
+        ``save_directory/hf_dataset_index.faiss``, each written atomically; the config records their
+        absolute paths (and :meth:`from_pretrained` finds them again if the directory is moved).
+
+        Args:
+            save_directory: Directory to write to (created if needed).
+        """
+        os.makedirs(save_directory, exist_ok=True)
+        if isinstance(self.index, CustomHFIndex):
+            if self.config.index_path is None:
+                import faiss
+
+                index_path = os.path.abspath(os.path.join(save_directory, SAVED_INDEX_NAME))
+                if not self.index.is_initialized():
+                    self.index.init_index()
+                with atomic_file(index_path) as tmp:
+                    faiss.write_index(self.index.faiss_index, os.fspath(tmp))
+                self.config.index_path = index_path
+            if self.config.passages_path is None:
+                passages_path = os.path.abspath(os.path.join(save_directory, SAVED_PASSAGES_NAME))
+                dataset = self.index.dataset
+                # datasets refuses to save a dataset with an index attached: detach it for the write.
+                attached = dict(dataset._indexes)
+                dataset._indexes.clear()
+                try:
+                    with atomic_directory(passages_path) as tmp:
+                        dataset.save_to_disk(os.fspath(tmp))
+                finally:
+                    dataset._indexes.update(attached)
+                self.config.passages_path = passages_path
+        self.config.save_pretrained(save_directory)
+        RagTokenizer(
+            question_encoder=self.question_encoder_tokenizer, generator=self.generator_tokenizer
+        ).save_pretrained(save_directory)
+
+    def init_retrieval(self) -> None:
+        """Load the index into memory."""
+        logger.info("initializing retrieval")
+        self.index.init_index()
+
+    def postprocess_docs(
+        self,
+        docs: list[dict],
+        input_strings: list[str],
+        prefix: str | None,
+        n_docs: int,
+        return_tensors: str | None = None,
+    ) -> tuple[Any, Any]:
+        """Join each retrieved passage with its question and tokenize for the generator.
+
+        Each context is ``prefix + title + title_sep + text + doc_sep + question`` with one pair of
+        surrounding double quotes stripped from the title and double spaces collapsed, padded and
+        truncated to ``config.max_combined_length``, exactly as the reference builds it.
+
+        Args:
+            docs: One ``{"title": [...], "text": [...]}`` per question.
+            input_strings: The decoded questions.
+            prefix: Put before every context (T5 task prefixes); None for none.
+            n_docs: Passages per question.
+            return_tensors: ``"pt"``, ``"np"`` or None for lists.
+
+        Returns:
+            tuple: ``input_ids`` and ``attention_mask`` of shape `(batch_size * n_docs, max_combined_length)`.
+        """
+        prefix = "" if prefix is None else prefix
+        title_sep, doc_sep = self.config.title_sep, self.config.doc_sep
+        rag_input_strings = [
+            (
+                prefix
+                + docs[i]["title"][j].removeprefix('"').removesuffix('"')
+                + title_sep
+                + docs[i]["text"][j]
+                + doc_sep
+                + input_strings[i]
+            ).replace("  ", " ")
+            for i in range(len(docs))
+            for j in range(n_docs)
+        ]
+        contextualized_inputs = self.generator_tokenizer(
+            rag_input_strings,
+            max_length=self.config.max_combined_length,
+            return_tensors=return_tensors,
+            padding="max_length",
+            truncation=True,
+        )
+        return contextualized_inputs["input_ids"], contextualized_inputs["attention_mask"]
+
+    def _chunk_tensor(self, t: Iterable, chunk_size: int) -> list[Iterable]:
+        """Split ``t`` into consecutive pieces of ``chunk_size`` rows."""
+        return [t[i : i + chunk_size] for i in range(0, len(t), chunk_size)]
+
+    def _main_retrieve(
+        self, question_hidden_states: np.ndarray, n_docs: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Search in chunks of ``retrieval_batch_size`` queries; `(batch_size, n_docs)` ids and embeddings."""
+        if len(question_hidden_states) <= self.batch_size:
+            ids, vectors = self.index.get_top_docs(question_hidden_states, n_docs)
+            return np.asarray(ids, dtype=np.int64), np.asarray(vectors, dtype=np.float32)
+        ids_batched, vectors_batched = [], []
+        for chunk in self._chunk_tensor(question_hidden_states, self.batch_size):
+            start_time = time.perf_counter()
+            ids, vectors = self.index.get_top_docs(chunk, n_docs)
+            logger.debug(
+                "index search time: %.4f s, batch size %d", time.perf_counter() - start_time, len(chunk)
+            )
+            ids_batched.append(np.asarray(ids, dtype=np.int64))
+            vectors_batched.append(np.asarray(vectors, dtype=np.float32))
+        return np.concatenate(ids_batched), np.concatenate(vectors_batched)
+
+    def retrieve(self, question_hidden_states: Any, n_docs: int) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+        """Retrieve passages for a batch of question vectors.
+
+        Args:
+            question_hidden_states: `(batch_size, vector_size)` numpy array or torch tensor (any device,
+                any float dtype).
+            n_docs: Passages per question.
+
+        Returns:
+            tuple: ``retrieved_doc_embeds`` `(batch_size, n_docs, vector_size)` float32, ``doc_ids``
+            `(batch_size, n_docs)` int64 (-1 where the index had fewer hits) and ``doc_dicts``, one
+            ``{"title": [...], "text": [...]}`` per question.
+        """
+        queries = as_query_matrix(question_hidden_states)
+        doc_ids, retrieved_doc_embeds = self._main_retrieve(queries, n_docs)
+        return retrieved_doc_embeds, doc_ids, self.index.get_doc_dicts(doc_ids)
+
+    def set_ctx_encoder_tokenizer(self, ctx_encoder_tokenizer: PreTrainedTokenizerBase) -> None:
+        """Also return the retrieved passages tokenized for a context encoder (end-to-end retriever training)."""
+        self.ctx_encoder_tokenizer = ctx_encoder_tokenizer
+        self.return_tokenized_docs = True
+
+    def __call__(
+        self,
+        question_input_ids: Any,
+        question_hidden_states: Any,
+        prefix: str | None = None,
+        n_docs: int | None = None,
+        return_tensors: str | None = None,
+    ) -> BatchEncoding:
+        """Retrieve passages and build the generator inputs.
+
+        Args:
+            question_input_ids: `(batch_size, seq_len)` question token ids (list, numpy or torch).
+            question_hidden_states: `(batch_size, vector_size)` question vectors (numpy or torch).
+            prefix: Put before every context; defaults to ``config.generator.prefix``.
+            n_docs: Passages per question; defaults to ``config.n_docs``.
+            return_tensors: ``"pt"``, ``"np"`` or None.
+
+        Returns:
+            BatchEncoding: ``context_input_ids`` and ``context_attention_mask`` `(batch_size * n_docs,
+            max_combined_length)`, ``retrieved_doc_embeds`` `(batch_size, n_docs, dim)`, ``doc_ids``
+            `(batch_size, n_docs)`, and ``tokenized_doc_ids`` / ``tokenized_doc_attention_mask`` after
+            :meth:`set_ctx_encoder_tokenizer`.
+        """
+        n_docs = n_docs if n_docs is not None else self.n_docs
+        prefix = prefix if prefix is not None else getattr(self.config.generator, "prefix", None)
+        retrieved_doc_embeds, doc_ids, docs = self.retrieve(question_hidden_states, n_docs)
+        input_strings = self.question_encoder_tokenizer.decode(
+            _as_id_lists(question_input_ids), skip_special_tokens=True
+        )
+        context_input_ids, context_attention_mask = self.postprocess_docs(
+            docs, input_strings, prefix, n_docs, return_tensors=return_tensors
+        )
+        outputs = {
+            "context_input_ids": context_input_ids,
+            "context_attention_mask": context_attention_mask,
+            "retrieved_doc_embeds": retrieved_doc_embeds,
+            "doc_ids": doc_ids,
+        }
+        if self.return_tokenized_docs:
+            titles = [title for doc in docs for title in doc["title"][:n_docs]]
+            texts = [text for doc in docs for text in doc["text"][:n_docs]]
+            tokenized_docs = self.ctx_encoder_tokenizer(
+                titles, texts, truncation=True, padding="longest", return_tensors=return_tensors
+            )
+            outputs["tokenized_doc_ids"] = tokenized_docs["input_ids"]
+            outputs["tokenized_doc_attention_mask"] = tokenized_docs["attention_mask"]
+        return BatchEncoding(outputs, tensor_type=return_tensors)

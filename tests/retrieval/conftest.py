@@ -1,0 +1,50 @@
+"""Fixtures for the retrieval tests: fresh indexed datasets, a saved retriever directory, questions."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+from retrieval_helpers import DIM, QUESTIONS, make_indexed_dataset
+
+
+@pytest.fixture
+def fresh_config(rag_config):
+    """A private copy of the session RAG config (retrievers mutate their config)."""
+    return copy.deepcopy(rag_config)
+
+
+@pytest.fixture(scope="module")
+def queries():
+    """(4, 32) float32 question vectors."""
+    return np.random.RandomState(1).randn(len(QUESTIONS), DIM).astype("float32")
+
+
+@pytest.fixture(scope="module")
+def question_ids(question_encoder_tokenizer):
+    """(4, seq_len) numpy token ids of QUESTIONS."""
+    return question_encoder_tokenizer(QUESTIONS, padding=True, return_tensors="np")["input_ids"]
+
+
+@pytest.fixture(scope="session")
+def retriever_dir(tmp_path_factory, rag_config, question_encoder_tokenizer, generator_tokenizer):
+    """A directory with a RAG config and both tokenizers, as a checkpoint holds them."""
+    from ragkit import RagTokenizer
+
+    directory = tmp_path_factory.mktemp("retriever")
+    rag_config.save_pretrained(directory)
+    RagTokenizer(question_encoder_tokenizer, generator_tokenizer).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def saved_custom_index(tmp_path_factory, passage_embeddings):
+    """(passages_path, index_path) of TINY_PASSAGES saved the way the reference documents."""
+    directory = tmp_path_factory.mktemp("custom_index")
+    dataset = make_indexed_dataset(passage_embeddings)
+    index_path = directory / "index.faiss"
+    dataset.get_index("embeddings").save(str(index_path))
+    dataset.drop_index("embeddings")
+    dataset.save_to_disk(str(directory / "passages"))
+    return directory / "passages", index_path

@@ -1,0 +1,135 @@
+"""Every bad input gets an error that names the problem and the fix."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pytest
+import torch
+from retrieval_helpers import DIM, make_indexed_dataset
+
+from ragkit import RagRetriever
+from ragkit.retrieval import CustomHFIndex
+
+
+@pytest.fixture
+def retriever(fresh_config, passage_embeddings):
+    return RagRetriever(
+        fresh_config, None, None, index=CustomHFIndex(DIM, make_indexed_dataset(passage_embeddings))
+    )
+
+
+def test_dataset_missing_a_column(passage_embeddings, retriever_dir):
+    dataset = make_indexed_dataset(passage_embeddings)
+    dataset.drop_index("embeddings")
+    dataset = dataset.remove_columns("title")
+    with pytest.raises(ValueError, match=r"\['title'\] missing"):
+        CustomHFIndex(DIM, dataset)
+    with pytest.raises(ValueError, match="'title'"):
+        RagRetriever.from_pretrained(retriever_dir, indexed_dataset=dataset)
+    with pytest.raises(TypeError, match=r"datasets\.Dataset"):
+        CustomHFIndex(DIM, {"title": [], "text": [], "embeddings": []})
+
+
+def test_dataset_without_faiss_index(passage_embeddings):
+    dataset = make_indexed_dataset(passage_embeddings)
+    dataset.drop_index("embeddings")
+    with pytest.raises(ValueError, match="add_faiss_index"):
+        CustomHFIndex(DIM, dataset)
+
+
+def test_dimension_mismatches(passage_embeddings, retriever_dir, saved_custom_index, tmp_path):
+    with pytest.raises(ValueError, match="retrieval_vector_size"):
+        CustomHFIndex(DIM + 8, make_indexed_dataset(passage_embeddings))  # embeddings are 32 wide
+    passages_path, _ = saved_custom_index
+    narrow = faiss.IndexFlatIP(DIM // 2)
+    narrow.add(passage_embeddings[:, : DIM // 2].copy())
+    faiss.write_index(narrow, str(tmp_path / "narrow.faiss"))
+    with pytest.raises(ValueError, match="dimension 16 but `retrieval_vector_size` is 32"):
+        RagRetriever.from_pretrained(
+            retriever_dir,
+            index_name="custom",
+            passages_path=str(passages_path),
+            index_path=str(tmp_path / "narrow.faiss"),
+        )
+
+
+def test_question_vectors_of_the_wrong_shape(retriever, question_ids):
+    with pytest.raises(ValueError, match=r"width 31 .* width 32"):
+        retriever.retrieve(np.zeros((2, 31), dtype="float32"), 3)
+    with pytest.raises(ValueError, match=r"\(batch_size, vector_size\)"):
+        retriever.retrieve(np.zeros(DIM, dtype="float32"), 3)
+    with pytest.raises(ValueError, match="retrieval_vector_size"):
+        retriever(question_ids[:1], torch.zeros(1, 64), return_tensors="pt")
+
+
+def test_n_docs_larger_than_the_index(retriever):
+    with pytest.raises(
+        ValueError, match="n_docs`=17 is larger than the number of passages in the index \\(16\\)"
+    ):
+        retriever.retrieve(np.zeros((1, DIM), dtype="float32"), 17)
+    with pytest.raises(ValueError, match="n_docs"):
+        retriever.retrieve(np.zeros((1, DIM), dtype="float32"), 0)
+
+
+def test_missing_and_corrupt_files(retriever_dir, saved_custom_index, tmp_path):
+    passages_path, index_path = saved_custom_index
+    with pytest.raises(FileNotFoundError, match="`index_path`"):
+        RagRetriever.from_pretrained(
+            retriever_dir,
+            index_name="custom",
+            passages_path=str(passages_path),
+            index_path=str(tmp_path / "no"),
+        )
+    with pytest.raises(FileNotFoundError, match="`passages_path`"):
+        RagRetriever.from_pretrained(
+            retriever_dir, index_name="custom", passages_path=str(tmp_path / "no"), index_path=str(index_path)
+        )
+    with pytest.raises(ValueError, match=r"passages_path.*index_path"):
+        RagRetriever.from_pretrained(retriever_dir, index_name="custom")
+    corrupt = tmp_path / "corrupt.faiss"
+    corrupt.write_bytes(index_path.read_bytes()[:200])
+    with pytest.raises(ValueError, match="truncated, corrupt or not a faiss index"):
+        RagRetriever.from_pretrained(
+            retriever_dir, index_name="custom", passages_path=str(passages_path), index_path=str(corrupt)
+        )
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(FileNotFoundError, match="save_to_disk"):
+        RagRetriever.from_pretrained(
+            retriever_dir,
+            index_name="custom",
+            passages_path=str(tmp_path / "empty_dir"),
+            index_path=str(index_path),
+        )
+
+
+def test_index_of_other_passages(retriever_dir, saved_custom_index, tmp_path, passage_embeddings):
+    passages_path, _ = saved_custom_index
+    other = faiss.IndexFlatIP(DIM)
+    other.add(passage_embeddings[:5])
+    faiss.write_index(other, str(tmp_path / "other.faiss"))
+    with pytest.raises(ValueError, match="holds 5 vectors but the dataset has 16 passages"):
+        RagRetriever.from_pretrained(
+            retriever_dir,
+            index_name="custom",
+            passages_path=str(passages_path),
+            index_path=str(tmp_path / "other.faiss"),
+        )
+
+
+def test_unknown_index_name(retriever_dir, fresh_config):
+    with pytest.raises(ValueError, match="index_name"):
+        RagRetriever.from_pretrained(retriever_dir, index_name="bogus")
+    fresh_config.index_name = "bogus"  # bypasses the config's own check
+    with pytest.raises(ValueError, match="'legacy' for DPR's files or 'custom'"):
+        RagRetriever(fresh_config, None, None)
+
+
+def test_search_before_init(fresh_config, saved_custom_index):
+    passages_path, index_path = saved_custom_index
+    fresh_config.passages_path, fresh_config.index_path = str(passages_path), str(index_path)
+    retriever = RagRetriever(fresh_config, None, None, init_retrieval=False)
+    with pytest.raises(RuntimeError, match="init_retrieval"):
+        retriever.retrieve(np.zeros((1, DIM), dtype="float32"), 2)
+    retriever.init_retrieval()
+    assert retriever.retrieve(np.zeros((1, DIM), dtype="float32"), 2)[1].shape == (1, 2)
