@@ -15,6 +15,7 @@ from ragkit.testing import tiny_bart_config, tiny_dpr_config, tiny_t5_config
 RAGKIT_ONLY_FIELDS = {
     "index_nprobe",
     "index_ef_search",
+    "embeddings_name",
     "question_encoder_pooling",
     "question_encoder_normalize",
 }
@@ -132,6 +133,8 @@ def test_ragkit_fields_survive_a_transformers_round_trip(tmp_path):
         ("label_smoothing", 1.5, "label_smoothing"),
         ("index_nprobe", 0, "index_nprobe"),
         ("question_encoder_pooling", "max", "question_encoder_pooling"),
+        ("embeddings_name", "squad", "embeddings_name"),
+        ("index_name", "psgs_w100.nq.flat", "index_name"),
     ],
 )
 def test_invalid_values_name_the_field(field, value, message):
@@ -160,3 +163,10 @@ def test_from_question_encoder_generator_configs_signature_matches_reference():
     ours = inspect.signature(RagConfig.from_question_encoder_generator_configs)
     reference = inspect.signature(transformers.RagConfig.from_question_encoder_generator_configs)
     assert list(ours.parameters) == list(reference.parameters)
+
+
+def test_wiki_dpr_config_names_are_valid_index_names():
+    config = RagConfig.from_question_encoder_generator_configs(
+        tiny_dpr_config(), tiny_bart_config(), index_name="psgs_w100.multiset.compressed"
+    )
+    assert config.index_name == "psgs_w100.multiset.compressed"

@@ -7,6 +7,7 @@ The serialized form is the one of ``transformers.RagConfig`` (``model_type: "rag
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
@@ -19,6 +20,10 @@ __all__ = ["INDEX_NAMES", "RagConfig"]
 
 #: Index backends a :class:`~ragkit.RagRetriever` knows how to build from a config.
 INDEX_NAMES = ("legacy", "exact", "compressed", "custom")
+#: wiki_dpr's own config names (``psgs_w100.nq.exact``, ...) are accepted too, as its loading script did.
+_WIKI_DPR_INDEX_NAME = re.compile(r"psgs_w100\.(nq|multiset)\.(exact|compressed)")
+#: Embedding sets of wiki_dpr.
+EMBEDDINGS_NAMES = ("nq", "multiset")
 
 
 def _sub_config(value: Any, field: str) -> PretrainedConfig:
@@ -43,8 +48,8 @@ def _sub_config(value: Any, field: str) -> PretrainedConfig:
 class RagConfig(PretrainedConfig):
     r"""Configuration of a :class:`~ragkit.RagModel` and its heads.
 
-    Same fields and defaults as ``transformers.RagConfig``. Four fields are ragkit's own and are
-    ignored by transformers when it reads the file: ``index_nprobe``, ``index_ef_search``,
+    Same fields and defaults as ``transformers.RagConfig``. Five fields are ragkit's own and are
+    ignored by transformers when it reads the file: ``index_nprobe``, ``index_ef_search``, ``embeddings_name``,
     ``question_encoder_pooling`` and ``question_encoder_normalize``.
 
     Args:
@@ -75,6 +80,7 @@ class RagConfig(PretrainedConfig):
         dataset_revision (`str`, optional): Revision of the Hub dataset used for retrieval.
         index_nprobe (`int`, optional): faiss ``nprobe`` for IVF indexes (the compressed index).
         index_ef_search (`int`, optional): faiss ``efSearch`` for HNSW indexes (the exact index).
+        embeddings_name (`str`, defaults to ``"nq"``): wiki_dpr embedding set, ``"nq"`` or ``"multiset"``.
         question_encoder_pooling (`str`, defaults to ``"pooler"``): How question vectors are read from the
             question encoder: ``"pooler"`` (its first output, as DPR), ``"cls"`` or ``"mean"`` (masked mean, as
             sentence encoders such as all-MiniLM-L6-v2).
@@ -117,6 +123,7 @@ class RagConfig(PretrainedConfig):
     dataset_revision: str | None = None
     index_nprobe: int | None = None
     index_ef_search: int | None = None
+    embeddings_name: str = "nq"
     question_encoder_pooling: str = "pooler"
     question_encoder_normalize: bool = False
 
@@ -137,9 +144,10 @@ class RagConfig(PretrainedConfig):
         """Raise ``ValueError`` naming the first RAG field whose value cannot work."""
         if not isinstance(self.n_docs, int) or self.n_docs < 1:
             raise ValueError(f"RagConfig: `n_docs` must be an integer >= 1, got {self.n_docs!r}.")
-        if self.index_name not in INDEX_NAMES:
+        if self.index_name not in INDEX_NAMES and not _WIKI_DPR_INDEX_NAME.fullmatch(str(self.index_name)):
             raise ValueError(
-                f"RagConfig: unknown `index_name` {self.index_name!r}; choose one of {', '.join(INDEX_NAMES)}."
+                f"RagConfig: unknown `index_name` {self.index_name!r}; choose one of {', '.join(INDEX_NAMES)} "
+                "(or a wiki_dpr config name such as 'psgs_w100.multiset.compressed')."
             )
         if not isinstance(self.max_combined_length, int) or self.max_combined_length < 1:
             raise ValueError(
@@ -155,6 +163,10 @@ class RagConfig(PretrainedConfig):
             )
         if not 0.0 <= float(self.label_smoothing) < 1.0:
             raise ValueError(f"RagConfig: `label_smoothing` must be in [0, 1), got {self.label_smoothing!r}.")
+        if self.embeddings_name not in EMBEDDINGS_NAMES:
+            raise ValueError(
+                f"RagConfig: `embeddings_name` must be one of {EMBEDDINGS_NAMES}, got {self.embeddings_name!r}."
+            )
         if self.question_encoder_pooling not in POOLING_MODES:
             raise ValueError(
                 f"RagConfig: `question_encoder_pooling` must be one of {POOLING_MODES}, "
