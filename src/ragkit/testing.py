@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import os
 import string
+import tempfile
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import BartConfig, BartTokenizer, DPRConfig, DPRQuestionEncoderTokenizer, T5Config
 
@@ -25,6 +28,8 @@ __all__ = [
     "tiny_t5_config",
     "write_tiny_generator_tokenizer",
     "write_tiny_question_encoder_tokenizer",
+    "write_tiny_rag_checkpoint",
+    "write_tiny_wiki_dpr_mirror",
 ]
 
 #: (title, text) pairs: a small encyclopedia used for tiny indexes in tests and examples.
@@ -200,3 +205,88 @@ def tiny_rag_config(generator: str = "bart", hidden_size: int = 32, **kwargs: An
     return RagConfig.from_question_encoder_generator_configs(
         tiny_dpr_config(hidden_size=hidden_size), gen_config, **rag_fields
     )
+
+
+def write_tiny_wiki_dpr_mirror(root: str | os.PathLike, dim: int = 32, seed: int = 0) -> Path:
+    """Write a miniature wiki_dpr mirror (Hub layout) of :data:`TINY_PASSAGES` with random embeddings.
+
+    Holds the ``nq`` passages (one parquet shard) and their dummy variant, an "exact" and a
+    "compressed" index and the dummy index, all exact inner-product searches over width ``dim``, so
+    ``RagRetriever.from_pretrained(..., dataset=root, index_name=..., use_dummy_dataset=...)`` works offline.
+
+    Returns:
+        The mirror's root directory.
+    """
+    import faiss
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = Path(root)
+    embeddings = np.random.RandomState(seed).randn(len(TINY_PASSAGES), dim).astype("float32")
+    table = pa.table(
+        {
+            "id": [str(i + 1) for i in range(len(TINY_PASSAGES))],
+            "text": [text for _, text in TINY_PASSAGES],
+            "title": [title for title, _ in TINY_PASSAGES],
+            "embeddings": pa.array(list(embeddings), pa.list_(pa.float32())),
+        }
+    )
+    for variant in ("nq", "dummy.nq"):
+        shard_dir = root / "data" / "psgs_w100" / variant
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, shard_dir / "train-00000-of-00001.parquet")
+    index = faiss.IndexFlatIP(dim)
+    index.add(embeddings)
+    (root / "index").mkdir(parents=True, exist_ok=True)
+    for name in (
+        "index/psgs_w100.nq.HNSW128_SQ8-IP-train.faiss",
+        "index/psgs_w100.nq.IVF4096_HNSW128_PQ128-IP-train.faiss",
+        "dummy.psgs_w100.nq.IndexHNSWFlat-IP-train.faiss",
+    ):
+        faiss.write_index(index, str(root / name))
+    return root
+
+
+def write_tiny_rag_checkpoint(
+    directory: str | os.PathLike,
+    model_class: type | None = None,
+    generator: str = "bart",
+    seed: int = 0,
+    **rag_fields: Any,
+) -> Path:
+    """Save a random-weight tiny RAG checkpoint in the facebook/rag-* layout (config, weights, tokenizers).
+
+    Args:
+        directory: Where to write it.
+        model_class: ``RagSequenceForGeneration`` (default), ``RagTokenForGeneration`` or ``RagModel``.
+        generator: ``"bart"`` or ``"t5"``.
+        seed: Seed of the random weights.
+        **rag_fields: RAG config fields, e.g. ``dataset=<a tiny wiki_dpr mirror>``, ``index_name="exact"``.
+
+    Returns:
+        The checkpoint directory.
+    """
+    import torch
+    from transformers import AutoModel, AutoModelForSeq2SeqLM
+
+    from .modeling_rag import RagSequenceForGeneration
+    from .tokenization_rag import RagTokenizer
+
+    directory = Path(directory)
+    model_class = model_class or RagSequenceForGeneration
+    config = tiny_rag_config(generator, **rag_fields)
+    torch.manual_seed(seed)
+    model = model_class(
+        config=config,
+        question_encoder=AutoModel.from_config(config.question_encoder),
+        generator=AutoModelForSeq2SeqLM.from_config(config.generator),
+    )
+    model.save_pretrained(directory)
+    with tempfile.TemporaryDirectory() as vocab_dir:
+        RagTokenizer(
+            question_encoder=write_tiny_question_encoder_tokenizer(
+                os.path.join(vocab_dir, "question_encoder")
+            ),
+            generator=write_tiny_generator_tokenizer(os.path.join(vocab_dir, "generator")),
+        ).save_pretrained(directory)
+    return directory
