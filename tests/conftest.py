@@ -12,6 +12,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import torch
+
 from ragkit.testing import (
     TINY_PASSAGES,
     tiny_rag_config,
@@ -20,6 +22,9 @@ from ragkit.testing import (
 )
 
 RETRIEVAL_DIM = 32
+
+# Tiny models run fastest on one thread; more threads only contend with each other (and with faiss).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

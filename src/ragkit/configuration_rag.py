@@ -11,6 +11,7 @@ import re
 from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
+from transformers.configuration_utils import SubConfigSpec
 
 from .pooling import POOLING_MODES
 
@@ -90,6 +91,11 @@ class RagConfig(PretrainedConfig):
     model_type = "rag"
     # Sub-configs are mandatory, so the base class must not build a default instance to diff against.
     has_no_defaults_at_init = True
+    # Declared so that from_pretrained's per-model options (attn_implementation, dtype) reach both parts.
+    sub_configs_defaults = {
+        "question_encoder": SubConfigSpec(config_class=AutoConfig, model_type="dpr"),
+        "generator": SubConfigSpec(config_class=AutoConfig, model_type="bart"),
+    }
 
     question_encoder: PretrainedConfig | dict | None = None
     generator: PretrainedConfig | dict | None = None

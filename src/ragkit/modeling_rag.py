@@ -1,0 +1,1417 @@
+"""RAG models: a question encoder, a retriever and a seq2seq generator, marginalized over documents.
+
+Drop-in for ``transformers``' ``RagModel``, ``RagSequenceForGeneration`` and ``RagTokenForGeneration``:
+same names, arguments, defaults, checkpoint layout (weights under ``rag.question_encoder.`` and
+``rag.generator.``) and, in float32, the same numbers. Differences are listed in ``docs/modeling.md``.
+
+Shapes: ``batch_size`` questions, ``n_docs`` documents each; the generator sees
+``batch_size * n_docs`` rows, document-major within a question (rows ``i * n_docs ... (i + 1) * n_docs - 1``
+belong to question ``i``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForSeq2SeqLM,
+    GenerationConfig,
+    GenerationMixin,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+from transformers.cache_utils import Cache, EncoderDecoderCache
+from transformers.generation import GenerationMode, LogitsProcessorList, StoppingCriteriaList
+from transformers.generation.utils import GENERATION_MODES_MAPPING
+from transformers.modeling_outputs import ModelOutput
+
+from ._io import atomic_directory
+from .configuration_rag import RagConfig
+from .pooling import pool_hidden_states
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "RagModel",
+    "RagPreTrainedModel",
+    "RagSequenceForGeneration",
+    "RagTokenForGeneration",
+    "RetrievAugLMMarginOutput",
+    "RetrievAugLMOutput",
+]
+
+# Generation modes RAG-Token decoding supports: the ones whose step is "score the next token".
+_RAG_TOKEN_MODES = (
+    GenerationMode.SAMPLE,
+    GenerationMode.GREEDY_SEARCH,
+    GenerationMode.BEAM_SEARCH,
+    GenerationMode.BEAM_SAMPLE,
+)
+_BEAM_MODES = (GenerationMode.BEAM_SEARCH, GenerationMode.BEAM_SAMPLE)
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _resolve_cache(past_key_values: Cache | None, cache: Cache | None) -> Cache | None:
+    """Merge the seed's ``past_key_values`` and transformers 5's ``cache`` argument into one."""
+    if past_key_values is not None and cache is not None and past_key_values is not cache:
+        raise ValueError("Pass the decoder cache as either `past_key_values` or `cache`, not both.")
+    return cache if cache is not None else past_key_values
+
+
+def _as_rag_config(config: PretrainedConfig) -> RagConfig:
+    """Accept a ragkit ``RagConfig`` or any config with ``model_type == "rag"`` (such as transformers')."""
+    if isinstance(config, RagConfig):
+        return config
+    if isinstance(config, PretrainedConfig) and getattr(config, "model_type", None) == "rag":
+        return RagConfig(**config.to_dict())
+    raise TypeError(
+        f"`config` must be a ragkit.RagConfig (or a config with model_type 'rag'), got {type(config).__name__}. "
+        "Build one with RagConfig.from_question_encoder_generator_configs(question_encoder_config, generator_config)."
+    )
+
+
+def _batch_size_of(
+    input_ids: torch.Tensor | None,
+    doc_scores: torch.Tensor | None,
+    context_input_ids: torch.Tensor | None,
+    n_docs: int,
+) -> int | None:
+    """Number of questions implied by whichever input is present (None if none is)."""
+    if doc_scores is not None:
+        return doc_scores.shape[0]
+    if input_ids is not None:
+        return input_ids.shape[0]
+    if context_input_ids is not None:
+        return context_input_ids.shape[0] // n_docs
+    return None
+
+
+def _check_labels(labels: torch.Tensor, batch_size: int | None) -> None:
+    """Reject labels whose shape cannot give a meaningful loss (see docs/modeling.md, 'one-token labels')."""
+    if labels.dim() != 2:
+        raise ValueError(f"`labels` must have shape (batch_size, target_length), got {tuple(labels.shape)}.")
+    if batch_size is not None and labels.shape[0] != batch_size:
+        raise ValueError(
+            f"`labels` has {labels.shape[0]} rows but the batch has {batch_size} questions; pass one label "
+            "sequence per question (not one per document)."
+        )
+    if labels.shape[1] < 2:
+        raise ValueError(
+            "`labels` has a single position, which gives a zero loss: RAG scores labels[:, 1:] against the "
+            "decoder fed with labels (transformers issue 8863). Labels must start with the decoder start/BOS "
+            "token, as the generator tokenizer produces them (e.g. '<s> answer </s>' for BART)."
+        )
+
+
+def _replace_ignore_index(labels: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
+    """Map the -100 'ignore' label to the pad token, which RAG's loss masks (the reference crashes on -100)."""
+    if pad_token_id is None or not bool((labels == -100).any()):
+        return labels
+    return labels.masked_fill(labels == -100, pad_token_id)
+
+
+def _architecture_mismatch_warning(cls: type, config: PretrainedConfig) -> None:
+    """Log a warning when a RAG-Token checkpoint is loaded into the Sequence head or the reverse (issue 7831)."""
+    expected = getattr(cls, "_rag_head", None)
+    if expected is None:
+        return
+    architectures = getattr(config, "architectures", None) or []
+    heads = {"RagSequenceForGeneration": "sequence", "RagTokenForGeneration": "token"}
+    for name in architectures:
+        other = heads.get(name)
+        if other is not None and other != expected:
+            logger.warning(
+                "Loading a checkpoint saved as %s into %s: the weights fit, but the model was trained for "
+                "RAG-%s marginalization and will now be used for RAG-%s. Load it with %s if that is not intended.",
+                name,
+                cls.__name__,
+                other.capitalize(),
+                expected.capitalize(),
+                name,
+            )
+            return
+
+
+# --------------------------------------------------------------------------------------------------
+# Outputs
+# --------------------------------------------------------------------------------------------------
+
+
+class _CacheAliasMixin:
+    """Expose the decoder cache under the seed's name ``past_key_values`` as well as ``cache``, silently."""
+
+    @property
+    def past_key_values(self) -> Cache | None:
+        """The decoder cache (same object as ``cache``)."""
+        return self.cache
+
+    def _replace_old_cache_name(self, key: str) -> str:
+        # ``past_key_values`` is the documented name in ragkit's API, so no deprecation warning here.
+        return "cache" if key in ("past_key_values", "cache_params") else key
+
+
+def _accept_past_key_values(cls: type) -> type:
+    """Let the dataclass constructor take ``past_key_values=`` for ``cache=`` without a deprecation warning."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args, past_key_values: Cache | None = None, **kwargs):
+        if past_key_values is not None:
+            if kwargs.get("cache") is not None:
+                raise ValueError("Pass the decoder cache as either `past_key_values` or `cache`, not both.")
+            kwargs["cache"] = past_key_values
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    return cls
+
+
+@_accept_past_key_values
+@dataclass
+class RetrievAugLMMarginOutput(_CacheAliasMixin, ModelOutput):
+    """Outputs of :class:`RagSequenceForGeneration` and :class:`RagTokenForGeneration`.
+
+    The cache is the field ``cache`` (transformers 5's name); ``past_key_values`` reads the same object
+    and is accepted by the constructor.
+
+    Args:
+        loss: `(batch_size,)`, or `()` with ``reduce_loss``; when ``labels`` are given.
+        logits: `(batch_size * n_docs, target_length, vocab_size)`, or `(batch_size, target_length, vocab_size)`
+            log-probabilities when marginalized (``do_marginalize``).
+        doc_scores: `(batch_size, n_docs)` inner products of question and document vectors (float32).
+        cache: Decoder cache for `batch_size * n_docs` rows.
+        retrieved_doc_embeds: `(batch_size, n_docs, dim)`, with ``output_retrieved``.
+        retrieved_doc_ids: `(batch_size, n_docs)`, with ``output_retrieved``.
+        context_input_ids: `(batch_size * n_docs, max_combined_length)`, with ``output_retrieved``.
+        context_attention_mask: `(batch_size * n_docs, max_combined_length)`, with ``output_retrieved``.
+        question_encoder_last_hidden_state: `(batch_size, dim)` question vectors (pooled).
+        question_enc_hidden_states: Question encoder hidden states, with ``output_hidden_states``.
+        question_enc_attentions: Question encoder attentions, with ``output_attentions``.
+        generator_enc_last_hidden_state: `(batch_size * n_docs, source_length, d_model)`.
+        generator_enc_hidden_states: Generator encoder hidden states, with ``output_hidden_states``.
+        generator_enc_attentions: Generator encoder attentions, with ``output_attentions``.
+        generator_dec_hidden_states: Generator decoder hidden states, with ``output_hidden_states``.
+        generator_dec_attentions: Generator decoder attentions, with ``output_attentions``.
+        generator_cross_attentions: Generator cross-attentions, with ``output_attentions``.
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    doc_scores: torch.Tensor | None = None
+    cache: Cache | None = None
+    retrieved_doc_embeds: torch.Tensor | None = None
+    retrieved_doc_ids: torch.LongTensor | None = None
+    context_input_ids: torch.LongTensor | None = None
+    context_attention_mask: torch.LongTensor | None = None
+    question_encoder_last_hidden_state: torch.Tensor | None = None
+    question_enc_hidden_states: tuple[torch.Tensor, ...] | None = None
+    question_enc_attentions: tuple[torch.Tensor, ...] | None = None
+    generator_enc_last_hidden_state: torch.Tensor | None = None
+    generator_enc_hidden_states: tuple[torch.Tensor, ...] | None = None
+    generator_enc_attentions: tuple[torch.Tensor, ...] | None = None
+    generator_dec_hidden_states: tuple[torch.Tensor, ...] | None = None
+    generator_dec_attentions: tuple[torch.Tensor, ...] | None = None
+    generator_cross_attentions: tuple[torch.Tensor, ...] | None = None
+
+
+@_accept_past_key_values
+@dataclass
+class RetrievAugLMOutput(_CacheAliasMixin, ModelOutput):
+    """Outputs of :class:`RagModel`: the fields of :class:`RetrievAugLMMarginOutput` without ``loss``.
+
+    ``logits`` are the generator's, `(batch_size * n_docs, target_length, vocab_size)`, not marginalized.
+    """
+
+    logits: torch.Tensor | None = None
+    doc_scores: torch.Tensor | None = None
+    cache: Cache | None = None
+    retrieved_doc_embeds: torch.Tensor | None = None
+    retrieved_doc_ids: torch.LongTensor | None = None
+    context_input_ids: torch.LongTensor | None = None
+    context_attention_mask: torch.LongTensor | None = None
+    question_encoder_last_hidden_state: torch.Tensor | None = None
+    question_enc_hidden_states: tuple[torch.Tensor, ...] | None = None
+    question_enc_attentions: tuple[torch.Tensor, ...] | None = None
+    generator_enc_last_hidden_state: torch.Tensor | None = None
+    generator_enc_hidden_states: tuple[torch.Tensor, ...] | None = None
+    generator_enc_attentions: tuple[torch.Tensor, ...] | None = None
+    generator_dec_hidden_states: tuple[torch.Tensor, ...] | None = None
+    generator_dec_attentions: tuple[torch.Tensor, ...] | None = None
+    generator_cross_attentions: tuple[torch.Tensor, ...] | None = None
+
+
+def _margin_output(
+    outputs: RetrievAugLMOutput, loss: torch.Tensor | None, logits: torch.Tensor
+) -> RetrievAugLMMarginOutput:
+    """A head's output: ``RagModel``'s fields with the loss and (possibly marginalized) logits."""
+    return RetrievAugLMMarginOutput(
+        loss=loss,
+        logits=logits,
+        doc_scores=outputs.doc_scores,
+        cache=outputs.cache,
+        retrieved_doc_embeds=outputs.retrieved_doc_embeds,
+        retrieved_doc_ids=outputs.retrieved_doc_ids,
+        context_input_ids=outputs.context_input_ids,
+        context_attention_mask=outputs.context_attention_mask,
+        question_encoder_last_hidden_state=outputs.question_encoder_last_hidden_state,
+        question_enc_hidden_states=outputs.question_enc_hidden_states,
+        question_enc_attentions=outputs.question_enc_attentions,
+        generator_enc_last_hidden_state=outputs.generator_enc_last_hidden_state,
+        generator_enc_hidden_states=outputs.generator_enc_hidden_states,
+        generator_enc_attentions=outputs.generator_enc_attentions,
+        generator_dec_hidden_states=outputs.generator_dec_hidden_states,
+        generator_dec_attentions=outputs.generator_dec_attentions,
+        generator_cross_attentions=outputs.generator_cross_attentions,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Base class
+# --------------------------------------------------------------------------------------------------
+
+
+class RagPreTrainedModel(PreTrainedModel):
+    """Base of the RAG models: config class, checkpoint prefix ``rag`` and the two-checkpoint constructor."""
+
+    config_class = RagConfig
+    base_model_prefix = "rag"
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    # Both parts (DPR/BERT, BART/T5) checkpoint their layers; the reference refuses activation checkpointing.
+    supports_gradient_checkpointing = True
+    #: "sequence" or "token" on the heads; used to warn when a checkpoint of the other head is loaded.
+    _rag_head: str | None = None
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike | None, *model_args, **kwargs):
+        """Load a RAG checkpoint (facebook/rag-* layout) from the Hub or a local directory.
+
+        Same arguments as ``transformers.PreTrainedModel.from_pretrained`` (``dtype``, ``device_map``,
+        ``quantization_config``, ``attn_implementation``, ...), plus ``retriever=`` which is handed to
+        the model. Loading a RAG-Token checkpoint into :class:`RagSequenceForGeneration` (or the reverse)
+        logs a warning.
+
+        Returns:
+            The model (or ``(model, loading_info)`` with ``output_loading_info=True``).
+        """
+        result = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model = result[0] if isinstance(result, tuple) else result
+        _architecture_mismatch_warning(cls, model.config)
+        return result
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """Save config and weights (``model.safetensors``, keys ``rag.*``) in the facebook/rag-* layout.
+
+        A new directory is written atomically (a crash leaves no half-written checkpoint). An existing
+        directory, or a call with ``push_to_hub=True``, is written in place as transformers does, so files
+        already there (such as tokenizers) are kept.
+        """
+        if (
+            kwargs.get("push_to_hub")
+            or not kwargs.get("is_main_process", True)
+            or os.path.exists(save_directory)
+        ):
+            super().save_pretrained(save_directory, *args, **kwargs)
+            return
+        with atomic_directory(save_directory) as tmp:
+            super().save_pretrained(tmp, *args, **kwargs)
+
+    @classmethod
+    def from_pretrained_question_encoder_generator(
+        cls,
+        question_encoder_pretrained_model_name_or_path: str | os.PathLike | None = None,
+        generator_pretrained_model_name_or_path: str | os.PathLike | None = None,
+        retriever: Any = None,
+        **kwargs: Any,
+    ) -> RagPreTrainedModel:
+        """Build a RAG model from a question encoder checkpoint and a generator checkpoint.
+
+        Args:
+            question_encoder_pretrained_model_name_or_path: Hub id or directory of the question encoder
+                (loaded with ``AutoModel``), e.g. ``"facebook/dpr-question_encoder-single-nq-base"``.
+            generator_pretrained_model_name_or_path: Hub id or directory of the generator (loaded with
+                ``AutoModelForSeq2SeqLM``), e.g. ``"facebook/bart-large"``.
+            retriever: Optional :class:`~ragkit.RagRetriever`.
+            **kwargs: ``question_encoder_*`` arguments go to the question encoder's ``from_pretrained``
+                (``question_encoder_model=`` passes a ready model), ``generator_*`` to the generator's
+                (``generator_model=``), the rest to the RAG config (``n_docs``, ``index_name``, ...) or
+                ``config=`` for a ready :class:`~ragkit.RagConfig`.
+
+        Returns:
+            The model, in evaluation mode.
+        """
+        question_encoder_kwargs = {
+            key[len("question_encoder_") :]: kwargs.pop(key)
+            for key in list(kwargs)
+            if key.startswith("question_encoder_")
+        }
+        generator_kwargs = {
+            key[len("generator_") :]: kwargs.pop(key) for key in list(kwargs) if key.startswith("generator_")
+        }
+
+        question_encoder = question_encoder_kwargs.pop("model", None)
+        if question_encoder is None:
+            if question_encoder_pretrained_model_name_or_path is None:
+                raise ValueError(
+                    "Pass `question_encoder_pretrained_model_name_or_path` (a Hub id or directory) or a ready "
+                    "model as `question_encoder_model=`."
+                )
+            if "config" not in question_encoder_kwargs:
+                # Config-level kwargs (e.g. question_encoder_hidden_dropout_prob) update the config; the rest go to
+                # from_pretrained.
+                qe_config, question_encoder_kwargs = AutoConfig.from_pretrained(
+                    question_encoder_pretrained_model_name_or_path,
+                    **question_encoder_kwargs,
+                    return_unused_kwargs=True,
+                )
+                question_encoder_kwargs["config"] = qe_config
+            question_encoder = AutoModel.from_pretrained(
+                question_encoder_pretrained_model_name_or_path, **question_encoder_kwargs
+            )
+
+        generator = generator_kwargs.pop("model", None)
+        if generator is None:
+            if generator_pretrained_model_name_or_path is None:
+                raise ValueError(
+                    "Pass `generator_pretrained_model_name_or_path` (a Hub id or directory) or a ready model as "
+                    "`generator_model=`."
+                )
+            if "config" not in generator_kwargs:
+                gen_config, generator_kwargs = AutoConfig.from_pretrained(
+                    generator_pretrained_model_name_or_path, **generator_kwargs, return_unused_kwargs=True
+                )
+                generator_kwargs["config"] = gen_config
+            generator = AutoModelForSeq2SeqLM.from_pretrained(
+                generator_pretrained_model_name_or_path, **generator_kwargs
+            )
+
+        config = kwargs.pop("config", None)
+        if config is None:
+            config = RagConfig.from_question_encoder_generator_configs(
+                question_encoder.config, generator.config, **kwargs
+            )
+        model = cls(
+            config=config, question_encoder=question_encoder, generator=generator, retriever=retriever
+        )
+        model.eval()
+        return model
+
+
+# --------------------------------------------------------------------------------------------------
+# RagModel
+# --------------------------------------------------------------------------------------------------
+
+
+class RagModel(RagPreTrainedModel):
+    """Question encoder + retriever + generator; returns the generator's per-document logits and doc scores.
+
+    Args:
+        config: A :class:`~ragkit.RagConfig`; built from the two models' configs when omitted.
+        question_encoder: The question encoder (DPR, or any encoder with ``config.question_encoder_pooling``
+            "cls"/"mean"); built from ``config.question_encoder`` when omitted.
+        generator: A seq2seq LM (BART, T5); built from ``config.generator`` when omitted.
+        retriever: A :class:`~ragkit.RagRetriever` (or any object with its call signature); optional.
+        **kwargs: RAG config fields, used only when ``config`` is omitted.
+    """
+
+    def __init__(
+        self,
+        config: PretrainedConfig | None = None,
+        question_encoder: PreTrainedModel | None = None,
+        generator: PreTrainedModel | None = None,
+        retriever: Any = None,
+        **kwargs: Any,
+    ):
+        if config is None:
+            if question_encoder is None or generator is None:
+                raise ValueError(
+                    "RagModel needs a `config`, or both a `question_encoder` and a `generator` to build one from."
+                )
+            config = RagConfig.from_question_encoder_generator_configs(
+                question_encoder.config, generator.config, **kwargs
+            )
+        config = _as_rag_config(config)
+        super().__init__(config)
+        if question_encoder is None:
+            question_encoder = AutoModel.from_config(config.question_encoder)
+        if generator is None:
+            generator = AutoModelForSeq2SeqLM.from_config(config.generator)
+        self.retriever = retriever
+        self.question_encoder = question_encoder
+        self.generator = generator
+        self.ctx_encoder = None
+        self.context_encoder_training = False
+        self.post_init()
+
+    def _encode_questions(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+    ) -> tuple[torch.Tensor, ModelOutput]:
+        """Question vectors `(batch_size, dim)` per ``config.question_encoder_pooling``, and the raw outputs."""
+        outputs = self.question_encoder(
+            input_ids,
+            attention_mask=attention_mask,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        vectors = pool_hidden_states(
+            outputs,
+            attention_mask,
+            pooling=self.config.question_encoder_pooling,
+            normalize=self.config.question_encoder_normalize,
+        )
+        return vectors, outputs
+
+    def _retrieve(
+        self,
+        input_ids: torch.Tensor,
+        question_vectors: torch.Tensor,
+        n_docs: int,
+    ) -> dict[str, torch.Tensor]:
+        """Retrieve ``n_docs`` documents per question and score them.
+
+        Returns:
+            dict with ``context_input_ids``/``context_attention_mask`` `(batch_size * n_docs, length)` on the
+            device of ``input_ids``, ``retrieved_doc_embeds`` `(batch_size, n_docs, dim)`, ``doc_ids``
+            `(batch_size, n_docs)` and ``doc_scores`` `(batch_size, n_docs)` float32, differentiable with
+            respect to the question encoder (and the context encoder when one is being trained).
+        """
+        retrieved = self.retriever(
+            input_ids,
+            question_vectors.detach().to(device="cpu", dtype=torch.float32).numpy(),
+            prefix=getattr(self.generator.config, "prefix", None),
+            n_docs=n_docs,
+            return_tensors="pt",
+        )
+        context_input_ids = retrieved["context_input_ids"].to(input_ids.device)
+        context_attention_mask = retrieved["context_attention_mask"].to(input_ids.device)
+        if self.context_encoder_training:
+            if "tokenized_doc_ids" not in retrieved:
+                raise ValueError(
+                    "Training the context encoder needs the retrieved documents tokenized for it: call "
+                    "`retriever.set_ctx_encoder_tokenizer(ctx_encoder_tokenizer)` before training."
+                )
+            doc_outputs = self.ctx_encoder(
+                retrieved["tokenized_doc_ids"].to(input_ids.device),
+                attention_mask=retrieved["tokenized_doc_attention_mask"].to(input_ids.device),
+                return_dict=True,
+            )
+            doc_embeds = pool_hidden_states(
+                doc_outputs,
+                retrieved["tokenized_doc_attention_mask"].to(input_ids.device),
+                pooling=self.config.question_encoder_pooling,
+                normalize=self.config.question_encoder_normalize,
+            ).view(-1, n_docs, question_vectors.shape[-1])
+        else:
+            doc_embeds = retrieved["retrieved_doc_embeds"].to(question_vectors.device)
+        # Scores in float32 whatever the model's dtype: they feed a softmax over documents (issue 5).
+        doc_scores = torch.bmm(
+            question_vectors.float().unsqueeze(1), doc_embeds.float().transpose(1, 2)
+        ).squeeze(1)
+        return {
+            "context_input_ids": context_input_ids,
+            "context_attention_mask": context_attention_mask,
+            "retrieved_doc_embeds": doc_embeds,
+            "doc_ids": retrieved["doc_ids"],
+            "doc_scores": doc_scores,
+        }
+
+    def _check_contexts(
+        self,
+        doc_scores: torch.Tensor | None,
+        context_input_ids: torch.Tensor | None,
+        encoder_outputs: Any,
+        n_docs: int,
+    ) -> None:
+        """Raise early, naming the argument, when document inputs disagree with each other or with ``n_docs``."""
+        if doc_scores is None:
+            raise ValueError(
+                "`doc_scores` of shape (batch_size, n_docs) is needed when no retriever is used (it is also "
+                "needed with `encoder_outputs`). Compute it as in the 'use retriever separately' example, or set "
+                "a retriever with `model.set_retriever(retriever)`."
+            )
+        if doc_scores.dim() != 2 or doc_scores.shape[1] != n_docs:
+            raise ValueError(
+                f"`doc_scores` has shape {tuple(doc_scores.shape)} but n_docs={n_docs}: expected "
+                f"(batch_size, {n_docs}). Pass `n_docs` matching the retrieved documents."
+            )
+        if context_input_ids is not None:
+            rows = context_input_ids.shape[0]
+        elif encoder_outputs is not None:
+            rows = encoder_outputs[0].shape[0]
+        else:
+            return
+        if rows % n_docs != 0:
+            raise ValueError(
+                f"`context_input_ids` has {rows} rows, not a multiple of n_docs={n_docs}; it must hold "
+                "batch_size * n_docs rows (the documents of each question, one after the other)."
+            )
+        if rows != doc_scores.shape[0] * n_docs:
+            raise ValueError(
+                f"`context_input_ids` has {rows} rows but `doc_scores` has {doc_scores.shape[0]} questions x "
+                f"n_docs={n_docs}; expected {doc_scores.shape[0] * n_docs} rows."
+            )
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        encoder_outputs: tuple[tuple[torch.Tensor]] | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.BoolTensor | None = None,
+        past_key_values: Cache | None = None,
+        doc_scores: torch.Tensor | None = None,
+        context_input_ids: torch.LongTensor | None = None,
+        context_attention_mask: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_retrieved: bool | None = None,
+        n_docs: int | None = None,
+        cache: Cache | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> RetrievAugLMOutput | tuple:
+        """Retrieve (when needed), encode the contexts and run the generator on every document.
+
+        Args:
+            input_ids: `(batch_size, question_length)` question token ids (question encoder tokenizer).
+            attention_mask: `(batch_size, question_length)` mask of ``input_ids``.
+            encoder_outputs: Precomputed generator encoder outputs `(batch_size * n_docs, length, d_model)`
+                (used during decoding); needs ``doc_scores``.
+            decoder_input_ids: `(batch_size, target_length)`; repeated for every document.
+            decoder_attention_mask: `(batch_size, target_length)`.
+            past_key_values: Decoder cache (``cache`` is the same argument under transformers 5's name).
+            doc_scores: `(batch_size, n_docs)`; needed without a retriever.
+            context_input_ids: `(batch_size * n_docs, length)`; needed without a retriever.
+            context_attention_mask: `(batch_size * n_docs, length)`; needed without a retriever.
+            use_cache: Return the decoder cache; defaults to ``config.use_cache``.
+            output_attentions: Return attention weights of the question encoder and the generator.
+            output_hidden_states: Return hidden states of the question encoder and the generator.
+            output_retrieved: Return ``retrieved_doc_embeds``, ``retrieved_doc_ids``, ``context_input_ids`` and
+                ``context_attention_mask`` (when this call retrieved them).
+            n_docs: Documents per question; defaults to ``config.n_docs``.
+            cache: Alias of ``past_key_values``.
+            return_dict: Return a tuple when False.
+
+        Returns:
+            :class:`RetrievAugLMOutput`.
+        """
+        cache = _resolve_cache(past_key_values, cache)
+        n_docs = n_docs if n_docs is not None else self.config.n_docs
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        output_attentions = (
+            output_attentions if output_attentions is not None else self.config.output_attentions
+        )
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        output_retrieved = output_retrieved if output_retrieved is not None else self.config.output_retrieved
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+
+        has_to_retrieve = (
+            self.retriever is not None
+            and encoder_outputs is None
+            and (context_input_ids is None or context_attention_mask is None or doc_scores is None)
+        )
+        question_vectors = question_outputs = retrieved = None
+        if has_to_retrieve:
+            if input_ids is None:
+                raise ValueError(
+                    "`input_ids` (the questions) are needed to retrieve documents; or pass `context_input_ids`, "
+                    "`context_attention_mask` and `doc_scores`."
+                )
+            question_vectors, question_outputs = self._encode_questions(
+                input_ids, attention_mask, output_attentions, output_hidden_states
+            )
+            retrieved = self._retrieve(input_ids, question_vectors, n_docs)
+            context_input_ids = retrieved["context_input_ids"]
+            context_attention_mask = retrieved["context_attention_mask"]
+            doc_scores = retrieved["doc_scores"]
+        elif encoder_outputs is None:
+            if context_input_ids is None:
+                raise ValueError(
+                    "No retriever is set, so `context_input_ids` must be passed (with `context_attention_mask` "
+                    "and `doc_scores`); or set one with `model.set_retriever(retriever)`."
+                )
+            if context_attention_mask is None:
+                raise ValueError(
+                    "`context_attention_mask` must be passed with `context_input_ids` when no retriever is set; "
+                    "or set one with `model.set_retriever(retriever)`."
+                )
+        self._check_contexts(doc_scores, context_input_ids, encoder_outputs, n_docs)
+        batch_size = doc_scores.shape[0]
+        if decoder_input_ids is not None:
+            if decoder_input_ids.shape[0] != batch_size:
+                raise ValueError(
+                    f"`decoder_input_ids` has {decoder_input_ids.shape[0]} rows but the batch has {batch_size} "
+                    "questions; pass one target per question (it is repeated for every document)."
+                )
+            decoder_input_ids = decoder_input_ids.repeat_interleave(n_docs, dim=0)
+        if decoder_attention_mask is not None:
+            decoder_attention_mask = decoder_attention_mask.repeat_interleave(n_docs, dim=0)
+
+        gen_outputs = self.generator(
+            input_ids=context_input_ids,
+            attention_mask=context_attention_mask,
+            encoder_outputs=encoder_outputs,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask,
+            cache=cache,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+
+        show_retrieved = has_to_retrieve and output_retrieved
+        output = RetrievAugLMOutput(
+            logits=gen_outputs.logits,
+            doc_scores=doc_scores,
+            cache=gen_outputs.cache,
+            retrieved_doc_embeds=retrieved["retrieved_doc_embeds"] if show_retrieved else None,
+            retrieved_doc_ids=retrieved["doc_ids"] if show_retrieved else None,
+            context_input_ids=context_input_ids if show_retrieved else None,
+            context_attention_mask=context_attention_mask if show_retrieved else None,
+            question_encoder_last_hidden_state=question_vectors,
+            question_enc_hidden_states=getattr(question_outputs, "hidden_states", None),
+            question_enc_attentions=getattr(question_outputs, "attentions", None),
+            generator_enc_last_hidden_state=gen_outputs.encoder_last_hidden_state,
+            generator_enc_hidden_states=gen_outputs.encoder_hidden_states,
+            generator_enc_attentions=gen_outputs.encoder_attentions,
+            generator_dec_hidden_states=gen_outputs.decoder_hidden_states,
+            generator_dec_attentions=gen_outputs.decoder_attentions,
+            generator_cross_attentions=gen_outputs.cross_attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+# --------------------------------------------------------------------------------------------------
+# Heads
+# --------------------------------------------------------------------------------------------------
+
+
+class _RagHeadMixin:
+    """Shared plumbing of the two heads: the wrapped :class:`RagModel` and its parts."""
+
+    rag: RagModel
+
+    def _init_rag(self, config, question_encoder, generator, kwargs) -> RagConfig:
+        """Build the config if needed; return it (the caller runs ``PreTrainedModel.__init__``)."""
+        if config is None:
+            if question_encoder is None or generator is None:
+                raise ValueError(
+                    f"{type(self).__name__} needs a `config`, or both a `question_encoder` and a `generator`."
+                )
+            config = RagConfig.from_question_encoder_generator_configs(
+                question_encoder.config, generator.config, **kwargs
+            )
+        return _as_rag_config(config)
+
+    @property
+    def retriever(self) -> Any:
+        """The retriever of the wrapped :class:`RagModel` (None when retrieval happens outside)."""
+        return self.rag.retriever
+
+    @property
+    def generator(self) -> PreTrainedModel:
+        """The seq2seq generator."""
+        return self.rag.generator
+
+    @property
+    def question_encoder(self) -> PreTrainedModel:
+        """The question encoder."""
+        return self.rag.question_encoder
+
+    def set_retriever(self, retriever: Any) -> None:
+        """Use ``retriever`` for calls that pass questions (``input_ids``) rather than contexts."""
+        self.rag.retriever = retriever
+
+    def set_context_encoder_for_training(self, ctx_encoder: PreTrainedModel) -> None:
+        """Train ``ctx_encoder`` end to end: documents are re-embedded with it in every forward pass.
+
+        The retriever must return tokenized documents: call
+        ``retriever.set_ctx_encoder_tokenizer(ctx_encoder_tokenizer)`` too.
+        """
+        self.rag.context_encoder_training = True
+        self.rag.ctx_encoder = ctx_encoder
+
+    def _labels_for_loss(self, labels: torch.Tensor, batch_size: int | None) -> torch.Tensor:
+        """Validate labels, map -100 to pad, and warn once if they do not start with the start token."""
+        _check_labels(labels, batch_size)
+        labels = _replace_ignore_index(labels, self.config.generator.pad_token_id)
+        starts = {
+            self.config.bos_token_id,
+            getattr(self.config.generator, "bos_token_id", None),
+            self.config.decoder_start_token_id,
+            getattr(self.config.generator, "decoder_start_token_id", None),
+        } - {None}
+        if starts and not getattr(self, "_warned_label_start", False):
+            first = labels[:, 0]
+            if not bool(sum(first.eq(token) for token in starts).bool().all()):
+                self._warned_label_start = True
+                logger.warning(
+                    "`labels` do not start with the BOS/decoder start token (%s). RAG feeds labels as decoder "
+                    "inputs and scores labels[:, 1:], so the first label token is never scored. Tokenize targets "
+                    "with the generator tokenizer, which adds it.",
+                    sorted(starts),
+                )
+        return labels
+
+
+class RagSequenceForGeneration(_RagHeadMixin, RagPreTrainedModel):
+    """RAG-Sequence: one document conditions the whole answer; marginalizes over documents per sequence.
+
+    Args:
+        config: A :class:`~ragkit.RagConfig`; built from the two models' configs when omitted.
+        question_encoder: The question encoder; built from the config when omitted.
+        generator: The seq2seq generator; built from the config when omitted.
+        retriever: A :class:`~ragkit.RagRetriever`; optional.
+        **kwargs: RAG config fields, used only when ``config`` is omitted.
+    """
+
+    _rag_head = "sequence"
+
+    def __init__(
+        self,
+        config: PretrainedConfig | None = None,
+        question_encoder: PreTrainedModel | None = None,
+        generator: PreTrainedModel | None = None,
+        retriever: Any = None,
+        **kwargs: Any,
+    ):
+        config = self._init_rag(config, question_encoder, generator, kwargs)
+        super().__init__(config)
+        self.rag = RagModel(
+            config=config, question_encoder=question_encoder, generator=generator, retriever=retriever
+        )
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        encoder_outputs: tuple[tuple[torch.Tensor]] | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.BoolTensor | None = None,
+        past_key_values: Cache | None = None,
+        context_input_ids: torch.LongTensor | None = None,
+        context_attention_mask: torch.LongTensor | None = None,
+        doc_scores: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_retrieved: bool | None = None,
+        exclude_bos_score: bool | None = None,
+        reduce_loss: bool | None = None,
+        labels: torch.LongTensor | None = None,
+        n_docs: int | None = None,
+        label_smoothing: float | None = None,
+        cache: Cache | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> RetrievAugLMMarginOutput | tuple:
+        """Run :class:`RagModel` and, with ``labels``, the RAG-Sequence loss.
+
+        Args:
+            input_ids, attention_mask, encoder_outputs, decoder_input_ids, decoder_attention_mask,
+            past_key_values, context_input_ids, context_attention_mask, doc_scores, use_cache,
+            output_attentions, output_hidden_states, output_retrieved, n_docs, cache: As in
+                :meth:`RagModel.forward`.
+            exclude_bos_score: Leave the BOS token's score out of the loss; defaults to the config.
+            reduce_loss: Sum the loss over the batch; defaults to the config.
+            labels: `(batch_size, target_length)` target ids starting with the BOS/decoder start token
+                (as the generator tokenizer makes them); also used as ``decoder_input_ids`` when those are
+                not given. -100 is treated as padding.
+            label_smoothing: Epsilon of label smoothing; defaults to ``config.label_smoothing``.
+            return_dict: Return a tuple when False.
+
+        Returns:
+            :class:`RetrievAugLMMarginOutput`; ``loss`` is `(batch_size,)` (a scalar with ``reduce_loss``).
+        """
+        n_docs = n_docs if n_docs is not None else self.config.n_docs
+        exclude_bos_score = (
+            exclude_bos_score if exclude_bos_score is not None else self.config.exclude_bos_score
+        )
+        reduce_loss = reduce_loss if reduce_loss is not None else self.config.reduce_loss
+        label_smoothing = label_smoothing if label_smoothing is not None else self.config.label_smoothing
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+
+        if labels is not None:
+            labels = self._labels_for_loss(
+                labels, _batch_size_of(input_ids, doc_scores, context_input_ids, n_docs)
+            )
+            if decoder_input_ids is None:
+                decoder_input_ids = labels
+            use_cache = False
+
+        outputs = self.rag(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            encoder_outputs=encoder_outputs,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask,
+            past_key_values=past_key_values,
+            cache=cache,
+            context_input_ids=context_input_ids,
+            context_attention_mask=context_attention_mask,
+            doc_scores=doc_scores,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            output_retrieved=output_retrieved,
+            n_docs=n_docs,
+            return_dict=True,
+        )
+
+        loss = None
+        if labels is not None:
+            # The reference scores `decoder_input_ids` (equal to labels unless both are passed): kept for parity.
+            loss = self.get_nll(
+                outputs.logits,
+                outputs.doc_scores,
+                decoder_input_ids,
+                reduce_loss=reduce_loss,
+                epsilon=label_smoothing,
+                exclude_bos_score=exclude_bos_score,
+                n_docs=n_docs,
+            )
+
+        output = _margin_output(outputs, loss, outputs.logits)
+        return output if return_dict else output.to_tuple()
+
+    def get_nll(
+        self,
+        seq_logits: torch.Tensor,
+        doc_scores: torch.Tensor,
+        target: torch.Tensor,
+        reduce_loss: bool = False,
+        epsilon: float = 0.0,
+        exclude_bos_score: bool = False,
+        n_docs: int | None = None,
+    ) -> torch.Tensor:
+        """RAG-Sequence negative log-likelihood of ``target``, marginalized over documents per sequence.
+
+        Same numbers as the reference (which scores ``target[:, 1:]``; see docs/modeling.md), computed in
+        float32 and without materializing a second `(batch_size, n_docs, length, vocab)` tensor.
+
+        Args:
+            seq_logits: `(batch_size * n_docs, target_length, vocab_size)` generator logits.
+            doc_scores: `(batch_size, n_docs)`.
+            target: `(batch_size, target_length)` or `(batch_size * k, ...)`, the decoder inputs.
+            reduce_loss: Sum over the batch.
+            epsilon: Label smoothing.
+            exclude_bos_score: Leave the first target position out when targets start with BOS.
+            n_docs: Documents per question; defaults to ``config.n_docs``.
+
+        Returns:
+            `(batch_size,)` losses, or a scalar with ``reduce_loss``.
+        """
+        n_docs = n_docs if n_docs is not None else self.config.n_docs
+        pad_token_id = self.config.generator.pad_token_id
+        # Score position t against token t + 1 (the decoder is fed the target itself).
+        target = torch.cat([target[:, 1:], target.new_full((target.shape[0], 1), pad_token_id)], 1)
+        # bos_token_id is None for T5
+        bos_token_id = self.config.bos_token_id or getattr(self.config.generator, "bos_token_id", None)
+        use_bos = bos_token_id is not None and bool(target[:, 0].eq(bos_token_id).all())
+
+        vocab_size = seq_logits.shape[-1]
+        seq_logprobs = nn.functional.log_softmax(seq_logits.float(), dim=-1).view(
+            seq_logits.shape[0] // n_docs, n_docs, -1, vocab_size
+        )  # (batch_size, n_docs, target_length, vocab_size)
+        doc_logprobs = nn.functional.log_softmax(doc_scores.float(), dim=1)  # (batch_size, n_docs)
+
+        index = target.unsqueeze(1).unsqueeze(-1).expand(-1, n_docs, -1, 1)
+        ll = seq_logprobs.gather(dim=-1, index=index).squeeze(-1)  # (batch_size, n_docs, target_length)
+        smooth_obj = seq_logprobs.sum(dim=-1)  # (batch_size, n_docs, target_length)
+        # RAG-Sequence: the document prior enters once per sequence, at the second position as in the reference.
+        if ll.shape[-1] > 1:
+            ll = torch.cat([ll[:, :, :1], ll[:, :, 1:2] + doc_logprobs.unsqueeze(-1), ll[:, :, 2:]], dim=2)
+            smooth_obj = torch.cat(
+                [
+                    smooth_obj[:, :, :1],
+                    smooth_obj[:, :, 1:2] + vocab_size * doc_logprobs.unsqueeze(-1),
+                    smooth_obj[:, :, 2:],
+                ],
+                dim=2,
+            )
+        pad_mask = target.eq(pad_token_id).unsqueeze(1)
+        ll = ll.masked_fill(pad_mask, 0.0)
+        smooth_obj = smooth_obj.masked_fill(pad_mask, 0.0)
+
+        ll = ll[:, :, 1:].sum(2) if exclude_bos_score and use_bos else ll.sum(2)
+        smooth_obj = smooth_obj.sum(2)
+        nll_loss = -ll.logsumexp(1)  # over documents
+        smooth_loss = -smooth_obj.logsumexp(1)
+        if reduce_loss:
+            nll_loss = nll_loss.sum()
+            smooth_loss = smooth_loss.sum()
+        eps_i = epsilon / vocab_size
+        return (1.0 - epsilon) * nll_loss + eps_i * smooth_loss
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        context_input_ids: torch.LongTensor | None = None,
+        context_attention_mask: torch.LongTensor | None = None,
+        doc_scores: torch.Tensor | None = None,
+        do_deduplication: bool | None = None,
+        num_return_sequences: int | None = None,
+        num_beams: int | None = None,
+        n_docs: int | None = None,
+        decoding: str = "thorough",
+        **model_kwargs: Any,
+    ) -> torch.LongTensor:
+        """RAG-Sequence decoding ("thorough" as the reference, or the paper's "fast"), batched.
+
+        Args:
+            input_ids: `(batch_size, question_length)` questions (with a retriever).
+            attention_mask: `(batch_size, question_length)`.
+            context_input_ids: `(batch_size * n_docs, length)` contexts (without a retriever).
+            context_attention_mask: `(batch_size * n_docs, length)`.
+            doc_scores: `(batch_size, n_docs)`.
+            do_deduplication: Drop duplicate hypotheses per question; defaults to the config.
+            num_return_sequences: Answers per question.
+            num_beams: Beams per document.
+            n_docs: Documents per question; defaults to ``config.n_docs``.
+            decoding: ``"thorough"`` or ``"fast"``.
+            **model_kwargs: Generation options for the generator (``max_length``, ...).
+
+        Returns:
+            `(batch_size * num_return_sequences, sequence_length)` token ids.
+        """
+        from .generation import rag_sequence_generate
+
+        return rag_sequence_generate(
+            self,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            context_input_ids=context_input_ids,
+            context_attention_mask=context_attention_mask,
+            doc_scores=doc_scores,
+            do_deduplication=do_deduplication,
+            num_return_sequences=num_return_sequences,
+            num_beams=num_beams,
+            n_docs=n_docs,
+            decoding=decoding,
+            **model_kwargs,
+        )
+
+    @staticmethod
+    def _cat_and_pad(tensors: list[torch.Tensor], pad_token_id: int) -> torch.Tensor:
+        """Stack `(n_i, len_i)` tensors into `(sum n_i, max len_i)`, right-padded with ``pad_token_id``."""
+        output = tensors[0].new_full(
+            (sum(t.shape[0] for t in tensors), max(t.shape[1] for t in tensors)), pad_token_id
+        )
+        row = 0
+        for t in tensors:
+            output[row : row + t.shape[0], : t.shape[1]] = t
+            row += t.shape[0]
+        return output
+
+
+class RagTokenForGeneration(_RagHeadMixin, RagPreTrainedModel, GenerationMixin):
+    """RAG-Token: each generated token marginalizes over the documents.
+
+    Args:
+        config: A :class:`~ragkit.RagConfig`; built from the two models' configs when omitted.
+        question_encoder: The question encoder; built from the config when omitted.
+        generator: The seq2seq generator; built from the config when omitted.
+        retriever: A :class:`~ragkit.RagRetriever`; optional.
+        **kwargs: RAG config fields, used only when ``config`` is omitted.
+    """
+
+    _rag_head = "token"
+
+    def __init__(
+        self,
+        config: PretrainedConfig | None = None,
+        question_encoder: PreTrainedModel | None = None,
+        generator: PreTrainedModel | None = None,
+        retriever: Any = None,
+        **kwargs: Any,
+    ):
+        config = self._init_rag(config, question_encoder, generator, kwargs)
+        super().__init__(config)
+        self.rag = RagModel(
+            config=config, question_encoder=question_encoder, generator=generator, retriever=retriever
+        )
+        self.post_init()
+
+    def marginalize(
+        self, seq_logits: torch.Tensor, doc_scores: torch.Tensor, n_docs: int | None = None
+    ) -> torch.Tensor:
+        """Per-token log-probabilities marginalized over documents, in float32.
+
+        Args:
+            seq_logits: `(batch_size * n_docs, length, vocab_size)` generator logits.
+            doc_scores: `(batch_size, n_docs)`.
+            n_docs: Documents per question; defaults to ``config.n_docs``.
+
+        Returns:
+            `(batch_size, length, vocab_size)` float32 log-probabilities.
+        """
+        n_docs = n_docs if n_docs is not None else self.config.n_docs
+        seq_logprobs = nn.functional.log_softmax(seq_logits.float(), dim=-1).view(
+            seq_logits.shape[0] // n_docs, n_docs, -1, seq_logits.shape[-1]
+        )
+        doc_logprobs = torch.log_softmax(doc_scores.float(), dim=1)[:, :, None, None]
+        if seq_logprobs.requires_grad:
+            seq_logprobs = seq_logprobs + doc_logprobs
+        else:
+            # Decoding: add the document prior in place rather than allocating another logits-sized tensor.
+            seq_logprobs.add_(doc_logprobs)
+        return torch.logsumexp(seq_logprobs, dim=1)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        encoder_outputs: tuple[tuple[torch.Tensor]] | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.BoolTensor | None = None,
+        past_key_values: Cache | None = None,
+        context_input_ids: torch.LongTensor | None = None,
+        context_attention_mask: torch.LongTensor | None = None,
+        doc_scores: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_retrieved: bool | None = None,
+        do_marginalize: bool | None = None,
+        reduce_loss: bool | None = None,
+        labels: torch.LongTensor | None = None,
+        n_docs: int | None = None,
+        label_smoothing: float | None = None,
+        cache: Cache | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> RetrievAugLMMarginOutput | tuple:
+        """Run :class:`RagModel` and, with ``labels``, the RAG-Token loss.
+
+        Args:
+            input_ids, attention_mask, encoder_outputs, decoder_input_ids, decoder_attention_mask,
+            past_key_values, context_input_ids, context_attention_mask, doc_scores, use_cache,
+            output_attentions, output_hidden_states, output_retrieved, n_docs, cache: As in
+                :meth:`RagModel.forward`.
+            do_marginalize: Return logits marginalized over documents (float32 log-probabilities);
+                defaults to the config.
+            reduce_loss: Sum the loss over the batch; defaults to the config.
+            labels: `(batch_size, target_length)` target ids starting with the BOS/decoder start token; also
+                the decoder inputs when ``decoder_input_ids`` are not given. -100 is treated as padding.
+            label_smoothing: Epsilon of label smoothing; defaults to ``config.label_smoothing``.
+            return_dict: Return a tuple when False.
+
+        Returns:
+            :class:`RetrievAugLMMarginOutput`.
+        """
+        n_docs = n_docs if n_docs is not None else self.config.n_docs
+        do_marginalize = do_marginalize if do_marginalize is not None else self.config.do_marginalize
+        reduce_loss = reduce_loss if reduce_loss is not None else self.config.reduce_loss
+        label_smoothing = label_smoothing if label_smoothing is not None else self.config.label_smoothing
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+
+        if labels is not None:
+            labels = self._labels_for_loss(
+                labels, _batch_size_of(input_ids, doc_scores, context_input_ids, n_docs)
+            )
+            if decoder_input_ids is None:
+                decoder_input_ids = labels
+            use_cache = False
+
+        outputs = self.rag(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            encoder_outputs=encoder_outputs,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask,
+            past_key_values=past_key_values,
+            cache=cache,
+            context_input_ids=context_input_ids,
+            context_attention_mask=context_attention_mask,
+            doc_scores=doc_scores,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            output_retrieved=output_retrieved,
+            n_docs=n_docs,
+            return_dict=True,
+        )
+
+        loss = None
+        logits = outputs.logits
+        if labels is not None:
+            loss = self.get_nll(
+                logits,
+                outputs.doc_scores,
+                labels,
+                reduce_loss=reduce_loss,
+                epsilon=label_smoothing,
+                n_docs=n_docs,
+            )
+        if do_marginalize:
+            logits = self.marginalize(logits, outputs.doc_scores, n_docs)
+
+        output = _margin_output(outputs, loss, logits)
+        return output if return_dict else output.to_tuple()
+
+    def get_nll(
+        self,
+        seq_logits: torch.Tensor,
+        doc_scores: torch.Tensor,
+        target: torch.Tensor,
+        reduce_loss: bool = False,
+        epsilon: float = 0.0,
+        n_docs: int | None = None,
+    ) -> torch.Tensor:
+        """RAG-Token negative log-likelihood of ``target[:, 1:]`` (as the reference), in float32.
+
+        Args:
+            seq_logits: `(batch_size * n_docs, target_length, vocab_size)` generator logits.
+            doc_scores: `(batch_size, n_docs)`.
+            target: `(batch_size, target_length)`.
+            reduce_loss: Sum over the batch.
+            epsilon: Label smoothing.
+            n_docs: Documents per question; defaults to ``config.n_docs``.
+
+        Returns:
+            `(batch_size,)` losses, or a scalar with ``reduce_loss``.
+        """
+        n_docs = n_docs if n_docs is not None else self.config.n_docs
+        pad_token_id = self.config.generator.pad_token_id
+        target = torch.cat([target[:, 1:], target.new_full((target.shape[0], 1), pad_token_id)], 1)
+        rag_logprobs = self.marginalize(seq_logits, doc_scores, n_docs)  # (batch_size, length, vocab)
+        ll = rag_logprobs.gather(dim=-1, index=target.unsqueeze(-1)).squeeze(-1)
+        smooth_obj = rag_logprobs.sum(dim=-1)
+        pad_mask = target.eq(pad_token_id)
+        ll = ll.masked_fill(pad_mask, 0.0).sum(1)
+        smooth_obj = smooth_obj.masked_fill(pad_mask, 0.0).sum(1)
+        nll_loss = -ll
+        smooth_loss = -smooth_obj
+        if reduce_loss:
+            nll_loss = nll_loss.sum()
+            smooth_loss = smooth_loss.sum()
+        eps_i = epsilon / rag_logprobs.shape[-1]
+        return (1.0 - epsilon) * nll_loss + eps_i * smooth_loss
+
+    # ---- decoding -------------------------------------------------------------------------------
+
+    def prepare_inputs_for_generation(
+        self,
+        decoder_input_ids: torch.LongTensor,
+        cache: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        encoder_outputs: Any = None,
+        doc_scores: torch.Tensor | None = None,
+        n_docs: int | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """Inputs of one decoding step: cached encoder outputs, last token, marginalized logits."""
+        cache = _resolve_cache(past_key_values, cache)
+        if cache is not None:
+            decoder_input_ids = decoder_input_ids[:, -1:]
+        return {
+            "input_ids": None,
+            "encoder_outputs": encoder_outputs,
+            "doc_scores": doc_scores,
+            "context_attention_mask": attention_mask,
+            "decoder_input_ids": decoder_input_ids,
+            "cache": cache,
+            "use_cache": use_cache,
+            "do_marginalize": True,
+            "n_docs": n_docs,
+        }
+
+    def _reorder_cache(self, cache: Cache, beam_idx: torch.LongTensor) -> Cache:
+        """Follow the chosen beams: one ``index_select`` per self-attention tensor, cache updated in place.
+
+        The cache holds `batch_size * num_beams * n_docs` rows; row ``beam * n_docs + d`` moves with its beam.
+        Cross-attention states are left alone: they come from the encoder outputs, identical for all beams of
+        a question, and beams are only ever reordered within a question.
+        """
+        self_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+        for layer in self_cache.layers:
+            keys = getattr(layer, "keys", None)
+            if keys is None or keys.numel() == 0:
+                continue
+            n_docs = keys.shape[0] // beam_idx.shape[0]
+            beam_idx = beam_idx.to(keys.device)
+            rows = (beam_idx[:, None] * n_docs + torch.arange(n_docs, device=keys.device)).reshape(-1)
+            layer.keys = keys.index_select(0, rows)
+            layer.values = layer.values.index_select(0, rows)
+        return cache
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        context_input_ids: torch.LongTensor | None = None,
+        context_attention_mask: torch.LongTensor | None = None,
+        doc_scores: torch.Tensor | None = None,
+        n_docs: int | None = None,
+        generation_config: GenerationConfig | None = None,
+        prefix_allowed_tokens_fn: Callable[[int, torch.Tensor], list[int]] | None = None,
+        logits_processor: LogitsProcessorList | None = None,
+        stopping_criteria: StoppingCriteriaList | None = None,
+        **kwargs: Any,
+    ) -> torch.LongTensor:
+        """RAG-Token decoding: greedy, beam search or sampling over document-marginalized token scores.
+
+        The generator's encoder runs once on the `batch_size * n_docs` contexts; each step runs the decoder
+        on `batch_size * num_beams * n_docs` rows and marginalizes their log-probabilities over documents.
+
+        Args:
+            input_ids: `(batch_size, question_length)` questions (with a retriever).
+            attention_mask: `(batch_size, question_length)`.
+            context_input_ids: `(batch_size * n_docs, length)` contexts (without a retriever).
+            context_attention_mask: `(batch_size * n_docs, length)`.
+            doc_scores: `(batch_size, n_docs)`.
+            n_docs: Documents per question; defaults to ``config.n_docs``.
+            generation_config: Base generation parameters; ``kwargs`` override them.
+            prefix_allowed_tokens_fn: Constrains each step to the tokens it returns for ``(batch_id, ids)``.
+            logits_processor: Extra logits processors.
+            stopping_criteria: Extra stopping criteria.
+            **kwargs: Generation options (``num_beams``, ``max_length``, ``num_return_sequences``, ...).
+
+        Returns:
+            `(batch_size * num_return_sequences, sequence_length)` token ids (or a generate output object with
+            ``return_dict_in_generate=True``).
+        """
+        logits_processor = logits_processor if logits_processor is not None else LogitsProcessorList()
+        stopping_criteria = stopping_criteria if stopping_criteria is not None else StoppingCriteriaList()
+        generation_mode_kwargs = self._extract_generation_mode_kwargs(None, kwargs, False, None, None)
+        generation_config, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
+        generation_mode = generation_config.get_generation_mode()
+        if generation_mode not in _RAG_TOKEN_MODES:
+            raise ValueError(
+                f"RagTokenForGeneration.generate supports greedy, sampling and beam search, not {generation_mode}; "
+                "check `num_beam_groups`, `penalty_alpha`, `assistant_model` and similar options."
+            )
+        decoding_method = getattr(type(self), GENERATION_MODES_MAPPING[generation_mode])
+        self._validate_model_kwargs(model_kwargs.copy())
+        self._validate_generation_mode(generation_mode, generation_config, generation_mode_kwargs)
+        self._prepare_special_tokens(generation_config, model_kwargs.get("attention_mask") is not None)
+
+        n_docs = n_docs if n_docs is not None else self.config.n_docs
+        if context_input_ids is None:
+            if self.retriever is None:
+                raise ValueError(
+                    "No retriever is set, so `context_input_ids`, `context_attention_mask` and `doc_scores` must "
+                    "be passed; or set one with `model.set_retriever(retriever)`."
+                )
+            if input_ids is None:
+                raise ValueError("Pass `input_ids` (the questions) or `context_input_ids` to generate from.")
+            question_vectors, _ = self.rag._encode_questions(input_ids, attention_mask)
+            retrieved = self.rag._retrieve(input_ids, question_vectors, n_docs)
+            context_input_ids = retrieved["context_input_ids"]
+            context_attention_mask = retrieved["context_attention_mask"]
+            doc_scores = retrieved["doc_scores"]
+        elif context_attention_mask is None:
+            raise ValueError("`context_attention_mask` must be passed with `context_input_ids`.")
+        self.rag._check_contexts(doc_scores, context_input_ids, None, n_docs)
+
+        batch_size = context_input_ids.shape[0] // n_docs
+        encoder_outputs = self.rag.generator.get_encoder()(
+            input_ids=context_input_ids, attention_mask=context_attention_mask, return_dict=True
+        )
+        # Beam modes keep num_beams hypotheses per question; sampling draws num_return_sequences of them.
+        if generation_mode in _BEAM_MODES:
+            expand = generation_config.num_beams
+        elif generation_mode == GenerationMode.SAMPLE:
+            expand = generation_config.num_return_sequences or 1
+        else:
+            expand = 1
+
+        def _expand(tensor: torch.Tensor) -> torch.Tensor:
+            # (batch * n_docs, ...) -> (batch * expand * n_docs, ...): each hypothesis sees all its documents.
+            if expand == 1:
+                return tensor
+            tensor = tensor.reshape((batch_size, 1, n_docs, *tensor.shape[1:]))
+            tensor = tensor.expand((batch_size, expand, n_docs, *tensor.shape[3:]))
+            return tensor.reshape((batch_size * expand * n_docs, *tensor.shape[3:]))
+
+        encoder_outputs["last_hidden_state"] = _expand(encoder_outputs["last_hidden_state"])
+        model_kwargs["attention_mask"] = _expand(context_attention_mask)
+        model_kwargs["doc_scores"] = doc_scores.repeat_interleave(expand, dim=0)
+        model_kwargs["encoder_outputs"] = encoder_outputs
+        model_kwargs["n_docs"] = n_docs
+        model_kwargs["use_cache"] = generation_config.use_cache
+
+        decoder_input_ids = torch.full(
+            (batch_size * expand, 1),
+            generation_config.decoder_start_token_id,
+            dtype=torch.long,
+            device=context_input_ids.device,
+        )
+        prepared_logits_processor = self._get_logits_processor(
+            generation_config=generation_config,
+            input_ids_seq_length=decoder_input_ids.shape[-1],
+            encoder_input_ids=context_input_ids,
+            prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
+            logits_processor=logits_processor,
+            device=decoder_input_ids.device,
+        )
+        prepared_stopping_criteria = self._get_stopping_criteria(
+            generation_config=generation_config, stopping_criteria=stopping_criteria
+        )
+        self._prepare_cache_for_generation(
+            generation_config,
+            model_kwargs,
+            generation_mode=None,
+            batch_size=decoder_input_ids.shape[0],
+            max_cache_length=generation_config.max_length - 1,
+        )
+        return decoding_method(
+            self,
+            decoder_input_ids,
+            logits_processor=prepared_logits_processor,
+            stopping_criteria=prepared_stopping_criteria,
+            generation_config=generation_config,
+            **generation_mode_kwargs,
+            **model_kwargs,
+        )
+
+    # ---- embeddings -------------------------------------------------------------------------------
+
+    def get_input_embeddings(self) -> nn.Module:
+        """The generator's input embeddings."""
+        return self.rag.generator.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module:
+        """The generator's LM head."""
+        return self.rag.generator.get_output_embeddings()
+
+    def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
+        """Replace the generator's LM head."""
+        return self.rag.generator.set_output_embeddings(new_embeddings)
+
+    def shift_tokens_right(self, input_ids: torch.Tensor, start_token_id: int | None = None) -> torch.Tensor:
+        """Shift `(batch_size, length)` ids one position right, filling position 0 with ``start_token_id``."""
+        if start_token_id is None:
+            start_token_id = self.config.decoder_start_token_id
+        shifted = input_ids.new_zeros(input_ids.shape)
+        shifted[:, 1:] = input_ids[:, :-1].clone()
+        shifted[:, 0] = start_token_id
+        return shifted

@@ -1,0 +1,180 @@
+"""RagTokenForGeneration.generate: token-identical to transformers' RAG-Token decoding, and lean.
+
+Both models share weights (redrawn so that outputs vary); every comparison is exact (token ids).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from rag_helpers import retrieved_contexts
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+
+MAX_LENGTH = 9
+GENERATORS = ["bart", "t5"]
+
+
+def _generate_both(pair, **kwargs):
+    with torch.no_grad():
+        return pair.reference.generate(**kwargs), pair.ours.generate(**kwargs)
+
+
+def _assert_same(ref: torch.Tensor, ours: torch.Tensor) -> None:
+    assert ref.shape == ours.shape, f"shape {tuple(ref.shape)} != {tuple(ours.shape)}"
+    assert torch.equal(ref, ours), f"\nreference {ref.tolist()}\nragkit    {ours.tolist()}"
+
+
+@pytest.mark.parametrize("generator_kind", GENERATORS)
+def test_greedy_with_retriever(pairs, questions, generator_kind):
+    pair = pairs("token", generator_kind)
+    ref, ours = _generate_both(
+        pair, input_ids=questions.input_ids, attention_mask=questions.attention_mask, max_length=MAX_LENGTH
+    )
+    _assert_same(ref, ours)
+    assert ours.shape[0] == questions.input_ids.shape[0]
+    assert len(set(ours[0].tolist())) > 2, "decoding should not be degenerate for the test to mean anything"
+
+
+@pytest.mark.parametrize("generator_kind", GENERATORS)
+def test_beam_search_without_retriever(pairs, questions, generator_kind):
+    pair = pairs("token", generator_kind)
+    contexts = retrieved_contexts(pair, questions)
+    for num_beams, num_return_sequences in ((3, 1), (3, 3), (4, 2)):
+        ref, ours = _generate_both(
+            pair,
+            **contexts,
+            num_beams=num_beams,
+            num_return_sequences=num_return_sequences,
+            max_length=MAX_LENGTH,
+        )
+        _assert_same(ref, ours)
+        assert ours.shape[0] == questions.input_ids.shape[0] * num_return_sequences
+    assert not torch.equal(ours[0], ours[1]), "returned beams should differ"
+
+
+@pytest.mark.parametrize("generator_kind", GENERATORS)
+def test_n_docs_override(pairs, questions, generator_kind):
+    pair = pairs("token", generator_kind)
+    # With the retriever (it fetches n_docs documents) and with contexts of n_docs documents.
+    ref, ours = _generate_both(
+        pair, input_ids=questions.input_ids, n_docs=2, num_beams=2, max_length=MAX_LENGTH
+    )
+    _assert_same(ref, ours)
+    contexts = retrieved_contexts(pair, questions, n_docs=1)
+    ref, ours = _generate_both(pair, **contexts, n_docs=1, max_length=MAX_LENGTH)
+    _assert_same(ref, ours)
+
+
+class _BanToken(LogitsProcessor):
+    def __init__(self, token: int):
+        self.token = token
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores[:, self.token] = -float("inf")
+        return scores
+
+
+class _StopAfter(StoppingCriteria):
+    def __init__(self, length: int):
+        self.length = length
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), input_ids.shape[-1] >= self.length, dtype=torch.bool)
+
+
+def test_generation_options_match_reference(pairs, questions):
+    pair = pairs("token", "bart")
+    contexts = retrieved_contexts(pair, questions)
+    plain = pair.ours.generate(**contexts, max_length=6)
+    banned = int(plain[0, 2])
+    allowed = list(range(3, 200))
+
+    def prefix_allowed_tokens_fn(batch_id: int, ids: torch.Tensor) -> list[int]:
+        return allowed
+
+    cases = [
+        {"logits_processor": LogitsProcessorList([_BanToken(banned)])},
+        {"stopping_criteria": StoppingCriteriaList([_StopAfter(4)])},
+        {"prefix_allowed_tokens_fn": prefix_allowed_tokens_fn, "num_beams": 2},
+        {
+            "generation_config": GenerationConfig(
+                max_length=6, num_beams=2, decoder_start_token_id=2, eos_token_id=2
+            )
+        },
+        {"no_repeat_ngram_size": 1, "min_length": 5},
+    ]
+    for options in cases:
+        options = dict(options)
+        if "generation_config" not in options:
+            options["max_length"] = 6
+        ref, ours = _generate_both(pair, **contexts, **options)
+        _assert_same(ref, ours)
+        if "logits_processor" in options:
+            assert banned not in ours.tolist()[0]
+        if "stopping_criteria" in options:
+            assert ours.shape[1] == 4
+        if "prefix_allowed_tokens_fn" in options:
+            assert all(t in allowed for t in ours[:, 1:].flatten().tolist())
+
+
+def test_sampling_matches_reference_with_same_seed(pairs, questions):
+    pair = pairs("token", "bart")
+    contexts = retrieved_contexts(pair, questions)
+    with torch.no_grad():
+        torch.manual_seed(123)
+        ref = pair.reference.generate(**contexts, do_sample=True, top_k=20, max_length=MAX_LENGTH)
+        torch.manual_seed(123)
+        ours = pair.ours.generate(**contexts, do_sample=True, top_k=20, max_length=MAX_LENGTH)
+        # Sampling several answers per question draws num_return_sequences of them (the reference returns one).
+        many = pair.ours.generate(**contexts, do_sample=True, num_return_sequences=3, max_length=MAX_LENGTH)
+    _assert_same(ref, ours)
+    assert many.shape[0] == 2 * 3
+
+
+def test_encoder_runs_once_and_cache_is_reordered_in_place(pairs, questions):
+    pair = pairs("token", "bart")
+    contexts = retrieved_contexts(pair, questions)
+    encoder = pair.ours.generator.get_encoder()
+    calls = []
+    hook = encoder.register_forward_hook(lambda module, args, output: calls.append(1))
+    reorder = type(pair.ours)._reorder_cache
+    seen = []
+
+    def spy(self, cache, beam_idx):
+        cross = [layer.keys for layer in cache.cross_attention_cache.layers]
+        out = reorder(self, cache, beam_idx)
+        seen.append((cache, out, all(a is b.keys for a, b in zip(cross, cache.cross_attention_cache.layers))))
+        return out
+
+    type(pair.ours)._reorder_cache = spy
+    try:
+        with torch.no_grad():
+            pair.ours.generate(**contexts, num_beams=3, max_length=MAX_LENGTH)
+    finally:
+        type(pair.ours)._reorder_cache = reorder
+        hook.remove()
+    assert len(calls) == 1, "the generator's encoder must run once per generate call"
+    assert seen, "beam search must reorder the cache"
+    assert all(cache is out for cache, out, _ in seen), "the cache is updated in place, not rebuilt"
+    assert all(kept for _, _, kept in seen), "cross-attention states are not copied on reorder"
+
+
+def test_reorder_cache_follows_beams_with_their_documents(pairs):
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+    pair = pairs("token", "bart")
+    n_docs, beams, heads, dim = 3, 2, 1, 1
+    rows = torch.arange(beams * n_docs, dtype=torch.float).view(-1, heads, 1, dim)
+    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    cache.self_attention_cache.update(rows.clone(), rows.clone() + 100, 0)
+    beam_idx = torch.tensor([1, 1])  # both beams continue beam 1
+    out = pair.ours._reorder_cache(cache, beam_idx)
+    keys = out.self_attention_cache.layers[0].keys.flatten().tolist()
+    assert keys == [3.0, 4.0, 5.0, 3.0, 4.0, 5.0]
+    assert out.self_attention_cache.layers[0].values.flatten().tolist() == [103.0, 104.0, 105.0] * 2
