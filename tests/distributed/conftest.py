@@ -1,0 +1,43 @@
+"""Fixtures for the distributed retrieval tests: the tiny passages saved to disk, a single-process retriever."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from distributed_helpers import indexed_dataset as build_indexed_dataset
+
+
+@pytest.fixture(scope="session")
+def saved_passages(tmp_path_factory, passage_embeddings):
+    """(passages_path, index_path): TINY_PASSAGES saved with ``save_to_disk`` and their exact faiss index."""
+    directory = tmp_path_factory.mktemp("distributed_index")
+    dataset = build_indexed_dataset(passage_embeddings)
+    index_path = directory / "index.faiss"
+    dataset.get_index("embeddings").save(str(index_path))
+    dataset.drop_index("embeddings")
+    dataset.save_to_disk(str(directory / "passages"))
+    return directory / "passages", index_path
+
+
+@pytest.fixture
+def disk_config(rag_config, saved_passages):
+    """A private RAG config pointing at the saved passages and index (index_name="custom")."""
+    config = copy.deepcopy(rag_config)
+    config.index_name = "custom"
+    config.passages_path, config.index_path = (str(path) for path in saved_passages)
+    return config
+
+
+@pytest.fixture
+def single_process_retriever(rag_config, question_encoder_tokenizer, generator_tokenizer, indexed_dataset):
+    """ragkit's ordinary RagRetriever over the exact in-memory index: the answers to match."""
+    from ragkit.retrieval.custom import CustomHFIndex
+    from ragkit.retrieval_rag import RagRetriever
+
+    return RagRetriever(
+        copy.deepcopy(rag_config),
+        question_encoder_tokenizer,
+        generator_tokenizer,
+        index=CustomHFIndex(rag_config.retrieval_vector_size, indexed_dataset),
+    )

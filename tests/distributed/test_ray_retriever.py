@@ -1,0 +1,147 @@
+"""RayRetriever and its actors on one local Ray instance (2 CPUs) shared by the whole module.
+
+Few tests, each starting few actors: Ray's start-up dominates their time.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+from distributed_helpers import ANSWERS, QUESTIONS, query_vectors, tiny_sequence_model, train_one_step
+
+ray = pytest.importorskip("ray")
+
+from ragkit.distributed import (  # noqa: E402
+    RayIndexService,
+    RayRetriever,
+    RetrievalTimeoutError,
+    RetrievalUnavailableError,
+    make_distributed_retriever,
+)
+from ragkit.distributed.sharding import ShardSpec, shard_bounds  # noqa: E402
+
+# Half a CPU per actor: four actors fit on the 2-CPU instance.
+ACTOR_OPTIONS = {"num_cpus": 0.5}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_instance():
+    """One small local Ray instance for the module; retrievers attach to it instead of starting their own."""
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024**2, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _assert_same_retrieval(retriever, reference, question_ids, queries, n_docs):
+    """retrieve() and __call__() of ``retriever`` equal the single-process ``reference``'s."""
+    embeds, ids, docs = retriever.retrieve(queries, n_docs)
+    ref_embeds, ref_ids, ref_docs = reference.retrieve(queries, n_docs)
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_array_equal(embeds, ref_embeds)
+    assert docs == ref_docs
+    out = retriever(question_ids, queries, n_docs=n_docs, return_tensors="np")
+    ref = reference(question_ids, queries, n_docs=n_docs, return_tensors="np")
+    np.testing.assert_array_equal(out["context_input_ids"], ref["context_input_ids"])
+    np.testing.assert_array_equal(out["context_attention_mask"], ref["context_attention_mask"])
+
+
+@pytest.mark.parametrize("layout", ["replicated", "sharded"])
+def test_ray_retriever_matches_single_process_and_trains(
+    layout, single_process_retriever, disk_config, question_encoder_tokenizer, generator_tokenizer
+):
+    """Replicated (from the in-memory index) and sharded (from passages on disk, via the finetune factory)."""
+    if layout == "replicated":
+        retriever = RayRetriever.from_retriever(
+            single_process_retriever, num_actors=2, layout="replicated", actor_options=ACTOR_OPTIONS
+        )
+    else:
+        from ragkit.retrieval_rag import RagRetriever
+
+        base = RagRetriever(
+            disk_config, question_encoder_tokenizer, generator_tokenizer, init_retrieval=False
+        )
+        retriever = make_distributed_retriever(base, "ray", index_shards=3, actor_options=ACTOR_OPTIONS)
+        assert not base.index.is_initialized()  # the training process never loaded the faiss index
+    try:
+        assert isinstance(retriever, RayRetriever) and retriever.layout == layout
+        question_ids = question_encoder_tokenizer(QUESTIONS, padding=True, return_tensors="np")["input_ids"]
+        for n_docs in (3, 5):
+            _assert_same_retrieval(
+                retriever,
+                single_process_retriever,
+                question_ids,
+                query_vectors(len(QUESTIONS), n_docs),
+                n_docs,
+            )
+        with pytest.raises(ValueError, match="larger than the number of passages"):
+            retriever.retrieve(query_vectors(1, 0), 17)
+
+        model = tiny_sequence_model(retriever.config, retriever)
+        step = train_one_step(model, question_encoder_tokenizer, generator_tokenizer, QUESTIONS, ANSWERS)
+        assert np.isfinite(step["loss"]) and step["encoder_moved"] > 0
+    finally:
+        retriever.close()
+
+
+def _shard_specs(dataset, layout):
+    if layout == "replicated":
+        return [ShardSpec(dataset)] * 2
+    return [ShardSpec(dataset, start, stop) for start, stop in shard_bounds(len(dataset), 2)]
+
+
+@pytest.mark.parametrize("layout", ["replicated", "sharded"])
+def test_actor_killed_mid_call_every_query_answered_once(layout, indexed_dataset, single_process_retriever):
+    """An actor dies during a call: Ray restarts it, the call is sent once more, nothing is lost or doubled."""
+    service = RayIndexService(
+        _shard_specs(indexed_dataset, layout), layout=layout, actor_options=ACTOR_OPTIONS, search_delay_s=0.3
+    ).start()
+    try:
+        victim = 0 if layout == "replicated" else 1  # replicated: the first call goes to actor 0
+        pid_before = service.actor_info()[victim]["pid"]
+        queries = [query_vectors(2, seed) for seed in range(4)]
+        answers = []
+        worker = threading.Thread(target=lambda: answers.extend(service.search(q, 3) for q in queries))
+        worker.start()
+        time.sleep(0.1)  # inside the first call's 0.3 s search
+        ray.kill(service.actors[victim], no_restart=False)
+        worker.join(timeout=60)
+        assert not worker.is_alive()
+
+        assert len(answers) == len(queries)
+        for q, answer in zip(queries, answers):
+            np.testing.assert_array_equal(answer.doc_ids, single_process_retriever.retrieve(q, 3)[1])
+        infos = service.actor_info()
+        assert infos[victim]["pid"] != pid_before  # really killed and restarted
+        # Calls completed by the actors alive now: exactly one per query (per shard when sharded).
+        # Replicated calls may land on either replica (one that is still restarting is skipped).
+        served = [info["calls"] for info in infos]
+        if layout == "sharded":
+            assert served == [4, 4]
+        else:
+            assert sum(served) == 4
+    finally:
+        service.close()
+
+
+def test_dead_or_silent_actors_raise_clear_errors(indexed_dataset):
+    """No hang: a call that gets no answer times out, and an actor out of restarts is reported."""
+    service = RayIndexService(
+        [ShardSpec(indexed_dataset)],
+        actor_options=ACTOR_OPTIONS,
+        max_restarts=0,
+        call_timeout_s=0.5,
+        search_delay_s=3.0,
+    ).start()
+    try:
+        started = time.monotonic()
+        with pytest.raises(RetrievalTimeoutError, match="did not answer within"):
+            service.search(query_vectors(1, 0), 3)
+        assert time.monotonic() - started < 2.5
+        ray.kill(service.actors[0], no_restart=True)
+        with pytest.raises(RetrievalUnavailableError, match="out of restarts"):
+            service.search(query_vectors(1, 0), 3)
+    finally:
+        service.close()
