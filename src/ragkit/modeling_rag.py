@@ -11,6 +11,7 @@ belong to question ``i``).
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import os
@@ -34,6 +35,15 @@ from transformers.generation import GenerationMode, LogitsProcessorList, Stoppin
 from transformers.generation.utils import GENERATION_MODES_MAPPING
 from transformers.modeling_outputs import ModelOutput
 
+from ._accelerators import (
+    check_bitsandbytes,
+    default_dtype_for_quantization,
+    is_bitsandbytes_config,
+    module_device,
+    quantization_config_for_rag,
+    resolve_attn_implementation,
+    to_device,
+)
 from ._io import atomic_directory
 from .configuration_rag import RagConfig
 from .pooling import pool_hidden_states
@@ -143,6 +153,69 @@ def _architecture_mismatch_warning(cls: type, config: PretrainedConfig) -> None:
                 name,
             )
             return
+
+
+#: ``from_pretrained`` arguments that locate ``config.json``; the rest are model or config options.
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
+
+
+def _config_for_checks(
+    pretrained_model_name_or_path: str | os.PathLike | None, kwargs: dict[str, Any]
+) -> RagConfig:
+    """The RAG config ``from_pretrained`` will load, read ahead to decide per-part options (not modified)."""
+    config = kwargs.get("config")
+    if isinstance(config, PretrainedConfig):
+        return _as_rag_config(config)
+    source = config if config is not None else pretrained_model_name_or_path
+    if source is None:
+        raise ValueError("Pass a checkpoint (Hub id or directory) or `config=` to from_pretrained.")
+    hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
+    return RagConfig.from_pretrained(source, **hub_kwargs)
+
+
+def _prepare_accelerator_kwargs(
+    cls: type, pretrained_model_name_or_path: str | os.PathLike | None, kwargs: dict[str, Any]
+) -> dict[str, Any]:
+    """Check and adapt the CUDA-path options of ``from_pretrained`` before transformers sees them.
+
+    - bitsandbytes without the package or a device: a clear error naming ``ragkit[cuda]`` (also for a
+      checkpoint saved quantized);
+    - ``attn_implementation``: decided per part, unsupported choices fall back (see
+      :func:`ragkit._accelerators.resolve_attn_implementation`); flash-attention checked before loading;
+    - ``quantize_question_encoder`` (ragkit's, default False): the question encoder is added to bitsandbytes'
+      skip list unless True;
+    - 4-bit without ``dtype``: the unquantized modules take ``bnb_4bit_compute_dtype`` (bf16/fp16) rather
+      than transformers' float32.
+    """
+    quantize_question_encoder = kwargs.pop("quantize_question_encoder", False)
+    attn_implementation = kwargs.get("attn_implementation")
+    quantization_config = kwargs.get("quantization_config")
+    check_bitsandbytes(quantization_config)
+    config = _config_for_checks(pretrained_model_name_or_path, kwargs)
+    saved_quantization = getattr(config, "quantization_config", None)
+    if quantization_config is None and saved_quantization is not None:
+        check_bitsandbytes(saved_quantization)
+    if quantize_question_encoder and not is_bitsandbytes_config(quantization_config):
+        raise ValueError(
+            "`quantize_question_encoder=True` applies to bitsandbytes quantization; pass "
+            "quantization_config=BitsAndBytesConfig(load_in_4bit=True) (or load_in_8bit=True) with it."
+        )
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = resolve_attn_implementation(attn_implementation, config, cls)
+    if is_bitsandbytes_config(quantization_config):
+        dtype = default_dtype_for_quantization(quantization_config)
+        if dtype is not None and "dtype" not in kwargs and "torch_dtype" not in kwargs:
+            logger.info("4-bit load without `dtype`: unquantized modules use the compute dtype %s.", dtype)
+            kwargs["dtype"] = dtype
+        kwargs["quantization_config"] = quantization_config_for_rag(
+            quantization_config, cls, copy.deepcopy(config), bool(quantize_question_encoder)
+        )
+    return kwargs
+
+
+def _part_devices(model: RagModel) -> tuple[torch.device, torch.device]:
+    """Devices where the question encoder and the generator take their inputs (see docs/gpu.md, 'devices')."""
+    return module_device(model.question_encoder), module_device(model.generator)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -302,11 +375,21 @@ class RagPreTrainedModel(PreTrainedModel):
         Same arguments as ``transformers.PreTrainedModel.from_pretrained`` (``dtype``, ``device_map``,
         ``quantization_config``, ``attn_implementation``, ...), plus ``retriever=`` which is handed to
         the model. Loading a RAG-Token checkpoint into :class:`RagSequenceForGeneration` (or the reverse)
-        logs a warning.
+        logs a warning. CUDA paths (docs/gpu.md):
+
+        - ``attn_implementation``: a name is asked of both parts, and a part that lacks it (DPR has no
+          flash-attention) uses ``"sdpa"`` with a logged warning; a per-part dict
+          (``{"question_encoder": ..., "generator": ..., "": default}``) is followed exactly or fails.
+        - ``quantization_config``: bitsandbytes 4/8-bit quantizes the generator only, unless
+          ``quantize_question_encoder=True`` (a ragkit argument). Without ``dtype``, a 4-bit load keeps the
+          unquantized modules in ``bnb_4bit_compute_dtype`` when that is bf16/fp16.
+        - flash-attention or bitsandbytes without CUDA or without their package raise
+          :class:`~ragkit._accelerators.AcceleratorUnavailableError` naming ``pip install 'ragkit[cuda]'``.
 
         Returns:
             The model (or ``(model, loading_info)`` with ``output_loading_info=True``).
         """
+        kwargs = _prepare_accelerator_kwargs(cls, pretrained_model_name_or_path, dict(kwargs))
         result = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         model = result[0] if isinstance(result, tuple) else result
         _architecture_mismatch_warning(cls, model.config)
@@ -464,6 +547,9 @@ class RagModel(RagPreTrainedModel):
         output_hidden_states: bool | None = None,
     ) -> tuple[torch.Tensor, ModelOutput]:
         """Question vectors `(batch_size, dim)` per ``config.question_encoder_pooling``, and the raw outputs."""
+        device = module_device(self.question_encoder)
+        input_ids = to_device(input_ids, device, "input_ids")
+        attention_mask = to_device(attention_mask, device, "attention_mask")
         outputs = self.question_encoder(
             input_ids,
             attention_mask=attention_mask,
@@ -489,10 +575,13 @@ class RagModel(RagPreTrainedModel):
 
         Returns:
             dict with ``context_input_ids``/``context_attention_mask`` `(batch_size * n_docs, length)` on the
-            device of ``input_ids``, ``retrieved_doc_embeds`` `(batch_size, n_docs, dim)`, ``doc_ids``
-            `(batch_size, n_docs)` and ``doc_scores`` `(batch_size, n_docs)` float32, differentiable with
-            respect to the question encoder (and the context encoder when one is being trained).
+            generator's device, ``retrieved_doc_embeds`` `(batch_size, n_docs, dim)`, ``doc_ids``
+            `(batch_size, n_docs)` and ``doc_scores`` `(batch_size, n_docs)` float32 on the question
+            encoder's device, differentiable with respect to the question encoder (and the context encoder
+            when one is being trained).
         """
+        generator_device = module_device(self.generator)
+        # faiss searches float32 vectors in host memory, whatever the model's dtype and device.
         retrieved = self.retriever(
             input_ids,
             question_vectors.detach().to(device="cpu", dtype=torch.float32).numpy(),
@@ -500,25 +589,27 @@ class RagModel(RagPreTrainedModel):
             n_docs=n_docs,
             return_tensors="pt",
         )
-        context_input_ids = retrieved["context_input_ids"].to(input_ids.device)
-        context_attention_mask = retrieved["context_attention_mask"].to(input_ids.device)
+        context_input_ids = retrieved["context_input_ids"].to(generator_device)
+        context_attention_mask = retrieved["context_attention_mask"].to(generator_device)
         if self.context_encoder_training:
             if "tokenized_doc_ids" not in retrieved:
                 raise ValueError(
                     "Training the context encoder needs the retrieved documents tokenized for it: call "
                     "`retriever.set_ctx_encoder_tokenizer(ctx_encoder_tokenizer)` before training."
                 )
+            ctx_device = module_device(self.ctx_encoder)
             doc_outputs = self.ctx_encoder(
-                retrieved["tokenized_doc_ids"].to(input_ids.device),
-                attention_mask=retrieved["tokenized_doc_attention_mask"].to(input_ids.device),
+                retrieved["tokenized_doc_ids"].to(ctx_device),
+                attention_mask=retrieved["tokenized_doc_attention_mask"].to(ctx_device),
                 return_dict=True,
             )
             doc_embeds = pool_hidden_states(
                 doc_outputs,
-                retrieved["tokenized_doc_attention_mask"].to(input_ids.device),
+                retrieved["tokenized_doc_attention_mask"].to(ctx_device),
                 pooling=self.config.question_encoder_pooling,
                 normalize=self.config.question_encoder_normalize,
             ).view(-1, n_docs, question_vectors.shape[-1])
+            doc_embeds = doc_embeds.to(question_vectors.device)
         else:
             doc_embeds = retrieved["retrieved_doc_embeds"].to(question_vectors.device)
         # Scores in float32 whatever the model's dtype: they feed a softmax over documents (issue 5).
@@ -657,6 +748,13 @@ class RagModel(RagPreTrainedModel):
                     "or set one with `model.set_retriever(retriever)`."
                 )
         self._check_contexts(doc_scores, context_input_ids, encoder_outputs, n_docs)
+        # Every tensor goes to the device of the part that reads it (docs/gpu.md, "devices").
+        generator_device = module_device(self.generator)
+        context_input_ids = to_device(context_input_ids, generator_device, "context_input_ids")
+        context_attention_mask = to_device(context_attention_mask, generator_device, "context_attention_mask")
+        decoder_input_ids = to_device(decoder_input_ids, generator_device, "decoder_input_ids")
+        decoder_attention_mask = to_device(decoder_attention_mask, generator_device, "decoder_attention_mask")
+        doc_scores = to_device(doc_scores, generator_device, "doc_scores")
         batch_size = doc_scores.shape[0]
         if decoder_input_ids is not None:
             if decoder_input_ids.shape[0] != batch_size:
@@ -926,6 +1024,8 @@ class RagSequenceForGeneration(_RagHeadMixin, RagPreTrainedModel):
         """
         n_docs = n_docs if n_docs is not None else self.config.n_docs
         pad_token_id = self.config.generator.pad_token_id
+        target = to_device(target, seq_logits.device, "labels")
+        doc_scores = to_device(doc_scores, seq_logits.device, "doc_scores")
         # Score position t against token t + 1 (the decoder is fed the target itself).
         target = torch.cat([target[:, 1:], target.new_full((target.shape[0], 1), pad_token_id)], 1)
         # bos_token_id is None for T5
@@ -1001,6 +1101,12 @@ class RagSequenceForGeneration(_RagHeadMixin, RagPreTrainedModel):
         """
         from .generation import rag_sequence_generate
 
+        question_device, generator_device = _part_devices(self.rag)
+        input_ids = to_device(input_ids, question_device, "input_ids")
+        attention_mask = to_device(attention_mask, question_device, "attention_mask")
+        context_input_ids = to_device(context_input_ids, generator_device, "context_input_ids")
+        context_attention_mask = to_device(context_attention_mask, generator_device, "context_attention_mask")
+        doc_scores = to_device(doc_scores, generator_device, "doc_scores")
         return rag_sequence_generate(
             self,
             input_ids=input_ids,
@@ -1074,6 +1180,7 @@ class RagTokenForGeneration(_RagHeadMixin, RagPreTrainedModel, GenerationMixin):
         seq_logprobs = nn.functional.log_softmax(seq_logits.float(), dim=-1).view(
             seq_logits.shape[0] // n_docs, n_docs, -1, seq_logits.shape[-1]
         )
+        doc_scores = to_device(doc_scores, seq_logits.device, "doc_scores")
         doc_logprobs = torch.log_softmax(doc_scores.float(), dim=1)[:, :, None, None]
         if seq_logprobs.requires_grad:
             seq_logprobs = seq_logprobs + doc_logprobs
@@ -1198,6 +1305,7 @@ class RagTokenForGeneration(_RagHeadMixin, RagPreTrainedModel, GenerationMixin):
         """
         n_docs = n_docs if n_docs is not None else self.config.n_docs
         pad_token_id = self.config.generator.pad_token_id
+        target = to_device(target, seq_logits.device, "labels")
         target = torch.cat([target[:, 1:], target.new_full((target.shape[0], 1), pad_token_id)], 1)
         rag_logprobs = self.marginalize(seq_logits, doc_scores, n_docs)  # (batch_size, length, vocab)
         ll = rag_logprobs.gather(dim=-1, index=target.unsqueeze(-1)).squeeze(-1)
@@ -1331,6 +1439,10 @@ class RagTokenForGeneration(_RagHeadMixin, RagPreTrainedModel, GenerationMixin):
         elif context_attention_mask is None:
             raise ValueError("`context_attention_mask` must be passed with `context_input_ids`.")
         self.rag._check_contexts(doc_scores, context_input_ids, None, n_docs)
+        generator_device = module_device(self.rag.generator)
+        context_input_ids = to_device(context_input_ids, generator_device, "context_input_ids")
+        context_attention_mask = to_device(context_attention_mask, generator_device, "context_attention_mask")
+        doc_scores = to_device(doc_scores, generator_device, "doc_scores")
 
         batch_size = context_input_ids.shape[0] // n_docs
         encoder_outputs = self.rag.generator.get_encoder()(
