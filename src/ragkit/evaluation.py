@@ -1,0 +1,512 @@
+"""Evaluate RAG models: end-to-end answers (EM, F1) and retrieval (precision@k by title).
+
+The metrics follow the research project's ``eval_rag.py`` (SQuAD-style answer normalisation:
+lower-case, no punctuation, no articles ``a``/``an``/``the``, single spaces) and its file formats:
+
+* questions: one per line (``--evaluation_set``);
+* gold answers, ``--gold_data_mode qa``: ``question<TAB>answers`` per line, answers a Python-style
+  list (``['Paris', 'paris, france']``) or a single string; ``--gold_data_mode ans``: one line per
+  question, alternatives separated by tabs;
+* gold titles for ``--eval_mode retrieval``: titles separated by tabs, one line per question;
+* predictions: one line per question, written to ``--predictions_path``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import collections
+import json
+import logging
+import os
+import re
+import string
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "EvalResult",
+    "configure_parser",
+    "evaluate_answers",
+    "evaluate_retrieval",
+    "exact_match_score",
+    "f1_score",
+    "generate_answers",
+    "load_gold_answers",
+    "load_gold_titles",
+    "load_questions",
+    "metric_max_over_ground_truths",
+    "normalize_answer",
+    "precision_at_k",
+    "question_vectors",
+    "retrieve_titles",
+    "run",
+]
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = set(string.punctuation)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD normalisation: lower-case, strip punctuation and the articles a/an/the, collapse spaces.
+
+    Args:
+        text: An answer string.
+
+    Returns:
+        The normalised string.
+    """
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in _PUNCTUATION)
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def exact_match_score(prediction: str, ground_truth: str) -> float:
+    """1.0 if the normalised prediction equals the normalised ground truth, else 0.0.
+
+    Args:
+        prediction: Generated answer.
+        ground_truth: One gold answer.
+
+    Returns:
+        1.0 or 0.0.
+    """
+    return float(normalize_answer(prediction) == normalize_answer(ground_truth))
+
+
+def f1_score(prediction: str, ground_truth: str) -> float:
+    """Token-level F1 between the normalised prediction and ground truth (bag of words).
+
+    Args:
+        prediction: Generated answer.
+        ground_truth: One gold answer.
+
+    Returns:
+        F1 in [0, 1]; two empty answers score 1.0, one empty answer 0.0.
+    """
+    pred_tokens = normalize_answer(prediction).split()
+    gold_tokens = normalize_answer(ground_truth).split()
+    if not pred_tokens or not gold_tokens:
+        return float(pred_tokens == gold_tokens)
+    common = collections.Counter(pred_tokens) & collections.Counter(gold_tokens)
+    overlap = sum(common.values())
+    if overlap == 0:
+        return 0.0
+    precision = overlap / len(pred_tokens)
+    recall = overlap / len(gold_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+def metric_max_over_ground_truths(
+    metric: Callable[[str, str], float], prediction: str, ground_truths: Sequence[str]
+) -> float:
+    """Best score of ``prediction`` against any of the acceptable answers.
+
+    Args:
+        metric: :func:`exact_match_score` or :func:`f1_score`.
+        prediction: Generated answer.
+        ground_truths: Acceptable answers (at least one).
+
+    Returns:
+        The maximum score.
+    """
+    if isinstance(ground_truths, str):
+        ground_truths = [ground_truths]
+    if not ground_truths:
+        raise ValueError("metric_max_over_ground_truths: `ground_truths` is empty; give at least one answer.")
+    return max(metric(prediction, gt) for gt in ground_truths)
+
+
+def precision_at_k(
+    retrieved_titles: Sequence[str], gold_titles: Sequence[str], k: int | None = None
+) -> float:
+    """Share of the top-``k`` retrieved titles that are among the gold titles (as ``eval_rag.py``).
+
+    Args:
+        retrieved_titles: Titles of the retrieved passages, best first.
+        gold_titles: Titles of the passages that answer the question.
+        k: Number of retrieved titles to look at (defaults to all of them).
+
+    Returns:
+        Precision in [0, 1].
+    """
+    retrieved = list(retrieved_titles)[:k] if k is not None else list(retrieved_titles)
+    if not retrieved:
+        raise ValueError("precision_at_k: no retrieved titles; retrieve at least one passage (n_docs >= 1).")
+    gold = {_clean_title(t) for t in gold_titles}
+    return sum(_clean_title(t) in gold for t in retrieved) / len(retrieved)
+
+
+def _clean_title(title: str) -> str:
+    """Titles compare without surrounding quotes or spaces (wiki_dpr titles carry quotes)."""
+    return title.strip().strip('"').strip()
+
+
+@dataclass
+class EvalResult:
+    """Scores of one evaluation run.
+
+    Attributes:
+        metrics: Metric name -> value in [0, 1] (``em``/``f1`` or ``precision@k``), plus ``n``.
+        predictions: One prediction per question (answers, or tab-joined retrieved titles).
+    """
+
+    metrics: dict[str, float]
+    predictions: list[str] = field(default_factory=list)
+
+
+def evaluate_answers(predictions: Sequence[str], gold_answers: Sequence[Sequence[str]]) -> EvalResult:
+    """Exact match and F1 of predictions against gold answers, averaged over questions.
+
+    Args:
+        predictions: One generated answer per question.
+        gold_answers: One list of acceptable answers per question.
+
+    Returns:
+        EvalResult with ``metrics`` ``{"em", "f1", "n"}``.
+    """
+    if len(predictions) != len(gold_answers):
+        raise ValueError(
+            f"evaluate_answers: {len(predictions)} predictions for {len(gold_answers)} gold answers; "
+            "give one prediction per question."
+        )
+    n = len(predictions)
+    em = sum(
+        metric_max_over_ground_truths(exact_match_score, p, g) for p, g in zip(predictions, gold_answers)
+    )
+    f1 = sum(metric_max_over_ground_truths(f1_score, p, g) for p, g in zip(predictions, gold_answers))
+    return EvalResult({"em": em / n if n else 0.0, "f1": f1 / n if n else 0.0, "n": n}, list(predictions))
+
+
+def evaluate_retrieval(
+    retrieved_titles: Sequence[Sequence[str]], gold_titles: Sequence[Sequence[str]], k: int | None = None
+) -> EvalResult:
+    """Mean precision@k over questions.
+
+    Args:
+        retrieved_titles: Per question, the retrieved titles, best first.
+        gold_titles: Per question, the titles that count as relevant.
+        k: Cut-off (defaults to the number retrieved).
+
+    Returns:
+        EvalResult with ``metrics`` ``{"precision@k", "n"}``; predictions are tab-joined titles.
+    """
+    if len(retrieved_titles) != len(gold_titles):
+        raise ValueError(
+            f"evaluate_retrieval: {len(retrieved_titles)} retrievals for {len(gold_titles)} gold title lines; "
+            "give one line of gold titles per question."
+        )
+    n = len(retrieved_titles)
+    total = sum(precision_at_k(r, g, k) for r, g in zip(retrieved_titles, gold_titles))
+    name = f"precision@{k}" if k is not None else "precision"
+    return EvalResult({name: total / n if n else 0.0, "n": n}, ["\t".join(r) for r in retrieved_titles])
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def load_questions(path: str | os.PathLike) -> list[str]:
+    """Questions, one per non-empty line of ``path``.
+
+    Args:
+        path: Text file of questions.
+
+    Returns:
+        The questions.
+    """
+    lines = _read_lines(path, "evaluation set")
+    return [line for line in lines if line.strip()]
+
+
+def load_gold_answers(path: str | os.PathLike, mode: str = "qa") -> list[list[str]]:
+    """Gold answers per question from a ``qa`` (question<TAB>answers) or ``ans`` (answers<TAB>...) file.
+
+    Args:
+        path: Gold data file.
+        mode: ``"qa"`` or ``"ans"``.
+
+    Returns:
+        One list of acceptable answers per question.
+    """
+    if mode not in ("qa", "ans"):
+        raise ValueError(f"`gold_data_mode` must be 'qa' or 'ans', got {mode!r}.")
+    answers = []
+    for number, line in enumerate(_read_lines(path, "gold data"), start=1):
+        if not line.strip():
+            continue
+        if mode == "ans":
+            answers.append([a for a in line.split("\t") if a.strip()])
+            continue
+        if "\t" not in line:
+            raise ValueError(
+                f"{path}, line {number}: expected 'question<TAB>answers' (gold_data_mode 'qa'); "
+                "use --gold_data_mode ans for one line of tab-separated answers per question."
+            )
+        raw = line.split("\t", 1)[1].strip()
+        answers.append(_parse_answer_list(raw))
+    return answers
+
+
+def load_gold_titles(path: str | os.PathLike) -> list[list[str]]:
+    """Gold titles per question: one line per question, titles separated by tabs.
+
+    Args:
+        path: Gold titles file.
+
+    Returns:
+        One list of titles per question.
+    """
+    return [
+        [t for t in line.split("\t") if t.strip()] for line in _read_lines(path, "gold data") if line.strip()
+    ]
+
+
+def _parse_answer_list(raw: str) -> list[str]:
+    """A Python/JSON list literal of answers, or a single answer string."""
+    if raw.startswith("["):
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = None
+        if isinstance(value, list) and value:
+            return [str(v) for v in value]
+    return [raw]
+
+
+def _read_lines(path: str | os.PathLike, what: str) -> list[str]:
+    """Lines of a UTF-8 text file without their newlines; a clear error if it is missing."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"The {what} file {path} does not exist; check the path.")
+    with open(path, encoding="utf-8") as f:
+        return [line.rstrip("\n").rstrip("\r") for line in f]
+
+
+# ----------------------------------------------------------------------------- model-driven evaluation
+
+
+def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
+    """Consecutive slices of ``items`` of at most ``size`` elements."""
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def generate_answers(
+    model: Any,
+    tokenizer: Any,
+    questions: Sequence[str],
+    batch_size: int = 16,
+    n_docs: int | None = None,
+    num_beams: int = 1,
+    max_length: int = 32,
+    max_source_length: int = 128,
+    show_progress: bool = True,
+    **generate_kwargs: Any,
+) -> list[str]:
+    """Answer ``questions`` with a RAG model (retrieval included) and decode the answers.
+
+    Args:
+        model: A :class:`~ragkit.RagSequenceForGeneration` or :class:`~ragkit.RagTokenForGeneration` with a
+            retriever.
+        tokenizer: The matching :class:`~ragkit.RagTokenizer`.
+        questions: Questions to answer.
+        batch_size: Questions per generation batch.
+        n_docs: Passages retrieved per question (defaults to the model's config).
+        num_beams: Beam size.
+        max_length: Max generated tokens.
+        max_source_length: Questions are truncated to this many tokens.
+        show_progress: Show a progress bar.
+        **generate_kwargs: Passed on to ``model.generate``.
+
+    Returns:
+        One answer per question.
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    answers: list[str] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in tqdm(
+            _batches(list(questions), batch_size), desc="generating", disable=not show_progress
+        ):
+            inputs = tokenizer.question_encoder(
+                list(batch), max_length=max_source_length, truncation=True, padding=True, return_tensors="pt"
+            ).to(device)
+            with torch.no_grad():
+                output_ids = model.generate(
+                    input_ids=inputs["input_ids"],
+                    attention_mask=inputs["attention_mask"],
+                    n_docs=n_docs,
+                    num_beams=num_beams,
+                    max_length=max_length,
+                    **generate_kwargs,
+                )
+            answers.extend(
+                a.strip() for a in tokenizer.generator.batch_decode(output_ids, skip_special_tokens=True)
+            )
+    finally:
+        model.train(was_training)
+    return answers
+
+
+def retrieve_titles(
+    model: Any,
+    tokenizer: Any,
+    questions: Sequence[str],
+    batch_size: int = 16,
+    n_docs: int | None = None,
+    max_source_length: int = 128,
+    show_progress: bool = True,
+) -> list[list[str]]:
+    """Titles of the passages the model's retriever returns for each question, best first.
+
+    Args:
+        model: A RAG model with a retriever (its question encoder embeds the questions).
+        tokenizer: The matching :class:`~ragkit.RagTokenizer`.
+        questions: Questions.
+        batch_size: Questions per batch.
+        n_docs: Passages per question (defaults to the model's config).
+        max_source_length: Questions are truncated to this many tokens.
+        show_progress: Show a progress bar.
+
+    Returns:
+        Per question, the retrieved titles.
+    """
+    import torch
+
+    retriever = getattr(model, "retriever", None)
+    if retriever is None:
+        raise ValueError("retrieve_titles: the model has no retriever; pass one (RagRetriever) to the model.")
+    n_docs = n_docs or model.config.n_docs
+    device = next(model.parameters()).device
+    titles: list[list[str]] = []
+    for batch in tqdm(_batches(list(questions), batch_size), desc="retrieving", disable=not show_progress):
+        inputs = tokenizer.question_encoder(
+            list(batch), max_length=max_source_length, truncation=True, padding=True, return_tensors="pt"
+        ).to(device)
+        with torch.no_grad():
+            vectors = question_vectors(model, inputs["input_ids"], inputs["attention_mask"])
+        _, _, docs = retriever.retrieve(vectors.float().cpu().numpy(), n_docs)
+        titles.extend([str(t) for t in doc["title"]] for doc in docs)
+    return titles
+
+
+def question_vectors(model: Any, input_ids: Any, attention_mask: Any) -> Any:
+    """Question vectors exactly as the model retrieves with them (pooling and normalisation per its config).
+
+    Args:
+        model: A RAG model (or its ``RagModel``).
+        input_ids: `(batch_size, length)` question token ids.
+        attention_mask: `(batch_size, length)`.
+
+    Returns:
+        `(batch_size, dim)` tensor.
+    """
+    from .pooling import pool_hidden_states
+
+    rag = getattr(model, "rag", model)
+    outputs = rag.question_encoder(input_ids, attention_mask=attention_mask, return_dict=True)
+    config = model.config
+    return pool_hidden_states(
+        outputs,
+        attention_mask,
+        pooling=getattr(config, "question_encoder_pooling", "pooler"),
+        normalize=getattr(config, "question_encoder_normalize", False),
+    )
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Add ``ragkit eval``'s arguments (the names of the research project's ``eval_rag.py``)."""
+    parser.add_argument("--model_name_or_path", required=True, help="RAG checkpoint (directory or Hub id)")
+    parser.add_argument(
+        "--model_type",
+        choices=["rag_sequence", "rag_token", "auto"],
+        default="auto",
+        help="head to load; 'auto' reads it from the checkpoint's architectures",
+    )
+    parser.add_argument("--evaluation_set", required=True, help="questions, one per line")
+    parser.add_argument(
+        "--gold_data_path", required=True, help="gold answers (e2e) or gold titles (retrieval)"
+    )
+    parser.add_argument("--gold_data_mode", choices=["qa", "ans"], default="qa")
+    parser.add_argument("--predictions_path", default="predictions.txt", help="where predictions are written")
+    parser.add_argument("--eval_mode", choices=["e2e", "retrieval"], default="e2e")
+    parser.add_argument("--n_docs", type=int, default=5, help="passages retrieved per question")
+    parser.add_argument("--num_beams", type=int, default=4)
+    parser.add_argument("--min_length", type=int, default=1)
+    parser.add_argument("--max_length", type=int, default=50)
+    parser.add_argument("--eval_batch_size", type=int, default=8)
+    parser.add_argument("--k", type=int, default=None, help="precision@k cut-off (defaults to --n_docs)")
+    parser.add_argument(
+        "--index_name", default=None, help="override the checkpoint's index: custom|exact|..."
+    )
+    parser.add_argument("--index_path", default=None)
+    parser.add_argument("--passages_path", default=None)
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (defaults to cuda when available)")
+    parser.add_argument("--metrics_path", default=None, help="also write the metrics as JSON here")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``ragkit eval``: load the model, answer or retrieve, print the metrics, write the predictions."""
+    from .finetuning import load_rag_for_training
+
+    questions = load_questions(args.evaluation_set)
+    if args.eval_mode == "e2e":
+        gold: list[list[str]] = load_gold_answers(args.gold_data_path, args.gold_data_mode)
+    else:
+        gold = load_gold_titles(args.gold_data_path)
+    if len(gold) != len(questions):
+        raise ValueError(
+            f"{args.evaluation_set} has {len(questions)} questions but {args.gold_data_path} has {len(gold)} "
+            "gold lines; give exactly one gold line per question."
+        )
+    model, tokenizer = load_rag_for_training(
+        args.model_name_or_path,
+        model_type=None if args.model_type == "auto" else args.model_type,
+        index_name=args.index_name,
+        index_path=args.index_path,
+        passages_path=args.passages_path,
+        n_docs=args.n_docs,
+        device=args.device,
+    )
+    if args.eval_mode == "e2e":
+        predictions = generate_answers(
+            model,
+            tokenizer,
+            questions,
+            batch_size=args.eval_batch_size,
+            n_docs=args.n_docs,
+            num_beams=args.num_beams,
+            max_length=args.max_length,
+            min_length=args.min_length,
+        )
+        result = evaluate_answers(predictions, gold)
+    else:
+        retrieved = retrieve_titles(
+            model, tokenizer, questions, batch_size=args.eval_batch_size, n_docs=args.n_docs
+        )
+        result = evaluate_retrieval(retrieved, gold, k=args.k or args.n_docs)
+    with open(args.predictions_path, "w", encoding="utf-8") as f:
+        for prediction in result.predictions:
+            f.write(prediction.replace("\n", " ") + "\n")
+    if args.metrics_path:
+        with open(args.metrics_path, "w", encoding="utf-8") as f:
+            json.dump(result.metrics, f, indent=2)
+    for name, value in result.metrics.items():
+        print(f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}")
+    print(f"predictions written to {args.predictions_path}")
+    return 0

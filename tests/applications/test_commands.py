@@ -1,0 +1,324 @@
+"""`ragkit consolidate` -> `ragkit finetune` (interrupted, resumed) -> `ragkit eval`, and the bad inputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ragkit.cli import main
+from ragkit.finetuning import QAExample, RagTrainer, TrainingArguments, load_qa_split, load_rag_for_training
+from ragkit.testing import TINY_PASSAGES, tiny_bart_config, tiny_dpr_config
+
+
+@pytest.fixture(scope="module")
+def components(tmp_path_factory, question_encoder_tokenizer, generator_tokenizer):
+    """A tiny DPR question encoder, a tiny BART generator and a custom index, each saved in its own directory."""
+    from transformers import BartForConditionalGeneration, DPRQuestionEncoder
+
+    from ragkit.encoders import load_text_encoder
+    from ragkit.retrieval.building import build_index
+
+    root = tmp_path_factory.mktemp("components")
+    torch.manual_seed(0)
+    DPRQuestionEncoder(tiny_dpr_config(hidden_size=32)).save_pretrained(root / "qe")
+    question_encoder_tokenizer.save_pretrained(root / "qe")
+    BartForConditionalGeneration(tiny_bart_config(init_std=0.1)).save_pretrained(root / "gen")
+    generator_tokenizer.save_pretrained(root / "gen")
+    encoder = load_text_encoder(str(root / "qe"), device="cpu")
+    built = build_index(
+        [{"title": t, "text": x} for t, x in TINY_PASSAGES],
+        root / "index",
+        encoder=encoder,
+        index_factory="Flat",
+        words_per_passage=None,
+        show_progress=False,
+    )
+    return root, built
+
+
+@pytest.fixture
+def data_dir(tmp_path, capitals):
+    """train.{source,target} line files and val.jsonl over the capital questions."""
+    CAPITALS, TRAIN_TEMPLATES, HELD_OUT_TEMPLATE = capitals
+    directory = tmp_path / "data"
+    directory.mkdir()
+    pairs = [(t.format(c), city) for t in TRAIN_TEMPLATES for c, city in CAPITALS.items()]
+    (directory / "train.source").write_text("".join(q + "\n" for q, _ in pairs))
+    (directory / "train.target").write_text("".join(a + "\n" for _, a in pairs))
+    with open(directory / "val.jsonl", "w") as f:
+        for country, city in CAPITALS.items():
+            f.write(json.dumps({"question": HELD_OUT_TEMPLATE.format(country), "answers": [city]}) + "\n")
+    return directory
+
+
+def test_consolidate_finetune_resume_eval(tmp_path, components, data_dir, capitals, capsys):
+    CAPITALS, _, HELD_OUT_TEMPLATE = capitals
+    root, built = components
+    checkpoint = tmp_path / "rag"
+    assert (
+        main(
+            [
+                "consolidate",
+                "--model_type", "rag_token",
+                "--question_encoder_name_or_path", str(root / "qe"),
+                "--generator_name_or_path", str(root / "gen"),
+                "--dest", str(checkpoint),
+                "--index_name", "custom",
+                "--passages_path", str(built.passages_path),
+                "--index_path", str(built.index_path),
+                "--n_docs", "2",
+            ]
+        )
+        == 0
+    )  # fmt: skip
+    config = json.loads((checkpoint / "config.json").read_text())
+    assert config["model_type"] == "rag" and config["retrieval_vector_size"] == 32
+    assert (checkpoint / "question_encoder_tokenizer").is_dir() and (
+        checkpoint / "generator_tokenizer"
+    ).is_dir()
+
+    output = tmp_path / "out"
+    finetune = [
+        "finetune",
+        "--model_name_or_path", str(checkpoint),
+        "--data_dir", str(data_dir),
+        "--output_dir", str(output),
+        "--num_train_epochs", "2",
+        "--train_batch_size", "4",
+        "--learning_rate", "1e-2",
+        "--max_combined_length", "96",
+        "--label_smoothing", "0.1",
+        "--no_progress",
+    ]  # fmt: skip
+    assert main([*finetune, "--max_steps", "4"]) == 0  # stops mid-epoch 2, as an interrupted run
+    assert "stopped at step 4" in capsys.readouterr().out
+    assert not (output / "final").exists()
+    assert main([*finetune, "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert "fine-tuned model written to" in printed
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["global_step"] == 6 and len(metrics["train_loss"]) == 6
+    assert len(metrics["val_em"]) == 2  # one validation EM per epoch (the first from before the interruption)
+
+    questions = tmp_path / "questions.txt"
+    gold = tmp_path / "gold.ans"
+    questions.write_text("".join(HELD_OUT_TEMPLATE.format(c) + "\n" for c in CAPITALS))
+    gold.write_text("".join(city + "\n" for city in CAPITALS.values()))
+    predictions = tmp_path / "predictions.txt"
+    metrics_path = tmp_path / "eval.json"
+    assert (
+        main(
+            [
+                "eval",
+                "--model_name_or_path", str(output / "final"),
+                "--evaluation_set", str(questions),
+                "--gold_data_path", str(gold),
+                "--gold_data_mode", "ans",
+                "--predictions_path", str(predictions),
+                "--metrics_path", str(metrics_path),
+                "--n_docs", "2",
+                "--num_beams", "2",
+                "--max_length", "8",
+            ]
+        )
+        == 0
+    )  # fmt: skip
+    assert len(predictions.read_text().splitlines()) == len(CAPITALS)
+    scores = json.loads(metrics_path.read_text())
+    assert 0.0 <= scores["em"] <= scores["f1"] <= 1.0 and scores["n"] == len(CAPITALS)
+
+    titles = tmp_path / "titles.txt"
+    titles.write_text("".join("Paris\n" for _ in CAPITALS))
+    assert (
+        main(
+            [
+                "eval",
+                "--eval_mode", "retrieval",
+                "--model_name_or_path", str(output / "final"),
+                "--evaluation_set", str(questions),
+                "--gold_data_path", str(titles),
+                "--predictions_path", str(predictions),
+                "--metrics_path", str(metrics_path),
+                "--n_docs", "2",
+            ]
+        )
+        == 0
+    )  # fmt: skip
+    retrieved = [line.split("\t") for line in predictions.read_text().splitlines()]
+    assert len(retrieved) == len(CAPITALS) and all(len(r) == 2 for r in retrieved)
+    expected = sum(r.count("Paris") for r in retrieved) / (2 * len(CAPITALS))
+    assert json.loads(metrics_path.read_text())["precision@2"] == pytest.approx(expected)
+
+
+def test_finetune_from_encoder_and_generator_end2end(
+    tmp_path, components, data_dir, question_encoder_tokenizer
+):
+    from transformers import DPRContextEncoder
+
+    root, built = components
+    torch.manual_seed(1)
+    DPRContextEncoder(tiny_dpr_config(hidden_size=32)).save_pretrained(tmp_path / "ctx")
+    question_encoder_tokenizer.save_pretrained(tmp_path / "ctx")
+    output = tmp_path / "out"
+    args = [
+        "finetune",
+        "--question_encoder_name_or_path", str(root / "qe"),
+        "--generator_name_or_path", str(root / "gen"),
+        "--model_type", "rag_sequence",
+        "--index_name", "custom",
+        "--passages_path", str(built.passages_path),
+        "--index_path", str(built.index_path),
+        "--n_docs", "2",
+        "--data_dir", str(data_dir),
+        "--output_dir", str(output),
+        "--num_train_epochs", "1",
+        "--train_batch_size", "4",
+        "--gradient_accumulation_steps", "2",
+        "--end2end",
+        "--context_encoder_name_or_path", str(tmp_path / "ctx"),
+        "--index_rebuild_steps", "1",
+        "--no_progress",
+    ]  # fmt: skip
+    assert main(args) == 0
+    assert json.loads((output / "consolidated" / "config.json").read_text())["model_type"] == "rag"
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["global_step"] == 2  # 12 questions, batches of 4, 2 batches per step
+    trained = DPRContextEncoder.from_pretrained(output / "final" / "context_encoder")
+    initial = DPRContextEncoder.from_pretrained(tmp_path / "ctx")
+    assert any(not torch.equal(a, b) for a, b in zip(trained.parameters(), initial.parameters()))
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+
+def test_misaligned_and_missing_data_files(tmp_path):
+    (tmp_path / "train.source").write_text("q1\nq2\nq3\n")
+    (tmp_path / "train.target").write_text("a1\na2\n")
+    with pytest.raises(ValueError, match=r"train\.source has 3 lines but .*train\.target has 2"):
+        load_qa_split(tmp_path, "train")
+    (tmp_path / "train.target").unlink()
+    with pytest.raises(FileNotFoundError, match=r"not .*train\.target"):
+        load_qa_split(tmp_path, "train")
+    with pytest.raises(FileNotFoundError, match=r"val\.source \+ val\.target .* or val\.jsonl"):
+        load_qa_split(tmp_path, "val")
+    assert load_qa_split(tmp_path, "test", required=False) is None
+    (tmp_path / "val.jsonl").write_text("")
+    with pytest.raises(ValueError, match="empty"):
+        load_qa_split(tmp_path, "val")
+    (tmp_path / "val.jsonl").write_text('{"question": "q"}\n')
+    with pytest.raises(ValueError, match=r"val\.jsonl, line 1: .*'answer'"):
+        load_qa_split(tmp_path, "val")
+
+
+def test_not_a_rag_checkpoint(tmp_path, components):
+    root, _ = components
+    with pytest.raises(ValueError, match=r"gen is not a RAG checkpoint .*ragkit consolidate"):
+        load_rag_for_training(root / "gen")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"not a RAG checkpoint \(no config\.json\)"):
+        load_rag_for_training(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_rag_for_training(tmp_path / "missing")
+
+
+def test_index_built_with_another_encoder_width(
+    tmp_path, rag_config, question_encoder_tokenizer, generator_tokenizer
+):
+    import faiss
+    import numpy as np
+    from datasets import Dataset
+
+    from ragkit import RagRetriever, RagSequenceForGeneration, RagTokenizer
+    from ragkit.retrieval.custom import CustomHFIndex
+
+    # The question encoder makes 32-dim vectors; the passages were embedded by a 16-dim encoder.
+    config = type(rag_config).from_dict(rag_config.to_dict())
+    config.retrieval_vector_size = 16
+    dataset = Dataset.from_dict(
+        {
+            "title": [t for t, _ in TINY_PASSAGES],
+            "text": [x for _, x in TINY_PASSAGES],
+            "embeddings": list(np.random.RandomState(0).randn(len(TINY_PASSAGES), 16).astype("float32")),
+        }
+    )
+    dataset.add_faiss_index("embeddings", custom_index=faiss.IndexFlatIP(16))
+    retriever = RagRetriever(
+        config, question_encoder_tokenizer, generator_tokenizer, index=CustomHFIndex(16, dataset)
+    )
+    model = RagSequenceForGeneration(config=config, retriever=retriever)
+    tokenizer = RagTokenizer(question_encoder_tokenizer, generator_tokenizer)
+    args = TrainingArguments(output_dir=str(tmp_path), show_progress=False)
+    with pytest.raises(ValueError, match=r"32-dim vectors but .* holds 16-dim passages.*ragkit build-index"):
+        RagTrainer(model, tokenizer, args, [QAExample("what is the capital of france?", "Paris")])
+
+
+def test_empty_corpus_is_refused(tmp_path):
+    from ragkit.retrieval.building import build_index
+
+    empty = tmp_path / "docs.tsv"
+    empty.write_text("title\ttext\n")
+    with pytest.raises(ValueError, match=r"docs\.tsv"):
+        build_index(empty, tmp_path / "index", encoder="unused", show_progress=False)
+
+
+def _consolidated(tmp_path, components):
+    """A RAG-Sequence checkpoint over the tiny custom index, written by ``ragkit consolidate``."""
+    root, built = components
+    checkpoint = tmp_path / "rag"
+    assert (
+        main(
+            [
+                "consolidate",
+                "--model_type", "rag_sequence",
+                "--question_encoder_name_or_path", str(root / "qe"),
+                "--generator_name_or_path", str(root / "gen"),
+                "--dest", str(checkpoint),
+                "--index_name", "custom",
+                "--passages_path", str(built.passages_path),
+                "--index_path", str(built.index_path),
+                "--n_docs", "2",
+            ]
+        )
+        == 0
+    )  # fmt: skip
+    return checkpoint
+
+
+def test_finetune_with_a_ray_served_index(tmp_path, components, data_dir, capsys):
+    pytest.importorskip("ray")
+    import ray
+
+    checkpoint = _consolidated(tmp_path, components)
+    args = [
+        "finetune",
+        "--model_name_or_path", str(checkpoint),
+        "--data_dir", str(data_dir),
+        "--output_dir", str(tmp_path / "out"),
+        "--max_steps", "2",
+        "--train_batch_size", "2",
+        "--no_progress",
+        "--distributed_retriever", "ray",
+        "--num_retrieval_workers", "1",
+    ]  # fmt: skip
+    try:
+        assert main(args) == 0
+    finally:
+        ray.shutdown()
+    assert "stopped at step 2" in capsys.readouterr().out
+
+
+def test_end2end_with_a_distributed_retriever_is_refused(tmp_path, components, data_dir):
+    checkpoint = _consolidated(tmp_path, components)
+    args = [
+        "finetune",
+        "--model_name_or_path", str(checkpoint),
+        "--data_dir", str(data_dir),
+        "--output_dir", str(tmp_path / "out"),
+        "--end2end",
+        "--context_encoder_name_or_path", str(checkpoint),
+        "--distributed_retriever", "pytorch",
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="--end2end cannot be combined"):
+        main(args)
