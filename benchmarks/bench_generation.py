@@ -1,0 +1,411 @@
+"""Decoding and training-step benchmark: ragkit against Transformers' RAG on one random-weight model.
+
+One set of random weights (DPR question encoder + BART generator) is built once and shared by the
+Transformers reference models and the ragkit models, so both decode exactly the same checkpoint.
+Retrieval is left out: every variant gets the same precomputed contexts (without padding, where the
+reference's output is correct), their mask and document scores. The bare generator's beam search over
+the same `batch_size * n_docs` contexts is the floor.
+
+Timings alternate between variants (the order rotates every round) and the median is reported;
+outputs of ragkit and the reference are checked for identity. Peak memory is measured per variant
+in a fresh subprocess (CPU: growth of the resident-set high-water mark; CUDA: max allocated).
+
+    python benchmarks/bench_generation.py --size cpu            # about a minute on 2 cores
+    python benchmarks/bench_generation.py --size gpu            # rag-*-nq shapes, bf16, needs CUDA
+    python benchmarks/bench_generation.py --size cpu --memory   # adds peak memory per variant
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import transformers
+from transformers import BartConfig, BartForConditionalGeneration, DPRConfig, DPRQuestionEncoder
+
+import ragkit
+
+
+@dataclass
+class Size:
+    """Model and workload shapes."""
+
+    dpr_layers: int
+    dpr_hidden: int
+    bart_layers: int
+    bart_hidden: int
+    bart_heads: int
+    context_length: int
+    batch_size: int
+    n_docs: int
+    num_beams: int
+    new_tokens: int
+    train_batch_size: int
+    train_target_length: int
+    device: str
+    dtype: str
+    repeats: int
+
+
+SIZES = {
+    # DPR 2 layers d=256, BART d=256 3+3 layers, contexts of 128 tokens, batch 8, 5 docs, 4 beams, 16 tokens.
+    "cpu": Size(2, 256, 3, 256, 4, 128, 8, 5, 4, 16, 4, 16, "cpu", "float32", 3),
+    # rag-*-nq: DPR bert-base, BART-large, contexts of 300 tokens, batch 32, 5 docs, 4 beams, 20 tokens.
+    "gpu": Size(12, 768, 12, 1024, 16, 300, 32, 5, 4, 20, 8, 20, "cuda", "bfloat16", 5),
+}
+VOCAB_QUESTION, VOCAB_GENERATOR = 30522, 50265
+DECODING_VARIANTS = (
+    "bare_generator",
+    "reference_sequence",
+    "ragkit_sequence",
+    "ragkit_sequence_fast",
+    "reference_token",
+    "ragkit_token",
+)
+TRAINING_VARIANTS = (
+    "reference_sequence_train",
+    "ragkit_sequence_train",
+    "reference_token_train",
+    "ragkit_token_train",
+)
+
+
+def build(size: Size, seed: int = 0) -> dict[str, Any]:
+    """Random weights shared by the four RAG models, and the precomputed inputs."""
+    torch.manual_seed(seed)
+    dpr = DPRConfig(
+        vocab_size=VOCAB_QUESTION,
+        hidden_size=size.dpr_hidden,
+        num_hidden_layers=size.dpr_layers,
+        num_attention_heads=size.dpr_hidden // 64,
+        intermediate_size=4 * size.dpr_hidden,
+    )
+    bart = BartConfig(
+        vocab_size=VOCAB_GENERATOR,
+        d_model=size.bart_hidden,
+        encoder_layers=size.bart_layers,
+        decoder_layers=size.bart_layers,
+        encoder_attention_heads=size.bart_heads,
+        decoder_attention_heads=size.bart_heads,
+        encoder_ffn_dim=4 * size.bart_hidden,
+        decoder_ffn_dim=4 * size.bart_hidden,
+        max_position_embeddings=1024,
+        forced_bos_token_id=0,
+        forced_eos_token_id=2,
+    )
+    question_encoder = DPRQuestionEncoder(dpr)
+    generator = BartForConditionalGeneration(bart)
+    # Default init gives one token repeated; wider weights give varied hypotheses, as a trained model would.
+    with torch.no_grad():
+        for param in generator.parameters():
+            if param.dim() > 1:
+                param.normal_(0.0, 1.0 / param.shape[-1] ** 0.25)
+    dtype = getattr(torch, size.dtype)
+    question_encoder.to(size.device, dtype)
+    generator.to(size.device, dtype)
+    config = ragkit.RagConfig.from_question_encoder_generator_configs(
+        dpr, bart, n_docs=size.n_docs, max_combined_length=size.context_length, index_name="custom"
+    )
+    reference_config = transformers.RagConfig(**config.to_dict())
+    models = {
+        "reference_sequence": transformers.RagSequenceForGeneration(
+            config=reference_config, question_encoder=question_encoder, generator=generator
+        ),
+        "reference_token": transformers.RagTokenForGeneration(
+            config=reference_config, question_encoder=question_encoder, generator=generator
+        ),
+        "ragkit_sequence": ragkit.RagSequenceForGeneration(
+            config=config, question_encoder=question_encoder, generator=generator
+        ),
+        "ragkit_token": ragkit.RagTokenForGeneration(
+            config=config, question_encoder=question_encoder, generator=generator
+        ),
+    }
+    for model in models.values():
+        model.eval()
+    generator_rng = torch.Generator().manual_seed(seed + 1)
+    rows = size.batch_size * size.n_docs
+    # Contexts start with BOS and end with EOS like tokenized text, with no padding.
+    contexts = torch.randint(5, VOCAB_GENERATOR, (rows, size.context_length), generator=generator_rng)
+    contexts[:, 0], contexts[:, -1] = 0, 2
+    inputs = {
+        "context_input_ids": contexts.to(size.device),
+        "context_attention_mask": torch.ones_like(contexts).to(size.device),
+        "doc_scores": torch.randn(size.batch_size, size.n_docs, generator=generator_rng).to(
+            size.device, dtype
+        ),
+    }
+    train_rows = size.train_batch_size * size.n_docs
+    labels = torch.randint(
+        5, VOCAB_GENERATOR, (size.train_batch_size, size.train_target_length), generator=generator_rng
+    )
+    labels[:, 0], labels[:, -1] = 0, 2
+    train_inputs = {
+        "context_input_ids": inputs["context_input_ids"][:train_rows],
+        "context_attention_mask": inputs["context_attention_mask"][:train_rows],
+        "doc_scores": inputs["doc_scores"][: size.train_batch_size],
+        "labels": labels.to(size.device),
+    }
+    return {"models": models, "generator": generator, "inputs": inputs, "train_inputs": train_inputs}
+
+
+def make_runners(size: Size, built: dict[str, Any]) -> dict[str, Callable[[], Any]]:
+    """One zero-argument callable per variant."""
+    models, inputs, generator = built["models"], built["inputs"], built["generator"]
+    # max_length (decoder start token included), not max_new_tokens: RAG-Token generate, in Transformers
+    # and (for now) in ragkit, ignores max_new_tokens and would run to the default max_length of 20.
+    decode = {"num_beams": size.num_beams, "max_length": size.new_tokens + 1}
+
+    def bare() -> torch.Tensor:
+        with torch.no_grad():
+            return generator.generate(
+                inputs["context_input_ids"], attention_mask=inputs["context_attention_mask"], **decode
+            )
+
+    def sequence(name: str, **extra: Any) -> Callable[[], torch.Tensor]:
+        return lambda: models[name].generate(**inputs, **decode, **extra)
+
+    def token(name: str) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            with torch.no_grad():
+                return models[name].generate(**inputs, **decode)
+
+        return run
+
+    def train(name: str) -> Callable[[], float]:
+        def run() -> float:
+            model = models[name]
+            doc_scores = built["train_inputs"]["doc_scores"].detach().clone().requires_grad_(True)
+            fields = dict(built["train_inputs"], doc_scores=doc_scores)
+            with torch.autocast(size.device, dtype=torch.bfloat16, enabled=size.device == "cuda"):
+                loss = model(**fields, n_docs=size.n_docs).loss.sum()
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            return float(loss.detach())
+
+        return run
+
+    return {
+        "bare_generator": bare,
+        "reference_sequence": sequence("reference_sequence"),
+        "ragkit_sequence": sequence("ragkit_sequence"),
+        "ragkit_sequence_fast": sequence("ragkit_sequence", decoding="fast"),
+        "reference_token": token("reference_token"),
+        "ragkit_token": token("ragkit_token"),
+        "reference_sequence_train": train("reference_sequence"),
+        "ragkit_sequence_train": train("ragkit_sequence"),
+        "reference_token_train": train("reference_token"),
+        "ragkit_token_train": train("ragkit_token"),
+    }
+
+
+def _sync(size: Size) -> None:
+    if size.device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_variants(
+    size: Size, runners: dict[str, Callable[[], Any]], names: tuple[str, ...], repeats: int, warmup: int = 1
+):
+    """Median seconds per variant over ``repeats`` rounds (rotating order), and each variant's first output."""
+    for _ in range(warmup):
+        for name in names:
+            runners[name]()
+    outputs = {}
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            _sync(size)
+            start = time.perf_counter()
+            out = runners[name]()
+            _sync(size)
+            times[name].append(time.perf_counter() - start)
+            outputs.setdefault(name, out)
+    return {name: statistics.median(values) for name, values in times.items()}, times, outputs
+
+
+def _current_rss() -> int:
+    """Resident set size of this process in bytes (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure_memory(size_name: str, variant: str) -> float:
+    """Peak memory (MiB) one call of ``variant`` adds, in this process (call it in a fresh one)."""
+    size = SIZES[size_name]
+    built = build(size)
+    runner = make_runners(size, built)[variant]
+    if size.device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        runner()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    # Large tensors are mmapped and unmapped when freed, so sampling the resident set every
+    # millisecond sees the peak of the call; the high-water mark would be the model build's.
+    before = _current_rss()
+    peak = before
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _current_rss())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        runner()
+    finally:
+        done.set()
+        sampler.join()
+    return (max(peak, _current_rss()) - before) / 2**20
+
+
+def memory_table(size_name: str, names: tuple[str, ...], extra: list[str]) -> dict[str, float]:
+    """Peak memory per variant, each in its own subprocess."""
+    result = {}
+    for name in names:
+        # A fixed mmap threshold makes glibc map every large tensor and unmap it when freed, so the
+        # resident set follows live memory (the default threshold adapts upwards and keeps freed memory).
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+        out = subprocess.run(
+            [sys.executable, __file__, "--size", size_name, "--memory-of", name, *extra],
+            check=True,
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+        result[name] = float(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (median reported)")
+    parser.add_argument("--memory", action="store_true", help="also measure peak memory per variant")
+    parser.add_argument("--memory-only", action="store_true", help="only measure peak memory per variant")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    parser.add_argument(
+        "--train-repeats", type=int, default=None, help="timed training rounds (default: --repeats)"
+    )
+    parser.add_argument("--batch-size", type=int, default=None, help="override the size's batch size")
+    parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--json", default=None, help="write the results to this file")
+    parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.batch_size:
+        SIZES[args.size].batch_size = args.batch_size
+    transformers.logging.set_verbosity_error()
+    if args.memory_of:
+        print(measure_memory(args.size, args.memory_of))
+        return
+
+    size = SIZES[args.size]
+    repeats = args.repeats or size.repeats
+    if args.memory_only:
+        names = DECODING_VARIANTS + (() if args.skip_training else TRAINING_VARIANTS)
+        extra = [f"--threads={torch.get_num_threads()}", f"--batch-size={size.batch_size}"]
+        for name, value in memory_table(args.size, names, extra).items():
+            print(f"{name:28s} {value:9.1f} MiB")
+        return
+    built = build(size)
+    runners = make_runners(size, built)
+    print(f"size={args.size} {asdict(size)} torch={torch.__version__} threads={torch.get_num_threads()}")
+    medians, all_times, outputs = time_variants(size, runners, DECODING_VARIANTS, repeats, args.warmup)
+
+    # Ratios are taken round by round (runs close in time) and then the median, which is steadier
+    # on a shared machine than a ratio of medians.
+    def ratio(numerator: str, denominator: str) -> float:
+        pairs = zip(all_times[numerator], all_times[denominator])
+        return statistics.median(a / b for a, b in pairs)
+
+    print(f"\n{'decoding variant':28s} {'median s':>9s} {'x floor':>8s}   runs (s)")
+    for name in DECODING_VARIANTS:
+        runs = " ".join(f"{t:.2f}" for t in all_times[name])
+        print(f"{name:28s} {medians[name]:9.3f} {ratio(name, 'bare_generator'):8.2f}   {runs}")
+    ratios = {
+        "sequence_speedup": ratio("reference_sequence", "ragkit_sequence"),
+        "sequence_fast_speedup": ratio("reference_sequence", "ragkit_sequence_fast"),
+        "token_speedup": ratio("reference_token", "ragkit_token"),
+        **{f"{name}_x_floor": ratio(name, "bare_generator") for name in DECODING_VARIANTS},
+    }
+    print(
+        f"RAG-Sequence speed-up over Transformers: thorough {ratios['sequence_speedup']:.2f}x, "
+        f"fast {ratios['sequence_fast_speedup']:.2f}x; RAG-Token: {ratios['token_speedup']:.2f}x"
+    )
+
+    same_sequence = torch.equal(outputs["ragkit_sequence"], outputs["reference_sequence"])
+    same_token = torch.equal(outputs["ragkit_token"], outputs["reference_token"])
+    fast_agree = (
+        (outputs["ragkit_sequence_fast"] == outputs["ragkit_sequence"]).all(dim=1).float().mean().item()
+    )
+    distinct = len({tuple(row.tolist()) for row in outputs["reference_sequence"]})
+    print(
+        f"outputs identical: RAG-Sequence {same_sequence}, RAG-Token {same_token}; "
+        f"fast == thorough on {fast_agree:.0%} of questions; {distinct} distinct answers in the batch"
+    )
+
+    results: dict[str, Any] = {
+        "size": args.size,
+        "shapes": asdict(size),
+        "threads": torch.get_num_threads(),
+        "decoding_median_s": medians,
+        "decoding_runs_s": all_times,
+        "ratios": ratios,
+        "identical": {"sequence": same_sequence, "token": same_token},
+        "fast_agrees_with_thorough": fast_agree,
+    }
+    if not args.skip_training:
+        train_medians, train_times, _ = time_variants(
+            size, runners, TRAINING_VARIANTS, args.train_repeats or repeats, max(1, args.warmup)
+        )
+        print(f"\n{'training step (fwd+bwd)':28s} {'median s':>9s}   runs")
+        for name in TRAINING_VARIANTS:
+            runs = " ".join(f"{t:.3f}" for t in train_times[name])
+            print(f"{name:28s} {train_medians[name]:9.3f}   {runs}")
+        for head in ("sequence", "token"):
+            pairs = zip(train_times[f"ragkit_{head}_train"], train_times[f"reference_{head}_train"])
+            relative = statistics.median(a / b for a, b in pairs)
+            print(
+                f"ragkit / Transformers, RAG-{head.capitalize()} training step: {relative:.2f} (per-round median)"
+            )
+            results[f"training_{head}_ragkit_over_reference"] = relative
+        results["training_median_s"] = train_medians
+        results["training_runs_s"] = train_times
+    if args.memory:
+        names = DECODING_VARIANTS + (() if args.skip_training else TRAINING_VARIANTS)
+        extra = [f"--threads={torch.get_num_threads()}", f"--batch-size={size.batch_size}"]
+        peaks = memory_table(args.size, names, extra)
+        unit = "MiB allocated" if size.device == "cuda" else "MiB peak RSS growth"
+        print(f"\n{'peak memory':28s} {unit}")
+        for name, value in peaks.items():
+            print(f"{name:28s} {value:9.1f}")
+        results["peak_memory_mib"] = peaks
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

@@ -1,0 +1,675 @@
+"""RAG-Sequence decoding: batched "thorough" decoding and the RAG paper's "fast" decoding.
+
+Transformers' ``RagSequenceForGeneration.generate`` handles one question at a time, runs the
+generator without the context attention mask, and scores hypotheses by re-running the whole model
+(question encoder, retrieval and generator encoder). Here every question of the batch is decoded by
+one generator ``generate`` call, the generator's encoder runs once and its outputs are reused to
+score hypotheses by teacher forcing, the context attention mask is honoured throughout, and a
+non-default ``n_docs`` is used everywhere. Scoring shares work between candidates: the first decoder
+step per document, the cross-attention keys/values per document (on CPU), and one vocabulary
+projection per distinct (document, prefix) instead of one per candidate position.
+
+Decoding modes:
+
+- ``"thorough"``: every (deduplicated) hypothesis of a question is scored against every document of
+  that question, exactly as Transformers' RAG-Sequence loss does (``exclude_bos_score=True``, the
+  document prior added at the second target token, label smoothing from the config).
+- ``"fast"``: a hypothesis gets probability ~0 under documents whose beam did not produce it, so no
+  forward pass is needed after generation: ``score(y) = log sum_{d produced y} p(d|x) p(y|x,d)``
+  where ``log p(y|x,d)`` is the sum of the per-token log-probabilities the beam search used.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+from transformers.modeling_outputs import BaseModelOutput
+
+from .pooling import pool_hidden_states
+
+__all__ = ["DECODING_MODES", "rag_sequence_generate"]
+
+logger = logging.getLogger(__name__)
+
+#: Accepted values of ``decoding``.
+DECODING_MODES = ("thorough", "fast")
+
+# Elements (cross-attention inputs copied per scoring row + logits of the distinct prefixes) one
+# scoring pass may hold; chunks are whole questions, at least one. Transformers scores a question at
+# once with full logits, ~100M floats for 5 docs x 20 candidates x 20 tokens x a 50k vocabulary.
+_SCORING_ELEMENTS_CPU = 1 << 25
+_SCORING_ELEMENTS_CUDA = 1 << 28
+# Copy each document's cross-attention keys/values to its candidates (saves compute, costs memory)?
+# None: yes on CPU, no on CUDA.
+_SHARE_CROSS_ATTENTION: bool | None = None
+
+
+def _resolve_decoding_settings(
+    model: Any,
+    do_deduplication: bool | None,
+    num_return_sequences: int | None,
+    num_beams: int | None,
+    n_docs: int | None,
+    decoding: str,
+) -> tuple[bool, int, int, int]:
+    """Fill defaults from the config (as Transformers does) and validate them."""
+    if decoding not in DECODING_MODES:
+        raise ValueError(f"`decoding` must be one of {DECODING_MODES}, got {decoding!r}.")
+    config = model.config
+    n_docs = n_docs if n_docs is not None else config.n_docs
+    do_deduplication = do_deduplication if do_deduplication is not None else config.do_deduplication
+    num_return_sequences = (
+        num_return_sequences
+        if num_return_sequences is not None
+        else getattr(config, "num_return_sequences", 1)
+    )
+    num_beams = num_beams if num_beams is not None else getattr(config, "num_beams", 1)
+    if n_docs < 1:
+        raise ValueError(f"`n_docs` must be at least 1, got {n_docs}.")
+    if num_beams < 1:
+        raise ValueError(f"`num_beams` must be at least 1, got {num_beams}.")
+    if not 1 <= num_return_sequences <= n_docs * num_beams:
+        raise ValueError(
+            f"`num_return_sequences` must be between 1 and n_docs * num_beams = {n_docs * num_beams}, "
+            f"got {num_return_sequences}; raise `num_beams` or `n_docs`."
+        )
+    return bool(do_deduplication), int(num_return_sequences), int(num_beams), int(n_docs)
+
+
+def _question_vectors(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """`(batch_size, dim)` question vectors, pooled as the model's config asks."""
+    outputs = model.question_encoder(input_ids, attention_mask=attention_mask, return_dict=True)
+    return pool_hidden_states(
+        outputs,
+        attention_mask,
+        pooling=getattr(model.config, "question_encoder_pooling", "pooler"),
+        normalize=getattr(model.config, "question_encoder_normalize", False),
+    )
+
+
+def _resolve_contexts(
+    model: Any,
+    input_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    context_input_ids: torch.Tensor | None,
+    context_attention_mask: torch.Tensor | None,
+    doc_scores: torch.Tensor | None,
+    n_docs: int,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Retrieve (once) when no contexts are given; check shapes; return contexts, mask and doc scores."""
+    if context_input_ids is None:
+        if input_ids is None:
+            raise ValueError(
+                "Pass `input_ids` (with a retriever set) or `context_input_ids` and `doc_scores`."
+            )
+        if model.retriever is None:
+            raise ValueError(
+                "No retriever is set: pass `context_input_ids`, `context_attention_mask` and `doc_scores`, "
+                "or set one with `model.set_retriever(...)`."
+            )
+        question_vectors = _question_vectors(model, input_ids, attention_mask)
+        retrieved = model.retriever(
+            input_ids,
+            question_vectors.detach().to(device="cpu", dtype=torch.float32).numpy(),
+            prefix=getattr(model.generator.config, "prefix", None),
+            n_docs=n_docs,
+            return_tensors="pt",
+        )
+        context_input_ids = retrieved["context_input_ids"].to(input_ids.device)
+        context_attention_mask = retrieved["context_attention_mask"].to(input_ids.device)
+        doc_embeds = retrieved["retrieved_doc_embeds"].to(question_vectors)
+        doc_scores = torch.bmm(question_vectors.unsqueeze(1), doc_embeds.transpose(1, 2)).squeeze(1)
+    elif doc_scores is None:
+        raise ValueError(
+            "`doc_scores` of shape (batch_size, n_docs) is needed with `context_input_ids`: RAG-Sequence ranks "
+            "hypotheses with the document scores (the retriever's output gives them)."
+        )
+    if context_input_ids.shape[0] % n_docs != 0:
+        raise ValueError(
+            f"`context_input_ids` has {context_input_ids.shape[0]} rows, not a multiple of n_docs={n_docs}; "
+            "pass the `n_docs` the contexts were retrieved with."
+        )
+    batch_size = context_input_ids.shape[0] // n_docs
+    if tuple(doc_scores.shape) != (batch_size, n_docs):
+        raise ValueError(
+            f"`doc_scores` has shape {tuple(doc_scores.shape)}, expected (batch_size, n_docs) = "
+            f"({batch_size}, {n_docs}); pass the `n_docs` the contexts were retrieved with."
+        )
+    if context_attention_mask is not None and context_attention_mask.shape != context_input_ids.shape:
+        raise ValueError(
+            f"`context_attention_mask` has shape {tuple(context_attention_mask.shape)}, expected the shape of "
+            f"`context_input_ids` {tuple(context_input_ids.shape)}."
+        )
+    # A mask of ones changes nothing but costs a mask in every attention call: drop it.
+    if context_attention_mask is not None and bool(context_attention_mask.bool().all()):
+        context_attention_mask = None
+    return context_input_ids, context_attention_mask, doc_scores
+
+
+class _StepScoreRecorder(LogitsProcessor):
+    """Keeps, per decoding step, each row's top-k processed log-probabilities (the only tokens search can pick)."""
+
+    def __init__(self, k: int, normalize: bool):
+        self.k = k
+        # Greedy search hands processors raw logits; beam search hands them log-probabilities.
+        self.normalize = normalize
+        self.values: list[torch.Tensor] = []
+        self.indices: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        step = scores.float()
+        if self.normalize:
+            step = torch.log_softmax(step, dim=-1)
+        values, indices = step.topk(min(self.k, step.shape[-1]), dim=-1)
+        self.values.append(values)
+        self.indices.append(indices)
+        return scores
+
+
+def _eos_ids(generator: Any, model_kwargs: dict[str, Any]) -> list[int]:
+    """End-of-sequence ids generation stops at."""
+    eos = model_kwargs.get("eos_token_id", generator.generation_config.eos_token_id)
+    if eos is None:
+        return []
+    if isinstance(eos, torch.Tensor):
+        return eos.flatten().tolist()
+    return [eos] if isinstance(eos, int) else list(eos)
+
+
+def _generated_log_likelihoods(
+    recorder: _StepScoreRecorder,
+    sequences: torch.Tensor,
+    beam_indices: torch.Tensor | None,
+    eos_ids: list[int],
+) -> torch.Tensor:
+    """`(rows,)` sum of the log-probabilities search assigned to each returned sequence's tokens."""
+    rows, length = sequences.shape
+    steps = min(len(recorder.values), length - 1)
+    total = torch.zeros(rows, dtype=torch.float32, device=sequences.device)
+    if steps == 0:
+        return total
+    values = torch.stack(recorder.values[:steps], dim=1)  # (search_rows, steps, k)
+    indices = torch.stack(recorder.indices[:steps], dim=1)
+    tokens = sequences[:, 1 : steps + 1]  # token chosen at step t sits at position t + 1
+    if beam_indices is not None:
+        # beam_indices[r, t]: the running beam (flattened over the batch) that produced token t of row r; -1 past the end.
+        parents = beam_indices[:, :steps]
+        valid = parents >= 0
+        step_ids = torch.arange(steps, device=sequences.device).expand(rows, steps)
+        row_values = values[parents.clamp(min=0), step_ids]  # (rows, steps, k)
+        row_indices = indices[parents.clamp(min=0), step_ids]
+    else:
+        # Greedy: rows keep their place; a row is done after its first end-of-sequence token.
+        row_values, row_indices = values, indices
+        is_eos = torch.zeros_like(tokens, dtype=torch.bool)
+        for eos in eos_ids:
+            is_eos |= tokens.eq(eos)
+        ended_before = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
+        valid = ~ended_before
+    hit = row_indices.eq(tokens.unsqueeze(-1))
+    found = hit.any(dim=-1)
+    # where, not a product: the other recorded scores may be -inf (forced tokens), and -inf * 0 is nan.
+    token_scores = torch.where(hit, row_values, 0.0).sum(dim=-1)
+    missing = valid & ~found
+    if bool(missing.any()):
+        logger.warning(
+            "fast decoding: %d generated tokens were not among the recorded top-k scores.", int(missing.sum())
+        )
+        token_scores = token_scores.masked_fill(missing, float("-inf"))
+    return token_scores.masked_fill(~valid, 0.0).sum(dim=1)
+
+
+def _candidate_groups(sequences: torch.Tensor, rows_per_question: int, deduplicate: bool) -> list[list[int]]:
+    """Per question, the row indices of its candidates (first occurrence order when deduplicating)."""
+    batch_size = sequences.shape[0] // rows_per_question
+    if not deduplicate:
+        return [list(range(q * rows_per_question, (q + 1) * rows_per_question)) for q in range(batch_size)]
+    as_lists = sequences.tolist()
+    groups = []
+    for q in range(batch_size):
+        first: dict[tuple[int, ...], int] = {}
+        for row in range(q * rows_per_question, (q + 1) * rows_per_question):
+            first.setdefault(tuple(as_lists[row]), row)
+        groups.append(list(first.values()))
+    return groups
+
+
+def _prefix_ids(candidates: list[list[int]], candidate_question: list[int]) -> torch.Tensor:
+    """`(num_candidates, tgt_len)` id of each prefix ``candidate[: t + 1]``, shared by equal prefixes of a question."""
+    ids = torch.empty(len(candidates), len(candidates[0]) if candidates else 0, dtype=torch.long)
+    tries: dict[int, dict[tuple[int, int], int]] = {}
+    for row, (tokens, question) in enumerate(zip(candidates, candidate_question)):
+        trie = tries.setdefault(question, {})
+        node = -1
+        path = []
+        for token in tokens:
+            node = trie.setdefault((node, token), len(trie))
+            path.append(node)
+        ids[row] = torch.tensor(path)
+    return ids
+
+
+class _SelectRows:
+    """Forward pre-hook for the output projection: project only the selected hidden states."""
+
+    def __init__(self) -> None:
+        self.rows: torch.Tensor | None = None
+
+    def __call__(
+        self, module: torch.nn.Module, args: tuple[torch.Tensor, ...]
+    ) -> tuple[torch.Tensor, ...] | None:
+        if self.rows is None:
+            return None
+        hidden = args[0]
+        return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, self.rows), *args[1:])
+
+
+def _cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per decoder layer: self-attention keys, values, cross-attention keys, values of an encoder-decoder cache."""
+    layers = []
+    for own, cross in zip(cache.self_attention_cache.layers, cache.cross_attention_cache.layers):
+        layers.append((own.keys, own.values, cross.keys, cross.values))
+    return layers
+
+
+def _split_rows(values: torch.Tensor, counts: list[int]) -> list[list[int]]:
+    """Flattened values of consecutive row groups of ``counts`` rows each."""
+    return [part.flatten().tolist() for part in torch.split(values, counts)]
+
+
+def _thorough_scores(
+    model: Any,
+    encoder_states: torch.Tensor,
+    context_attention_mask: torch.Tensor | None,
+    doc_logprobs: torch.Tensor,
+    sequences: torch.Tensor,
+    candidate_rows: torch.Tensor,
+    candidate_question: torch.Tensor,
+    use_bos: torch.Tensor,
+    share_cross_attention: bool | None = None,
+) -> torch.Tensor:
+    """`(num_candidates,)` RAG-Sequence scores (minus the loss) of every candidate against every document.
+
+    Work that Transformers repeats per (candidate, document) pair is done once here: the encoder
+    runs once per document, the first decoder step too, and the vocabulary projection (the largest
+    matrix of the decoder) runs once per distinct (document, prefix) pair whose next token is scored
+    rather than once per candidate position. With ``share_cross_attention`` (default on CPU, where
+    compute is the bottleneck) each document's cross-attention keys and values are also computed
+    once and copied to its candidates through the cache; on GPU they are recomputed per layer,
+    which costs less memory.
+
+    Args:
+        encoder_states: `(batch_size * n_docs, src_len, hidden)` generator encoder outputs, reused.
+        context_attention_mask: `(batch_size * n_docs, src_len)` or None for no padding.
+        doc_logprobs: `(batch_size, n_docs)` log-softmax of the document scores.
+        sequences: `(rows, tgt_len)` generated sequences, decoder start token first.
+        candidate_rows: `(num_candidates,)` rows of ``sequences`` to score, grouped by question.
+        candidate_question: `(num_candidates,)` question index of each candidate (non-decreasing).
+        use_bos: `(batch_size,)` whether a question's leading BOS target is excluded from the score.
+        share_cross_attention: See above; None picks by device.
+
+    Returns:
+        `(num_candidates,)` float32 scores, higher is better.
+    """
+    from transformers import EncoderDecoderCache
+
+    generator = model.generator
+    pad = model.config.generator.pad_token_id
+    epsilon = float(getattr(model.config, "label_smoothing", 0.0) or 0.0)
+    n_docs = doc_logprobs.shape[1]
+    full_length = sequences.shape[1]
+    device = sequences.device
+    if share_cross_attention is None:
+        share_cross_attention = _SHARE_CROSS_ATTENTION
+    if share_cross_attention is None:
+        share_cross_attention = device.type != "cuda"
+
+    candidates = sequences[candidate_rows]
+    if not bool(candidates[:, 0].eq(candidates[0, 0]).all()):
+        raise ValueError(
+            "RAG-Sequence scoring expects every hypothesis to start with the decoder start token."
+        )
+    # target[t] = sequence[t + 1]; a pad target scores nothing (as in the training loss), so columns after
+    # a candidate's last non-pad target are never needed (the decoder is causal).
+    target = torch.cat([candidates[:, 1:], candidates.new_full((candidates.shape[0], 1), pad)], dim=1)
+    nonpad = target.ne(pad)
+    needed = torch.where(nonpad.any(1), full_length - nonpad.flip(1).int().argmax(1), 1)
+    # The document prior sits on the second target token and is lost with it when that token is a pad.
+    has_prior = nonpad[:, 1] if full_length > 1 else torch.zeros_like(nonpad[:, 0])
+    prefix_ids = _prefix_ids(candidates.tolist(), candidate_question.tolist()).to(device)
+    prefix_count = int(prefix_ids.max()) + 1
+
+    # First decoder step, once per document: its logits score target 0 of every candidate (all start
+    # with the decoder start token); with sharing, its cache carries the cross-attention keys/values.
+    num_contexts = encoder_states.shape[0]
+    first = generator(
+        encoder_outputs=BaseModelOutput(last_hidden_state=encoder_states),
+        attention_mask=context_attention_mask,
+        decoder_input_ids=candidates[:1, :1].expand(num_contexts, 1),
+        use_cache=share_cross_attention,
+        return_dict=True,
+    )
+    first_logits = first.logits[:, 0].float()  # (batch_size * n_docs, vocab)
+    first_log_norm = first_logits.logsumexp(dim=-1)
+    vocab = first_logits.shape[-1]
+    first_smooth = first_logits.sum(dim=-1) - vocab * first_log_norm if epsilon > 0 else None
+    cache_layers = []
+    if share_cross_attention:
+        cache_layers = _cache_layers(getattr(first, "cache", None) or first.past_key_values)
+        per_row = sum(k[0].numel() + v[0].numel() for _, _, k, v in cache_layers)
+    else:
+        per_row = encoder_states[0].numel()
+    del first
+
+    # Chunks of whole questions, so that equal prefixes of a question meet in one projection; sized by
+    # the cross-attention inputs copied per row and the logits of the distinct prefixes.
+    budget = _SCORING_ELEMENTS_CUDA if device.type == "cuda" else _SCORING_ELEMENTS_CPU
+    counts = torch.bincount(candidate_question, minlength=doc_logprobs.shape[0]).tolist()
+    scored = nonpad.clone()
+    scored[:, 0] = False
+    distinct = [
+        len(set(ids)) for ids in _split_rows(prefix_ids.masked_fill(~scored, -1), counts)
+    ]  # includes the -1 filler: one spare row per question
+    chunks, start, cost = [], 0, 0
+    for count, n_prefixes in zip(counts, distinct):
+        question_cost = n_docs * (count * per_row + n_prefixes * vocab)
+        if chunks and chunks[-1][1] == start and cost + question_cost <= budget:
+            chunks[-1] = (chunks[-1][0], start + count)
+            cost += question_cost
+        else:
+            chunks.append((start, start + count))
+            cost = question_cost
+        start += count
+
+    scores = torch.empty(candidates.shape[0], dtype=torch.float32, device=device)
+    doc_range = torch.arange(n_docs, device=device)
+    offset = 1 if share_cross_attention else 0  # first decoder input column fed to the chunk pass
+    selector = _SelectRows()
+    handle = generator.get_output_embeddings().register_forward_pre_hook(selector)
+    try:
+        for first_candidate, end in chunks:
+            if first_candidate == end:
+                continue
+            chunk = torch.arange(first_candidate, end, device=device)
+            length = int(needed[first_candidate:end].max())
+            question = candidate_question[chunk]
+            contexts = (
+                (question * n_docs).unsqueeze(1) + doc_range
+            ).flatten()  # row (candidate, doc) -> context
+            chunk_target = target[chunk, :length].repeat_interleave(n_docs, dim=0)  # (rows, length)
+            pad_target = chunk_target.eq(pad)
+
+            # Target 0 comes from the shared first step.
+            first_ll = first_logits[contexts, chunk_target[:, 0]] - first_log_norm[contexts]
+            skip_first = use_bos[question].repeat_interleave(n_docs) | pad_target[:, 0]
+            row_ll = first_ll.masked_fill(skip_first, 0.0)
+            row_smooth = first_smooth[contexts].masked_fill(pad_target[:, 0], 0.0) if epsilon > 0 else None
+
+            if length > 1:
+                width = length - offset  # decoder positions run in this pass
+                later = ~pad_target[:, 1:]  # (rows, length - 1): targets 1.. that are scored
+                # One vocabulary projection per distinct (context, prefix): equal prefixes share hidden states.
+                keys = contexts.unsqueeze(1) * prefix_count + prefix_ids[chunk, 1:length].repeat_interleave(
+                    n_docs, dim=0
+                )
+                entries = later.flatten().nonzero().squeeze(1)  # index into (rows, length - 1)
+                entry_row = entries // (length - 1)
+                positions = entry_row * width + entries % (length - 1) + (1 - offset)  # into (rows, width)
+                unique_keys, inverse = torch.unique(keys.flatten()[entries], return_inverse=True)
+                selector.rows = torch.empty(len(unique_keys), dtype=torch.long, device=device).scatter_(
+                    0, inverse, positions
+                )
+                cache = None
+                if share_cross_attention:
+                    cache = EncoderDecoderCache(
+                        [
+                            (sk[contexts], sv[contexts], ck[contexts], cv[contexts])
+                            for sk, sv, ck, cv in cache_layers
+                        ]
+                    )
+                node_logits = generator(
+                    encoder_outputs=BaseModelOutput(last_hidden_state=encoder_states[contexts]),
+                    attention_mask=None
+                    if context_attention_mask is None
+                    else context_attention_mask[contexts],
+                    decoder_input_ids=candidates[chunk, offset:length].repeat_interleave(n_docs, dim=0),
+                    cache=cache,
+                    use_cache=share_cross_attention,
+                    return_dict=True,
+                ).logits.float()  # (distinct prefixes, vocab)
+                selector.rows = None
+                del cache
+                node_log_norm = node_logits.logsumexp(dim=-1)
+                tokens = chunk_target[:, 1:].flatten()[entries]
+                entry_ll = node_logits[inverse, tokens] - node_log_norm[inverse]
+                row_ll = row_ll.index_add(0, entry_row, entry_ll)
+                if epsilon > 0:
+                    node_smooth = node_logits.sum(dim=-1) - vocab * node_log_norm
+                    row_smooth = row_smooth.index_add(0, entry_row, node_smooth[inverse])
+                del node_logits, node_log_norm
+
+            prior = doc_logprobs[question].flatten() * has_prior[chunk].repeat_interleave(n_docs)
+            doc_ll = (row_ll + prior).view(-1, n_docs).logsumexp(dim=1)
+            chunk_scores = (1.0 - epsilon) * doc_ll
+            if epsilon > 0:
+                # Label smoothing, as in the training loss: sum over the vocabulary of the log-probabilities.
+                smooth = (row_smooth + vocab * prior).view(-1, n_docs).logsumexp(dim=1)
+                chunk_scores = chunk_scores + epsilon / vocab * smooth
+            scores[chunk] = chunk_scores
+    finally:
+        handle.remove()
+        selector.rows = None
+    return scores
+
+
+def _fast_scores(
+    generated_ll: torch.Tensor,
+    groups: list[list[int]],
+    sequences: torch.Tensor,
+    doc_logprobs: torch.Tensor,
+    rows_per_doc: int,
+) -> torch.Tensor:
+    """`(num_candidates,)` log of sum over the documents that produced each candidate of p(d|x) p(y|x,d)."""
+    n_docs = doc_logprobs.shape[1]
+    rows_per_question = n_docs * rows_per_doc
+    # Each row's own joint score: document prior plus what beam search gave the sequence.
+    row_joint = doc_logprobs.flatten().repeat_interleave(rows_per_doc) + generated_ll
+    as_lists = sequences.tolist()
+    scores = []
+    for q, group in enumerate(groups):
+        rows = range(q * rows_per_question, (q + 1) * rows_per_question)
+        producers: dict[tuple[int, ...], list[int]] = {}
+        for row in rows:
+            producers.setdefault(tuple(as_lists[row]), []).append(row)
+        for row in group:
+            scores.append(row_joint[producers[tuple(as_lists[row])]].logsumexp(dim=0))
+    return torch.stack(scores)
+
+
+def _decode_questions(
+    model: Any,
+    context_input_ids: torch.Tensor,
+    context_attention_mask: torch.Tensor | None,
+    doc_scores: torch.Tensor,
+    deduplicate: bool,
+    num_return_sequences: int,
+    num_beams: int,
+    n_docs: int,
+    decoding: str,
+    model_kwargs: dict[str, Any],
+) -> torch.Tensor:
+    """`(batch_size, num_return_sequences, tgt_len)` best hypotheses (pad rows where fewer candidates exist)."""
+    generator = model.generator
+    pad = model.config.generator.pad_token_id
+    batch_size = doc_scores.shape[0]
+
+    # The generator's encoder runs once; generation and scoring both read its outputs.
+    encoder_states = generator.get_encoder()(
+        input_ids=context_input_ids, attention_mask=context_attention_mask, return_dict=True
+    ).last_hidden_state
+
+    kwargs = dict(model_kwargs)
+    recorder = None
+    if decoding == "fast":
+        # Beam search keeps a row's token only if it is among that row's top (eos + 1) * num_beams.
+        k = max(2, (len(_eos_ids(generator, kwargs)) + 1) * num_beams)
+        recorder = _StepScoreRecorder(k, normalize=num_beams == 1)
+        kwargs["logits_processor"] = LogitsProcessorList([*kwargs.get("logits_processor", []), recorder])
+        kwargs["return_dict_in_generate"] = True
+    output = generator.generate(
+        input_ids=context_input_ids,
+        attention_mask=context_attention_mask,
+        # A fresh output object: generate expands it for beams in place.
+        encoder_outputs=BaseModelOutput(last_hidden_state=encoder_states),
+        num_beams=num_beams,
+        num_return_sequences=num_beams,
+        **kwargs,
+    )
+    # (batch * n_docs * num_beams, tgt_len); the output object also holds the decoding cache: drop it.
+    sequences = output.sequences if recorder is not None else output
+    beam_indices = getattr(output, "beam_indices", None)
+    del output
+    rows_per_question = n_docs * num_beams
+    groups = _candidate_groups(sequences, rows_per_question, deduplicate)
+    candidate_rows = torch.tensor([r for g in groups for r in g], device=sequences.device)
+    candidate_question = torch.tensor([q for q, g in enumerate(groups) for _ in g], device=sequences.device)
+    doc_logprobs = torch.log_softmax(doc_scores.float(), dim=-1)
+
+    if recorder is None:
+        # As Transformers: the leading BOS target is left out of a question's scores when all its candidates have it.
+        # T5 configs have no bos_token_id attribute at all (Transformers' own scoring crashes there).
+        bos = getattr(model.config, "bos_token_id", None) or getattr(
+            model.config.generator, "bos_token_id", None
+        )
+        if bos is None or sequences.shape[1] < 2:
+            use_bos = torch.zeros(batch_size, dtype=torch.bool, device=sequences.device)
+        else:
+            not_bos = sequences[candidate_rows, 1].ne(bos).long()
+            use_bos = torch.zeros(batch_size, dtype=torch.long, device=sequences.device)
+            use_bos = use_bos.index_add_(0, candidate_question, not_bos).eq(0)
+        scores = _thorough_scores(
+            model,
+            encoder_states,
+            context_attention_mask,
+            doc_logprobs,
+            sequences,
+            candidate_rows,
+            candidate_question,
+            use_bos,
+        )
+    else:
+        generated_ll = _generated_log_likelihoods(
+            recorder, sequences, beam_indices, _eos_ids(generator, kwargs)
+        )
+        scores = _fast_scores(generated_ll, groups, sequences, doc_logprobs, num_beams)
+
+    best = sequences.new_full((batch_size, num_return_sequences, sequences.shape[1]), pad)
+    offset = 0
+    for q, group in enumerate(groups):
+        group_scores = scores[offset : offset + len(group)]
+        k = min(num_return_sequences, len(group))
+        if k < num_return_sequences:
+            logger.warning(
+                "Question %d has %d distinct hypotheses, fewer than num_return_sequences=%d: padding the rest.",
+                q,
+                len(group),
+                num_return_sequences,
+            )
+        top = group_scores.topk(k).indices
+        best[q, :k] = sequences[candidate_rows[offset + top]]
+        offset += len(group)
+    return best
+
+
+@torch.no_grad()
+def rag_sequence_generate(
+    model: Any,
+    input_ids: torch.LongTensor | None = None,
+    attention_mask: torch.LongTensor | None = None,
+    context_input_ids: torch.LongTensor | None = None,
+    context_attention_mask: torch.LongTensor | None = None,
+    doc_scores: torch.FloatTensor | None = None,
+    do_deduplication: bool | None = None,
+    num_return_sequences: int | None = None,
+    num_beams: int | None = None,
+    n_docs: int | None = None,
+    decoding: str = "thorough",
+    **model_kwargs: Any,
+) -> torch.LongTensor:
+    """RAG-Sequence generation for a whole batch at once (backs ``RagSequenceForGeneration.generate``).
+
+    Args:
+        model: A RAG-Sequence model: ``config``, ``generator``, ``question_encoder`` and ``retriever``.
+        input_ids: `(batch_size, question_len)` question ids; used to retrieve when no contexts are given.
+        attention_mask: `(batch_size, question_len)` question mask.
+        context_input_ids: `(batch_size * n_docs, context_len)` retrieved contexts (skips retrieval).
+        context_attention_mask: `(batch_size * n_docs, context_len)` their mask (None: no padding).
+        doc_scores: `(batch_size, n_docs)` question-document scores; required with ``context_input_ids``.
+        do_deduplication: Drop repeated hypotheses of a question (default ``config.do_deduplication``).
+        num_return_sequences: Hypotheses returned per question (default 1).
+        num_beams: Beams per (question, document) (default 1: greedy).
+        n_docs: Documents per question (default ``config.n_docs``).
+        decoding: ``"thorough"`` (score every hypothesis under every document) or ``"fast"`` (a
+            hypothesis counts only under the documents whose beam produced it; no extra forward pass).
+        **model_kwargs: Passed to the generator's ``generate`` (``max_length``, ``min_length``, ...).
+            ``questions_per_batch`` (ragkit only) decodes that many questions per generator call to
+            cap memory; by default the whole batch goes at once.
+
+    Returns:
+        `(batch_size * num_return_sequences, tgt_len)` token ids, best first per question, padded
+        with the generator's pad token.
+    """
+    do_deduplication, num_return_sequences, num_beams, n_docs = _resolve_decoding_settings(
+        model, do_deduplication, num_return_sequences, num_beams, n_docs, decoding
+    )
+    questions_per_batch = model_kwargs.pop("questions_per_batch", None)
+    for key in ("num_return_sequences", "num_beams", "return_dict_in_generate", "output_scores"):
+        if key in model_kwargs:
+            raise ValueError(f"`{key}` cannot be passed to RAG-Sequence generate through **kwargs here.")
+    model_kwargs.pop("attention_mask", None)  # the context mask is used instead
+    if decoding == "fast":
+        do_sample = model_kwargs.get("do_sample", model.generator.generation_config.do_sample)
+        if do_sample:
+            raise ValueError(
+                "decoding='fast' needs greedy or beam search; pass do_sample=False or decoding='thorough'."
+            )
+
+    context_input_ids, context_attention_mask, doc_scores = _resolve_contexts(
+        model, input_ids, attention_mask, context_input_ids, context_attention_mask, doc_scores, n_docs
+    )
+    batch_size = doc_scores.shape[0]
+    step = batch_size if not questions_per_batch else int(questions_per_batch)
+    if step < 1:
+        raise ValueError(f"`questions_per_batch` must be a positive integer, got {questions_per_batch}.")
+
+    parts = []
+    for first in range(0, batch_size, step):
+        last = min(batch_size, first + step)
+        rows = slice(first * n_docs, last * n_docs)
+        parts.append(
+            _decode_questions(
+                model,
+                context_input_ids[rows],
+                None if context_attention_mask is None else context_attention_mask[rows],
+                doc_scores[first:last],
+                do_deduplication,
+                num_return_sequences,
+                num_beams,
+                n_docs,
+                decoding,
+                model_kwargs,
+            )
+        )
+    pad = model.config.generator.pad_token_id
+    width = max(part.shape[-1] for part in parts)
+    output = parts[0].new_full((batch_size, num_return_sequences, width), pad)
+    first = 0
+    for part in parts:
+        output[first : first + part.shape[0], :, : part.shape[-1]] = part
+        first += part.shape[0]
+    return output.view(batch_size * num_return_sequences, width)

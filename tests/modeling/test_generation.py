@@ -1,0 +1,410 @@
+"""RAG-Sequence decoding (ragkit.generation) against Transformers' reference and brute-force definitions.
+
+Weights are random but drawn wide (normal, std 1) so that greedy and beam outputs vary from token
+to token, and the end-of-sequence logit is raised so hypotheses end at different lengths.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from transformers import BartForConditionalGeneration, DPRQuestionEncoder, T5ForConditionalGeneration
+from transformers.models.rag.retrieval_rag import CustomHFIndex
+
+from ragkit import RagSequenceForGeneration, generation
+from ragkit.generation import DECODING_MODES, rag_sequence_generate
+from ragkit.testing import tiny_rag_config
+
+MAX_LENGTH = 10
+EOS = 2
+
+
+def _perturb(module: torch.nn.Module, seed: int) -> None:
+    """Redraw weight matrices wide enough for non-degenerate decoding; favour EOS a little."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            if param.dim() > 1:
+                param.copy_(torch.randn(param.shape, generator=generator))
+        if hasattr(module, "final_logits_bias"):
+            module.final_logits_bias[0, EOS] = 10.0
+        else:  # T5 has no output bias: make the EOS row of the head larger instead
+            module.lm_head.weight[EOS] *= 2.5
+
+
+def _build(kind: str, seed: int = 0, **rag_fields):
+    """(reference model, ragkit model) sharing one set of random weights."""
+    config = tiny_rag_config(kind, hidden_size=32, **rag_fields)
+    reference_config = transformers.RagConfig(**config.to_dict())
+    torch.manual_seed(seed)
+    question_encoder = DPRQuestionEncoder(reference_config.question_encoder)
+    generator_cls = BartForConditionalGeneration if kind == "bart" else T5ForConditionalGeneration
+    generator = generator_cls(reference_config.generator)
+    _perturb(generator, seed)
+    reference = transformers.RagSequenceForGeneration(
+        config=reference_config, question_encoder=question_encoder, generator=generator
+    ).eval()
+    if kind == "t5":
+        # The reference reads config.generator.bos_token_id, which T5Config lacks in Transformers 5.
+        reference.config.generator.bos_token_id = None
+    ours = RagSequenceForGeneration(
+        config=config, question_encoder=question_encoder, generator=generator
+    ).eval()
+    return reference, ours
+
+
+def _contexts(batch_size: int, n_docs: int, length: int = 9, seed: int = 1, pads: list[int] | None = None):
+    """Random contexts `(batch_size * n_docs, length)`, their mask, and doc scores; ``pads[i]`` right pads row i."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 400, (batch_size * n_docs, length), generator=generator)
+    mask = torch.ones_like(ids)
+    for row, n_pad in enumerate(pads or []):
+        if n_pad:
+            ids[row, -n_pad:] = 1
+            mask[row, -n_pad:] = 0
+    scores = torch.randn(batch_size, n_docs, generator=generator)
+    return ids, mask, scores
+
+
+def _strip(row: torch.Tensor, pad: int) -> tuple[int, ...]:
+    """Token ids without trailing padding."""
+    ids = row.tolist()
+    while ids and ids[-1] == pad:
+        ids.pop()
+    return tuple(ids)
+
+
+@pytest.fixture(scope="module")
+def bart_models():
+    return _build("bart")
+
+
+@pytest.fixture(scope="module")
+def t5_models():
+    return _build("t5")
+
+
+# --- thorough decoding: token-identical to the reference on contexts without padding ----------------
+
+
+@pytest.mark.parametrize(
+    "num_beams,num_return_sequences,do_deduplication,extra",
+    [
+        (1, 1, True, {}),
+        (3, 1, True, {}),
+        (3, 2, True, {"forced_bos_token_id": 0}),
+        (2, 3, False, {}),
+        (3, 2, True, {"min_length": 4, "forced_eos_token_id": EOS}),
+    ],
+)
+@pytest.mark.parametrize("kind", ["bart", "t5"])
+def test_thorough_matches_reference(kind, num_beams, num_return_sequences, do_deduplication, extra, request):
+    reference, ours = request.getfixturevalue(f"{kind}_models")
+    ids, mask, scores = _contexts(batch_size=3, n_docs=3)
+    kwargs = dict(
+        context_input_ids=ids,
+        context_attention_mask=mask,
+        doc_scores=scores,
+        num_beams=num_beams,
+        num_return_sequences=num_return_sequences,
+        do_deduplication=do_deduplication,
+        max_length=MAX_LENGTH,
+        **extra,
+    )
+    expected = reference.generate(**kwargs)
+    got = ours.generate(**kwargs)
+    assert got.shape == expected.shape == (3 * num_return_sequences, expected.shape[1])
+    assert torch.equal(got, expected)
+    # Not a degenerate case: hypotheses differ across questions, and some end before the others.
+    assert len({_strip(row, 1) for row in got}) > 1
+    if num_beams > 1 and kind == "bart":
+        assert len({len(_strip(row, 1)) for row in got}) > 1
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_both_scoring_paths_match_reference(share, bart_models, monkeypatch):
+    # CPU shares each document's cross-attention keys/values through the cache; CUDA recomputes them.
+    monkeypatch.setattr(generation, "_SHARE_CROSS_ATTENTION", share)
+    reference, ours = bart_models
+    ids, mask, scores = _contexts(batch_size=3, n_docs=3, seed=23)
+    kwargs = dict(
+        context_input_ids=ids,
+        context_attention_mask=mask,
+        doc_scores=scores,
+        num_beams=3,
+        num_return_sequences=2,
+        max_length=MAX_LENGTH,
+        forced_bos_token_id=0,
+    )
+    assert torch.equal(ours.generate(**kwargs), reference.generate(**kwargs))
+
+
+def test_label_smoothing_is_part_of_the_score_as_in_reference():
+    reference, ours = _build("bart", seed=3, label_smoothing=0.3)
+    ids, mask, scores = _contexts(batch_size=2, n_docs=3, seed=5)
+    kwargs = dict(
+        context_input_ids=ids,
+        context_attention_mask=mask,
+        doc_scores=scores,
+        num_beams=3,
+        max_length=MAX_LENGTH,
+    )
+    assert torch.equal(ours.generate(**kwargs), reference.generate(**kwargs))
+
+
+def test_questions_per_batch_does_not_change_output(bart_models):
+    _, ours = bart_models
+    ids, mask, scores = _contexts(batch_size=3, n_docs=3, seed=7)
+    kwargs = dict(
+        context_input_ids=ids,
+        context_attention_mask=mask,
+        doc_scores=scores,
+        num_beams=2,
+        num_return_sequences=2,
+        max_length=MAX_LENGTH,
+    )
+    assert torch.equal(ours.generate(**kwargs, questions_per_batch=1), ours.generate(**kwargs))
+
+
+# --- with a retriever -------------------------------------------------------------------------------
+
+
+def _retriever(flavour, config, question_encoder_tokenizer, generator_tokenizer, indexed_dataset):
+    """The reference RagRetriever, or ragkit's once it exists."""
+    if flavour == "reference":
+        return transformers.RagRetriever(
+            transformers.RagConfig(**config.to_dict()),
+            question_encoder_tokenizer=question_encoder_tokenizer,
+            generator_tokenizer=generator_tokenizer,
+            index=CustomHFIndex(32, indexed_dataset),
+        )
+    ragkit_retrieval = pytest.importorskip("ragkit.retrieval_rag")
+    try:
+        return ragkit_retrieval.RagRetriever(
+            config,
+            question_encoder_tokenizer=question_encoder_tokenizer,
+            generator_tokenizer=generator_tokenizer,
+            index=CustomHFIndex(32, indexed_dataset),
+        )
+    except (
+        Exception
+    ) as error:  # the retrieval engineer's constructor may differ; do not mask real failures here
+        pytest.skip(f"ragkit RagRetriever cannot be built this way yet: {error}")
+
+
+@pytest.mark.parametrize("flavour", ["reference", "ragkit"])
+def test_matches_reference_with_retriever(
+    flavour, question_encoder_tokenizer, generator_tokenizer, indexed_dataset
+):
+    # Contexts are truncated to 16 tokens, all longer than that: no padding, where the reference is right.
+    reference, ours = _build("bart", seed=2, max_combined_length=16)
+    reference_retriever = _retriever(
+        "reference", reference.config, question_encoder_tokenizer, generator_tokenizer, indexed_dataset
+    )
+    reference.set_retriever(reference_retriever)
+    ours.set_retriever(
+        _retriever(flavour, ours.config, question_encoder_tokenizer, generator_tokenizer, indexed_dataset)
+    )
+    # Questions of equal length: the reference's scoring pass re-encodes them without their mask.
+    encoded = question_encoder_tokenizer(["where is paris", "where is london"], return_tensors="pt")
+    questions = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+    contexts = reference_retriever(
+        questions["input_ids"],
+        reference.question_encoder(**questions)[0].detach().numpy(),
+        prefix=getattr(reference.generator.config, "prefix", None),
+        return_tensors="pt",
+    )
+    assert bool(contexts["context_attention_mask"].bool().all())
+    kwargs = dict(**questions, num_beams=3, num_return_sequences=2, max_length=MAX_LENGTH)
+    expected = reference.generate(**kwargs)
+    assert torch.equal(ours.generate(**kwargs), expected)
+    assert torch.equal(ours.generate(**kwargs, questions_per_batch=1), expected)
+
+
+# --- where ragkit fixes the reference: context padding and a non-default n_docs -----------------------
+
+
+def _explicit_thorough(reference, ids, mask, scores, n_docs, num_beams, num_return_sequences):
+    """Per question: beams per document with the mask, dedup, each candidate scored against each document
+    by a masked forward pass and the reference's own ``get_nll`` given the right ``n_docs``."""
+    generator, pad = reference.generator, reference.config.generator.pad_token_id
+    best = []
+    for q in range(scores.shape[0]):
+        rows = slice(q * n_docs, (q + 1) * n_docs)
+        beams = generator.generate(
+            ids[rows],
+            attention_mask=mask[rows],
+            num_beams=num_beams,
+            num_return_sequences=num_beams,
+            max_length=MAX_LENGTH,
+        )
+        candidates = torch.stack(list({str(k.tolist()): k for k in beams}.values()))
+        count = candidates.shape[0]
+        logits = generator(
+            input_ids=ids[rows].repeat(count, 1),
+            attention_mask=mask[rows].repeat(count, 1),
+            decoder_input_ids=candidates.repeat_interleave(n_docs, dim=0),
+        ).logits
+        loss = reference.get_nll(
+            logits, scores[q : q + 1].repeat(count, 1), candidates, exclude_bos_score=True, n_docs=n_docs
+        )
+        best.extend(_strip(candidates[i], pad) for i in (-loss).topk(num_return_sequences).indices)
+    return best
+
+
+def test_thorough_uses_context_mask_and_n_docs(bart_models):
+    reference, ours = bart_models
+    n_docs = 2  # the config says 3
+    ids, mask, scores = _contexts(batch_size=3, n_docs=n_docs, seed=11, pads=[0, 4, 2, 0, 5, 3])
+    kwargs = dict(
+        context_input_ids=ids,
+        context_attention_mask=mask,
+        doc_scores=scores,
+        num_beams=3,
+        num_return_sequences=2,
+        n_docs=n_docs,
+        max_length=MAX_LENGTH,
+    )
+    got = ours.generate(**kwargs)
+    expected = _explicit_thorough(reference, ids, mask, scores, n_docs, num_beams=3, num_return_sequences=2)
+    assert [_strip(row, 1) for row in got] == expected
+    # The reference cannot score with n_docs != config.n_docs (transformers issue 14394).
+    with pytest.raises((AssertionError, RuntimeError)):
+        reference.generate(**kwargs)
+
+
+def test_context_padding_is_masked_unlike_reference(bart_models):
+    reference, ours = bart_models
+    ids, mask, scores = _contexts(batch_size=2, n_docs=3, seed=13, pads=[3, 0, 5, 2, 4, 0])
+    kwargs = dict(
+        context_input_ids=ids,
+        context_attention_mask=mask,
+        doc_scores=scores,
+        num_beams=3,
+        num_return_sequences=2,
+        max_length=MAX_LENGTH,
+    )
+    got = ours.generate(**kwargs)
+    expected = _explicit_thorough(reference, ids, mask, scores, 3, num_beams=3, num_return_sequences=2)
+    assert [_strip(row, 1) for row in got] == expected
+    # More padding changes nothing for ragkit; the reference attends to it while generating.
+    wide_ids = torch.cat([ids, torch.ones(ids.shape[0], 6, dtype=ids.dtype)], dim=1)
+    wide_mask = torch.cat([mask, torch.zeros_like(wide_ids[:, :6])], dim=1)
+    wide = dict(kwargs, context_input_ids=wide_ids, context_attention_mask=wide_mask)
+    assert torch.equal(ours.generate(**wide), got)
+    assert [_strip(row, 1) for row in reference.generate(**wide)] != expected
+
+
+# --- fast decoding -------------------------------------------------------------------------------
+
+
+def _brute_force_fast(generator, ids, mask, scores, n_docs, num_beams, num_return_sequences, extra):
+    """log sum over the (document, beam) pairs that produced y of p(d|x) * exp(beam's summed token scores)."""
+    doc_logprobs = torch.log_softmax(scores, dim=-1)
+    best = []
+    for q in range(scores.shape[0]):
+        joint: dict[tuple[int, ...], list[torch.Tensor]] = {}
+        for d in range(n_docs):
+            row = q * n_docs + d
+            out = generator.generate(
+                ids[row : row + 1],
+                attention_mask=mask[row : row + 1],
+                num_beams=num_beams,
+                num_return_sequences=num_beams,
+                max_length=MAX_LENGTH,
+                output_scores=True,
+                return_dict_in_generate=True,
+                **extra,
+            )
+            transition = generator.compute_transition_scores(
+                out.sequences, out.scores, getattr(out, "beam_indices", None), normalize_logits=num_beams == 1
+            )
+            for seq, token_scores in zip(out.sequences, transition):
+                # Forced tokens score 0 after processing; past the end, transition scores are 0 too.
+                joint.setdefault(_strip(seq, 1), []).append(doc_logprobs[q, d] + token_scores.sum())
+        totals = {y: torch.stack(v).logsumexp(0).item() for y, v in joint.items()}
+        assert all(torch.isfinite(torch.tensor(list(totals.values()))))
+        ranked = sorted(totals, key=lambda y: -totals[y])
+        best.extend(ranked[:num_return_sequences])
+    return best
+
+
+@pytest.mark.parametrize(
+    "num_beams,num_return_sequences,extra",
+    [
+        (1, 1, {}),
+        (1, 2, {"forced_bos_token_id": 0}),
+        (3, 2, {}),
+        (3, 3, {"forced_bos_token_id": 0, "min_length": 4}),
+    ],
+)
+def test_fast_matches_its_definition(bart_models, num_beams, num_return_sequences, extra):
+    _, ours = bart_models
+    ids, mask, scores = _contexts(batch_size=2, n_docs=3, seed=17, pads=[0, 3, 0, 2, 0, 0])
+    got = ours.generate(
+        context_input_ids=ids,
+        context_attention_mask=mask,
+        doc_scores=scores,
+        num_beams=num_beams,
+        num_return_sequences=num_return_sequences,
+        max_length=MAX_LENGTH,
+        decoding="fast",
+        **extra,
+    )
+    assert got.shape[0] == 2 * num_return_sequences
+    expected = _brute_force_fast(ours.generator, ids, mask, scores, 3, num_beams, num_return_sequences, extra)
+    assert [_strip(row, 1) for row in got] == expected
+
+
+def test_fast_and_thorough_agree_with_a_single_document(bart_models):
+    # With one document both modes rank the same beams by (nearly) the same log-likelihood.
+    _, ours = bart_models
+    ids, mask, scores = _contexts(batch_size=3, n_docs=1, seed=19)
+    kwargs = dict(
+        context_input_ids=ids, context_attention_mask=mask, doc_scores=scores, n_docs=1, max_length=MAX_LENGTH
+    )
+    assert torch.equal(ours.generate(**kwargs, decoding="fast"), ours.generate(**kwargs))
+
+
+# --- argument errors ----------------------------------------------------------------------------
+
+
+def test_bad_arguments_raise_clear_errors(bart_models):
+    _, ours = bart_models
+    ids, mask, scores = _contexts(batch_size=2, n_docs=3)
+    base = dict(context_input_ids=ids, context_attention_mask=mask, doc_scores=scores, max_length=MAX_LENGTH)
+    assert DECODING_MODES == ("thorough", "fast")
+    with pytest.raises(ValueError, match="decoding"):
+        ours.generate(**base, decoding="beam")
+    with pytest.raises(ValueError, match="do_sample"):
+        ours.generate(**base, decoding="fast", do_sample=True)
+    with pytest.raises(ValueError, match="num_return_sequences"):
+        ours.generate(**base, num_beams=1, num_return_sequences=4)
+    with pytest.raises(ValueError, match="n_docs"):
+        ours.generate(**base, n_docs=4)
+    with pytest.raises(ValueError, match="doc_scores"):
+        rag_sequence_generate(ours, context_input_ids=ids, context_attention_mask=mask)
+    with pytest.raises(ValueError, match="retriever"):
+        rag_sequence_generate(ours, input_ids=ids[:2])
+
+
+def test_padded_question_batch_matches_questions_one_at_a_time(
+    question_encoder_tokenizer, generator_tokenizer, indexed_dataset
+):
+    # Questions of different lengths are padded; ragkit encodes them with their mask for retrieval and
+    # scoring alike, and masks the padded retrieved contexts, so batching changes nothing.
+    _, ours = _build("bart", seed=4)
+    ours.set_retriever(
+        _retriever("reference", ours.config, question_encoder_tokenizer, generator_tokenizer, indexed_dataset)
+    )
+    texts = ["where is paris", "what is the capital of germany", "which river flows through london"]
+    batch = question_encoder_tokenizer(texts, return_tensors="pt", padding=True)
+    assert not bool(batch["attention_mask"].bool().all())
+    kwargs = dict(num_beams=2, num_return_sequences=2, max_length=MAX_LENGTH)
+    together = ours.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
+    alone = []
+    for text in texts:
+        single = question_encoder_tokenizer([text], return_tensors="pt")
+        alone += [_strip(row, 1) for row in ours.generate(input_ids=single["input_ids"], **kwargs)]
+    assert [_strip(row, 1) for row in together] == alone
