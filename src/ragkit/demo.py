@@ -220,22 +220,9 @@ def write_generator_tokenizer(
     Returns:
         A ``BartTokenizer`` (ids: ``<s>`` 0, ``<pad>`` 1, ``</s>`` 2, ``<unk>`` 3, ``<mask>`` 4).
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import BartTokenizer
+    from .testing import _train_bart_tokenizer
 
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(list(texts), trainer)
-    bpe.model.save(str(directory))
-    tokenizer = BartTokenizer(vocab=str(directory / "vocab.json"), merges=str(directory / "merges.txt"))
+    tokenizer = _train_bart_tokenizer(texts, directory, vocab_size)
     tokenizer.save_pretrained(str(directory))
     return tokenizer
 
@@ -250,29 +237,17 @@ _MINILM = "all-MiniLM-L6-v2"
 
 def _tiny_bart_config(vocab_size: int) -> Any:
     """A small BART (2+2 layers, width 128) trained from scratch as the generator."""
-    from transformers import BartConfig
+    from .testing import tiny_bart_config
 
-    return BartConfig(
-        vocab_size=vocab_size,
+    return tiny_bart_config(
+        vocab_size,
         d_model=128,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
         encoder_ffn_dim=256,
         decoder_ffn_dim=256,
         max_position_embeddings=128,
-        dropout=0.0,
-        attention_dropout=0.0,
         # BART's default init (std 0.02) leaves attention uniform for hundreds of steps at this width;
         # a wider init lets the decoder learn to copy from the passage within a few epochs.
         init_std=0.1,
-        bos_token_id=0,
-        pad_token_id=1,
-        eos_token_id=2,
-        decoder_start_token_id=2,
-        forced_bos_token_id=None,
-        forced_eos_token_id=None,
     )
 
 

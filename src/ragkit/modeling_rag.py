@@ -93,6 +93,23 @@ def _as_rag_config(config: PretrainedConfig) -> RagConfig:
     )
 
 
+def _rag_config(
+    config: PretrainedConfig | None,
+    question_encoder: PreTrainedModel | None,
+    generator: PreTrainedModel | None,
+    config_kwargs: dict[str, Any],
+    missing_message: str,
+) -> RagConfig:
+    """The model's RAG config: ``config``, or one built from the two parts' configs (else ``missing_message``)."""
+    if config is None:
+        if question_encoder is None or generator is None:
+            raise ValueError(missing_message)
+        config = RagConfig.from_question_encoder_generator_configs(
+            question_encoder.config, generator.config, **config_kwargs
+        )
+    return _as_rag_config(config)
+
+
 def _batch_size_of(
     input_ids: torch.Tensor | None,
     doc_scores: torch.Tensor | None,
@@ -133,6 +150,22 @@ def _replace_ignore_index(labels: torch.Tensor, pad_token_id: int | None) -> tor
     return labels.masked_fill(labels == -100, pad_token_id)
 
 
+def _shift_left(target: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    """``target[:, 1:]`` padded to full length: the decoder is fed the target, so position t predicts t + 1."""
+    return torch.cat([target[:, 1:], target.new_full((target.shape[0], 1), pad_token_id)], 1)
+
+
+def _smoothed_loss(
+    nll_loss: torch.Tensor, smooth_loss: torch.Tensor, epsilon: float, vocab_size: int, reduce_loss: bool
+) -> torch.Tensor:
+    """Label-smoothed loss from per-question NLL and smoothing terms, summed over the batch with ``reduce_loss``."""
+    if reduce_loss:
+        nll_loss = nll_loss.sum()
+        smooth_loss = smooth_loss.sum()
+    eps_i = epsilon / vocab_size
+    return (1.0 - epsilon) * nll_loss + eps_i * smooth_loss
+
+
 def _architecture_mismatch_warning(cls: type, config: PretrainedConfig) -> None:
     """Log a warning when a RAG-Token checkpoint is loaded into the Sequence head or the reverse (issue 7831)."""
     expected = getattr(cls, "_rag_head", None)
@@ -171,6 +204,28 @@ def _config_for_checks(
         raise ValueError("Pass a checkpoint (Hub id or directory) or `config=` to from_pretrained.")
     hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
     return RagConfig.from_pretrained(source, **hub_kwargs)
+
+
+def _load_part(
+    auto_class: type,
+    pretrained_model_name_or_path: str | os.PathLike | None,
+    part_kwargs: dict[str, Any],
+    missing_message: str,
+) -> PreTrainedModel:
+    """One part for ``from_pretrained_question_encoder_generator``: ``model=`` if given, else loaded."""
+    model = part_kwargs.pop("model", None)
+    if model is not None:
+        return model
+    if pretrained_model_name_or_path is None:
+        raise ValueError(missing_message)
+    if "config" not in part_kwargs:
+        # Config-level kwargs (e.g. question_encoder_hidden_dropout_prob) update the config; the rest go to
+        # from_pretrained.
+        part_config, part_kwargs = AutoConfig.from_pretrained(
+            pretrained_model_name_or_path, **part_kwargs, return_unused_kwargs=True
+        )
+        part_kwargs["config"] = part_config
+    return auto_class.from_pretrained(pretrained_model_name_or_path, **part_kwargs)
 
 
 def _prepare_accelerator_kwargs(
@@ -445,41 +500,20 @@ class RagPreTrainedModel(PreTrainedModel):
             key[len("generator_") :]: kwargs.pop(key) for key in list(kwargs) if key.startswith("generator_")
         }
 
-        question_encoder = question_encoder_kwargs.pop("model", None)
-        if question_encoder is None:
-            if question_encoder_pretrained_model_name_or_path is None:
-                raise ValueError(
-                    "Pass `question_encoder_pretrained_model_name_or_path` (a Hub id or directory) or a ready "
-                    "model as `question_encoder_model=`."
-                )
-            if "config" not in question_encoder_kwargs:
-                # Config-level kwargs (e.g. question_encoder_hidden_dropout_prob) update the config; the rest go to
-                # from_pretrained.
-                qe_config, question_encoder_kwargs = AutoConfig.from_pretrained(
-                    question_encoder_pretrained_model_name_or_path,
-                    **question_encoder_kwargs,
-                    return_unused_kwargs=True,
-                )
-                question_encoder_kwargs["config"] = qe_config
-            question_encoder = AutoModel.from_pretrained(
-                question_encoder_pretrained_model_name_or_path, **question_encoder_kwargs
-            )
-
-        generator = generator_kwargs.pop("model", None)
-        if generator is None:
-            if generator_pretrained_model_name_or_path is None:
-                raise ValueError(
-                    "Pass `generator_pretrained_model_name_or_path` (a Hub id or directory) or a ready model as "
-                    "`generator_model=`."
-                )
-            if "config" not in generator_kwargs:
-                gen_config, generator_kwargs = AutoConfig.from_pretrained(
-                    generator_pretrained_model_name_or_path, **generator_kwargs, return_unused_kwargs=True
-                )
-                generator_kwargs["config"] = gen_config
-            generator = AutoModelForSeq2SeqLM.from_pretrained(
-                generator_pretrained_model_name_or_path, **generator_kwargs
-            )
+        question_encoder = _load_part(
+            AutoModel,
+            question_encoder_pretrained_model_name_or_path,
+            question_encoder_kwargs,
+            "Pass `question_encoder_pretrained_model_name_or_path` (a Hub id or directory) or a ready "
+            "model as `question_encoder_model=`.",
+        )
+        generator = _load_part(
+            AutoModelForSeq2SeqLM,
+            generator_pretrained_model_name_or_path,
+            generator_kwargs,
+            "Pass `generator_pretrained_model_name_or_path` (a Hub id or directory) or a ready model as "
+            "`generator_model=`.",
+        )
 
         config = kwargs.pop("config", None)
         if config is None:
@@ -518,15 +552,13 @@ class RagModel(RagPreTrainedModel):
         retriever: Any = None,
         **kwargs: Any,
     ):
-        if config is None:
-            if question_encoder is None or generator is None:
-                raise ValueError(
-                    "RagModel needs a `config`, or both a `question_encoder` and a `generator` to build one from."
-                )
-            config = RagConfig.from_question_encoder_generator_configs(
-                question_encoder.config, generator.config, **kwargs
-            )
-        config = _as_rag_config(config)
+        config = _rag_config(
+            config,
+            question_encoder,
+            generator,
+            kwargs,
+            "RagModel needs a `config`, or both a `question_encoder` and a `generator` to build one from.",
+        )
         super().__init__(config)
         if question_encoder is None:
             question_encoder = AutoModel.from_config(config.question_encoder)
@@ -807,21 +839,31 @@ class RagModel(RagPreTrainedModel):
 
 
 class _RagHeadMixin:
-    """Shared plumbing of the two heads: the wrapped :class:`RagModel` and its parts."""
+    """Shared plumbing of the two heads: the constructor (see the heads' Args), the wrapped :class:`RagModel`
+    and its parts, and ``forward`` around the head's own loss."""
 
     rag: RagModel
 
-    def _init_rag(self, config, question_encoder, generator, kwargs) -> RagConfig:
-        """Build the config if needed; return it (the caller runs ``PreTrainedModel.__init__``)."""
-        if config is None:
-            if question_encoder is None or generator is None:
-                raise ValueError(
-                    f"{type(self).__name__} needs a `config`, or both a `question_encoder` and a `generator`."
-                )
-            config = RagConfig.from_question_encoder_generator_configs(
-                question_encoder.config, generator.config, **kwargs
-            )
-        return _as_rag_config(config)
+    def __init__(
+        self,
+        config: PretrainedConfig | None = None,
+        question_encoder: PreTrainedModel | None = None,
+        generator: PreTrainedModel | None = None,
+        retriever: Any = None,
+        **kwargs: Any,
+    ):
+        config = _rag_config(
+            config,
+            question_encoder,
+            generator,
+            kwargs,
+            f"{type(self).__name__} needs a `config`, or both a `question_encoder` and a `generator`.",
+        )
+        super().__init__(config)
+        self.rag = RagModel(
+            config=config, question_encoder=question_encoder, generator=generator, retriever=retriever
+        )
+        self.post_init()
 
     @property
     def retriever(self) -> Any:
@@ -873,6 +915,57 @@ class _RagHeadMixin:
                 )
         return labels
 
+    def _head_forward(
+        self,
+        loss_and_logits: Callable[..., tuple[torch.Tensor | None, torch.Tensor]],
+        labels: torch.Tensor | None,
+        n_docs: int | None,
+        reduce_loss: bool | None,
+        label_smoothing: float | None,
+        return_dict: bool | None,
+        *,
+        input_ids: torch.Tensor | None,
+        decoder_input_ids: torch.Tensor | None,
+        context_input_ids: torch.Tensor | None,
+        doc_scores: torch.Tensor | None,
+        use_cache: bool | None,
+        **rag_kwargs: Any,
+    ) -> RetrievAugLMMarginOutput | tuple:
+        """The heads' ``forward``: config defaults, labels checked, :class:`RagModel` run, output built.
+
+        ``loss_and_logits(outputs, labels, decoder_input_ids, n_docs, reduce_loss, label_smoothing)`` is the
+        head's own step, called with the checked labels, the decoder inputs fed and the resolved defaults: it
+        returns the loss (None without labels) and the logits of the output.
+        """
+        n_docs = n_docs if n_docs is not None else self.config.n_docs
+        reduce_loss = reduce_loss if reduce_loss is not None else self.config.reduce_loss
+        label_smoothing = label_smoothing if label_smoothing is not None else self.config.label_smoothing
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+
+        if labels is not None:
+            labels = self._labels_for_loss(
+                labels, _batch_size_of(input_ids, doc_scores, context_input_ids, n_docs)
+            )
+            if decoder_input_ids is None:
+                decoder_input_ids = labels
+            use_cache = False
+
+        outputs = self.rag(
+            input_ids=input_ids,
+            decoder_input_ids=decoder_input_ids,
+            context_input_ids=context_input_ids,
+            doc_scores=doc_scores,
+            use_cache=use_cache,
+            n_docs=n_docs,
+            return_dict=True,
+            **rag_kwargs,
+        )
+        loss, logits = loss_and_logits(
+            outputs, labels, decoder_input_ids, n_docs, reduce_loss, label_smoothing
+        )
+        output = _margin_output(outputs, loss, logits)
+        return output if return_dict else output.to_tuple()
+
 
 class RagSequenceForGeneration(_RagHeadMixin, RagPreTrainedModel):
     """RAG-Sequence: one document conditions the whole answer; marginalizes over documents per sequence.
@@ -886,21 +979,6 @@ class RagSequenceForGeneration(_RagHeadMixin, RagPreTrainedModel):
     """
 
     _rag_head = "sequence"
-
-    def __init__(
-        self,
-        config: PretrainedConfig | None = None,
-        question_encoder: PreTrainedModel | None = None,
-        generator: PreTrainedModel | None = None,
-        retriever: Any = None,
-        **kwargs: Any,
-    ):
-        config = self._init_rag(config, question_encoder, generator, kwargs)
-        super().__init__(config)
-        self.rag = RagModel(
-            config=config, question_encoder=question_encoder, generator=generator, retriever=retriever
-        )
-        self.post_init()
 
     def forward(
         self,
@@ -944,23 +1022,32 @@ class RagSequenceForGeneration(_RagHeadMixin, RagPreTrainedModel):
         Returns:
             :class:`RetrievAugLMMarginOutput`; ``loss`` is `(batch_size,)` (a scalar with ``reduce_loss``).
         """
-        n_docs = n_docs if n_docs is not None else self.config.n_docs
         exclude_bos_score = (
             exclude_bos_score if exclude_bos_score is not None else self.config.exclude_bos_score
         )
-        reduce_loss = reduce_loss if reduce_loss is not None else self.config.reduce_loss
-        label_smoothing = label_smoothing if label_smoothing is not None else self.config.label_smoothing
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
 
-        if labels is not None:
-            labels = self._labels_for_loss(
-                labels, _batch_size_of(input_ids, doc_scores, context_input_ids, n_docs)
+        def loss_and_logits(outputs, labels, decoder_input_ids, n_docs, reduce_loss, label_smoothing):
+            if labels is None:
+                return None, outputs.logits
+            # The reference scores `decoder_input_ids` (equal to labels unless both are passed): kept for parity.
+            loss = self.get_nll(
+                outputs.logits,
+                outputs.doc_scores,
+                decoder_input_ids,
+                reduce_loss=reduce_loss,
+                epsilon=label_smoothing,
+                exclude_bos_score=exclude_bos_score,
+                n_docs=n_docs,
             )
-            if decoder_input_ids is None:
-                decoder_input_ids = labels
-            use_cache = False
+            return loss, outputs.logits
 
-        outputs = self.rag(
+        return self._head_forward(
+            loss_and_logits,
+            labels,
+            n_docs,
+            reduce_loss,
+            label_smoothing,
+            return_dict,
             input_ids=input_ids,
             attention_mask=attention_mask,
             encoder_outputs=encoder_outputs,
@@ -975,25 +1062,7 @@ class RagSequenceForGeneration(_RagHeadMixin, RagPreTrainedModel):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             output_retrieved=output_retrieved,
-            n_docs=n_docs,
-            return_dict=True,
         )
-
-        loss = None
-        if labels is not None:
-            # The reference scores `decoder_input_ids` (equal to labels unless both are passed): kept for parity.
-            loss = self.get_nll(
-                outputs.logits,
-                outputs.doc_scores,
-                decoder_input_ids,
-                reduce_loss=reduce_loss,
-                epsilon=label_smoothing,
-                exclude_bos_score=exclude_bos_score,
-                n_docs=n_docs,
-            )
-
-        output = _margin_output(outputs, loss, outputs.logits)
-        return output if return_dict else output.to_tuple()
 
     def get_nll(
         self,
@@ -1024,10 +1093,8 @@ class RagSequenceForGeneration(_RagHeadMixin, RagPreTrainedModel):
         """
         n_docs = n_docs if n_docs is not None else self.config.n_docs
         pad_token_id = self.config.generator.pad_token_id
-        target = to_device(target, seq_logits.device, "labels")
+        target = _shift_left(to_device(target, seq_logits.device, "labels"), pad_token_id)
         doc_scores = to_device(doc_scores, seq_logits.device, "doc_scores")
-        # Score position t against token t + 1 (the decoder is fed the target itself).
-        target = torch.cat([target[:, 1:], target.new_full((target.shape[0], 1), pad_token_id)], 1)
         # bos_token_id is None for T5
         bos_token_id = self.config.bos_token_id or getattr(self.config.generator, "bos_token_id", None)
         use_bos = bos_token_id is not None and bool(target[:, 0].eq(bos_token_id).all())
@@ -1060,11 +1127,7 @@ class RagSequenceForGeneration(_RagHeadMixin, RagPreTrainedModel):
         smooth_obj = smooth_obj.sum(2)
         nll_loss = -ll.logsumexp(1)  # over documents
         smooth_loss = -smooth_obj.logsumexp(1)
-        if reduce_loss:
-            nll_loss = nll_loss.sum()
-            smooth_loss = smooth_loss.sum()
-        eps_i = epsilon / vocab_size
-        return (1.0 - epsilon) * nll_loss + eps_i * smooth_loss
+        return _smoothed_loss(nll_loss, smooth_loss, epsilon, vocab_size, reduce_loss)
 
     @torch.no_grad()
     def generate(
@@ -1148,21 +1211,6 @@ class RagTokenForGeneration(_RagHeadMixin, RagPreTrainedModel, GenerationMixin):
 
     _rag_head = "token"
 
-    def __init__(
-        self,
-        config: PretrainedConfig | None = None,
-        question_encoder: PreTrainedModel | None = None,
-        generator: PreTrainedModel | None = None,
-        retriever: Any = None,
-        **kwargs: Any,
-    ):
-        config = self._init_rag(config, question_encoder, generator, kwargs)
-        super().__init__(config)
-        self.rag = RagModel(
-            config=config, question_encoder=question_encoder, generator=generator, retriever=retriever
-        )
-        self.post_init()
-
     def marginalize(
         self, seq_logits: torch.Tensor, doc_scores: torch.Tensor, n_docs: int | None = None
     ) -> torch.Tensor:
@@ -1231,21 +1279,31 @@ class RagTokenForGeneration(_RagHeadMixin, RagPreTrainedModel, GenerationMixin):
         Returns:
             :class:`RetrievAugLMMarginOutput`.
         """
-        n_docs = n_docs if n_docs is not None else self.config.n_docs
         do_marginalize = do_marginalize if do_marginalize is not None else self.config.do_marginalize
-        reduce_loss = reduce_loss if reduce_loss is not None else self.config.reduce_loss
-        label_smoothing = label_smoothing if label_smoothing is not None else self.config.label_smoothing
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
 
-        if labels is not None:
-            labels = self._labels_for_loss(
-                labels, _batch_size_of(input_ids, doc_scores, context_input_ids, n_docs)
-            )
-            if decoder_input_ids is None:
-                decoder_input_ids = labels
-            use_cache = False
+        def loss_and_logits(outputs, labels, decoder_input_ids, n_docs, reduce_loss, label_smoothing):
+            loss = None
+            logits = outputs.logits
+            if labels is not None:
+                loss = self.get_nll(
+                    logits,
+                    outputs.doc_scores,
+                    labels,
+                    reduce_loss=reduce_loss,
+                    epsilon=label_smoothing,
+                    n_docs=n_docs,
+                )
+            if do_marginalize:
+                logits = self.marginalize(logits, outputs.doc_scores, n_docs)
+            return loss, logits
 
-        outputs = self.rag(
+        return self._head_forward(
+            loss_and_logits,
+            labels,
+            n_docs,
+            reduce_loss,
+            label_smoothing,
+            return_dict,
             input_ids=input_ids,
             attention_mask=attention_mask,
             encoder_outputs=encoder_outputs,
@@ -1260,26 +1318,7 @@ class RagTokenForGeneration(_RagHeadMixin, RagPreTrainedModel, GenerationMixin):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             output_retrieved=output_retrieved,
-            n_docs=n_docs,
-            return_dict=True,
         )
-
-        loss = None
-        logits = outputs.logits
-        if labels is not None:
-            loss = self.get_nll(
-                logits,
-                outputs.doc_scores,
-                labels,
-                reduce_loss=reduce_loss,
-                epsilon=label_smoothing,
-                n_docs=n_docs,
-            )
-        if do_marginalize:
-            logits = self.marginalize(logits, outputs.doc_scores, n_docs)
-
-        output = _margin_output(outputs, loss, logits)
-        return output if return_dict else output.to_tuple()
 
     def get_nll(
         self,
@@ -1305,21 +1344,14 @@ class RagTokenForGeneration(_RagHeadMixin, RagPreTrainedModel, GenerationMixin):
         """
         n_docs = n_docs if n_docs is not None else self.config.n_docs
         pad_token_id = self.config.generator.pad_token_id
-        target = to_device(target, seq_logits.device, "labels")
-        target = torch.cat([target[:, 1:], target.new_full((target.shape[0], 1), pad_token_id)], 1)
+        target = _shift_left(to_device(target, seq_logits.device, "labels"), pad_token_id)
         rag_logprobs = self.marginalize(seq_logits, doc_scores, n_docs)  # (batch_size, length, vocab)
         ll = rag_logprobs.gather(dim=-1, index=target.unsqueeze(-1)).squeeze(-1)
         smooth_obj = rag_logprobs.sum(dim=-1)
         pad_mask = target.eq(pad_token_id)
         ll = ll.masked_fill(pad_mask, 0.0).sum(1)
         smooth_obj = smooth_obj.masked_fill(pad_mask, 0.0).sum(1)
-        nll_loss = -ll
-        smooth_loss = -smooth_obj
-        if reduce_loss:
-            nll_loss = nll_loss.sum()
-            smooth_loss = smooth_loss.sum()
-        eps_i = epsilon / rag_logprobs.shape[-1]
-        return (1.0 - epsilon) * nll_loss + eps_i * smooth_loss
+        return _smoothed_loss(-ll, -smooth_obj, epsilon, rag_logprobs.shape[-1], reduce_loss)
 
     # ---- decoding -------------------------------------------------------------------------------
 

@@ -334,6 +334,20 @@ class RagRetriever:
         doc_ids, retrieved_doc_embeds = self._main_retrieve(queries, n_docs)
         return retrieved_doc_embeds, doc_ids, self.index.get_doc_dicts(doc_ids)
 
+    @classmethod
+    def _from_retriever(cls, retriever: RagRetriever, **kwargs: Any) -> RagRetriever:
+        """The distributed retrievers' ``from_retriever``: a ``cls`` over ``retriever``'s parts and index."""
+        wrapped = cls(
+            retriever.config,
+            retriever.question_encoder_tokenizer,
+            retriever.generator_tokenizer,
+            index=retriever.index,
+            **kwargs,
+        )
+        if retriever.return_tokenized_docs:
+            wrapped.set_ctx_encoder_tokenizer(retriever.ctx_encoder_tokenizer)
+        return wrapped
+
     def set_ctx_encoder_tokenizer(self, ctx_encoder_tokenizer: PreTrainedTokenizerBase) -> None:
         """Also return the retrieved passages tokenized for a context encoder (end-to-end retriever training)."""
         self.ctx_encoder_tokenizer = ctx_encoder_tokenizer

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import string
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,26 @@ def _corpus() -> list[str]:
     return texts * 4
 
 
+def _train_bart_tokenizer(
+    texts: Iterable[str], directory: str | os.PathLike, vocab_size: int
+) -> BartTokenizer:
+    """Train a byte-level BPE (BART's specials) on ``texts`` into ``directory``; a BART tokenizer over it."""
+    os.makedirs(directory, exist_ok=True)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=_GENERATOR_SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(list(texts), trainer)
+    bpe.model.save(str(directory))
+    return BartTokenizer(
+        vocab=os.path.join(directory, "vocab.json"), merges=os.path.join(directory, "merges.txt")
+    )
+
+
 def write_tiny_question_encoder_tokenizer(directory: str | os.PathLike) -> DPRQuestionEncoderTokenizer:
     """Write a WordPiece vocabulary to ``directory`` and return a DPR question encoder tokenizer over it.
 
@@ -95,20 +116,7 @@ def write_tiny_generator_tokenizer(directory: str | os.PathLike, vocab_size: int
 
     Ids: ``<s>`` 0, ``<pad>`` 1, ``</s>`` 2, ``<unk>`` 3, ``<mask>`` 4, as in BART.
     """
-    os.makedirs(directory, exist_ok=True)
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=_GENERATOR_SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(_corpus(), trainer)
-    bpe.model.save(str(directory))
-    return BartTokenizer(
-        vocab=os.path.join(directory, "vocab.json"), merges=os.path.join(directory, "merges.txt")
-    )
+    return _train_bart_tokenizer(_corpus(), directory, vocab_size)
 
 
 def tiny_dpr_config(vocab_size: int = 256, hidden_size: int = 32, **kwargs: Any) -> DPRConfig:

@@ -53,15 +53,15 @@ def data_dir(tmp_path, capitals):
     return directory
 
 
-def test_consolidate_finetune_resume_eval(tmp_path, components, data_dir, capitals, capsys):
-    CAPITALS, _, HELD_OUT_TEMPLATE = capitals
+def _consolidated(tmp_path, components, model_type="rag_sequence"):
+    """A RAG checkpoint over the tiny custom index, written by ``ragkit consolidate``."""
     root, built = components
     checkpoint = tmp_path / "rag"
     assert (
         main(
             [
                 "consolidate",
-                "--model_type", "rag_token",
+                "--model_type", model_type,
                 "--question_encoder_name_or_path", str(root / "qe"),
                 "--generator_name_or_path", str(root / "gen"),
                 "--dest", str(checkpoint),
@@ -73,6 +73,12 @@ def test_consolidate_finetune_resume_eval(tmp_path, components, data_dir, capita
         )
         == 0
     )  # fmt: skip
+    return checkpoint
+
+
+def test_consolidate_finetune_resume_eval(tmp_path, components, data_dir, capitals, capsys):
+    CAPITALS, _, HELD_OUT_TEMPLATE = capitals
+    checkpoint = _consolidated(tmp_path, components, "rag_token")
     config = json.loads((checkpoint / "config.json").read_text())
     assert config["model_type"] == "rag" and config["retrieval_vector_size"] == 32
     assert (checkpoint / "question_encoder_tokenizer").is_dir() and (
@@ -261,29 +267,6 @@ def test_empty_corpus_is_refused(tmp_path):
     empty.write_text("title\ttext\n")
     with pytest.raises(ValueError, match=r"docs\.tsv"):
         build_index(empty, tmp_path / "index", encoder="unused", show_progress=False)
-
-
-def _consolidated(tmp_path, components):
-    """A RAG-Sequence checkpoint over the tiny custom index, written by ``ragkit consolidate``."""
-    root, built = components
-    checkpoint = tmp_path / "rag"
-    assert (
-        main(
-            [
-                "consolidate",
-                "--model_type", "rag_sequence",
-                "--question_encoder_name_or_path", str(root / "qe"),
-                "--generator_name_or_path", str(root / "gen"),
-                "--dest", str(checkpoint),
-                "--index_name", "custom",
-                "--passages_path", str(built.passages_path),
-                "--index_path", str(built.index_path),
-                "--n_docs", "2",
-            ]
-        )
-        == 0
-    )  # fmt: skip
-    return checkpoint
 
 
 def test_finetune_with_a_ray_served_index(tmp_path, components, data_dir, capsys):

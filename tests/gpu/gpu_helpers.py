@@ -15,6 +15,19 @@ MID_WIDTH = 256
 MID_VOCAB = 1000
 
 
+def _rag_config(question_encoder: DPRConfig, generator: BartConfig, rag_fields: dict) -> RagConfig:
+    """A custom-index RAG config over the two parts with the generator's special token ids, then ``rag_fields``."""
+    fields = dict(
+        index_name="custom",
+        pad_token_id=generator.pad_token_id,
+        eos_token_id=generator.eos_token_id,
+        bos_token_id=generator.bos_token_id,
+        decoder_start_token_id=generator.decoder_start_token_id,
+    )
+    fields.update(rag_fields)
+    return RagConfig.from_question_encoder_generator_configs(question_encoder, generator, **fields)
+
+
 def mid_rag_config(**rag_fields) -> RagConfig:
     """DPR (2 layers, width 256) + BART (2+2 layers, width 256, vocab 1000)."""
     question_encoder = DPRConfig(
@@ -38,17 +51,9 @@ def mid_rag_config(**rag_fields) -> RagConfig:
         dropout=0.0,
         attention_dropout=0.0,
     )
-    fields = dict(
-        n_docs=3,
-        retrieval_vector_size=MID_WIDTH,
-        index_name="custom",
-        pad_token_id=generator.pad_token_id,
-        eos_token_id=generator.eos_token_id,
-        bos_token_id=generator.bos_token_id,
-        decoder_start_token_id=generator.decoder_start_token_id,
+    return _rag_config(
+        question_encoder, generator, {"n_docs": 3, "retrieval_vector_size": MID_WIDTH, **rag_fields}
     )
-    fields.update(rag_fields)
-    return RagConfig.from_question_encoder_generator_configs(question_encoder, generator, **fields)
 
 
 def base_rag_config(**rag_fields) -> RagConfig:
@@ -62,16 +67,7 @@ def base_rag_config(**rag_fields) -> RagConfig:
         encoder_ffn_dim=3072,
         decoder_ffn_dim=3072,
     )
-    fields = dict(
-        n_docs=5,
-        index_name="custom",
-        pad_token_id=generator.pad_token_id,
-        eos_token_id=generator.eos_token_id,
-        bos_token_id=generator.bos_token_id,
-        decoder_start_token_id=generator.decoder_start_token_id,
-    )
-    fields.update(rag_fields)
-    return RagConfig.from_question_encoder_generator_configs(DPRConfig(), generator, **fields)
+    return _rag_config(DPRConfig(), generator, {"n_docs": 5, **rag_fields})
 
 
 def write_random_checkpoint(directory: Path, config: RagConfig, seed: int = 0, std: float = 0.05) -> Path:

@@ -28,6 +28,15 @@ def _call_both(pair, **kwargs):
         return pair.reference(**kwargs), pair.ours(**kwargs)
 
 
+def _call_both_with_label_smoothing(pair, epsilon, **kwargs):
+    """Both models with label smoothing: the reference reads it from its config only, ragkit as an argument."""
+    pair.reference.config.label_smoothing = epsilon
+    try:
+        return _call_both(pair, **kwargs, label_smoothing=epsilon)
+    finally:
+        pair.reference.config.label_smoothing = 0.0
+
+
 @pytest.mark.parametrize("generator_kind", GENERATORS)
 @pytest.mark.parametrize("head", ["model", "sequence", "token"])
 def test_forward_with_retriever_matches_reference(pairs, questions, labels, head, generator_kind):
@@ -88,12 +97,7 @@ def test_sequence_losses_match_reference(pairs, questions, labels, generator_kin
         _close(ref.loss, ours.loss, f"loss {options}")
         _close(ref.logits, ours.logits, f"logits {options}")
         assert ours.loss.shape == (() if options.get("reduce_loss") else (labels.shape[0],))
-    # Label smoothing: the reference reads it from the config only; ragkit also takes it as an argument.
-    pair.reference.config.label_smoothing = 0.1
-    try:
-        ref, ours = _call_both(pair, **base, label_smoothing=0.1)
-    finally:
-        pair.reference.config.label_smoothing = 0.0
+    ref, ours = _call_both_with_label_smoothing(pair, 0.1, **base)
     _close(ref.loss, ours.loss, "loss with label_smoothing=0.1")
     _, plain = _call_both(pair, **base)
     assert (ours.loss - plain.loss).abs().max() > 1e-3, "label smoothing must change the loss"
@@ -113,11 +117,7 @@ def test_token_losses_and_marginalization_match_reference(pairs, questions, labe
         _close(ref.loss, ours.loss, f"loss {options}")
         _close(ref.logits, ours.logits, f"logits {options}")
     assert ours.logits.shape[0] == labels.shape[0], "marginalized logits have one row per question"
-    pair.reference.config.label_smoothing = 0.2
-    try:
-        ref, ours = _call_both(pair, **base, label_smoothing=0.2)
-    finally:
-        pair.reference.config.label_smoothing = 0.0
+    ref, ours = _call_both_with_label_smoothing(pair, 0.2, **base)
     _close(ref.loss, ours.loss, "loss with label_smoothing=0.2")
 
 

@@ -12,6 +12,20 @@ from ragkit import RagRetriever
 from ragkit.retrieval import CustomHFIndex
 
 
+def _from_custom_files(retriever_dir, passages_path, index_path):
+    """``RagRetriever.from_pretrained`` with ``index_name="custom"`` over the given files."""
+    return RagRetriever.from_pretrained(
+        retriever_dir, index_name="custom", passages_path=str(passages_path), index_path=str(index_path)
+    )
+
+
+def _write_flat_index(path, vectors):
+    """Write an exact inner-product faiss index over ``vectors`` to ``path``."""
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(vectors)
+    faiss.write_index(index, str(path))
+
+
 @pytest.fixture
 def retriever(fresh_config, passage_embeddings):
     return RagRetriever(
@@ -42,16 +56,9 @@ def test_dimension_mismatches(passage_embeddings, retriever_dir, saved_custom_in
     with pytest.raises(ValueError, match="retrieval_vector_size"):
         CustomHFIndex(DIM + 8, make_indexed_dataset(passage_embeddings))  # embeddings are 32 wide
     passages_path, _ = saved_custom_index
-    narrow = faiss.IndexFlatIP(DIM // 2)
-    narrow.add(passage_embeddings[:, : DIM // 2].copy())
-    faiss.write_index(narrow, str(tmp_path / "narrow.faiss"))
+    _write_flat_index(tmp_path / "narrow.faiss", passage_embeddings[:, : DIM // 2].copy())
     with pytest.raises(ValueError, match="dimension 16 but `retrieval_vector_size` is 32"):
-        RagRetriever.from_pretrained(
-            retriever_dir,
-            index_name="custom",
-            passages_path=str(passages_path),
-            index_path=str(tmp_path / "narrow.faiss"),
-        )
+        _from_custom_files(retriever_dir, passages_path, tmp_path / "narrow.faiss")
 
 
 def test_question_vectors_of_the_wrong_shape(retriever, question_ids):
@@ -75,46 +82,25 @@ def test_n_docs_larger_than_the_index(retriever):
 def test_missing_and_corrupt_files(retriever_dir, saved_custom_index, tmp_path):
     passages_path, index_path = saved_custom_index
     with pytest.raises(FileNotFoundError, match="`index_path`"):
-        RagRetriever.from_pretrained(
-            retriever_dir,
-            index_name="custom",
-            passages_path=str(passages_path),
-            index_path=str(tmp_path / "no"),
-        )
+        _from_custom_files(retriever_dir, passages_path, tmp_path / "no")
     with pytest.raises(FileNotFoundError, match="`passages_path`"):
-        RagRetriever.from_pretrained(
-            retriever_dir, index_name="custom", passages_path=str(tmp_path / "no"), index_path=str(index_path)
-        )
+        _from_custom_files(retriever_dir, tmp_path / "no", index_path)
     with pytest.raises(ValueError, match=r"passages_path.*index_path"):
         RagRetriever.from_pretrained(retriever_dir, index_name="custom")
     corrupt = tmp_path / "corrupt.faiss"
     corrupt.write_bytes(index_path.read_bytes()[:200])
     with pytest.raises(ValueError, match="truncated, corrupt or not a faiss index"):
-        RagRetriever.from_pretrained(
-            retriever_dir, index_name="custom", passages_path=str(passages_path), index_path=str(corrupt)
-        )
+        _from_custom_files(retriever_dir, passages_path, corrupt)
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(FileNotFoundError, match="save_to_disk"):
-        RagRetriever.from_pretrained(
-            retriever_dir,
-            index_name="custom",
-            passages_path=str(tmp_path / "empty_dir"),
-            index_path=str(index_path),
-        )
+        _from_custom_files(retriever_dir, tmp_path / "empty_dir", index_path)
 
 
 def test_index_of_other_passages(retriever_dir, saved_custom_index, tmp_path, passage_embeddings):
     passages_path, _ = saved_custom_index
-    other = faiss.IndexFlatIP(DIM)
-    other.add(passage_embeddings[:5])
-    faiss.write_index(other, str(tmp_path / "other.faiss"))
+    _write_flat_index(tmp_path / "other.faiss", passage_embeddings[:5])
     with pytest.raises(ValueError, match="holds 5 vectors but the dataset has 16 passages"):
-        RagRetriever.from_pretrained(
-            retriever_dir,
-            index_name="custom",
-            passages_path=str(passages_path),
-            index_path=str(tmp_path / "other.faiss"),
-        )
+        _from_custom_files(retriever_dir, passages_path, tmp_path / "other.faiss")
 
 
 def test_unknown_index_name(retriever_dir, fresh_config):

@@ -194,16 +194,7 @@ class RayRetriever(RagRetriever):
         Returns:
             RayRetriever: started unless ``init_retrieval=False`` is given.
         """
-        ray_retriever = cls(
-            retriever.config,
-            retriever.question_encoder_tokenizer,
-            retriever.generator_tokenizer,
-            index=retriever.index,
-            **kwargs,
-        )
-        if retriever.return_tokenized_docs:
-            ray_retriever.set_ctx_encoder_tokenizer(retriever.ctx_encoder_tokenizer)
-        return ray_retriever
+        return cls._from_retriever(retriever, **kwargs)
 
     def _shard_passages(self) -> Any:
         """The passages dataset the shards slice (given, or the index's own)."""

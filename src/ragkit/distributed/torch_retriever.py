@@ -103,16 +103,7 @@ class TorchDistributedRetriever(RagRetriever):
         Returns:
             TorchDistributedRetriever
         """
-        wrapped = cls(
-            retriever.config,
-            retriever.question_encoder_tokenizer,
-            retriever.generator_tokenizer,
-            index=retriever.index,
-            **kwargs,
-        )
-        if retriever.return_tokenized_docs:
-            wrapped.set_ctx_encoder_tokenizer(retriever.ctx_encoder_tokenizer)
-        return wrapped
+        return cls._from_retriever(retriever, **kwargs)
 
     @staticmethod
     def _distributed_world() -> int:
