@@ -413,17 +413,8 @@ def question_vectors(model: Any, input_ids: Any, attention_mask: Any) -> Any:
     Returns:
         `(batch_size, dim)` tensor.
     """
-    from .pooling import pool_hidden_states
-
     rag = getattr(model, "rag", model)
-    outputs = rag.question_encoder(input_ids, attention_mask=attention_mask, return_dict=True)
-    config = model.config
-    return pool_hidden_states(
-        outputs,
-        attention_mask,
-        pooling=getattr(config, "question_encoder_pooling", "pooler"),
-        normalize=getattr(config, "question_encoder_normalize", False),
-    )
+    return rag._encode_questions(input_ids, attention_mask)[0]
 
 
 # ----------------------------------------------------------------------------- command line

@@ -28,8 +28,6 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.modeling_outputs import BaseModelOutput
 
-from .pooling import pool_hidden_states
-
 __all__ = ["DECODING_MODES", "rag_sequence_generate"]
 
 logger = logging.getLogger(__name__)
@@ -79,19 +77,6 @@ def _resolve_decoding_settings(
     return bool(do_deduplication), int(num_return_sequences), int(num_beams), int(n_docs)
 
 
-def _question_vectors(
-    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
-) -> torch.Tensor:
-    """`(batch_size, dim)` question vectors, pooled as the model's config asks."""
-    outputs = model.question_encoder(input_ids, attention_mask=attention_mask, return_dict=True)
-    return pool_hidden_states(
-        outputs,
-        attention_mask,
-        pooling=getattr(model.config, "question_encoder_pooling", "pooler"),
-        normalize=getattr(model.config, "question_encoder_normalize", False),
-    )
-
-
 def _resolve_contexts(
     model: Any,
     input_ids: torch.Tensor | None,
@@ -112,18 +97,12 @@ def _resolve_contexts(
                 "No retriever is set: pass `context_input_ids`, `context_attention_mask` and `doc_scores`, "
                 "or set one with `model.set_retriever(...)`."
             )
-        question_vectors = _question_vectors(model, input_ids, attention_mask)
-        retrieved = model.retriever(
-            input_ids,
-            question_vectors.detach().to(device="cpu", dtype=torch.float32).numpy(),
-            prefix=getattr(model.generator.config, "prefix", None),
-            n_docs=n_docs,
-            return_tensors="pt",
-        )
-        context_input_ids = retrieved["context_input_ids"].to(input_ids.device)
-        context_attention_mask = retrieved["context_attention_mask"].to(input_ids.device)
-        doc_embeds = retrieved["retrieved_doc_embeds"].to(question_vectors)
-        doc_scores = torch.bmm(question_vectors.unsqueeze(1), doc_embeds.transpose(1, 2)).squeeze(1)
+        # The model's own encoding and retrieval: same pooling, devices and float32 doc scores as forward.
+        question_vectors, _ = model.rag._encode_questions(input_ids, attention_mask)
+        retrieved = model.rag._retrieve(input_ids, question_vectors, n_docs)
+        context_input_ids = retrieved["context_input_ids"]
+        context_attention_mask = retrieved["context_attention_mask"]
+        doc_scores = retrieved["doc_scores"]
     elif doc_scores is None:
         raise ValueError(
             "`doc_scores` of shape (batch_size, n_docs) is needed with `context_input_ids`: RAG-Sequence ranks "
