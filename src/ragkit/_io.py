@@ -6,10 +6,11 @@ import contextlib
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_directory", "atomic_file"]
+__all__ = ["atomic_directory", "atomic_file", "check_not_inside"]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -22,6 +23,13 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _umask() -> int:
+    """The process umask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed over ``path``, on error removed."""
@@ -30,6 +38,8 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    # mkstemp creates the file 0600; give it the mode a plain open() would (0666 less the umask).
+    os.chmod(tmp_path, 0o666 & ~_umask())
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
@@ -39,6 +49,21 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def check_not_inside(output_dir: str | os.PathLike, source: str | os.PathLike, what: str) -> None:
+    """Raise ``ValueError`` when ``source`` is ``output_dir`` or lies inside it.
+
+    :func:`atomic_directory` deletes the old ``output_dir`` once the new one is in place, which would
+    delete an input read from there.
+    """
+    output = Path(output_dir).resolve()
+    src = Path(source).resolve()
+    if src == output or output in src.parents:
+        raise ValueError(
+            f"{what} {os.fspath(source)!r} is inside the output directory {os.fspath(output_dir)!r}, which is "
+            "replaced as a whole (its old content deleted); write the output to another directory."
+        )
 
 
 @contextlib.contextmanager
@@ -51,11 +76,15 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    # mkdtemp creates the directory 0700; give it the mode os.mkdir would (0777 less the umask).
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
         old = None
         if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            # A unique name: a leftover of an interrupted earlier call (same pid, e.g. in a container) must not
+            # make every later call fail.
+            old = path.with_name(f".{path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:12]}")
             os.replace(path, old)
         os.replace(tmp, path)
         _fsync_dir(path.parent)

@@ -106,8 +106,18 @@ def _read_jsonl(path: Path) -> list[QAExample]:
                 raise ValueError(
                     f"{path}, line {number}: not valid JSON ({err.msg}); fix or remove the line."
                 ) from err
+            if not isinstance(record, dict):
+                raise ValueError(
+                    f"{path}, line {number}: each line must be a JSON object such as "
+                    f'{{"question": ..., "answer": ...}}, got {type(record).__name__}.'
+                )
             source = record.get("question", record.get("source"))
             answers = record.get("answers")
+            if answers is not None and not isinstance(answers, (str, list)):
+                raise ValueError(
+                    f"{path}, line {number}: 'answers' must be a string or a list of strings, "
+                    f"got {type(answers).__name__}."
+                )
             target = record.get("answer", record.get("target"))
             if isinstance(answers, str):
                 answers = [answers]
@@ -557,7 +567,16 @@ def _check_index_width(model: Any) -> None:
 
 def _capture_rng_state() -> dict[str, Any]:
     """Python, numpy and torch (CPU and CUDA) RNG states."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    # numpy's key array as a tensor, so the checkpoint loads with torch.load(weights_only=True).
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    numpy_state = (
+        name,
+        torch.from_numpy(keys.astype(np.int64)),
+        int(pos),
+        int(has_gauss),
+        float(cached_gaussian),
+    )
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -566,7 +585,10 @@ def _capture_rng_state() -> dict[str, Any]:
 def _restore_rng_state(state: dict[str, Any]) -> None:
     """Inverse of :func:`_capture_rng_state`."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state(
+        (name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached_gaussian)
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -836,7 +858,8 @@ class RagTrainer:
                 f"{directory} has no {TRAINER_STATE_FILE}: it is not a checkpoint written by `ragkit finetune`. "
                 "Resume from <output_dir>/checkpoint-last, or start without --resume."
             )
-        state = torch.load(state_file, map_location="cpu", weights_only=False)
+        # weights_only: a checkpoint is data; unpickling arbitrary objects from it could run code.
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
         _load_model_weights(self.model, directory, self.device)
         if self.context_encoder is not None and (directory / CONTEXT_ENCODER_DIRNAME).is_dir():
             reloaded = type(self.context_encoder).from_pretrained(directory / CONTEXT_ENCODER_DIRNAME)

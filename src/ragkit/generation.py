@@ -622,7 +622,7 @@ def rag_sequence_generate(
         model, input_ids, attention_mask, context_input_ids, context_attention_mask, doc_scores, n_docs
     )
     batch_size = doc_scores.shape[0]
-    step = batch_size if not questions_per_batch else int(questions_per_batch)
+    step = batch_size if questions_per_batch is None else int(questions_per_batch)
     if step < 1:
         raise ValueError(f"`questions_per_batch` must be a positive integer, got {questions_per_batch}.")
 

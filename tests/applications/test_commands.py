@@ -216,6 +216,13 @@ def test_misaligned_and_missing_data_files(tmp_path):
     (tmp_path / "val.jsonl").write_text('{"question": "q"}\n')
     with pytest.raises(ValueError, match=r"val\.jsonl, line 1: .*'answer'"):
         load_qa_split(tmp_path, "val")
+    # Valid JSON that is not an object (or 'answers' of the wrong type) used to raise AttributeError/TypeError.
+    (tmp_path / "val.jsonl").write_text('{"question": "q", "answer": "a"}\n["q", "a"]\n')
+    with pytest.raises(ValueError, match=r"val\.jsonl, line 2: .*JSON object"):
+        load_qa_split(tmp_path, "val")
+    (tmp_path / "val.jsonl").write_text('{"question": "q", "answers": 5}\n')
+    with pytest.raises(ValueError, match=r"val\.jsonl, line 1: 'answers' must be"):
+        load_qa_split(tmp_path, "val")
 
 
 def test_not_a_rag_checkpoint(tmp_path, components):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import time
 
 import pytest
@@ -72,7 +73,8 @@ def test_resume_after_interruption_continues_exactly(tmp_path, make_model, train
     monkeypatch.setattr(trainer_b, "_optimizer_step", crash_on_fifth_step)
     with pytest.raises(KeyboardInterrupt):
         trainer_b.train()
-    state = torch.load(tmp_path / "b" / "run" / "checkpoint-last" / "trainer_state.pt", weights_only=False)
+    # The trainer state is plain data: it loads without unpickling arbitrary objects.
+    state = torch.load(tmp_path / "b" / "run" / "checkpoint-last" / "trainer_state.pt", weights_only=True)
     assert (state["global_step"], state["epoch"], state["step_in_epoch"]) == (4, 1, 1)
 
     # A new process: different initial weights and RNG state; everything must come from the checkpoint.
@@ -134,3 +136,21 @@ def test_end2end_trains_context_encoder_and_refreshes_index(
     assert current.shape == original_embeddings.shape
     assert abs(current - expected).max() < 1e-4
     assert abs(current - original_embeddings).max() > 1e-2
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('x')",))
+
+
+def test_resume_refuses_a_trainer_state_that_runs_code(tmp_path, make_model, train_examples, monkeypatch):
+    # load_checkpoint used torch.load(weights_only=False): a tampered checkpoint ran code on --resume.
+    monkeypatch.chdir(tmp_path)
+    model, tokenizer = make_model(seed=0)
+    trainer = RagTrainer(model, tokenizer, _args(tmp_path, num_train_epochs=1), train_examples)
+    checkpoint = trainer.save_checkpoint()
+    trainer.load_checkpoint()  # a genuine checkpoint loads
+    torch.save({"global_step": _RunsCode()}, checkpoint / "trainer_state.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        trainer.load_checkpoint()
+    assert not (tmp_path / "PWNED").exists()

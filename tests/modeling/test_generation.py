@@ -387,6 +387,9 @@ def test_bad_arguments_raise_clear_errors(bart_models):
         rag_sequence_generate(ours, context_input_ids=ids, context_attention_mask=mask)
     with pytest.raises(ValueError, match="retriever"):
         rag_sequence_generate(ours, input_ids=ids[:2])
+    for bad in (0, -1):  # 0 used to be taken as "unset" and decode the whole batch at once
+        with pytest.raises(ValueError, match="questions_per_batch"):
+            ours.generate(**base, questions_per_batch=bad)
 
 
 def test_padded_question_batch_matches_questions_one_at_a_time(

@@ -205,3 +205,14 @@ def test_cli_build_index(ctx_encoder_dir, sources, tmp_path, capsys):
     assert manifest["num_passages"] == len(TINY_PASSAGES) + 5 and manifest["pooling"] == "pooler"
     assert cli_main(["build-index", str(tmp_path / "nope.csv"), str(tmp_path / "o2"), "--encoder", "x"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_source_inside_output_dir_is_refused(encoder, sources, tmp_path):
+    # The output directory is replaced whole: a source file inside it used to be deleted by the build.
+    out = tmp_path / "project"
+    out.mkdir()
+    source = out / "docs.jsonl"
+    source.write_bytes((sources / "docs.jsonl").read_bytes())
+    with pytest.raises(ValueError, match="inside the output directory"):
+        build_index(source, out, encoder=encoder, show_progress=False)
+    assert source.is_file()

@@ -186,3 +186,25 @@ def test_legacy_bad_files(legacy_dir, tmp_path, queries):
     index = LegacyIndex(DIM, legacy_dir, allow_pickle=True)
     with pytest.raises(RuntimeError, match="init_retrieval"):
         index.get_top_docs(queries, 2)
+
+
+def test_missing_local_directory_is_named(tmp_path):
+    # A mistyped directory is not a valid Hub repo id: say it is missing, not "Repo id must be in the form".
+    missing = tmp_path / "no_such_dir"
+    for allow_pickle in (False, True):
+        with pytest.raises(FileNotFoundError, match="neither a local directory"):
+            LegacyIndex(DIM, missing, allow_pickle=allow_pickle)
+    with pytest.raises(FileNotFoundError, match="neither a local directory"):
+        convert_legacy_index(missing, tmp_path / "out")
+
+
+def test_converting_into_the_source_directory_is_refused(legacy_dir, tmp_path):
+    # dst is replaced whole: converting in place (or into a parent) used to delete DPR's original files.
+    source = tmp_path / "dpr" / "files"
+    source.mkdir(parents=True)
+    for path in legacy_dir.iterdir():
+        (source / path.name).write_bytes(path.read_bytes())
+    for dst in (source, tmp_path / "dpr"):
+        with pytest.raises(ValueError, match="inside the output directory"):
+            convert_legacy_index(source, dst)
+        assert (source / PASSAGE_FILENAME).is_file()

@@ -12,11 +12,23 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["OfflineFileError", "is_local", "list_files", "resolve_file"]
+__all__ = ["LocationNotFoundError", "OfflineFileError", "is_local", "list_files", "resolve_file"]
 
 
 class OfflineFileError(FileNotFoundError):
     """A Hub file is not in the local cache and downloads are disabled (``HF_HUB_OFFLINE=1``)."""
+
+
+class LocationNotFoundError(FileNotFoundError):
+    """The location is neither an existing local directory nor a Hub dataset repository one can access."""
+
+
+def _not_found_message(repo_id: str, what: str) -> str:
+    """The error for a location that is neither a local directory nor an accessible Hub dataset repo."""
+    return (
+        f"{repo_id!r} (`{what}`) is neither a local directory nor a Hub dataset repository you can access. "
+        "Pass an existing directory, or a repo id and a token (`token=`) for private repositories."
+    )
 
 
 def is_local(location: str | os.PathLike) -> bool:
@@ -63,7 +75,12 @@ def resolve_file(
             )
         return os.fspath(path)
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
     repo_id = os.fspath(location)
     try:
@@ -74,11 +91,9 @@ def resolve_file(
         raise FileNotFoundError(
             f"The Hub dataset repo {repo_id!r} has no file {filename!r} (`{what}`). Check the name and revision."
         ) from err
-    except RepositoryNotFoundError as err:
-        raise FileNotFoundError(
-            f"{repo_id!r} (`{what}`) is neither a local directory nor a Hub dataset repository you can access. "
-            "Pass an existing directory, or a repo id and a token (`token=`) for private repositories."
-        ) from err
+    except (RepositoryNotFoundError, HFValidationError) as err:
+        # HFValidationError: not a valid repo id at all, typically a local directory that does not exist.
+        raise LocationNotFoundError(_not_found_message(repo_id, what)) from err
     except LocalEntryNotFoundError as err:
         raise OfflineFileError(_offline_hint(repo_id, f"File {filename!r}")) from err
 
@@ -100,7 +115,7 @@ def list_files(
         root = Path(location)
         return sorted(os.fspath(p) for p in root.glob(pattern) if p.is_file())
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     repo_id = os.fspath(location)
     try:
@@ -112,10 +127,8 @@ def list_files(
             allow_patterns=[pattern],
             **hub_kwargs,
         )
-    except RepositoryNotFoundError as err:
-        raise FileNotFoundError(
-            f"{repo_id!r} (`{what}`) is neither a local directory nor a Hub dataset repository you can access."
-        ) from err
+    except (RepositoryNotFoundError, HFValidationError) as err:
+        raise LocationNotFoundError(_not_found_message(repo_id, what)) from err
     except LocalEntryNotFoundError as err:
         raise OfflineFileError(_offline_hint(repo_id, f"Files {pattern!r}")) from err
     root = Path(folder)

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from .._io import atomic_directory
+from .._io import atomic_directory, check_not_inside
 
 logger = logging.getLogger(__name__)
 
@@ -280,6 +280,8 @@ def build_index(
     """
     from ..encoders import TextEncoder, load_text_encoder
 
+    if isinstance(source, (str, os.PathLike)):
+        check_not_inside(output_dir, source, "`source`")
     titles, texts = _split_documents(read_documents(source), words_per_passage)
     if not texts:
         raise ValueError(f"`source` {source!r:.100} holds no text to index.")

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from .._io import atomic_directory, atomic_file
+from .._io import atomic_directory, atomic_file, check_not_inside
 from . import _hub
 from .base import (
     MISSING_DOC_ID,
@@ -112,6 +112,8 @@ def _is_converted(location: str, **hub_kwargs: Any) -> bool:
         return os.path.isfile(os.path.join(location, CONVERTED_MANIFEST))
     try:
         _hub.resolve_file(location, CONVERTED_MANIFEST, **hub_kwargs)
+    except _hub.LocationNotFoundError:
+        raise  # a mistyped directory: say so rather than asking for the pickle opt-in
     except FileNotFoundError:
         return False
     return True
@@ -302,6 +304,8 @@ def convert_legacy_index(
     """
     location = _normalize_location(src)
     hub_kwargs: dict[str, Any] = {"revision": revision, "cache_dir": cache_dir}
+    if _hub.is_local(location):
+        check_not_inside(dst, location, "`src`")
     index_file = _hub.resolve_file(location, INDEX_FILENAME + ".index.dpr", what="src", **hub_kwargs)
     meta_file = _hub.resolve_file(location, INDEX_FILENAME + ".index_meta.dpr", what="src", **hub_kwargs)
     passages_file = _hub.resolve_file(location, PASSAGE_FILENAME, what="src", **hub_kwargs)
