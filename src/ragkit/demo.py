@@ -373,10 +373,10 @@ def run_offline_demo(
             f"Only {len(facts)} documented functions found in the standard library; the demo needs 10+."
         )
     train, held_out = split_facts(facts, seed=seed)
-    print(
+    print(  # noqa: T201 (command output)
         f"corpus: {len(facts)} passages from the docstrings of {len({f.module for f in facts})} stdlib modules"
     )
-    print(f"questions: {len(train)} to train on, {len(held_out)} held out (e.g. {held_out[0].question!r})")
+    print(f"questions: {len(train)} to train on, {len(held_out)} held out (e.g. {held_out[0].question!r})")  # noqa: T201 (command output)
 
     step = time.perf_counter()
     encoder = _load_minilm()
@@ -389,7 +389,7 @@ def run_offline_demo(
         batch_size=32,
         show_progress=show_progress,
     )
-    print(
+    print(  # noqa: T201 (command output)
         f"index: {built.num_passages} passages embedded with {_MINILM} ({built.dim} dims) in {time.perf_counter() - step:.0f} s"
     )
 
@@ -450,7 +450,7 @@ def run_offline_demo(
     with _torch_threads(1):
         result = trainer.train()
     first, last = result.losses[0], sum(result.losses[-5:]) / len(result.losses[-5:])
-    print(
+    print(  # noqa: T201 (command output)
         f"fine-tuning: {result.global_step} steps in {time.perf_counter() - step:.0f} s, "
         f"loss {first:.2f} -> {last:.2f}"
     )
@@ -476,14 +476,14 @@ def run_offline_demo(
         vectors = _question_vectors(encoder, questions[:show_examples])
         doc_embeds, _, docs = retriever.retrieve(vectors, n_docs)
         for i, fact in enumerate(held_out[:show_examples]):
-            print(f"\nQ: {fact.question}")
+            print(f"\nQ: {fact.question}")  # noqa: T201 (command output)
             for rank, (title, text) in enumerate(zip(docs[i]["title"], docs[i]["text"]), start=1):
                 score = float(vectors[i] @ doc_embeds[i, rank - 1])
-                print(f"  [{rank}] {score:.3f}  {title}: {text[:70]}{'...' if len(text) > 70 else ''}")
-            print(f"  generated: {predictions[i]!r}   gold: {fact.answer!r}")
+                print(f"  [{rank}] {score:.3f}  {title}: {text[:70]}{'...' if len(text) > 70 else ''}")  # noqa: T201 (command output)
+            print(f"  generated: {predictions[i]!r}   gold: {fact.answer!r}")  # noqa: T201 (command output)
     seconds = time.perf_counter() - started
-    print(f"\ntotal time: {seconds:.0f} s")
-    print(f"held-out EM: {em:.2f} (random passages: {random_em:.2f})")
+    print(f"\ntotal time: {seconds:.0f} s")  # noqa: T201 (command output)
+    print(f"held-out EM: {em:.2f} (random passages: {random_em:.2f})")  # noqa: T201 (command output)
     return {
         "em": em,
         "random_em": random_em,
@@ -546,11 +546,11 @@ def run_pretrained_demo(
         vectors = question_vectors(model, inputs["input_ids"], inputs["attention_mask"]).float().cpu().numpy()
     doc_embeds, _, docs = model.retriever.retrieve(vectors, n_docs)
     for i, question in enumerate(questions):
-        print(f"\nQ: {question}")
+        print(f"\nQ: {question}")  # noqa: T201 (command output)
         for rank in range(min(3, n_docs)):
             title, text = docs[i]["title"][rank], docs[i]["text"][rank]
-            print(f"  [{rank + 1}] {float(vectors[i] @ doc_embeds[i, rank]):.1f}  {title}: {text[:70]}...")
-        print(f"  generated: {answers[i]!r}")
+            print(f"  [{rank + 1}] {float(vectors[i] @ doc_embeds[i, rank]):.1f}  {title}: {text[:70]}...")  # noqa: T201 (command output)
+        print(f"  generated: {answers[i]!r}")  # noqa: T201 (command output)
 
 
 # ----------------------------------------------------------------------------- command line

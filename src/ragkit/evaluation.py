@@ -498,6 +498,6 @@ def run(args: argparse.Namespace) -> int:
         with open(args.metrics_path, "w", encoding="utf-8") as f:
             json.dump(result.metrics, f, indent=2)
     for name, value in result.metrics.items():
-        print(f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}")
-    print(f"predictions written to {args.predictions_path}")
+        print(f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}")  # noqa: T201 (command output)
+    print(f"predictions written to {args.predictions_path}")  # noqa: T201 (command output)
     return 0

@@ -1257,7 +1257,7 @@ def run(args: argparse.Namespace) -> int:
             config_name_or_path=args.config_name_or_path,
             **fields,
         )
-        print(f"RAG checkpoint written to {dest}")
+        print(f"RAG checkpoint written to {dest}")  # noqa: T201 (command output)
         return 0
 
     train_examples = load_qa_split(args.data_dir, "train")
@@ -1323,13 +1323,13 @@ def run(args: argparse.Namespace) -> int:
         context_encoder_tokenizer=context_tokenizer,
     )
     result = trainer.train()
-    print(f"steps: {result.global_step}  epochs: {result.epoch}  last loss: {result.losses[-1]:.4f}")
+    print(f"steps: {result.global_step}  epochs: {result.epoch}  last loss: {result.losses[-1]:.4f}")  # noqa: T201 (command output)
     if result.val_em:
-        print("validation EM per epoch: " + ", ".join(f"{em:.4f}" for em in result.val_em))
+        print("validation EM per epoch: " + ", ".join(f"{em:.4f}" for em in result.val_em))  # noqa: T201 (command output)
     if result.final_dir is not None:
-        print(f"fine-tuned model written to {result.final_dir}")
+        print(f"fine-tuned model written to {result.final_dir}")  # noqa: T201 (command output)
     else:
-        print(
+        print(  # noqa: T201 (command output)
             f"stopped at step {result.global_step}; continue with --resume (checkpoint: {result.checkpoint_dir})"
         )
     return 0

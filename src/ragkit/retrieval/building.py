@@ -363,9 +363,9 @@ def run(args: argparse.Namespace) -> int:
             show_progress=not args.no_progress,
         )
     except (FileNotFoundError, ValueError) as err:
-        print(f"ragkit build-index: error: {err}", file=sys.stderr)
+        print(f"ragkit build-index: error: {err}", file=sys.stderr)  # noqa: T201 (command output)
         return 2
-    print(
+    print(  # noqa: T201 (command output)
         f"Indexed {built.num_passages} passages (dim {built.dim}).\n"
         f"  passages_path={built.passages_path}\n  index_path={built.index_path}"
     )

@@ -371,7 +371,7 @@ def run(args: argparse.Namespace) -> int:
             cache_dir=args.cache_dir,
         )
     except (FileNotFoundError, ValueError, pickle.UnpicklingError) as err:
-        print(f"ragkit convert-legacy: error: {err}", file=sys.stderr)
+        print(f"ragkit convert-legacy: error: {err}", file=sys.stderr)  # noqa: T201 (command output)
         return 2
-    print(f"Converted legacy index written to {dst}; load it with index_name='legacy', index_path='{dst}'.")
+    print(f"Converted legacy index written to {dst}; load it with index_name='legacy', index_path='{dst}'.")  # noqa: T201 (command output)
     return 0
