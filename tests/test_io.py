@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import stat
 
-from ragkit._io import atomic_directory, atomic_file
+import pytest
+
+from ragkit._io import atomic_directory, atomic_file, check_replaceable
 
 
 def test_atomic_writes_respect_umask(tmp_path):
@@ -40,3 +42,16 @@ def test_atomic_directory_survives_a_leftover_from_an_interrupted_call(tmp_path)
     with atomic_directory(target) as tmp:
         (tmp / "v2").write_text("2")
     assert [p.name for p in target.iterdir()] == ["v2"]
+
+
+def test_check_replaceable_accepts_missing_empty_and_own_directories(tmp_path):
+    check_replaceable(tmp_path / "missing", ("index.faiss",), "`output_dir`")
+    (tmp_path / "empty").mkdir()
+    check_replaceable(tmp_path / "empty", ("index.faiss",), "`output_dir`")
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "index.faiss").write_bytes(b"")
+    check_replaceable(own, ("index.faiss",), "`output_dir`")
+    (own / "thesis.tex").write_text("years of work")
+    with pytest.raises(ValueError, match=r"`output_dir` .*\(thesis\.tex\)"):
+        check_replaceable(own, ("index.faiss",), "`output_dir`")

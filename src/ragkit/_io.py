@@ -7,10 +7,10 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-__all__ = ["atomic_directory", "atomic_file", "check_not_inside"]
+__all__ = ["atomic_directory", "atomic_file", "check_not_inside", "check_replaceable"]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -63,6 +63,24 @@ def check_not_inside(output_dir: str | os.PathLike, source: str | os.PathLike, w
         raise ValueError(
             f"{what} {os.fspath(source)!r} is inside the output directory {os.fspath(output_dir)!r}, which is "
             "replaced as a whole (its old content deleted); write the output to another directory."
+        )
+
+
+def check_replaceable(output_dir: str | os.PathLike, owned: Iterable[str], what: str) -> None:
+    """Raise ``ValueError`` when ``output_dir`` exists and holds entries other than ``owned``.
+
+    :func:`atomic_directory` replaces the directory whole; an output directory that already holds
+    the user's own files (a project folder given by mistake) must not be wiped.
+    """
+    output = Path(output_dir)
+    if not output.is_dir():
+        return
+    foreign = sorted(entry.name for entry in output.iterdir() if entry.name not in set(owned))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise ValueError(
+            f"{what} {os.fspath(output_dir)!r} already holds files ragkit did not write ({shown}); it would be "
+            "replaced as a whole. Give a new or empty directory, or one written earlier by the same command."
         )
 
 

@@ -216,3 +216,21 @@ def test_source_inside_output_dir_is_refused(encoder, sources, tmp_path):
     with pytest.raises(ValueError, match="inside the output directory"):
         build_index(source, out, encoder=encoder, show_progress=False)
     assert source.is_file()
+
+
+def test_output_dir_with_foreign_files_is_not_replaced(encoder, sources, tmp_path):
+    # The output directory is replaced whole: a folder holding the user's own files must not be wiped.
+    out = tmp_path / "project"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="ragkit did not write"):
+        build_index(sources / "docs.jsonl", out, encoder=encoder, show_progress=False)
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_rebuilding_into_an_earlier_index_directory_replaces_it(encoder, sources, tmp_path):
+    out = tmp_path / "index"
+    first = build_index(sources / "docs.jsonl", out, encoder=encoder, show_progress=False)
+    second = build_index(sources / "docs.jsonl", out, encoder=encoder, show_progress=False)
+    assert second.num_passages == first.num_passages
+    assert (out / "index.faiss").is_file()

@@ -208,3 +208,12 @@ def test_converting_into_the_source_directory_is_refused(legacy_dir, tmp_path):
         with pytest.raises(ValueError, match="inside the output directory"):
             convert_legacy_index(source, dst)
         assert (source / PASSAGE_FILENAME).is_file()
+
+
+def test_converting_into_a_directory_with_foreign_files_is_refused(legacy_dir, tmp_path):
+    dst = tmp_path / "project"
+    dst.mkdir()
+    (dst / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="ragkit did not write"):
+        convert_legacy_index(legacy_dir, dst, allow_pickle=True)
+    assert (dst / "notes.txt").read_text() == "mine"

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from .._io import atomic_directory, check_not_inside
+from .._io import atomic_directory, check_not_inside, check_replaceable
 
 logger = logging.getLogger(__name__)
 
@@ -282,6 +282,7 @@ def build_index(
 
     if isinstance(source, (str, os.PathLike)):
         check_not_inside(output_dir, source, "`source`")
+    check_replaceable(output_dir, (PASSAGES_DIRNAME, INDEX_FILENAME, MANIFEST_FILENAME), "`output_dir`")
     titles, texts = _split_documents(read_documents(source), words_per_passage)
     if not texts:
         raise ValueError(f"`source` {source!r:.100} holds no text to index.")

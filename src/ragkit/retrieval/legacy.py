@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from .._io import atomic_directory, atomic_file, check_not_inside
+from .._io import atomic_directory, atomic_file, check_not_inside, check_replaceable
 from . import _hub
 from .base import (
     MISSING_DOC_ID,
@@ -306,6 +306,9 @@ def convert_legacy_index(
     hub_kwargs: dict[str, Any] = {"revision": revision, "cache_dir": cache_dir}
     if _hub.is_local(location):
         check_not_inside(dst, location, "`src`")
+    check_replaceable(
+        dst, (CONVERTED_ID_MAP, CONVERTED_PASSAGES, CONVERTED_INDEX, CONVERTED_MANIFEST), "`dst`"
+    )
     index_file = _hub.resolve_file(location, INDEX_FILENAME + ".index.dpr", what="src", **hub_kwargs)
     meta_file = _hub.resolve_file(location, INDEX_FILENAME + ".index_meta.dpr", what="src", **hub_kwargs)
     passages_file = _hub.resolve_file(location, PASSAGE_FILENAME, what="src", **hub_kwargs)
