@@ -122,7 +122,9 @@ class RagRetriever:
                 config.index_path or LEGACY_INDEX_PATH,
                 allow_pickle=allow_pickle,
                 ef_search=ef_search,
+                revision=config.dataset_revision,
                 cache_dir=cache_dir,
+                token=token,
             )
         if config.index_name == "custom":
             return CustomHFIndex.load_from_disk(

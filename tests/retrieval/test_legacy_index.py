@@ -17,7 +17,7 @@ from ragkit import RagRetriever
 from ragkit.cli import main as cli_main
 from ragkit.retrieval import LegacyIndex, convert_legacy_index
 from ragkit.retrieval.legacy import CONVERTED_MANIFEST, INDEX_FILENAME, PASSAGE_FILENAME
-from ragkit.testing import TINY_PASSAGES
+from ragkit.testing import TINY_PASSAGES, tiny_rag_config
 
 
 def _write_legacy_files(directory, embeddings):
@@ -217,3 +217,26 @@ def test_converting_into_a_directory_with_foreign_files_is_refused(legacy_dir, t
     with pytest.raises(ValueError, match="ragkit did not write"):
         convert_legacy_index(legacy_dir, dst, allow_pickle=True)
     assert (dst / "notes.txt").read_text() == "mine"
+
+
+def test_hub_token_and_revision_reach_every_legacy_download(legacy_dir, monkeypatch):
+    # A private mirror of DPR's files needs the token (and the config's dataset revision) on every request.
+    from ragkit.retrieval import _hub
+
+    seen = []
+
+    def resolve(location, filename, **kwargs):
+        seen.append(kwargs)
+        path = legacy_dir / filename  # the "downloaded" copy
+        if not path.is_file():
+            raise FileNotFoundError(filename)
+        return str(path)
+
+    monkeypatch.setattr(_hub, "resolve_file", resolve)
+    monkeypatch.setattr(_hub, "is_local", lambda location: False)
+    config = tiny_rag_config(
+        hidden_size=DIM, index_name="legacy", index_path="someone/private-dpr", dataset_revision="v1"
+    )
+    RagRetriever._build_index(config, allow_pickle=True, token="hf_secret")
+    assert seen and all(kwargs.get("token") == "hf_secret" for kwargs in seen)
+    assert all(kwargs.get("revision") == "v1" for kwargs in seen)

@@ -131,6 +131,7 @@ class LegacyIndex(Index):
         ef_search: faiss ``efSearch`` (the stored value when None).
         revision: Hub revision.
         cache_dir: Hub cache directory.
+        token: Hub token, for a private repository holding the files.
     """
 
     INDEX_FILENAME = INDEX_FILENAME
@@ -144,12 +145,15 @@ class LegacyIndex(Index):
         ef_search: int | None = None,
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
     ):
         self.vector_size = vector_size
         self.index_path = _normalize_location(index_path)
         self.allow_pickle = allow_pickle or _env_trusts_pickle()
         self.ef_search = ef_search
         self._hub_kwargs: dict[str, Any] = {"revision": revision, "cache_dir": cache_dir}
+        if token is not None:  # private Hub mirrors of the legacy files
+            self._hub_kwargs["token"] = token
         self.converted = _is_converted(self.index_path, **self._hub_kwargs)
         self.index: Any = None
         self.index_id_to_db_id: np.ndarray | None = None
