@@ -28,6 +28,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from ._io import atomic_file
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -491,12 +493,12 @@ def run(args: argparse.Namespace) -> int:
             model, tokenizer, questions, batch_size=args.eval_batch_size, n_docs=args.n_docs
         )
         result = evaluate_retrieval(retrieved, gold, k=args.k or args.n_docs)
-    with open(args.predictions_path, "w", encoding="utf-8") as f:
-        for prediction in result.predictions:
-            f.write(prediction.replace("\n", " ") + "\n")
+    # Atomic: an interrupted run never leaves a truncated predictions file that looks complete.
+    with atomic_file(args.predictions_path) as tmp:
+        tmp.write_text("".join(p.replace("\n", " ") + "\n" for p in result.predictions), encoding="utf-8")
     if args.metrics_path:
-        with open(args.metrics_path, "w", encoding="utf-8") as f:
-            json.dump(result.metrics, f, indent=2)
+        with atomic_file(args.metrics_path) as tmp:
+            tmp.write_text(json.dumps(result.metrics, indent=2), encoding="utf-8")
     for name, value in result.metrics.items():
         print(f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}")  # noqa: T201 (command output)
     print(f"predictions written to {args.predictions_path}")  # noqa: T201 (command output)
