@@ -209,6 +209,21 @@ def make_runners(size: Size, built: dict[str, Any]) -> dict[str, Callable[[], An
     }
 
 
+def distinct_hypotheses(size: Size, built: dict[str, Any]) -> float:
+    """Mean number of distinct beam-search hypotheses per question (all documents' beams together)."""
+    inputs = built["inputs"]
+    with torch.no_grad():
+        sequences = built["generator"].generate(
+            inputs["context_input_ids"],
+            attention_mask=inputs["context_attention_mask"],
+            num_beams=size.num_beams,
+            num_return_sequences=size.num_beams,
+            max_length=size.new_tokens + 1,
+        )
+    per_question = sequences.view(size.batch_size, size.n_docs * size.num_beams, -1).tolist()
+    return statistics.mean(len({tuple(row) for row in rows}) for rows in per_question)
+
+
 def _sync(size: Size) -> None:
     if size.device == "cuda":
         torch.cuda.synchronize()
@@ -275,8 +290,26 @@ def measure_memory(size_name: str, variant: str) -> float:
     return (max(peak, _current_rss()) - before) / 2**20
 
 
+def cuda_memory_table(runners: dict[str, Callable[[], Any]], names: tuple[str, ...]) -> dict[str, float]:
+    """Peak CUDA memory (MiB above what was allocated before) of one call per variant, in this process.
+
+    CUDA's allocator counts exactly what is live, so the variants can share one process and one copy
+    of the weights (a subprocess per variant would rebuild BART-large each time).
+    """
+    result = {}
+    for name in names:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        runners[name]()
+        torch.cuda.synchronize()
+        result[name] = (torch.cuda.max_memory_allocated() - before) / 2**20
+    return result
+
+
 def memory_table(size_name: str, names: tuple[str, ...], extra: list[str]) -> dict[str, float]:
-    """Peak memory per variant, each in its own subprocess."""
+    """Peak memory per variant, each in its own subprocess (CPU: the resident set is per process)."""
     result = {}
     for name in names:
         # A fixed mmap threshold makes glibc map every large tensor and unmap it when freed, so the
@@ -306,6 +339,9 @@ def main() -> None:
         "--train-repeats", type=int, default=None, help="timed training rounds (default: --repeats)"
     )
     parser.add_argument("--batch-size", type=int, default=None, help="override the size's batch size")
+    parser.add_argument(
+        "--dtype", default=None, help="override the size's dtype (float32 makes the identity check exact)"
+    )
     parser.add_argument("--skip-training", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--json", default=None, help="write the results to this file")
@@ -315,6 +351,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.batch_size:
         SIZES[args.size].batch_size = args.batch_size
+    if args.dtype:
+        SIZES[args.size].dtype = args.dtype
     transformers.logging.set_verbosity_error()
     if args.memory_of:
         print(measure_memory(args.size, args.memory_of))
@@ -324,8 +362,16 @@ def main() -> None:
     repeats = args.repeats or size.repeats
     if args.memory_only:
         names = DECODING_VARIANTS + (() if args.skip_training else TRAINING_VARIANTS)
-        extra = [f"--threads={torch.get_num_threads()}", f"--batch-size={size.batch_size}"]
-        for name, value in memory_table(args.size, names, extra).items():
+        extra = [
+            f"--threads={torch.get_num_threads()}",
+            f"--batch-size={size.batch_size}",
+            f"--dtype={size.dtype}",
+        ]
+        if size.device == "cuda":
+            peaks = cuda_memory_table(make_runners(size, build(size)), names)
+        else:
+            peaks = memory_table(args.size, names, extra)
+        for name, value in peaks.items():
             print(f"{name:28s} {value:9.1f} MiB")
         return
     built = build(size)
@@ -364,6 +410,11 @@ def main() -> None:
         f"outputs identical: RAG-Sequence {same_sequence}, RAG-Token {same_token}; "
         f"fast == thorough on {fast_agree:.0%} of questions; {distinct} distinct answers in the batch"
     )
+    hypotheses = distinct_hypotheses(size, built)
+    print(
+        f"distinct hypotheses per question (what thorough decoding scores under every document): "
+        f"mean {hypotheses:.1f} of {size.n_docs * size.num_beams}"
+    )
 
     results: dict[str, Any] = {
         "size": args.size,
@@ -374,6 +425,7 @@ def main() -> None:
         "ratios": ratios,
         "identical": {"sequence": same_sequence, "token": same_token},
         "fast_agrees_with_thorough": fast_agree,
+        "distinct_hypotheses_per_question": hypotheses,
     }
     if not args.skip_training:
         train_medians, train_times, _ = time_variants(
@@ -394,8 +446,15 @@ def main() -> None:
         results["training_runs_s"] = train_times
     if args.memory:
         names = DECODING_VARIANTS + (() if args.skip_training else TRAINING_VARIANTS)
-        extra = [f"--threads={torch.get_num_threads()}", f"--batch-size={size.batch_size}"]
-        peaks = memory_table(args.size, names, extra)
+        extra = [
+            f"--threads={torch.get_num_threads()}",
+            f"--batch-size={size.batch_size}",
+            f"--dtype={size.dtype}",
+        ]
+        if size.device == "cuda":
+            peaks = cuda_memory_table(runners, names)
+        else:
+            peaks = memory_table(args.size, names, extra)
         unit = "MiB allocated" if size.device == "cuda" else "MiB peak RSS growth"
         print(f"\n{'peak memory':28s} {unit}")
         for name, value in peaks.items():

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# The device run, in one call: install the carried wheels, run tests/gpu, run benchmarks/bench_gpu.py.
-# Results go to $OUT (the device tool fetches them): env.txt, gpu_tests.log, gpu_tests.xml,
-# bench_gpu.log, bench_gpu.json, bench_gpu.md, summary.txt. See docs/gpu.md.
+# The device run, in one call: install the carried wheels, run tests/gpu, benchmarks/bench_gpu.py and
+# benchmarks/bench_generation.py --size gpu. Results go to $OUT (the device tool fetches at most 8 files):
+# env.txt, gpu_tests.log, bench_gpu.json, bench_gpu.md, bench_generation_{bf16,fp32}.json,
+# bench_generation.log, summary.txt. See docs/gpu.md.
 #
 #   bash scripts/prepare_gpu_wheels.sh                                      # here, once
 #   run(command="bash scripts/gpu_checks.sh", carry=[".whl"], timeout_s=480)  # device tool
 #
 # Environment: TEST_TIMEOUT (s, default 180), BENCH_BUDGET (s of benchmark cases, default 170),
-# BENCH_ARGS (extra benchmark arguments, e.g. "--batches 8"), PYTHON (default python3).
+# BENCH_ARGS (extra benchmark arguments, e.g. "--batches 8"), BENCH_GPU=0 / BENCH_GENERATION=0 (skip one),
+# GENERATION_TIMEOUT (s per decoding benchmark, default 240), PYTHON (default python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_checks_out}
@@ -41,14 +43,30 @@ PY
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-timeout "${TEST_TIMEOUT:-180}" "$PYTHON" -m pytest tests/gpu -v -rs -p no:cacheprovider \
-    --junitxml="$OUT/gpu_tests.xml" 2>&1 | tee "$OUT/gpu_tests.log"
+timeout "${TEST_TIMEOUT:-180}" "$PYTHON" -m pytest tests/gpu -v -rs -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
 tests_rc=${PIPESTATUS[0]}
 
-# shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
-timeout $(( ${BENCH_BUDGET:-170} + 90 )) "$PYTHON" benchmarks/bench_gpu.py --budget-s "${BENCH_BUDGET:-170}" \
-    --out "$OUT/bench_gpu.json" --markdown "$OUT/bench_gpu.md" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_gpu.log"
-bench_rc=${PIPESTATUS[0]}
+bench_rc=0
+if [ "${BENCH_GPU:-1}" = 1 ]; then
+    # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
+    timeout $(( ${BENCH_BUDGET:-170} + 90 )) "$PYTHON" benchmarks/bench_gpu.py --budget-s "${BENCH_BUDGET:-170}" \
+        --out "$OUT/bench_gpu.json" --markdown "$OUT/bench_gpu.md" ${BENCH_ARGS:-} 2>&1
+    bench_rc=$?
+fi
 
-echo "gpu tests exit $tests_rc; benchmark exit $bench_rc" | tee "$OUT/summary.txt"
-[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+# Decoding against Transformers at the rag-*-nq shapes (issue: fast decoding): bf16 with peak memory, then
+# float32 without training steps, where the identity check is exact.
+generation_rc=0
+if [ "${BENCH_GENERATION:-1}" = 1 ]; then
+    timeout "${GENERATION_TIMEOUT:-240}" "$PYTHON" benchmarks/bench_generation.py --size gpu --repeats 3 --memory \
+        --json "$OUT/bench_generation_bf16.json" 2>&1 | tee "$OUT/bench_generation.log"
+    generation_rc=${PIPESTATUS[0]}
+    timeout "${GENERATION_TIMEOUT:-240}" "$PYTHON" benchmarks/bench_generation.py --size gpu --dtype float32 \
+        --repeats 2 --warmup 1 --skip-training --json "$OUT/bench_generation_fp32.json" 2>&1 \
+        | tee -a "$OUT/bench_generation.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || generation_rc=1
+fi
+
+echo "gpu tests exit $tests_rc; gpu benchmark exit $bench_rc; generation benchmark exit $generation_rc" \
+    | tee "$OUT/summary.txt"
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$generation_rc" -eq 0 ]

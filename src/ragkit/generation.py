@@ -333,10 +333,13 @@ def _thorough_scores(
         use_cache=share_cross_attention,
         return_dict=True,
     )
-    first_logits = first.logits[:, 0].float()  # (batch_size * n_docs, vocab)
-    first_log_norm = first_logits.logsumexp(dim=-1)
-    vocab = first_logits.shape[-1]
-    first_smooth = first_logits.sum(dim=-1) - vocab * first_log_norm if epsilon > 0 else None
+    # One fused float32 log-softmax pass: logsumexp is several passes over the (rows, vocab) logits and
+    # dominated scoring time on CPU.
+    first_logprobs = torch.log_softmax(
+        first.logits[:, 0], dim=-1, dtype=torch.float32
+    )  # (batch_size * n_docs, vocab)
+    vocab = first_logprobs.shape[-1]
+    first_smooth = first_logprobs.sum(dim=-1) if epsilon > 0 else None
     cache_layers = []
     if share_cross_attention:
         cache_layers = _cache_layers(getattr(first, "cache", None) or first.past_key_values)
@@ -384,7 +387,7 @@ def _thorough_scores(
             pad_target = chunk_target.eq(pad)
 
             # Target 0 comes from the shared first step.
-            first_ll = first_logits[contexts, chunk_target[:, 0]] - first_log_norm[contexts]
+            first_ll = first_logprobs[contexts, chunk_target[:, 0]]
             skip_first = use_bos[question].repeat_interleave(n_docs) | pad_target[:, 0]
             row_ll = first_ll.masked_fill(skip_first, 0.0)
             row_smooth = first_smooth[contexts].masked_fill(pad_target[:, 0], 0.0) if epsilon > 0 else None
@@ -420,17 +423,16 @@ def _thorough_scores(
                     cache=cache,
                     use_cache=share_cross_attention,
                     return_dict=True,
-                ).logits.float()  # (distinct prefixes, vocab)
+                ).logits  # (distinct prefixes, vocab)
                 selector.rows = None
                 del cache
-                node_log_norm = node_logits.logsumexp(dim=-1)
+                node_logprobs = torch.log_softmax(node_logits, dim=-1, dtype=torch.float32)
+                del node_logits
                 tokens = chunk_target[:, 1:].flatten()[entries]
-                entry_ll = node_logits[inverse, tokens] - node_log_norm[inverse]
-                row_ll = row_ll.index_add(0, entry_row, entry_ll)
+                row_ll = row_ll.index_add(0, entry_row, node_logprobs[inverse, tokens])
                 if epsilon > 0:
-                    node_smooth = node_logits.sum(dim=-1) - vocab * node_log_norm
-                    row_smooth = row_smooth.index_add(0, entry_row, node_smooth[inverse])
-                del node_logits, node_log_norm
+                    row_smooth = row_smooth.index_add(0, entry_row, node_logprobs.sum(dim=-1)[inverse])
+                del node_logprobs
 
             prior = doc_logprobs[question].flatten() * has_prior[chunk].repeat_interleave(n_docs)
             doc_ll = (row_ll + prior).view(-1, n_docs).logsumexp(dim=1)
