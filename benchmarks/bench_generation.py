@@ -159,11 +159,19 @@ def build(size: Size, seed: int = 0) -> dict[str, Any]:
     return {"models": models, "generator": generator, "inputs": inputs, "train_inputs": train_inputs}
 
 
-def make_runners(size: Size, built: dict[str, Any]) -> dict[str, Callable[[], Any]]:
-    """One zero-argument callable per variant."""
+def chunked_variant(questions_per_batch: int) -> str:
+    """Name of the ragkit RAG-Sequence variant that decodes ``questions_per_batch`` questions per call."""
+    return f"ragkit_sequence_qpb{questions_per_batch}"
+
+
+def make_runners(
+    size: Size, built: dict[str, Any], questions_per_batch: tuple[int, ...] = ()
+) -> dict[str, Callable[[], Any]]:
+    """One zero-argument callable per variant (plus one per ``questions_per_batch`` value)."""
     models, inputs, generator = built["models"], built["inputs"], built["generator"]
-    # max_length (decoder start token included), not max_new_tokens: RAG-Token generate, in Transformers
-    # and (for now) in ragkit, ignores max_new_tokens and would run to the default max_length of 20.
+    # max_length (decoder start token included), not max_new_tokens: Transformers' RAG-Token generate ignores
+    # max_new_tokens and would run to the default max_length of 20 (ragkit's honours it, which would be the
+    # same as this max_length). One setting that both libraries read keeps their outputs comparable.
     decode = {"num_beams": size.num_beams, "max_length": size.new_tokens + 1}
 
     def bare() -> torch.Tensor:
@@ -195,7 +203,11 @@ def make_runners(size: Size, built: dict[str, Any]) -> dict[str, Callable[[], An
 
         return run
 
+    chunked = {
+        chunked_variant(n): sequence("ragkit_sequence", questions_per_batch=n) for n in questions_per_batch
+    }
     return {
+        **chunked,
         "bare_generator": bare,
         "reference_sequence": sequence("reference_sequence"),
         "ragkit_sequence": sequence("ragkit_sequence"),
@@ -260,7 +272,8 @@ def measure_memory(size_name: str, variant: str) -> float:
     """Peak memory (MiB) one call of ``variant`` adds, in this process (call it in a fresh one)."""
     size = SIZES[size_name]
     built = build(size)
-    runner = make_runners(size, built)[variant]
+    chunked = (int(variant.rsplit("qpb", 1)[1]),) if "_qpb" in variant else ()
+    runner = make_runners(size, built, chunked)[variant]
     if size.device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -343,6 +356,13 @@ def main() -> None:
         "--dtype", default=None, help="override the size's dtype (float32 makes the identity check exact)"
     )
     parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument(
+        "--questions-per-batch",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also time ragkit RAG-Sequence decoding this many questions per generator call (less memory)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--json", default=None, help="write the results to this file")
     parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
@@ -360,24 +380,26 @@ def main() -> None:
 
     size = SIZES[args.size]
     repeats = args.repeats or size.repeats
+    chunked = tuple(args.questions_per_batch)
+    decoding_names = DECODING_VARIANTS + tuple(chunked_variant(n) for n in chunked)
     if args.memory_only:
-        names = DECODING_VARIANTS + (() if args.skip_training else TRAINING_VARIANTS)
+        names = decoding_names + (() if args.skip_training else TRAINING_VARIANTS)
         extra = [
             f"--threads={torch.get_num_threads()}",
             f"--batch-size={size.batch_size}",
             f"--dtype={size.dtype}",
         ]
         if size.device == "cuda":
-            peaks = cuda_memory_table(make_runners(size, build(size)), names)
+            peaks = cuda_memory_table(make_runners(size, build(size), chunked), names)
         else:
             peaks = memory_table(args.size, names, extra)
         for name, value in peaks.items():
             print(f"{name:28s} {value:9.1f} MiB")
         return
     built = build(size)
-    runners = make_runners(size, built)
+    runners = make_runners(size, built, chunked)
     print(f"size={args.size} {asdict(size)} torch={torch.__version__} threads={torch.get_num_threads()}")
-    medians, all_times, outputs = time_variants(size, runners, DECODING_VARIANTS, repeats, args.warmup)
+    medians, all_times, outputs = time_variants(size, runners, decoding_names, repeats, args.warmup)
 
     # Ratios are taken round by round (runs close in time) and then the median, which is steadier
     # on a shared machine than a ratio of medians.
@@ -386,15 +408,21 @@ def main() -> None:
         return statistics.median(a / b for a, b in pairs)
 
     print(f"\n{'decoding variant':28s} {'median s':>9s} {'x floor':>8s}   runs (s)")
-    for name in DECODING_VARIANTS:
+    for name in decoding_names:
         runs = " ".join(f"{t:.2f}" for t in all_times[name])
         print(f"{name:28s} {medians[name]:9.3f} {ratio(name, 'bare_generator'):8.2f}   {runs}")
     ratios = {
         "sequence_speedup": ratio("reference_sequence", "ragkit_sequence"),
         "sequence_fast_speedup": ratio("reference_sequence", "ragkit_sequence_fast"),
         "token_speedup": ratio("reference_token", "ragkit_token"),
-        **{f"{name}_x_floor": ratio(name, "bare_generator") for name in DECODING_VARIANTS},
+        **{f"{name}_x_floor": ratio(name, "bare_generator") for name in decoding_names},
+        **{f"{chunked_variant(n)}_speedup": ratio("reference_sequence", chunked_variant(n)) for n in chunked},
     }
+    for n in chunked:
+        print(
+            f"RAG-Sequence, {n} question(s) per generator call: "
+            f"{ratios[chunked_variant(n) + '_speedup']:.2f}x faster than Transformers"
+        )
     print(
         f"RAG-Sequence speed-up over Transformers: thorough {ratios['sequence_speedup']:.2f}x, "
         f"fast {ratios['sequence_fast_speedup']:.2f}x; RAG-Token: {ratios['token_speedup']:.2f}x"
@@ -402,6 +430,9 @@ def main() -> None:
 
     same_sequence = torch.equal(outputs["ragkit_sequence"], outputs["reference_sequence"])
     same_token = torch.equal(outputs["ragkit_token"], outputs["reference_token"])
+    for n in chunked:
+        same = torch.equal(outputs[chunked_variant(n)], outputs["ragkit_sequence"])
+        print(f"{n} question(s) per call gives the same output as the whole batch at once: {same}")
     fast_agree = (
         (outputs["ragkit_sequence_fast"] == outputs["ragkit_sequence"]).all(dim=1).float().mean().item()
     )
@@ -445,7 +476,7 @@ def main() -> None:
         results["training_median_s"] = train_medians
         results["training_runs_s"] = train_times
     if args.memory:
-        names = DECODING_VARIANTS + (() if args.skip_training else TRAINING_VARIANTS)
+        names = decoding_names + (() if args.skip_training else TRAINING_VARIANTS)
         extra = [
             f"--threads={torch.get_num_threads()}",
             f"--batch-size={size.batch_size}",

@@ -9,7 +9,8 @@
 #
 # Environment: TEST_TIMEOUT (s, default 180), BENCH_BUDGET (s of benchmark cases, default 170),
 # BENCH_ARGS (extra benchmark arguments, e.g. "--batches 8"), BENCH_GPU=0 / BENCH_GENERATION=0 (skip one),
-# GENERATION_TIMEOUT (s per decoding benchmark, default 240), PYTHON (default python3).
+# GENERATION_TIMEOUT (s per decoding benchmark, default 240), GENERATION_ARGS (extra arguments of the bf16
+# decoding benchmark, e.g. "--questions-per-batch 1 4"), PYTHON (default python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_checks_out}
@@ -58,8 +59,9 @@ fi
 # float32 without training steps, where the identity check is exact.
 generation_rc=0
 if [ "${BENCH_GENERATION:-1}" = 1 ]; then
+    # shellcheck disable=SC2086  # GENERATION_ARGS is a list of arguments
     timeout "${GENERATION_TIMEOUT:-240}" "$PYTHON" benchmarks/bench_generation.py --size gpu --repeats 3 --memory \
-        --json "$OUT/bench_generation_bf16.json" 2>&1 | tee "$OUT/bench_generation.log"
+        ${GENERATION_ARGS:-} --json "$OUT/bench_generation_bf16.json" 2>&1 | tee "$OUT/bench_generation.log"
     generation_rc=${PIPESTATUS[0]}
     timeout "${GENERATION_TIMEOUT:-240}" "$PYTHON" benchmarks/bench_generation.py --size gpu --dtype float32 \
         --repeats 2 --warmup 1 --skip-training --json "$OUT/bench_generation_fp32.json" 2>&1 \

@@ -613,10 +613,14 @@ class RagModel(RagPreTrainedModel):
             when one is being trained).
         """
         generator_device = module_device(self.generator)
-        # faiss searches float32 vectors in host memory, whatever the model's dtype and device.
+        search_vectors = question_vectors.detach()
+        search_device = getattr(self.retriever, "search_device", None)
+        if not isinstance(search_device, torch.device) or search_device.type == "cpu":
+            # faiss searches float32 vectors in host memory, whatever the model's dtype and device.
+            search_vectors = search_vectors.to(device="cpu", dtype=torch.float32).numpy()
         retrieved = self.retriever(
             input_ids,
-            question_vectors.detach().to(device="cpu", dtype=torch.float32).numpy(),
+            search_vectors,
             prefix=getattr(self.generator.config, "prefix", None),
             n_docs=n_docs,
             return_tensors="pt",
@@ -1433,7 +1437,10 @@ class RagTokenForGeneration(_RagHeadMixin, RagPreTrainedModel, GenerationMixin):
             prefix_allowed_tokens_fn: Constrains each step to the tokens it returns for ``(batch_id, ids)``.
             logits_processor: Extra logits processors.
             stopping_criteria: Extra stopping criteria.
-            **kwargs: Generation options (``num_beams``, ``max_length``, ``num_return_sequences``, ...).
+            **kwargs: Generation options (``num_beams``, ``max_length``, ``max_new_tokens``, ``num_return_sequences``,
+                ...). ``max_length`` counts the decoder start token (default 20, as in Transformers' RAG-Token);
+                ``max_new_tokens`` (honoured here, ignored by Transformers' RAG-Token) counts the tokens after it
+                and takes precedence over ``max_length``.
 
         Returns:
             `(batch_size * num_return_sequences, sequence_length)` token ids (or a generate output object with
@@ -1442,6 +1449,18 @@ class RagTokenForGeneration(_RagHeadMixin, RagPreTrainedModel, GenerationMixin):
         logits_processor = logits_processor if logits_processor is not None else LogitsProcessorList()
         stopping_criteria = stopping_criteria if stopping_criteria is not None else StoppingCriteriaList()
         generation_mode_kwargs = self._extract_generation_mode_kwargs(None, kwargs, False, None, None)
+        # As GenerationMixin.generate, before defaults are filled in: did the caller (or a generation config)
+        # set max_length / min_length? Decides whether `max_new_tokens` overriding them warns.
+        has_default_max_length = (
+            kwargs.get("max_length") is None
+            and (generation_config is None or generation_config.max_length is None)
+            and self.generation_config.max_length is None
+        )
+        has_default_min_length = (
+            kwargs.get("min_length") is None
+            and (generation_config is None or generation_config.min_length is None)
+            and self.generation_config.min_length is None
+        )
         generation_config, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
         generation_mode = generation_config.get_generation_mode()
         if generation_mode not in _RAG_TOKEN_MODES:
@@ -1509,6 +1528,23 @@ class RagTokenForGeneration(_RagHeadMixin, RagPreTrainedModel, GenerationMixin):
             dtype=torch.long,
             device=context_input_ids.device,
         )
+        if generation_config.max_new_tokens is not None:
+            # Transformers' RAG-Token generate ignores max_new_tokens (it decodes up to max_length, 20 by default).
+            # Here it counts the tokens after the decoder start token, as in a bare encoder-decoder's generate:
+            # max_length becomes max_new_tokens + 1 (min_new_tokens likewise), and max_new_tokens wins over an
+            # explicit max_length, with Transformers' warning. Without max_new_tokens the lengths stay the
+            # reference's: a default max_length is not extended by the start token as GenerationMixin.generate does.
+            generation_config = self._prepare_generated_length(
+                generation_config=generation_config,
+                has_default_max_length=has_default_max_length,
+                has_default_min_length=has_default_min_length,
+                model_input_name=self.main_input_name,
+                inputs_tensor=context_input_ids,
+                input_ids_length=decoder_input_ids.shape[-1],
+            )
+            self._validate_generated_length(
+                generation_config, decoder_input_ids.shape[-1], has_default_max_length
+            )
         prepared_logits_processor = self._get_logits_processor(
             generation_config=generation_config,
             input_ids_seq_length=decoder_input_ids.shape[-1],
@@ -1525,6 +1561,7 @@ class RagTokenForGeneration(_RagHeadMixin, RagPreTrainedModel, GenerationMixin):
             model_kwargs,
             generation_mode=None,
             batch_size=decoder_input_ids.shape[0],
+            # max_length is final here (max_new_tokens already applied): the cache holds every decoder position.
             max_cache_length=generation_config.max_length - 1,
         )
         return decoding_method(

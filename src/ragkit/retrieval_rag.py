@@ -5,7 +5,7 @@ live in :mod:`ragkit.retrieval`. Differences, all on the safe side: passages and
 fetched in bulk; question vectors may be torch tensors on any device or in half precision; the
 canonical wiki_dpr index loads without dataset scripts; legacy pickles need an explicit opt-in (or a
 one-off conversion); slots faiss cannot fill come back as id -1 with an empty passage and a zero
-embedding instead of a repeated passage.
+embedding instead of a repeated passage. Search may run on a GPU (``search_device="cuda"``).
 """
 
 from __future__ import annotations
@@ -162,13 +162,15 @@ class RagRetriever:
             **kwargs: Config overrides (``index_name``, ``passages_path``, ``index_path``,
                 ``use_dummy_dataset``, ``dataset``, ``n_docs``, ``index_nprobe``, ``index_ef_search``, ...),
                 ``config`` (a ready :class:`RagConfig`), ``allow_pickle`` (legacy files),
-                ``embeddings_name`` (``"nq"`` or ``"multiset"`` for wiki_dpr), ``init_retrieval`` and Hub
-                options (``revision``, ``cache_dir``, ``token``, ...).
+                ``embeddings_name`` (``"nq"`` or ``"multiset"`` for wiki_dpr), ``init_retrieval``,
+                ``search_device`` (``"cuda"``: search on the GPU, see :meth:`to_search_device`; not saved
+                with the retriever) and Hub options (``revision``, ``cache_dir``, ``token``, ...).
 
         Returns:
             RagRetriever
         """
         allow_pickle = kwargs.pop("allow_pickle", False)
+        search_device = kwargs.pop("search_device", None)
         embeddings_name = kwargs.pop("embeddings_name", None)
         init_retrieval = kwargs.pop("init_retrieval", True)
         hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
@@ -199,13 +201,16 @@ class RagRetriever:
                 cache_dir=hub_kwargs.get("cache_dir"),
                 token=hub_kwargs.get("token"),
             )
-        return cls(
+        retriever = cls(
             config,
             question_encoder_tokenizer=rag_tokenizer.question_encoder,
             generator_tokenizer=rag_tokenizer.generator,
             index=index,
             init_retrieval=init_retrieval,
         )
+        if search_device is not None:
+            retriever.to_search_device(search_device)
+        return retriever
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write the config and tokenizers, plus a custom index's passages and faiss index if not yet on disk.
@@ -249,6 +254,47 @@ class RagRetriever:
         """Load the index into memory."""
         logger.info("initializing retrieval")
         self.index.init_index()
+
+    @property
+    def search_device(self) -> Any:
+        """The ``torch.device`` the index is searched on: ``cpu`` (faiss) unless :meth:`to_search_device` moved it."""
+        device = getattr(self.index, "search_device", None)
+        if device is None:  # an index object without ragkit's Index base class
+            import torch
+
+            device = torch.device("cpu")
+        return device
+
+    def to_search_device(self, device: Any) -> RagRetriever:
+        """Search the index on ``device`` from now on; ``"cpu"`` goes back to faiss on the CPU.
+
+        On a CUDA device, with faiss built with GPU support, the faiss index is copied there
+        (``faiss.index_cpu_to_gpu``; flat and IVF indexes, ``index_nprobe`` kept). Without it, an exact
+        index (``IndexFlatIP``, ``IndexFlatL2``, ``IndexFlat``, also in an ``IndexIDMap``) is searched there
+        with PyTorch: its vectors are copied once to the device in float32 (``ntotal * dim * 4`` bytes) and
+        scored with a matmul + top-k, giving faiss's ids and distances (documents with equal scores may come
+        back in another order), and question vectors already on that device are searched in place.
+        ``retrieve`` and ``__call__`` return the same types as on the CPU. The setting is not saved by
+        :meth:`save_pretrained`. Before :meth:`init_retrieval` the move happens when the index loads.
+
+        Args:
+            device: ``"cpu"``, ``"cuda"``, ``"cuda:<index>"`` or a ``torch.device``.
+
+        Returns:
+            RagRetriever: ``self``.
+
+        Raises:
+            AcceleratorUnavailableError: A CUDA device was asked for and PyTorch sees none.
+            ValueError: faiss has no GPU support and the index is not exact (the message names the index
+                type and the fixes), or the index backend searches on the CPU only (legacy).
+        """
+        if not hasattr(self.index, "to_search_device"):
+            raise ValueError(
+                f"The index {type(self.index).__name__} cannot change its search device: derive it from "
+                "ragkit.retrieval.Index (and implement to_search_device) or keep searching on the CPU."
+            )
+        self.index.to_search_device(device)
+        return self
 
     def postprocess_docs(
         self,
@@ -324,7 +370,8 @@ class RagRetriever:
 
         Args:
             question_hidden_states: `(batch_size, vector_size)` numpy array or torch tensor (any device,
-                any float dtype).
+                any float dtype). With the exact search on a GPU (:meth:`to_search_device`), a tensor is
+                searched without a copy to the host.
             n_docs: Passages per question.
 
         Returns:
@@ -332,7 +379,10 @@ class RagRetriever:
             `(batch_size, n_docs)` int64 (-1 where the index had fewer hits) and ``doc_dicts``, one
             ``{"title": [...], "text": [...]}`` per question.
         """
-        queries = as_query_matrix(question_hidden_states)
+        queries = question_hidden_states
+        on_host = self.search_device.type == "cpu"
+        if on_host or not hasattr(queries, "detach") or queries.ndim != 2:  # torch tensors stay as they are
+            queries = as_query_matrix(queries)
         doc_ids, retrieved_doc_embeds = self._main_retrieve(queries, n_docs)
         return retrieved_doc_embeds, doc_ids, self.index.get_doc_dicts(doc_ids)
 

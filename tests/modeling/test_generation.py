@@ -167,6 +167,28 @@ def test_questions_per_batch_does_not_change_output(bart_models):
     assert torch.equal(ours.generate(**kwargs, questions_per_batch=1), ours.generate(**kwargs))
 
 
+@pytest.mark.parametrize("decoding", ["thorough", "fast"])
+def test_max_new_tokens_is_forwarded_to_the_generator(bart_models, decoding):
+    # RAG-Sequence passes generation options to the generator's generate, so max_new_tokens counts the
+    # tokens after the decoder start token there (as in the reference): max_length = max_new_tokens + 1.
+    reference, ours = bart_models
+    ids, mask, scores = _contexts(batch_size=3, n_docs=3, seed=29)
+    new_tokens = 3
+    kwargs = dict(
+        context_input_ids=ids,
+        context_attention_mask=mask,
+        doc_scores=scores,
+        num_beams=3,
+        num_return_sequences=2,
+    )
+    got = ours.generate(**kwargs, max_new_tokens=new_tokens, decoding=decoding)
+    assert got.shape[1] == new_tokens + 1
+    assert torch.equal(got, ours.generate(**kwargs, max_length=new_tokens + 1, decoding=decoding))
+    assert ours.generate(**kwargs, max_length=MAX_LENGTH, decoding=decoding).shape[1] > new_tokens + 1
+    if decoding == "thorough":
+        assert torch.equal(got, reference.generate(**kwargs, max_new_tokens=new_tokens))
+
+
 # --- with a retriever -------------------------------------------------------------------------------
 
 

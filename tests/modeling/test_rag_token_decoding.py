@@ -178,3 +178,99 @@ def test_reorder_cache_follows_beams_with_their_documents(pairs):
     keys = out.self_attention_cache.layers[0].keys.flatten().tolist()
     assert keys == [3.0, 4.0, 5.0, 3.0, 4.0, 5.0]
     assert out.self_attention_cache.layers[0].values.flatten().tolist() == [103.0, 104.0, 105.0] * 2
+
+
+# --- max_new_tokens: honoured by ragkit, ignored by the reference (a deliberate difference) -----------
+
+NEW_TOKENS = MAX_LENGTH - 1  # the equivalent max_length counts the decoder start token
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+@pytest.mark.parametrize("generator_kind", GENERATORS)
+def test_max_new_tokens_limits_new_tokens_as_a_bare_generator(pairs, questions, generator_kind, num_beams):
+    pair = pairs("token", generator_kind)
+    contexts = retrieved_contexts(pair, questions)
+    with torch.no_grad():
+        # The convention: a bare encoder-decoder's generate returns the decoder start token + max_new_tokens.
+        bare = pair.ours.generator.generate(
+            contexts["context_input_ids"],
+            attention_mask=contexts["context_attention_mask"],
+            num_beams=num_beams,
+            max_new_tokens=NEW_TOKENS,
+        )
+        ours = pair.ours.generate(**contexts, num_beams=num_beams, max_new_tokens=NEW_TOKENS)
+        same_length = pair.ours.generate(**contexts, num_beams=num_beams, max_length=NEW_TOKENS + 1)
+        ref = pair.reference.generate(**contexts, num_beams=num_beams, max_new_tokens=NEW_TOKENS)
+        ref_same_length = pair.reference.generate(**contexts, num_beams=num_beams, max_length=NEW_TOKENS + 1)
+    assert bare.shape[1] == NEW_TOKENS + 1
+    assert ours.shape[1] == NEW_TOKENS + 1, "RAG-Token decodes max_new_tokens after the decoder start token"
+    _assert_same(same_length, ours)
+    _assert_same(ref_same_length, ours)
+    # The reference ignores max_new_tokens and decodes up to its default max_length of 20.
+    assert ref.shape[1] > NEW_TOKENS + 1
+    assert ref.shape[1] == 20
+
+
+def test_max_new_tokens_from_generation_configs(pairs, questions, monkeypatch):
+    pair = pairs("token", "bart")
+    contexts = retrieved_contexts(pair, questions)
+    with torch.no_grad():
+        expected = pair.ours.generate(**contexts, num_beams=2, max_length=NEW_TOKENS + 1)
+        passed = pair.ours.generate(
+            **contexts, generation_config=GenerationConfig(num_beams=2, max_new_tokens=NEW_TOKENS)
+        )
+        monkeypatch.setattr(pair.ours.generation_config, "max_new_tokens", NEW_TOKENS)
+        from_model = pair.ours.generate(**contexts, num_beams=2)
+    _assert_same(expected, passed)
+    _assert_same(expected, from_model)
+
+
+def test_max_new_tokens_takes_precedence_over_max_length_with_transformers_warning(pairs, questions):
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging as transformers_logging
+
+    pair = pairs("token", "bart")
+    contexts = retrieved_contexts(pair, questions)
+    expected = pair.ours.generate(**contexts, max_length=NEW_TOKENS + 1)
+    with CaptureLogger(transformers_logging.get_logger("transformers.generation.utils")) as captured:
+        ours = pair.ours.generate(**contexts, max_length=4, max_new_tokens=NEW_TOKENS)
+    _assert_same(expected, ours)
+    assert "`max_new_tokens` will take precedence" in captured.out
+    # max_length alone, or max_new_tokens alone, does not warn.
+    with CaptureLogger(transformers_logging.get_logger("transformers.generation.utils")) as captured:
+        pair.ours.generate(**contexts, max_new_tokens=NEW_TOKENS)
+        pair.ours.generate(**contexts, max_length=NEW_TOKENS + 1)
+    assert "take precedence" not in captured.out
+
+
+def test_cache_is_sized_for_max_new_tokens(pairs, questions, monkeypatch):
+    pair = pairs("token", "bart")
+    contexts = retrieved_contexts(pair, questions)
+    prepare = type(pair.ours)._prepare_cache_for_generation
+    sizes = []
+
+    def spy(self, generation_config, model_kwargs, *args, **kwargs):
+        sizes.append(kwargs["max_cache_length"])
+        return prepare(self, generation_config, model_kwargs, *args, **kwargs)
+
+    monkeypatch.setattr(type(pair.ours), "_prepare_cache_for_generation", spy)
+    with torch.no_grad():
+        dynamic = pair.ours.generate(**contexts, max_new_tokens=NEW_TOKENS)
+        pair.ours.generate(**contexts, max_length=20, max_new_tokens=NEW_TOKENS)
+        pair.ours.generate(**contexts, max_length=NEW_TOKENS + 1)
+        # A static cache is allocated at that size up front: too small would fail, and the tokens must not change.
+        static = pair.ours.generate(**contexts, max_new_tokens=NEW_TOKENS, cache_implementation="static")
+    # Every decoder position but the last is cached: the start token and max_new_tokens - 1 generated ones.
+    assert sizes == [NEW_TOKENS] * 4
+    _assert_same(dynamic, static)
+
+
+@pytest.mark.parametrize("generator_kind", GENERATORS)
+def test_default_length_is_still_the_reference_max_length(pairs, questions, generator_kind):
+    # Without max_new_tokens nothing changes: max_length counts the start token (20 by default), unlike a
+    # bare generator's generate, which extends its default max_length by the start token (21).
+    pair = pairs("token", generator_kind)
+    contexts = retrieved_contexts(pair, questions)
+    ref, ours = _generate_both(pair, **contexts, num_beams=2)
+    _assert_same(ref, ours)
+    assert ours.shape[1] == 20

@@ -5,6 +5,7 @@
 - :class:`LegacyIndex`: DPR's original files, pickled or converted (``"legacy"``).
 - :func:`build_index`: embed a corpus and write a custom index; :func:`convert_legacy_index`: make
   DPR's files pickle-free.
+- :mod:`ragkit.retrieval.device_search`: search on a GPU (``RagRetriever.to_search_device``).
 
 Names are imported on first use so that ``import ragkit.retrieval`` stays light.
 """

@@ -29,6 +29,7 @@ __all__ = [
     "PassageTable",
     "apply_search_parameters",
     "as_query_matrix",
+    "check_query_shape",
     "read_faiss_index",
 ]
 
@@ -52,18 +53,24 @@ def as_query_matrix(question_hidden_states: Any, dim: int | None = None) -> np.n
     if hasattr(question_hidden_states, "detach"):  # torch.Tensor, without importing torch here
         question_hidden_states = question_hidden_states.detach().to("cpu").float().numpy()
     queries = np.ascontiguousarray(question_hidden_states, dtype=np.float32)
-    if queries.ndim != 2:
+    check_query_shape(queries.shape, dim)
+    return queries
+
+
+def check_query_shape(shape: tuple[int, ...], dim: int | None = None) -> None:
+    """Raise ``ValueError`` unless ``shape`` is `(batch_size, dim)` (any width when ``dim`` is None)."""
+    shape = tuple(shape)
+    if len(shape) != 2:
         raise ValueError(
-            f"`question_hidden_states` must have shape (batch_size, vector_size), got {queries.shape}. "
+            f"`question_hidden_states` must have shape (batch_size, vector_size), got {shape}. "
             "Pass one row per question (add a batch axis for a single question)."
         )
-    if dim is not None and queries.shape[1] != dim:
+    if dim is not None and shape[1] != dim:
         raise ValueError(
-            f"`question_hidden_states` has width {queries.shape[1]} but the index holds vectors of width {dim}. "
+            f"`question_hidden_states` has width {shape[1]} but the index holds vectors of width {dim}. "
             "Use a question encoder whose output size matches the index (config.retrieval_vector_size) "
             "or an index built with the same encoder family."
         )
-    return queries
 
 
 def read_faiss_index(path: str | os.PathLike, what: str = "index_path") -> Any:
@@ -346,6 +353,33 @@ class Index(abc.ABC):
     @abc.abstractmethod
     def get_doc_dicts(self, doc_ids: np.ndarray) -> list[dict]:
         """Passages of `(batch_size, n_docs)` doc ids: one ``{"title": [...], "text": [...]}`` per query."""
+
+    @property
+    def search_device(self) -> Any:
+        """The ``torch.device`` :meth:`get_top_docs` searches on: the CPU (faiss-cpu) unless moved."""
+        import torch
+
+        return torch.device("cpu")
+
+    def to_search_device(self, device: Any) -> None:
+        """Search on ``device`` from now on; indexes that only search on the CPU accept ``"cpu"`` alone.
+
+        Args:
+            device: ``"cpu"``, ``"cuda"``, ``"cuda:<index>"`` or a ``torch.device``.
+
+        Raises:
+            AcceleratorUnavailableError: ``device`` is a CUDA device and PyTorch sees none.
+            ValueError: This index cannot search on ``device``.
+        """
+        from .device_search import resolve_search_device
+
+        resolved = resolve_search_device(device)
+        if resolved.type != "cpu":
+            raise ValueError(
+                f"{type(self).__name__} searches with faiss on the CPU only and cannot search on {resolved}. "
+                "Search on the GPU is supported by the custom and wiki_dpr indexes (index_name='custom', "
+                "'exact', 'compressed'); keep search_device='cpu' for this one."
+            )
 
     def _require_initialized(self) -> None:
         """Raise a clear error when searching before :meth:`init_index`."""

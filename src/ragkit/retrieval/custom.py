@@ -63,6 +63,8 @@ class HFIndexBase(Index):
         self.ef_search = ef_search
         self.faiss_index: Any = None
         self._index_initialized = index_initialized
+        self._search_device: Any = None  # a CUDA torch.device once moved; None: faiss on the CPU
+        self._device_search: Any = None  # its DeviceSearch, built when the faiss index is there
         self._check_dataset_format(with_index=index_initialized)
         self.passages = self._passage_table(dataset)
         if self.passages.dim is not None and self.passages.dim != vector_size:
@@ -118,6 +120,10 @@ class HFIndexBase(Index):
                 "passages: they do not belong together. Rebuild the index from this dataset."
             )
         apply_search_parameters(index, self.nprobe, self.ef_search)
+        if self._search_device is not None:
+            from .device_search import DeviceSearch
+
+            self._device_search = DeviceSearch(index, self._search_device)
         self.faiss_index = index
 
     def init_index(self) -> None:
@@ -130,13 +136,45 @@ class HFIndexBase(Index):
     def get_doc_dicts(self, doc_ids: np.ndarray) -> list[dict]:
         return self.passages.doc_dicts(doc_ids)
 
-    def get_top_docs(
-        self, question_hidden_states: np.ndarray, n_docs: int = 5
-    ) -> tuple[np.ndarray, np.ndarray]:
+    @property
+    def search_device(self) -> Any:
+        """The ``torch.device`` searched on: the CPU (faiss-cpu) until :meth:`to_search_device` moves it."""
+        import torch
+
+        return self._search_device if self._search_device is not None else torch.device("cpu")
+
+    def to_search_device(self, device: Any) -> None:
+        """Search on ``device`` from now on (``"cpu"``: faiss on the CPU again).
+
+        On a CUDA device the faiss index is copied to it with faiss-gpu when installed; otherwise an
+        exact index (``IndexFlatIP``/``IndexFlatL2``) is searched there with PyTorch (see
+        :mod:`ragkit.retrieval.device_search`). Before :meth:`init_index` the move waits for the index
+        to load. The CPU faiss index is kept (``save_pretrained`` writes it as before).
+
+        Args:
+            device: ``"cpu"``, ``"cuda"``, ``"cuda:<index>"`` or a ``torch.device``.
+
+        Raises:
+            AcceleratorUnavailableError: A CUDA device was asked for and PyTorch sees none.
+            ValueError: faiss has no GPU support and the index is not exact (the message names its type).
+        """
+        from .device_search import DeviceSearch, resolve_search_device
+
+        resolved = resolve_search_device(device)
+        if resolved.type == "cpu":
+            self._search_device = self._device_search = None
+            return
+        device_search = None if self.faiss_index is None else DeviceSearch(self.faiss_index, resolved)
+        self._search_device, self._device_search = resolved, device_search
+
+    def get_top_docs(self, question_hidden_states: Any, n_docs: int = 5) -> tuple[np.ndarray, np.ndarray]:
         self._require_initialized()
-        queries = as_query_matrix(question_hidden_states, self.vector_size)
-        _check_n_docs(n_docs, self.faiss_index.ntotal)
-        _, ids = self.faiss_index.search(queries, n_docs)
+        if self._device_search is not None:
+            _, ids = self._device_search.search(question_hidden_states, n_docs)
+        else:
+            queries = as_query_matrix(question_hidden_states, self.vector_size)
+            _check_n_docs(n_docs, self.faiss_index.ntotal)
+            _, ids = self.faiss_index.search(queries, n_docs)
         return ids, self.embeddings_of(ids)
 
     def embeddings_of(self, ids: np.ndarray) -> np.ndarray:
