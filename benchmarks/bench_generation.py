@@ -379,7 +379,7 @@ def main() -> None:
         return
 
     size = SIZES[args.size]
-    repeats = args.repeats or size.repeats
+    repeats = size.repeats = args.repeats or size.repeats
     chunked = tuple(args.questions_per_batch)
     decoding_names = DECODING_VARIANTS + tuple(chunked_variant(n) for n in chunked)
     if args.memory_only:

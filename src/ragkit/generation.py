@@ -5,9 +5,16 @@ generator without the context attention mask, and scores hypotheses by re-runnin
 (question encoder, retrieval and generator encoder). Here every question of the batch is decoded by
 one generator ``generate`` call, the generator's encoder runs once and its outputs are reused to
 score hypotheses by teacher forcing, the context attention mask is honoured throughout, and a
-non-default ``n_docs`` is used everywhere. Scoring shares work between candidates: the first decoder
-step per document, the cross-attention keys/values per document (on CPU), and one vocabulary
-projection per distinct (document, prefix) instead of one per candidate position.
+non-default ``n_docs`` is used everywhere. Scoring computes each distinct (document, prefix) once:
+
+- BART-family generators (learned positions, eager or sdpa attention): a question's candidates form
+  a prefix trie, packed as one decoder sequence per document (each node attends to its ancestors
+  through a 4D mask, at its depth as position), so the decoder runs on the distinct prefixes only,
+  the cross-attention keys/values are computed once per document, and the vocabulary projection
+  (with BART's output bias folded into the matrix product) runs once per distinct prefix.
+- Other generators (T5, flash-attention): one decoder row per (candidate, document), sharing the first
+  decoder step per document, the cross-attention keys/values per document (on CPU) and one
+  vocabulary projection per distinct (document, prefix).
 
 Decoding modes:
 
@@ -41,8 +48,11 @@ DECODING_MODES = ("thorough", "fast")
 _SCORING_ELEMENTS_CPU = 1 << 25
 _SCORING_ELEMENTS_CUDA = 1 << 28
 # Copy each document's cross-attention keys/values to its candidates (saves compute, costs memory)?
-# None: yes on CPU, no on CUDA.
+# None: yes on CPU, no on CUDA. Only for the per-candidate scoring path.
 _SHARE_CROSS_ATTENTION: bool | None = None
+# Scoring path: "packed" (each question's prefix trie in one decoder sequence per document), "rows" (one
+# decoder row per candidate and document), or None: packed where the generator supports it.
+_SCORING_PATH: str | None = None
 
 
 def _resolve_decoding_settings(
@@ -261,6 +271,267 @@ def _split_rows(values: torch.Tensor, counts: list[int]) -> list[list[int]]:
     return [part.flatten().tolist() for part in torch.split(values, counts)]
 
 
+def _packed_positions_module(generator: Any) -> torch.nn.Module | None:
+    """The decoder's learned position embedding if a prefix trie can be packed into one sequence, else None.
+
+    Packing needs positions set per token (a node's depth in the trie, not its place in the packed
+    sequence) and a custom 4D self-attention mask: BART-family decoders (learned absolute positions
+    with an ``offset``) with eager or sdpa attention. T5's relative position buckets, sinusoidal
+    positions and flash-attention (no 4D masks) keep the per-candidate path.
+    """
+    get_decoder = getattr(generator, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else None
+    positions = getattr(decoder, "embed_positions", None)
+    implementation = getattr(generator.config, "_attn_implementation", None)
+    if (
+        isinstance(positions, torch.nn.Embedding)
+        and isinstance(getattr(positions, "offset", None), int)
+        and implementation in ("eager", "sdpa")
+    ):
+        return positions
+    return None
+
+
+def _question_tries(
+    candidates: list[list[int]], candidate_question: list[int], needed: list[int]
+) -> tuple[list[list[int]], list[list[int]], list[list[int]], list[list[int]]]:
+    """Per question, the trie of its candidates' decoder-input prefixes, parents before children.
+
+    Returns, per question: node tokens, node depths, node parents (-1 for a root) and, per candidate
+    (in order), the node of each of its first ``needed`` decoder inputs.
+    """
+    tokens: dict[int, list[int]] = {}
+    depths: dict[int, list[int]] = {}
+    parents: dict[int, list[int]] = {}
+    paths: list[list[int]] = []
+    children: dict[int, dict[tuple[int, int], int]] = {}
+    for sequence, question, length in zip(candidates, candidate_question, needed):
+        trie = children.setdefault(question, {})
+        node_tokens = tokens.setdefault(question, [])
+        node_depths = depths.setdefault(question, [])
+        node_parents = parents.setdefault(question, [])
+        node, path = -1, []
+        for depth, token in enumerate(sequence[:length]):
+            child = trie.get((node, token))
+            if child is None:
+                child = trie[(node, token)] = len(node_tokens)
+                node_tokens.append(token)
+                node_depths.append(depth)
+                node_parents.append(node)
+            node = child
+            path.append(node)
+        paths.append(path)
+    order = sorted(tokens)
+    return [tokens[q] for q in order], [depths[q] for q in order], [parents[q] for q in order], paths
+
+
+def _ancestor_masks(
+    parents: list[list[int]], width: int, max_depth: int, device: torch.device
+) -> torch.Tensor:
+    """`(num_questions, width, width)` bool: node i may attend node j (j is i or an ancestor); padding sees itself."""
+    count = len(parents)
+    parent = torch.arange(width).repeat(count, 1)  # padding nodes are their own parents
+    for q, node_parents in enumerate(parents):
+        own = torch.tensor(node_parents, dtype=torch.long)
+        parent[q, : len(own)] = torch.where(own < 0, torch.arange(len(own)), own)  # a root is its own parent
+    allowed = torch.zeros(count, width, width, dtype=torch.bool)
+    question = torch.arange(count).unsqueeze(1).expand(count, width)
+    node = torch.arange(width).expand(count, width)
+    current = node.clone()
+    for _ in range(max_depth + 1):  # walk up to the root: every ancestor is marked
+        allowed[question, node, current] = True
+        current = parent.gather(1, current)
+    return allowed.to(device)
+
+
+class _CaptureRows:
+    """Forward pre-hook for the output projection: keep the selected hidden states, project none of them.
+
+    The caller projects them with :func:`_project`, which folds BART's ``final_logits_bias`` into the
+    matrix product instead of a separate pass over the `(rows, vocab)` logits.
+    """
+
+    def __init__(self) -> None:
+        self.rows: torch.Tensor | None = None
+        self.hidden: torch.Tensor | None = None
+
+    def __call__(
+        self, module: torch.nn.Module, args: tuple[torch.Tensor, ...]
+    ) -> tuple[torch.Tensor, ...] | None:
+        if self.rows is None:
+            return None
+        hidden = args[0].reshape(-1, args[0].shape[-1])
+        self.hidden = hidden.index_select(0, self.rows)
+        return (hidden[:0], *args[1:])
+
+
+def _project(generator: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """`(rows, vocab)` logits of `(rows, hidden)` decoder states, as the generator's head computes them."""
+    head = generator.get_output_embeddings()
+    bias = getattr(generator, "final_logits_bias", None)
+    if type(head) is torch.nn.Linear and head.bias is None and isinstance(bias, torch.Tensor):
+        return torch.addmm(bias.to(hidden.dtype).reshape(1, -1), hidden, head.weight.t())
+    logits = head(hidden)
+    return logits if bias is None else logits + bias.to(logits.device)
+
+
+class _Replace:
+    """Forward hook that replaces a module's output with a preset tensor (position embeddings by depth)."""
+
+    def __init__(self) -> None:
+        self.depths: torch.Tensor | None = None
+
+    def __call__(
+        self, module: torch.nn.Module, args: tuple[Any, ...], output: torch.Tensor
+    ) -> torch.Tensor | None:
+        if self.depths is None:
+            return None
+        return torch.nn.functional.embedding(self.depths + module.offset, module.weight)
+
+
+def _packed_thorough_scores(
+    model: Any,
+    positions_module: torch.nn.Module,
+    encoder_states: torch.Tensor,
+    context_attention_mask: torch.Tensor | None,
+    doc_logprobs: torch.Tensor,
+    candidates: torch.Tensor,
+    candidate_question: torch.Tensor,
+    use_bos: torch.Tensor,
+    target: torch.Tensor,
+    needed: torch.Tensor,
+    has_prior: torch.Tensor,
+) -> torch.Tensor:
+    """`(num_candidates,)` thorough scores, each question's candidates packed as one prefix trie per document.
+
+    A question's candidates share their decoder inputs as a trie: each distinct prefix is one token of
+    a packed decoder sequence, attending to its ancestors only (a 4D mask), at its depth as position.
+    One decoder row per (question, document) context then computes every hidden state scoring needs,
+    each distinct (document, prefix) once: no per-candidate rows, and the cross-attention keys/values
+    are computed once per context. Same numbers as teacher forcing each candidate, up to float rounding.
+    """
+    generator = model.generator
+    pad = model.config.generator.pad_token_id
+    epsilon = float(getattr(model.config, "label_smoothing", 0.0) or 0.0)
+    batch_size, n_docs = doc_logprobs.shape
+    device = candidates.device
+    vocab = generator.get_output_embeddings().weight.shape[0]
+    mask_dtype = generator.get_input_embeddings().weight.dtype
+    heads = getattr(generator.config, "decoder_attention_heads", 1)
+    source_length = encoder_states.shape[1]
+
+    needed_list = needed.tolist()
+    node_tokens, node_depths, node_parents, paths = _question_tries(
+        candidates.tolist(), candidate_question.tolist(), needed_list
+    )
+    counts = torch.bincount(candidate_question, minlength=batch_size).tolist()
+    sizes = [len(t) for t in node_tokens]
+
+    # Chunks of whole questions, sized by the logits of their nodes and the attention scores of their rows.
+    budget = _SCORING_ELEMENTS_CUDA if device.type == "cuda" else _SCORING_ELEMENTS_CPU
+    chunks: list[tuple[int, int]] = []  # question ranges
+    cost = 0
+    for q, size in enumerate(sizes):
+        question_cost = n_docs * size * (vocab + heads * (size + source_length))
+        if chunks and cost + question_cost <= budget:
+            chunks[-1] = (chunks[-1][0], q + 1)
+            cost += question_cost
+        else:
+            chunks.append((q, q + 1))
+            cost = question_cost
+
+    first_candidate = [0]
+    for count in counts:
+        first_candidate.append(first_candidate[-1] + count)
+    scores = torch.empty(candidates.shape[0], dtype=torch.float32, device=device)
+    selector, replace = _CaptureRows(), _Replace()
+    handles = [
+        generator.get_output_embeddings().register_forward_pre_hook(selector),
+        positions_module.register_forward_hook(replace),
+    ]
+    try:
+        for first_question, end_question in chunks:
+            questions = range(first_question, end_question)
+            width = max(sizes[q] for q in questions)
+            num_questions = len(questions)
+            ids = torch.full((num_questions, width), pad, dtype=torch.long)
+            depths = torch.zeros(num_questions, width, dtype=torch.long)
+            for i, q in enumerate(questions):
+                ids[i, : sizes[q]] = torch.tensor(node_tokens[q])
+                depths[i, : sizes[q]] = torch.tensor(node_depths[q])
+            max_depth = int(depths.max())
+            allowed = _ancestor_masks([node_parents[q] for q in questions], width, max_depth, device)
+            additive = torch.zeros(allowed.shape, dtype=mask_dtype, device=device).masked_fill_(
+                ~allowed, torch.finfo(mask_dtype).min
+            )
+            contexts = slice(first_question * n_docs, end_question * n_docs)  # rows: (question, doc)
+
+            # Scored entries (candidate, position): the node whose hidden state scores the target there.
+            lo, hi = first_candidate[first_question], first_candidate[end_question]
+            entry_candidate, entry_position, entry_node = [], [], []
+            for c in range(lo, hi):
+                path = paths[c]
+                entry_candidate.extend([c] * len(path))
+                entry_position.extend(range(len(path)))
+                entry_node.extend(path)
+            entry_candidate_t = torch.tensor(entry_candidate, dtype=torch.long, device=device)
+            entry_position_t = torch.tensor(entry_position, dtype=torch.long, device=device)
+            entry_node_t = torch.tensor(entry_node, dtype=torch.long, device=device)
+            entry_target = target[entry_candidate_t, entry_position_t]
+            keep = entry_target.ne(pad)
+            entry_candidate_t, entry_position_t = entry_candidate_t[keep], entry_position_t[keep]
+            entry_node_t, entry_target = entry_node_t[keep], entry_target[keep]
+            entry_question = candidate_question[entry_candidate_t] - first_question
+            # One entry per document: hidden-state index row * width + node, row = question * n_docs + doc.
+            doc_range = torch.arange(n_docs, device=device)
+            entry_rows = (entry_question * n_docs).unsqueeze(1) + doc_range  # (entries, n_docs)
+            flat = (entry_rows * width + entry_node_t.unsqueeze(1)).flatten()
+            unique_flat, inverse = torch.unique(flat, return_inverse=True)
+            selector.rows = unique_flat
+            replace.depths = depths.to(device).repeat_interleave(n_docs, dim=0)
+            generator(
+                encoder_outputs=BaseModelOutput(last_hidden_state=encoder_states[contexts]),
+                attention_mask=None if context_attention_mask is None else context_attention_mask[contexts],
+                decoder_input_ids=ids.to(device).repeat_interleave(n_docs, dim=0),
+                decoder_attention_mask=additive.repeat_interleave(n_docs, dim=0).unsqueeze(1),
+                use_cache=False,
+                return_dict=True,
+            )
+            hidden, selector.hidden = selector.hidden, None
+            selector.rows = replace.depths = None
+            logits = _project(generator, hidden)  # (distinct (row, node) pairs, vocab)
+            del hidden
+            logprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+            del logits
+            entry_ll = logprobs[inverse, entry_target.repeat_interleave(n_docs)]
+            # The leading BOS target is left out of a question's scores (use_bos), but not out of smoothing.
+            skip = (entry_position_t.eq(0) & use_bos[entry_question + first_question]).repeat_interleave(
+                n_docs
+            )
+            pair = ((entry_candidate_t - lo) * n_docs).unsqueeze(1) + doc_range  # (candidate, doc) rows
+            row_ll = torch.zeros((hi - lo) * n_docs, dtype=torch.float32, device=device)
+            row_ll = row_ll.index_add(0, pair.flatten(), entry_ll.masked_fill(skip, 0.0))
+            chunk = slice(lo, hi)
+            question = candidate_question[chunk]
+            prior = doc_logprobs[question].flatten() * has_prior[chunk].repeat_interleave(n_docs)
+            doc_ll = (row_ll + prior).view(-1, n_docs).logsumexp(dim=1)
+            chunk_scores = (1.0 - epsilon) * doc_ll
+            if epsilon > 0:
+                # Label smoothing, as in the training loss: sum over the vocabulary of the log-probabilities.
+                row_smooth = torch.zeros_like(row_ll).index_add(
+                    0, pair.flatten(), logprobs.sum(dim=-1)[inverse]
+                )
+                smooth = (row_smooth + vocab * prior).view(-1, n_docs).logsumexp(dim=1)
+                chunk_scores = chunk_scores + epsilon / vocab * smooth
+            del logprobs
+            scores[chunk] = chunk_scores
+    finally:
+        for handle in handles:
+            handle.remove()
+        selector.rows = selector.hidden = replace.depths = None
+    return scores
+
+
 def _thorough_scores(
     model: Any,
     encoder_states: torch.Tensor,
@@ -320,6 +591,26 @@ def _thorough_scores(
     needed = torch.where(nonpad.any(1), full_length - nonpad.flip(1).int().argmax(1), 1)
     # The document prior sits on the second target token and is lost with it when that token is a pad.
     has_prior = nonpad[:, 1] if full_length > 1 else torch.zeros_like(nonpad[:, 0])
+    path = _SCORING_PATH
+    positions_module = _packed_positions_module(generator) if path in (None, "packed") else None
+    if path == "packed" and positions_module is None:
+        raise ValueError(
+            "The packed scoring path needs a BART-family generator with eager or sdpa attention."
+        )
+    if positions_module is not None:
+        return _packed_thorough_scores(
+            model,
+            positions_module,
+            encoder_states,
+            context_attention_mask,
+            doc_logprobs,
+            candidates,
+            candidate_question,
+            use_bos,
+            target,
+            needed,
+            has_prior,
+        )
     prefix_ids = _prefix_ids(candidates.tolist(), candidate_question.tolist()).to(device)
     prefix_count = int(prefix_ids.max()) + 1
 

@@ -122,9 +122,14 @@ def test_thorough_matches_reference(kind, num_beams, num_return_sequences, do_de
         assert len({len(_strip(row, 1)) for row in got}) > 1
 
 
-@pytest.mark.parametrize("share", [False, True])
-def test_both_scoring_paths_match_reference(share, bart_models, monkeypatch):
-    # CPU shares each document's cross-attention keys/values through the cache; CUDA recomputes them.
+@pytest.mark.parametrize(
+    "path,share", [("packed", None), ("rows", False), ("rows", True)], ids=["packed", "rows", "rows-shared"]
+)
+def test_every_scoring_path_matches_reference(path, share, bart_models, monkeypatch):
+    # BART scores each question's prefix trie packed in one decoder row per document ("packed"); other
+    # generators score one row per (candidate, document) ("rows"), where CPU shares each document's
+    # cross-attention keys/values through the cache and CUDA recomputes them.
+    monkeypatch.setattr(generation, "_SCORING_PATH", path)
     monkeypatch.setattr(generation, "_SHARE_CROSS_ATTENTION", share)
     reference, ours = bart_models
     ids, mask, scores = _contexts(batch_size=3, n_docs=3, seed=23)
@@ -138,6 +143,51 @@ def test_both_scoring_paths_match_reference(share, bart_models, monkeypatch):
         forced_bos_token_id=0,
     )
     assert torch.equal(ours.generate(**kwargs), reference.generate(**kwargs))
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.3])
+def test_packed_and_per_candidate_scores_agree(label_smoothing, monkeypatch):
+    # Same scores from both paths, candidate by candidate (not just the same winners), with padded
+    # contexts, hypotheses of different lengths, a tiny chunk budget (many chunks) and label smoothing.
+    _, ours = _build("bart", seed=23, label_smoothing=label_smoothing)
+    ids, mask, scores = _contexts(batch_size=3, n_docs=3, seed=13, pads=[0, 3, 0, 0, 5, 0, 1, 0, 0])
+    captured = []
+    real = generation._thorough_scores
+    monkeypatch.setattr(
+        generation, "_thorough_scores", lambda *a, **k: captured.append((a, k)) or real(*a, **k)
+    )
+    ours.generate(
+        context_input_ids=ids,
+        context_attention_mask=mask,
+        doc_scores=scores,
+        num_beams=3,
+        max_length=MAX_LENGTH,
+    )
+    ((args, kwargs),) = captured
+    candidates = args[4][args[5]]
+    assert len({len(_strip(row, 1)) for row in candidates}) > 1  # some end early: pad targets are skipped
+    results = {}
+    for path in ("packed", "rows"):
+        monkeypatch.setattr(generation, "_SCORING_PATH", path)
+        monkeypatch.setattr(generation, "_SCORING_ELEMENTS_CPU", 1)  # one question per chunk
+        results[path] = real(*args, **kwargs)
+    assert results["packed"].shape == (len(candidates),)
+    torch.testing.assert_close(results["packed"], results["rows"], rtol=1e-5, atol=1e-5)
+
+
+def test_packed_path_is_refused_where_positions_are_relative(t5_models, monkeypatch):
+    # T5's relative position buckets cannot express a trie's depths: auto picks the per-candidate path,
+    # and asking for the packed one is an error rather than wrong scores.
+    reference, ours = t5_models
+    ids, mask, scores = _contexts(batch_size=2, n_docs=3, seed=17)
+    kwargs = dict(
+        context_input_ids=ids, context_attention_mask=mask, doc_scores=scores, num_beams=2, max_length=6
+    )
+    assert generation._packed_positions_module(ours.generator) is None
+    assert torch.equal(ours.generate(**kwargs), reference.generate(**kwargs))
+    monkeypatch.setattr(generation, "_SCORING_PATH", "packed")
+    with pytest.raises(ValueError, match="packed scoring path needs a BART-family generator"):
+        ours.generate(**kwargs)
 
 
 def test_label_smoothing_is_part_of_the_score_as_in_reference():
