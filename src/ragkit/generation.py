@@ -7,12 +7,13 @@ one generator ``generate`` call, the generator's encoder runs once and its outpu
 score hypotheses by teacher forcing, the context attention mask is honoured throughout, and a
 non-default ``n_docs`` is used everywhere. Scoring computes each distinct (document, prefix) once:
 
-- BART-family generators (learned positions, eager or sdpa attention): a question's candidates form
-  a prefix trie, packed as one decoder sequence per document (each node attends to its ancestors
+- BART-family generators (learned positions, eager or sdpa attention) on CPU: a question's candidates
+  form a prefix trie, packed as one decoder sequence per document (each node attends to its ancestors
   through a 4D mask, at its depth as position), so the decoder runs on the distinct prefixes only,
   the cross-attention keys/values are computed once per document, and the vocabulary projection
   (with BART's output bias folded into the matrix product) runs once per distinct prefix.
-- Other generators (T5, flash-attention): one decoder row per (candidate, document), sharing the first
+- Other generators (T5, flash-attention), and on CUDA, where packing measured slower: one decoder row
+  per (candidate, document), sharing the first
   decoder step per document, the cross-attention keys/values per document (on CPU) and one
   vocabulary projection per distinct (document, prefix).
 
@@ -51,7 +52,11 @@ _SCORING_ELEMENTS_CUDA = 1 << 28
 # None: yes on CPU, no on CUDA. Only for the per-candidate scoring path.
 _SHARE_CROSS_ATTENTION: bool | None = None
 # Scoring path: "packed" (each question's prefix trie in one decoder sequence per document), "rows" (one
-# decoder row per candidate and document), or None: packed where the generator supports it.
+# decoder row per candidate and document), or None: packed on CPU where the generator supports it, rows
+# on CUDA. Measured on an H200 (bf16, rag-*-nq shapes, batch 32): packed 1.32 s per generate against
+# 0.84 s for rows, most of the difference being cuDNN attention building a graph for every new packed
+# shape with a 4D mask (benchmarks/results/gpu_scoring_paths_h200.log); on CPU packed scoring is
+# about 1.4x faster than rows (docs/performance.md).
 _SCORING_PATH: str | None = None
 
 
@@ -290,6 +295,19 @@ def _packed_positions_module(generator: Any) -> torch.nn.Module | None:
     ):
         return positions
     return None
+
+
+def _packed_scoring_positions(generator: Any, device: torch.device) -> torch.nn.Module | None:
+    """The position embedding to drive when scoring takes the packed path here, or None for the rows path."""
+    path = _SCORING_PATH if _SCORING_PATH is not None else ("rows" if device.type == "cuda" else None)
+    if path == "rows":
+        return None
+    positions_module = _packed_positions_module(generator)
+    if path == "packed" and positions_module is None:
+        raise ValueError(
+            "The packed scoring path needs a BART-family generator with eager or sdpa attention."
+        )
+    return positions_module
 
 
 def _question_tries(
@@ -591,12 +609,7 @@ def _thorough_scores(
     needed = torch.where(nonpad.any(1), full_length - nonpad.flip(1).int().argmax(1), 1)
     # The document prior sits on the second target token and is lost with it when that token is a pad.
     has_prior = nonpad[:, 1] if full_length > 1 else torch.zeros_like(nonpad[:, 0])
-    path = _SCORING_PATH
-    positions_module = _packed_positions_module(generator) if path in (None, "packed") else None
-    if path == "packed" and positions_module is None:
-        raise ValueError(
-            "The packed scoring path needs a BART-family generator with eager or sdpa attention."
-        )
+    positions_module = _packed_scoring_positions(generator, device)
     if positions_module is not None:
         return _packed_thorough_scores(
             model,

@@ -190,6 +190,19 @@ def test_packed_path_is_refused_where_positions_are_relative(t5_models, monkeypa
         ours.generate(**kwargs)
 
 
+def test_scoring_path_defaults_packed_on_cpu_rows_on_cuda(bart_models, t5_models, monkeypatch):
+    # Packed scoring measured slower on an H200 (cuDNN rebuilds its attention graph per packed shape).
+    bart, t5 = bart_models[1].generator, t5_models[1].generator
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert generation._packed_scoring_positions(bart, cpu) is bart.get_decoder().embed_positions
+    assert generation._packed_scoring_positions(bart, cuda) is None
+    assert generation._packed_scoring_positions(t5, cpu) is None
+    monkeypatch.setattr(generation, "_SCORING_PATH", "packed")
+    assert generation._packed_scoring_positions(bart, cuda) is bart.get_decoder().embed_positions
+    monkeypatch.setattr(generation, "_SCORING_PATH", "rows")
+    assert generation._packed_scoring_positions(bart, cpu) is None
+
+
 def test_label_smoothing_is_part_of_the_score_as_in_reference():
     reference, ours = _build("bart", seed=3, label_smoothing=0.3)
     ids, mask, scores = _contexts(batch_size=2, n_docs=3, seed=5)
