@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -15,7 +14,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 
 from ragkit.testing import (
-    TINY_PASSAGES,
+    tiny_indexed_dataset,
+    tiny_passage_embeddings,
     tiny_rag_config,
     write_tiny_generator_tokenizer,
     write_tiny_question_encoder_tokenizer,
@@ -60,21 +60,10 @@ def rag_config_t5():
 @pytest.fixture(scope="session")
 def passage_embeddings():
     """(n_passages, 32) float32 embeddings, seeded, one per TINY_PASSAGES entry."""
-    return np.random.RandomState(0).randn(len(TINY_PASSAGES), RETRIEVAL_DIM).astype("float32")
+    return tiny_passage_embeddings(RETRIEVAL_DIM, seed=0)
 
 
 @pytest.fixture(scope="session")
 def indexed_dataset(passage_embeddings):
     """A ``datasets.Dataset`` (title, text, embeddings) with an exact inner-product faiss index."""
-    import faiss
-    from datasets import Dataset
-
-    dataset = Dataset.from_dict(
-        {
-            "title": [title for title, _ in TINY_PASSAGES],
-            "text": [text for _, text in TINY_PASSAGES],
-            "embeddings": list(passage_embeddings),
-        }
-    )
-    dataset.add_faiss_index("embeddings", custom_index=faiss.IndexFlatIP(RETRIEVAL_DIM))
-    return dataset
+    return tiny_indexed_dataset(passage_embeddings)

@@ -10,8 +10,10 @@ embedding instead of a repeated passage. Search may run on a GPU (``search_devic
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
+import shutil
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -34,19 +36,80 @@ __all__ = ["RagRetriever"]
 #: Names ``save_pretrained`` gives a custom index's files inside the retriever directory.
 SAVED_INDEX_NAME = "hf_dataset_index.faiss"
 SAVED_PASSAGES_NAME = "hf_dataset"
+_SAVED_NAMES = {"index_path": SAVED_INDEX_NAME, "passages_path": SAVED_PASSAGES_NAME}
+#: Config key (written by ragkit only) naming the files ``save_pretrained`` wrote next to the config,
+#: relative to its directory. ``index_path``/``passages_path`` keep absolute paths so that transformers
+#: loads the directory too; ragkit prefers these names, so a moved directory never reads files that
+#: were later written at its old location.
+SAVED_FILES_KEY = "saved_index_files"
 _HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "force_download")
 
 
 def _relocated(path: str | None, directory: str | os.PathLike, name: str) -> str | None:
-    """``path`` if it exists, else ``directory/name`` when that exists (a saved retriever that was moved)."""
+    """``path`` if it exists, else the file of the same name next to the config (a saved retriever that was moved).
+
+    ``name`` is looked for when ``path`` is None.
+    """
     if path is not None and os.path.exists(path):
         return path
-    candidate = os.path.join(directory, name)
-    if os.path.isdir(directory) and os.path.exists(candidate):
+    if not os.path.isdir(directory):
+        return path
+    candidate = os.path.abspath(
+        os.path.join(directory, name if path is None else os.path.basename(os.path.normpath(path)))
+    )
+    if os.path.exists(candidate):
         if path is not None:
             logger.info("%s not found; using %s saved next to the retriever.", path, candidate)
         return candidate
     return path
+
+
+def _is_within(path: str, directory: str) -> bool:
+    """Whether ``path`` is ``directory`` or lies inside it (symlinks resolved)."""
+    path, directory = os.path.realpath(path), os.path.realpath(directory)
+    return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
+
+
+def _same_file(path: str | None, other: str) -> bool:
+    """Whether ``path`` and ``other`` both exist and are the same file or directory."""
+    return (
+        path is not None and os.path.exists(path) and os.path.exists(other) and os.path.samefile(path, other)
+    )
+
+
+def _resolve_custom_paths(
+    config: RagConfig, directory: str, saved_files: Any, overridden: Iterable[str]
+) -> dict[str, str]:
+    """Point ``config``'s custom index paths at the files of the retriever saved in ``directory``.
+
+    A field given as a keyword argument (``overridden``) is left alone. Files ``saved_files`` (the
+    ``saved_index_files`` key) names next to the config win; otherwise a stored path that does not exist
+    falls back to the file of the same name next to the config (directories saved by transformers).
+
+    Returns:
+        The fields whose files belong to ``directory``, with their paths: ``save_pretrained`` writes
+        these into every directory it saves to.
+    """
+    local = os.path.isdir(directory)
+    saved_files = saved_files if isinstance(saved_files, dict) else {}
+    owned = {}
+    for field, default_name in _SAVED_NAMES.items():
+        path = getattr(config, field)
+        if field not in overridden:
+            name = saved_files.get(field)
+            candidate = os.path.abspath(os.path.join(directory, name)) if local and name else None
+            if candidate is not None and os.path.exists(candidate):
+                if path is not None and os.path.abspath(path) != candidate:
+                    logger.info("Using %s saved with the retriever (the config names %s).", candidate, path)
+                path = candidate
+            else:
+                path = _relocated(path, directory, default_name)
+            setattr(config, field, path)
+        if local and path is not None and os.path.exists(path) and _is_within(path, directory):
+            path = os.path.abspath(path)
+            setattr(config, field, path)
+            owned[field] = path
+    return owned
 
 
 def _as_id_lists(question_input_ids: Any) -> list[list[int]]:
@@ -95,6 +158,9 @@ class RagRetriever:
         allow_pickle: bool = False,
     ):
         self._init_retrieval = init_retrieval
+        # Custom index files that belong to the directory this retriever was loaded from (field -> path as
+        # in the config): save_pretrained writes them again into each new directory.
+        self._owned_files: dict[str, str] = {}
         self.index = index or self._build_index(config, allow_pickle=allow_pickle)
         self.generator_tokenizer = generator_tokenizer
         self.question_encoder_tokenizer = question_encoder_tokenizer
@@ -178,11 +244,18 @@ class RagRetriever:
         if config is None:
             config = RagConfig.from_pretrained(retriever_name_or_path, **kwargs)
             config.validate_rag_fields()  # overrides are set after the constructor's checks
+        # Only meaningful next to the config.json it was saved in: not kept on the loaded config.
+        saved_files = getattr(config, SAVED_FILES_KEY, None)
+        if hasattr(config, SAVED_FILES_KEY):
+            delattr(config, SAVED_FILES_KEY)
         if embeddings_name is not None:
             config.embeddings_name = embeddings_name
         rag_tokenizer = RagTokenizer.from_pretrained(retriever_name_or_path, config=config, **hub_kwargs)
+        owned_files: dict[str, str] = {}
         if indexed_dataset is not None:
             config.index_name = "custom"
+            # The given dataset is the index now: paths loaded with the config name other files.
+            config.index_path = config.passages_path = None
             index = CustomHFIndex(
                 config.retrieval_vector_size,
                 indexed_dataset,
@@ -191,9 +264,8 @@ class RagRetriever:
             )
         else:
             if config.index_name == "custom":
-                config.index_path = _relocated(config.index_path, retriever_name_or_path, SAVED_INDEX_NAME)
-                config.passages_path = _relocated(
-                    config.passages_path, retriever_name_or_path, SAVED_PASSAGES_NAME
+                owned_files = _resolve_custom_paths(
+                    config, os.fspath(retriever_name_or_path), saved_files, overridden=kwargs
                 )
             index = cls._build_index(
                 config,
@@ -208,47 +280,84 @@ class RagRetriever:
             index=index,
             init_retrieval=init_retrieval,
         )
+        retriever._owned_files = owned_files
         if search_device is not None:
             retriever.to_search_device(search_device)
         return retriever
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write the config and tokenizers, plus a custom index's passages and faiss index if not yet on disk.
+        """Write the config and tokenizers, plus the passages and faiss index of a custom index it holds.
 
-        The passages go to ``save_directory/hf_dataset`` and the index to
-        ``save_directory/hf_dataset_index.faiss``, each written atomically; the config records their
-        absolute paths (and :meth:`from_pretrained` finds them again if the directory is moved).
+        A custom index given in memory (its config path None), or loaded from the files of a saved
+        retriever directory, is written to ``save_directory/hf_dataset`` and
+        ``save_directory/hf_dataset_index.faiss`` (each atomically): the directory is self-contained, and
+        stays loadable once the directory it was loaded from is deleted or after it is moved. The config
+        written there records their absolute paths (as transformers does, which can load it while it is not
+        moved) and their names relative to the directory (``saved_index_files``, which ragkit prefers).
+        Passages and index files the user gave elsewhere (``passages_path``/``index_path``) are referenced,
+        not copied. ``self.config`` is not modified.
 
         Args:
             save_directory: Directory to write to (created if needed).
         """
         os.makedirs(save_directory, exist_ok=True)
+        config = copy.deepcopy(self.config)
+        if hasattr(config, SAVED_FILES_KEY):
+            delattr(config, SAVED_FILES_KEY)
         if isinstance(self.index, CustomHFIndex):
-            if self.config.index_path is None:
-                import faiss
-
-                index_path = os.path.abspath(os.path.join(save_directory, SAVED_INDEX_NAME))
-                if not self.index.is_initialized():
-                    self.index.init_index()
-                with atomic_file(index_path) as tmp:
-                    faiss.write_index(self.index.faiss_index, os.fspath(tmp))
-                self.config.index_path = index_path
-            if self.config.passages_path is None:
-                passages_path = os.path.abspath(os.path.join(save_directory, SAVED_PASSAGES_NAME))
-                dataset = self.index.dataset
-                # datasets refuses to save a dataset with an index attached: detach it for the write.
-                attached = dict(dataset._indexes)
-                dataset._indexes.clear()
-                try:
-                    with atomic_directory(passages_path) as tmp:
-                        dataset.save_to_disk(os.fspath(tmp))
-                finally:
-                    dataset._indexes.update(attached)
-                self.config.passages_path = passages_path
-        self.config.save_pretrained(save_directory)
+            written = {}
+            if self._owns_file("index_path"):
+                config.index_path = self._write_faiss_index(save_directory)
+                written["index_path"] = SAVED_INDEX_NAME
+            if self._owns_file("passages_path"):
+                config.passages_path = self._write_passages(save_directory)
+                written["passages_path"] = SAVED_PASSAGES_NAME
+            if written:
+                setattr(config, SAVED_FILES_KEY, written)
+        config.save_pretrained(save_directory)
         RagTokenizer(
             question_encoder=self.question_encoder_tokenizer, generator=self.generator_tokenizer
         ).save_pretrained(save_directory)
+
+    def _owns_file(self, field: str) -> bool:
+        """Whether the custom index's file ``field`` is the retriever's to save (in memory or its own)."""
+        path = getattr(self.config, field)
+        return path is None or path == self._owned_files.get(field)
+
+    def _write_faiss_index(self, save_directory: str | os.PathLike) -> str:
+        """Write the faiss index to ``save_directory`` (unless it is that file already); its absolute path."""
+        target = os.path.abspath(os.path.join(save_directory, SAVED_INDEX_NAME))
+        source = self.index.index_path
+        if _same_file(source, target):
+            return target
+        copy_source = not self.index.is_initialized() and source is not None and os.path.isfile(source)
+        if not copy_source:
+            self.index.init_index()  # no-op when loaded; else raises, naming the missing file
+        with atomic_file(target) as tmp:
+            if copy_source:
+                shutil.copyfile(source, tmp)  # not loaded yet: copy the file it would load
+            else:
+                import faiss
+
+                faiss.write_index(self.index.faiss_index, os.fspath(tmp))
+        return target
+
+    def _write_passages(self, save_directory: str | os.PathLike) -> str:
+        """Write the passages to ``save_directory`` (unless they were loaded from there); their absolute path."""
+        target = os.path.abspath(os.path.join(save_directory, SAVED_PASSAGES_NAME))
+        source = self.config.passages_path
+        if _same_file(source, target):
+            return target
+        dataset = self.index.dataset
+        # datasets refuses to save a dataset with an index attached: detach it for the write.
+        attached = dict(dataset._indexes)
+        dataset._indexes.clear()
+        try:
+            with atomic_directory(target) as tmp:
+                dataset.save_to_disk(os.fspath(tmp))
+        finally:
+            dataset._indexes.update(attached)
+        return target
 
     def init_retrieval(self) -> None:
         """Load the index into memory."""
@@ -396,6 +505,7 @@ class RagRetriever:
             index=retriever.index,
             **kwargs,
         )
+        wrapped._owned_files = dict(retriever._owned_files)
         if retriever.return_tokenized_docs:
             wrapped.set_ctx_encoder_tokenizer(retriever.ctx_encoder_tokenizer)
         return wrapped

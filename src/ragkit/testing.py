@@ -13,7 +13,7 @@ import string
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -21,12 +21,19 @@ from transformers import BartConfig, BartTokenizer, DPRConfig, DPRQuestionEncode
 
 from .configuration_rag import RagConfig
 
+if TYPE_CHECKING:  # optional dependencies: imported inside the functions that need them
+    import faiss
+    from datasets import Dataset
+
 __all__ = [
     "TINY_PASSAGES",
     "tiny_bart_config",
     "tiny_dpr_config",
+    "tiny_indexed_dataset",
+    "tiny_passage_embeddings",
     "tiny_rag_config",
     "tiny_t5_config",
+    "write_tiny_custom_index",
     "write_tiny_generator_tokenizer",
     "write_tiny_question_encoder_tokenizer",
     "write_tiny_rag_checkpoint",
@@ -215,6 +222,72 @@ def tiny_rag_config(generator: str = "bart", hidden_size: int = 32, **kwargs: An
     )
 
 
+def tiny_passage_embeddings(dim: int = 32, seed: int = 0) -> np.ndarray:
+    """Seeded random embeddings, one per :data:`TINY_PASSAGES` entry.
+
+    Args:
+        dim: Width of each vector (the RAG config's ``retrieval_vector_size``).
+        seed: Seed of the ``numpy.random.RandomState`` that draws them (standard normal).
+
+    Returns:
+        A float32 array of shape ``(num_passages, dim)``, ``num_passages = len(TINY_PASSAGES)``.
+    """
+    return np.random.RandomState(seed).randn(len(TINY_PASSAGES), dim).astype("float32")
+
+
+def tiny_indexed_dataset(embeddings: np.ndarray | None = None, index: faiss.Index | None = None) -> Dataset:
+    """A fresh ``datasets.Dataset`` of :data:`TINY_PASSAGES` with a faiss index on its ``embeddings``.
+
+    Args:
+        embeddings: Shape ``(num_passages, dim)``, row ``i`` for ``TINY_PASSAGES[i]``; defaults to
+            :func:`tiny_passage_embeddings` ``()`` (width 32, seed 0).
+        index: The faiss index ``add_faiss_index`` fills (and trains if needed); defaults to an exact
+            inner-product ``faiss.IndexFlatIP(dim)``.
+
+    Returns:
+        A dataset with columns ``title``, ``text`` and ``embeddings`` and a faiss index named
+        ``"embeddings"``, as ``CustomHFIndex`` and ``RagRetriever(indexed_dataset=...)`` take it.
+    """
+    import faiss
+    from datasets import Dataset
+
+    embeddings = tiny_passage_embeddings() if embeddings is None else embeddings
+    dataset = Dataset.from_dict(
+        {
+            "title": [title for title, _ in TINY_PASSAGES],
+            "text": [text for _, text in TINY_PASSAGES],
+            "embeddings": list(embeddings),
+        }
+    )
+    if index is None:
+        index = faiss.IndexFlatIP(embeddings.shape[1])
+    dataset.add_faiss_index("embeddings", custom_index=index)
+    return dataset
+
+
+def write_tiny_custom_index(
+    directory: str | os.PathLike, embeddings: np.ndarray | None = None
+) -> tuple[Path, Path]:
+    """Save :func:`tiny_indexed_dataset` the way ``index_name="custom"`` loads it from disk.
+
+    Args:
+        directory: Where to write ``passages/`` (``Dataset.save_to_disk``, without the index) and
+            ``index.faiss`` (the exact inner-product index).
+        embeddings: Shape ``(num_passages, dim)``; defaults to :func:`tiny_passage_embeddings` ``()``.
+
+    Returns:
+        ``(passages_path, index_path)``, the config's ``passages_path`` and ``index_path``.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    dataset = tiny_indexed_dataset(embeddings)
+    passages_path, index_path = directory / "passages", directory / "index.faiss"
+    dataset.get_index("embeddings").save(str(index_path))
+    dataset.drop_index("embeddings")
+    dataset.save_to_disk(str(passages_path))
+    return passages_path, index_path
+
+
 def write_tiny_wiki_dpr_mirror(root: str | os.PathLike, dim: int = 32, seed: int = 0) -> Path:
     """Write a miniature wiki_dpr mirror (Hub layout) of :data:`TINY_PASSAGES` with random embeddings.
 
@@ -230,7 +303,7 @@ def write_tiny_wiki_dpr_mirror(root: str | os.PathLike, dim: int = 32, seed: int
     import pyarrow.parquet as pq
 
     root = Path(root)
-    embeddings = np.random.RandomState(seed).randn(len(TINY_PASSAGES), dim).astype("float32")
+    embeddings = tiny_passage_embeddings(dim, seed)
     table = pa.table(
         {
             "id": [str(i + 1) for i in range(len(TINY_PASSAGES))],

@@ -5,19 +5,14 @@ from __future__ import annotations
 import copy
 
 import pytest
-from distributed_helpers import indexed_dataset as build_indexed_dataset
+
+from ragkit.testing import write_tiny_custom_index
 
 
 @pytest.fixture(scope="session")
 def saved_passages(tmp_path_factory, passage_embeddings):
     """(passages_path, index_path): TINY_PASSAGES saved with ``save_to_disk`` and their exact faiss index."""
-    directory = tmp_path_factory.mktemp("distributed_index")
-    dataset = build_indexed_dataset(passage_embeddings)
-    index_path = directory / "index.faiss"
-    dataset.get_index("embeddings").save(str(index_path))
-    dataset.drop_index("embeddings")
-    dataset.save_to_disk(str(directory / "passages"))
-    return directory / "passages", index_path
+    return write_tiny_custom_index(tmp_path_factory.mktemp("distributed_index"), passage_embeddings)
 
 
 @pytest.fixture

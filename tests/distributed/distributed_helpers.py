@@ -7,33 +7,9 @@ import socket
 import numpy as np
 import torch
 
-from ragkit.testing import TINY_PASSAGES
-
 DIM = 32
 QUESTIONS = ["How many people live in Paris?", "Which river flows through London?", "Where is the Louvre?"]
 ANSWERS = ["about 2 million", "the Thames", "in Paris"]
-
-
-def passage_embeddings() -> np.ndarray:
-    """The session fixture's embeddings (seed 0), rebuilt in processes that have no fixtures."""
-    return np.random.RandomState(0).randn(len(TINY_PASSAGES), DIM).astype("float32")
-
-
-def indexed_dataset(embeddings: np.ndarray | None = None):
-    """TINY_PASSAGES with embeddings and an exact inner-product faiss index, as conftest builds it."""
-    import faiss
-    from datasets import Dataset
-
-    embeddings = passage_embeddings() if embeddings is None else embeddings
-    dataset = Dataset.from_dict(
-        {
-            "title": [title for title, _ in TINY_PASSAGES],
-            "text": [text for _, text in TINY_PASSAGES],
-            "embeddings": list(embeddings),
-        }
-    )
-    dataset.add_faiss_index("embeddings", custom_index=faiss.IndexFlatIP(embeddings.shape[1]))
-    return dataset
 
 
 def query_vectors(batch: int, seed: int) -> np.ndarray:

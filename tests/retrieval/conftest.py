@@ -6,7 +6,9 @@ import copy
 
 import numpy as np
 import pytest
-from retrieval_helpers import DIM, QUESTIONS, make_indexed_dataset
+from retrieval_helpers import DIM, QUESTIONS
+
+from ragkit.testing import write_tiny_custom_index
 
 
 @pytest.fixture
@@ -41,10 +43,4 @@ def retriever_dir(tmp_path_factory, rag_config, question_encoder_tokenizer, gene
 @pytest.fixture(scope="session")
 def saved_custom_index(tmp_path_factory, passage_embeddings):
     """(passages_path, index_path) of TINY_PASSAGES saved the way the reference documents."""
-    directory = tmp_path_factory.mktemp("custom_index")
-    dataset = make_indexed_dataset(passage_embeddings)
-    index_path = directory / "index.faiss"
-    dataset.get_index("embeddings").save(str(index_path))
-    dataset.drop_index("embeddings")
-    dataset.save_to_disk(str(directory / "passages"))
-    return directory / "passages", index_path
+    return write_tiny_custom_index(tmp_path_factory.mktemp("custom_index"), passage_embeddings)

@@ -2,26 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
+from ragkit.testing import tiny_indexed_dataset as make_indexed_dataset
 
-from ragkit.testing import TINY_PASSAGES
+__all__ = ["DIM", "QUESTIONS", "make_indexed_dataset"]
 
 DIM = 32
 
 QUESTIONS = ["where is paris?", "what is the capital of germany", "which river flows through rome", "danube"]
-
-
-def make_indexed_dataset(embeddings: np.ndarray, index=None):
-    """A fresh ``datasets.Dataset`` over TINY_PASSAGES with a faiss index (IndexFlatIP by default)."""
-    import faiss
-    from datasets import Dataset
-
-    dataset = Dataset.from_dict(
-        {
-            "title": [title for title, _ in TINY_PASSAGES],
-            "text": [text for _, text in TINY_PASSAGES],
-            "embeddings": list(embeddings),
-        }
-    )
-    dataset.add_faiss_index("embeddings", custom_index=index if index is not None else faiss.IndexFlatIP(DIM))
-    return dataset
