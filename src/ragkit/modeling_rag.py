@@ -1202,6 +1202,26 @@ class RagSequenceForGeneration(_RagHeadMixin, RagPreTrainedModel):
         return output
 
 
+def _marginalize_probabilities(seq_logits: torch.Tensor, doc_logprobs: torch.Tensor) -> torch.Tensor:
+    """`(batch_size, length, vocab)` log of the document mixture of softmaxes, for decoding steps.
+
+    ``log sum_d p(d) softmax(logits_d)`` is the same quantity as ``logsumexp_d(log p(d) + log_softmax(logits_d))``
+    (the training path), computed with one fused softmax and a weighted sum over documents instead of
+    a dozen passes over the `(batch_size * n_docs, vocab)` logits. Tokens whose probability underflows
+    float32 under every document get ``-inf`` instead of a very negative number; decoding never picks them.
+
+    Args:
+        seq_logits: `(batch_size * n_docs, length, vocab)` generator logits.
+        doc_logprobs: `(batch_size, n_docs)` float32 log-softmax of the document scores.
+    """
+    batch_size, n_docs = doc_logprobs.shape
+    _, length, vocab = seq_logits.shape
+    probs = torch.softmax(seq_logits, dim=-1, dtype=torch.float32).view(batch_size, n_docs, length * vocab)
+    # A weighted sum, not a matmul: TF32 (if enabled) would round the probabilities to 10-bit mantissas.
+    mixture = probs.mul_(doc_logprobs.exp().unsqueeze(-1)).sum(dim=1)  # (batch_size, length * vocab)
+    return mixture.view(batch_size, length, vocab).log_()
+
+
 class RagTokenForGeneration(_RagHeadMixin, RagPreTrainedModel, GenerationMixin):
     """RAG-Token: each generated token marginalizes over the documents.
 
@@ -1214,6 +1234,8 @@ class RagTokenForGeneration(_RagHeadMixin, RagPreTrainedModel, GenerationMixin):
     """
 
     _rag_head = "token"
+    # True while generate() runs: marginalize() then mixes probabilities (see _marginalize_probabilities).
+    _decoding = False
 
     def marginalize(
         self, seq_logits: torch.Tensor, doc_scores: torch.Tensor, n_docs: int | None = None
@@ -1229,10 +1251,12 @@ class RagTokenForGeneration(_RagHeadMixin, RagPreTrainedModel, GenerationMixin):
             `(batch_size, length, vocab_size)` float32 log-probabilities.
         """
         n_docs = n_docs if n_docs is not None else self.config.n_docs
+        doc_scores = to_device(doc_scores, seq_logits.device, "doc_scores")
+        if self._decoding and not torch.is_grad_enabled():
+            return _marginalize_probabilities(seq_logits, torch.log_softmax(doc_scores.float(), dim=1))
         seq_logprobs = nn.functional.log_softmax(seq_logits.float(), dim=-1).view(
             seq_logits.shape[0] // n_docs, n_docs, -1, seq_logits.shape[-1]
         )
-        doc_scores = to_device(doc_scores, seq_logits.device, "doc_scores")
         doc_logprobs = torch.log_softmax(doc_scores.float(), dim=1)[:, :, None, None]
         if seq_logprobs.requires_grad:
             seq_logprobs = seq_logprobs + doc_logprobs
@@ -1564,15 +1588,19 @@ class RagTokenForGeneration(_RagHeadMixin, RagPreTrainedModel, GenerationMixin):
             # max_length is final here (max_new_tokens already applied): the cache holds every decoder position.
             max_cache_length=generation_config.max_length - 1,
         )
-        return decoding_method(
-            self,
-            decoder_input_ids,
-            logits_processor=prepared_logits_processor,
-            stopping_criteria=prepared_stopping_criteria,
-            generation_config=generation_config,
-            **generation_mode_kwargs,
-            **model_kwargs,
-        )
+        self._decoding = True
+        try:
+            return decoding_method(
+                self,
+                decoder_input_ids,
+                logits_processor=prepared_logits_processor,
+                stopping_criteria=prepared_stopping_criteria,
+                generation_config=generation_config,
+                **generation_mode_kwargs,
+                **model_kwargs,
+            )
+        finally:
+            self._decoding = False
 
     # ---- embeddings -------------------------------------------------------------------------------
 

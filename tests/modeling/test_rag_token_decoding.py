@@ -274,3 +274,42 @@ def test_default_length_is_still_the_reference_max_length(pairs, questions, gene
     ref, ours = _generate_both(pair, **contexts, num_beams=2)
     _assert_same(ref, ours)
     assert ours.shape[1] == 20
+
+
+def test_decoding_marginalization_equals_the_log_space_one(pairs, questions):
+    # During generate, marginalize() mixes softmaxes (one fused pass and a batched matmul) instead of the
+    # log-space logsumexp used for training; both are log sum_d p(d) p(token | d). Tolerance 1e-5 (float32).
+    pair = pairs("token", "bart")
+    contexts = retrieved_contexts(pair, questions)
+    n_docs = pair.ours.config.n_docs
+    generator = torch.Generator().manual_seed(0)
+    logits = 4 * torch.randn(contexts["doc_scores"].shape[0] * n_docs, 3, 50, generator=generator)
+    with torch.no_grad():
+        log_space = pair.ours.marginalize(logits, contexts["doc_scores"], n_docs)
+        pair.ours._decoding = True
+        try:
+            mixed = pair.ours.marginalize(logits, contexts["doc_scores"], n_docs)
+        finally:
+            pair.ours._decoding = False
+        reference = pair.reference.marginalize(logits, contexts["doc_scores"], n_docs)
+    torch.testing.assert_close(mixed, log_space, rtol=0, atol=1e-5)
+    torch.testing.assert_close(mixed, reference, rtol=0, atol=1e-5)
+
+
+def test_decoding_marginalization_is_only_used_inside_generate(pairs, questions, monkeypatch):
+    # Training and plain forward keep the log-space path (gradients, finite values for every token), also
+    # after a generate call that failed half-way.
+    pair = pairs("token", "bart")
+    contexts = retrieved_contexts(pair, questions)
+    calls = []
+    monkeypatch.setattr("ragkit.modeling_rag._marginalize_probabilities", lambda *a: calls.append(1) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        pair.ours.generate(**contexts, num_beams=2, max_length=MAX_LENGTH)
+    assert calls and pair.ours._decoding is False
+    with torch.no_grad():
+        outputs = pair.ours(
+            **contexts,
+            decoder_input_ids=torch.zeros(contexts["doc_scores"].shape[0], 2, dtype=torch.long),
+            do_marginalize=True,
+        )
+    assert torch.isfinite(outputs.logits).all() and len(calls) == 1
