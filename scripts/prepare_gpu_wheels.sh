@@ -3,8 +3,7 @@
 # scripts/gpu_checks.sh. The device machine has no network; its image has torch, accelerate and
 # transformers 5.17 (ragkit needs the transformers installed here), but no bitsandbytes, faiss or datasets.
 #
-#   bash scripts/prepare_gpu_wheels.sh        # then, with the device tool:
-#   run(command="bash scripts/gpu_checks.sh", carry=[".whl"], timeout_s=480)
+#   bash scripts/prepare_gpu_wheels.sh        # then, with the device tool, the calls in scripts/gpu_checks.sh
 #
 # bitsandbytes' wheel (43 MB) carries one library per CUDA/ROCm/XPU release; only the CUDA 13 ones (the
 # image's torch is cu130) and the CPU one are kept, so that everything fits the 64 MiB a device call

@@ -43,8 +43,8 @@ logger = logging.getLogger(__name__)
 #: Accepted values of ``decoding``.
 DECODING_MODES = ("thorough", "fast")
 
-# Elements (cross-attention inputs copied per scoring row + logits of the distinct prefixes) one
-# scoring pass may hold; chunks are whole questions, at least one. Transformers scores a question at
+# Elements one scoring pass may hold (rows path: cross-attention inputs copied per scoring row + logits
+# of the distinct prefixes; packed path: logits + attention scores); chunks are whole questions, at least one. Transformers scores a question at
 # once with full logits, ~100M floats for 5 docs x 20 candidates x 20 tokens x a 50k vocabulary.
 _SCORING_ELEMENTS_CPU = 1 << 25
 _SCORING_ELEMENTS_CUDA = 1 << 28
@@ -58,6 +58,11 @@ _SHARE_CROSS_ATTENTION: bool | None = None
 # shape with a 4D mask (benchmarks/results/gpu_scoring_paths_h200.log); on CPU packed scoring is
 # about 1.4x faster than rows (docs/performance.md).
 _SCORING_PATH: str | None = None
+_SCORING_PATHS = (None, "packed", "rows")
+# Widest prefix trie (nodes of one question) scored packed; wider questions take the rows path, whose
+# self-attention grows with each candidate's length rather than with the trie's width squared (with
+# little prefix sharing, e.g. 160 candidates of 40 tokens, packed measured 1.5x slower than rows).
+_PACKED_MAX_WIDTH = 1024
 
 
 def _resolve_decoding_settings(
@@ -288,18 +293,24 @@ def _packed_positions_module(generator: Any) -> torch.nn.Module | None:
     decoder = get_decoder() if callable(get_decoder) else None
     positions = getattr(decoder, "embed_positions", None)
     implementation = getattr(generator.config, "_attn_implementation", None)
-    if (
+    if not (
         isinstance(positions, torch.nn.Embedding)
         and isinstance(getattr(positions, "offset", None), int)
         and implementation in ("eager", "sdpa")
     ):
-        return positions
-    return None
+        return None
+    # The packed path reads the position table itself: weights offloaded by accelerate (meta outside
+    # forward) are only reachable through the module's forward, which the rows path uses.
+    if positions.weight.is_meta:
+        return None
+    return positions
 
 
 def _packed_scoring_positions(generator: Any, device: torch.device) -> torch.nn.Module | None:
     """The position embedding to drive when scoring takes the packed path here, or None for the rows path."""
-    path = _SCORING_PATH if _SCORING_PATH is not None else ("rows" if device.type == "cuda" else None)
+    if _SCORING_PATH not in _SCORING_PATHS:
+        raise ValueError(f"_SCORING_PATH must be one of {_SCORING_PATHS}, got {_SCORING_PATH!r}.")
+    path = _SCORING_PATH if _SCORING_PATH is not None else (None if device.type == "cpu" else "rows")
     if path == "rows":
         return None
     positions_module = _packed_positions_module(generator)
@@ -340,6 +351,8 @@ def _question_tries(
             path.append(node)
         paths.append(path)
     order = sorted(tokens)
+    # Callers index these lists by question: every question of a batch has at least one candidate.
+    assert order == list(range(len(order))), "every question needs at least one candidate"
     return [tokens[q] for q in order], [depths[q] for q in order], [parents[q] for q in order], paths
 
 
@@ -387,14 +400,20 @@ def _project(generator: Any, hidden: torch.Tensor) -> torch.Tensor:
     """`(rows, vocab)` logits of `(rows, hidden)` decoder states, as the generator's head computes them."""
     head = generator.get_output_embeddings()
     bias = getattr(generator, "final_logits_bias", None)
-    if type(head) is torch.nn.Linear and head.bias is None and isinstance(bias, torch.Tensor):
+    if (
+        type(head) is torch.nn.Linear
+        and head.bias is None
+        and isinstance(bias, torch.Tensor)
+        and not head.weight.is_meta
+        and head.weight.device == hidden.device == bias.device
+    ):
         return torch.addmm(bias.to(hidden.dtype).reshape(1, -1), hidden, head.weight.t())
     logits = head(hidden)
     return logits if bias is None else logits + bias.to(logits.device)
 
 
-class _Replace:
-    """Forward hook that replaces a module's output with a preset tensor (position embeddings by depth)."""
+class _PositionsByDepth:
+    """Forward hook on a learned position embedding: positions by trie depth instead of sequence place."""
 
     def __init__(self) -> None:
         self.depths: torch.Tensor | None = None
@@ -422,6 +441,9 @@ def _packed_thorough_scores(
 ) -> torch.Tensor:
     """`(num_candidates,)` thorough scores, each question's candidates packed as one prefix trie per document.
 
+    Returns None (the caller takes the rows path) when a question's trie is wider than
+    ``_PACKED_MAX_WIDTH`` or than the position table (the hooked embedding still runs on the packed places).
+
     A question's candidates share their decoder inputs as a trie: each distinct prefix is one token of
     a packed decoder sequence, attending to its ancestors only (a 4D mask), at its depth as position.
     One decoder row per (question, document) context then computes every hidden state scoring needs,
@@ -444,6 +466,10 @@ def _packed_thorough_scores(
     )
     counts = torch.bincount(candidate_question, minlength=batch_size).tolist()
     sizes = [len(t) for t in node_tokens]
+    limit = min(_PACKED_MAX_WIDTH, positions_module.num_embeddings - positions_module.offset)
+    if max(sizes) > limit:
+        logger.debug("Prefix trie of %d nodes is wider than %d: scoring per candidate.", max(sizes), limit)
+        return None
 
     # Chunks of whole questions, sized by the logits of their nodes and the attention scores of their rows.
     budget = _SCORING_ELEMENTS_CUDA if device.type == "cuda" else _SCORING_ELEMENTS_CPU
@@ -462,12 +488,11 @@ def _packed_thorough_scores(
     for count in counts:
         first_candidate.append(first_candidate[-1] + count)
     scores = torch.empty(candidates.shape[0], dtype=torch.float32, device=device)
-    selector, replace = _CaptureRows(), _Replace()
-    handles = [
-        generator.get_output_embeddings().register_forward_pre_hook(selector),
-        positions_module.register_forward_hook(replace),
-    ]
+    selector, replace = _CaptureRows(), _PositionsByDepth()
+    handles = []
     try:
+        handles.append(generator.get_output_embeddings().register_forward_pre_hook(selector))
+        handles.append(positions_module.register_forward_hook(replace))
         for first_question, end_question in chunks:
             questions = range(first_question, end_question)
             width = max(sizes[q] for q in questions)
@@ -610,8 +635,9 @@ def _thorough_scores(
     # The document prior sits on the second target token and is lost with it when that token is a pad.
     has_prior = nonpad[:, 1] if full_length > 1 else torch.zeros_like(nonpad[:, 0])
     positions_module = _packed_scoring_positions(generator, device)
+    packed = None
     if positions_module is not None:
-        return _packed_thorough_scores(
+        packed = _packed_thorough_scores(
             model,
             positions_module,
             encoder_states,
@@ -624,6 +650,8 @@ def _thorough_scores(
             needed,
             has_prior,
         )
+    if packed is not None:
+        return packed
     prefix_ids = _prefix_ids(candidates.tolist(), candidate_question.tolist()).to(device)
     prefix_count = int(prefix_ids.max()) + 1
 

@@ -1207,8 +1207,9 @@ def _marginalize_probabilities(seq_logits: torch.Tensor, doc_logprobs: torch.Ten
 
     ``log sum_d p(d) softmax(logits_d)`` is the same quantity as ``logsumexp_d(log p(d) + log_softmax(logits_d))``
     (the training path), computed with one fused softmax and a weighted sum over documents instead of
-    a dozen passes over the `(batch_size * n_docs, vocab)` logits. Tokens whose probability underflows
-    float32 under every document get ``-inf`` instead of a very negative number; decoding never picks them.
+    a dozen passes over the `(batch_size * n_docs, vocab)` logits. Questions where some token's
+    probability underflows float32 under every document are recomputed in log space, so every score
+    is finite, as in the reference.
 
     Args:
         seq_logits: `(batch_size * n_docs, length, vocab)` generator logits.
@@ -1219,7 +1220,19 @@ def _marginalize_probabilities(seq_logits: torch.Tensor, doc_logprobs: torch.Ten
     probs = torch.softmax(seq_logits, dim=-1, dtype=torch.float32).view(batch_size, n_docs, length * vocab)
     # A weighted sum, not a matmul: TF32 (if enabled) would round the probabilities to 10-bit mantissas.
     mixture = probs.mul_(doc_logprobs.exp().unsqueeze(-1)).sum(dim=1)  # (batch_size, length * vocab)
-    return mixture.view(batch_size, length, vocab).log_()
+    del probs
+    underflow = mixture.eq(0).any(dim=1)  # (batch_size,)
+    marginal = mixture.log_().view(batch_size, length, vocab)
+    if bool(underflow.any()):
+        # Probabilities below float32's range (log-probability < -103): redo those questions in log space,
+        # so that scores stay finite, as in the reference (logits processors may add to any token's score).
+        rows = underflow.nonzero().squeeze(1)
+        logprobs = (
+            torch.log_softmax(seq_logits.view(batch_size, n_docs, length, vocab)[rows].float(), dim=-1)
+            + doc_logprobs[rows][:, :, None, None]
+        )
+        marginal[rows] = torch.logsumexp(logprobs, dim=1)
+    return marginal
 
 
 class RagTokenForGeneration(_RagHeadMixin, RagPreTrainedModel, GenerationMixin):
@@ -1588,7 +1601,9 @@ class RagTokenForGeneration(_RagHeadMixin, RagPreTrainedModel, GenerationMixin):
             # max_length is final here (max_new_tokens already applied): the cache holds every decoder position.
             max_cache_length=generation_config.max_length - 1,
         )
-        self._decoding = True
+        # Restored, not reset: a generate() called from inside another (a logits processor, say) must not
+        # switch the outer decoding's marginalization.
+        decoding, self._decoding = self._decoding, True
         try:
             return decoding_method(
                 self,
@@ -1600,7 +1615,7 @@ class RagTokenForGeneration(_RagHeadMixin, RagPreTrainedModel, GenerationMixin):
                 **model_kwargs,
             )
         finally:
-            self._decoding = False
+            self._decoding = decoding
 
     # ---- embeddings -------------------------------------------------------------------------------
 

@@ -203,6 +203,44 @@ def test_scoring_path_defaults_packed_on_cpu_rows_on_cuda(bart_models, t5_models
     assert generation._packed_scoring_positions(bart, cpu) is None
 
 
+def test_wide_prefix_tries_take_the_rows_path(bart_models, monkeypatch):
+    # A trie wider than the position table (or _PACKED_MAX_WIDTH) cannot be packed: the hooked position
+    # embedding still runs on the packed places. Such calls are scored per candidate, same output.
+    reference, ours = bart_models
+    ids, mask, scores = _contexts(batch_size=3, n_docs=3, seed=23)
+    kwargs = dict(
+        context_input_ids=ids,
+        context_attention_mask=mask,
+        doc_scores=scores,
+        num_beams=3,
+        max_length=MAX_LENGTH,
+    )
+    results = []
+    real = generation._packed_thorough_scores
+    monkeypatch.setattr(
+        generation, "_packed_thorough_scores", lambda *a, **k: results.append(real(*a, **k)) or results[-1]
+    )
+    monkeypatch.setattr(generation, "_PACKED_MAX_WIDTH", 4)
+    assert torch.equal(ours.generate(**kwargs), reference.generate(**kwargs))
+    assert results == [None]
+
+
+def test_packed_path_needs_real_position_weights():
+    # Weights offloaded by accelerate are meta tensors outside forward: the rows path, which only calls
+    # the modules, is used then.
+    config = tiny_rag_config("bart", hidden_size=32)
+    with torch.device("meta"):
+        generator = BartForConditionalGeneration(transformers.RagConfig(**config.to_dict()).generator)
+    assert generator.get_decoder().embed_positions.weight.is_meta
+    assert generation._packed_positions_module(generator) is None
+
+
+def test_unknown_scoring_path_is_an_error(bart_models, monkeypatch):
+    monkeypatch.setattr(generation, "_SCORING_PATH", "Packed")
+    with pytest.raises(ValueError, match="_SCORING_PATH must be one of"):
+        generation._packed_scoring_positions(bart_models[1].generator, torch.device("cpu"))
+
+
 def test_label_smoothing_is_part_of_the_score_as_in_reference():
     reference, ours = _build("bart", seed=3, label_smoothing=0.3)
     ids, mask, scores = _contexts(batch_size=2, n_docs=3, seed=5)

@@ -313,3 +313,34 @@ def test_decoding_marginalization_is_only_used_inside_generate(pairs, questions,
             do_marginalize=True,
         )
     assert torch.isfinite(outputs.logits).all() and len(calls) == 1
+
+
+def test_decoding_marginalization_stays_finite_where_probabilities_underflow(pairs, questions):
+    # Log-probabilities below -103 underflow float32 in probability space: those questions are redone in
+    # log space, so no score is -inf (logits processors may add to any token's score, as in the reference).
+    pair = pairs("token", "bart")
+    contexts = retrieved_contexts(pair, questions)
+    n_docs = pair.ours.config.n_docs
+    batch_size = contexts["doc_scores"].shape[0]
+    logits = torch.randn(batch_size * n_docs, 2, 50, generator=torch.Generator().manual_seed(1))
+    logits[:n_docs] *= 200  # the first question's distributions underflow
+    with torch.no_grad():
+        reference = pair.reference.marginalize(logits, contexts["doc_scores"], n_docs)
+        pair.ours._decoding = True
+        try:
+            mixed = pair.ours.marginalize(logits, contexts["doc_scores"], n_docs)
+        finally:
+            pair.ours._decoding = False
+    assert torch.isfinite(reference).all() and torch.isfinite(mixed).all()
+    torch.testing.assert_close(mixed, reference, rtol=1e-6, atol=1e-5)
+
+
+def test_nested_generate_keeps_the_outer_decoding_state(pairs, questions):
+    pair = pairs("token", "bart")
+    contexts = retrieved_contexts(pair, questions)
+    pair.ours._decoding = True  # as inside an outer generate()
+    try:
+        pair.ours.generate(**contexts, num_beams=2, max_length=4)
+        assert pair.ours._decoding is True
+    finally:
+        pair.ours._decoding = False
