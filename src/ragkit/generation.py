@@ -375,6 +375,56 @@ def _ancestor_masks(
     return allowed.to(device)
 
 
+def _packed_inputs(
+    tokens: list[list[int]],
+    depths: list[list[int]],
+    parents: list[list[int]],
+    pad: int,
+    mask_dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decoder inputs of some questions' packed tries, padded to the widest.
+
+    Returns:
+        `(num_questions, width)` node tokens, `(num_questions, width)` node depths and the additive
+        self-attention mask `(num_questions, width, width)` (0 where a node sees an ancestor or itself,
+        the dtype's minimum elsewhere).
+    """
+    width = max(len(t) for t in tokens)
+    ids = torch.full((len(tokens), width), pad, dtype=torch.long)
+    depth_ids = torch.zeros(len(tokens), width, dtype=torch.long)
+    for i, (node_tokens, node_depths) in enumerate(zip(tokens, depths)):
+        ids[i, : len(node_tokens)] = torch.tensor(node_tokens)
+        depth_ids[i, : len(node_depths)] = torch.tensor(node_depths)
+    allowed = _ancestor_masks(parents, width, int(depth_ids.max()), device)
+    additive = torch.zeros(allowed.shape, dtype=mask_dtype, device=device).masked_fill_(
+        ~allowed, torch.finfo(mask_dtype).min
+    )
+    return ids.to(device), depth_ids.to(device), additive
+
+
+def _scored_entries(
+    paths: list[list[int]], lo: int, hi: int, target: torch.Tensor, pad: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Candidates ``lo:hi``'s scored (candidate, position) entries: candidate, position, trie node, target.
+
+    The node is the prefix whose hidden state scores the target at that position; pad targets are left out.
+    """
+    device = target.device
+    candidate, position, node = [], [], []
+    for c in range(lo, hi):
+        path = paths[c]
+        candidate.extend([c] * len(path))
+        position.extend(range(len(path)))
+        node.extend(path)
+    candidate_t = torch.tensor(candidate, dtype=torch.long, device=device)
+    position_t = torch.tensor(position, dtype=torch.long, device=device)
+    node_t = torch.tensor(node, dtype=torch.long, device=device)
+    entry_target = target[candidate_t, position_t]
+    keep = entry_target.ne(pad)
+    return candidate_t[keep], position_t[keep], node_t[keep], entry_target[keep]
+
+
 class _CaptureRows:
     """Forward pre-hook for the output projection: keep the selected hidden states, project none of them.
 
@@ -495,35 +545,20 @@ def _packed_thorough_scores(
         handles.append(positions_module.register_forward_hook(replace))
         for first_question, end_question in chunks:
             questions = range(first_question, end_question)
-            width = max(sizes[q] for q in questions)
-            num_questions = len(questions)
-            ids = torch.full((num_questions, width), pad, dtype=torch.long)
-            depths = torch.zeros(num_questions, width, dtype=torch.long)
-            for i, q in enumerate(questions):
-                ids[i, : sizes[q]] = torch.tensor(node_tokens[q])
-                depths[i, : sizes[q]] = torch.tensor(node_depths[q])
-            max_depth = int(depths.max())
-            allowed = _ancestor_masks([node_parents[q] for q in questions], width, max_depth, device)
-            additive = torch.zeros(allowed.shape, dtype=mask_dtype, device=device).masked_fill_(
-                ~allowed, torch.finfo(mask_dtype).min
+            ids, depths, additive = _packed_inputs(
+                [node_tokens[q] for q in questions],
+                [node_depths[q] for q in questions],
+                [node_parents[q] for q in questions],
+                pad,
+                mask_dtype,
+                device,
             )
+            width = ids.shape[1]
             contexts = slice(first_question * n_docs, end_question * n_docs)  # rows: (question, doc)
-
-            # Scored entries (candidate, position): the node whose hidden state scores the target there.
             lo, hi = first_candidate[first_question], first_candidate[end_question]
-            entry_candidate, entry_position, entry_node = [], [], []
-            for c in range(lo, hi):
-                path = paths[c]
-                entry_candidate.extend([c] * len(path))
-                entry_position.extend(range(len(path)))
-                entry_node.extend(path)
-            entry_candidate_t = torch.tensor(entry_candidate, dtype=torch.long, device=device)
-            entry_position_t = torch.tensor(entry_position, dtype=torch.long, device=device)
-            entry_node_t = torch.tensor(entry_node, dtype=torch.long, device=device)
-            entry_target = target[entry_candidate_t, entry_position_t]
-            keep = entry_target.ne(pad)
-            entry_candidate_t, entry_position_t = entry_candidate_t[keep], entry_position_t[keep]
-            entry_node_t, entry_target = entry_node_t[keep], entry_target[keep]
+            entry_candidate_t, entry_position_t, entry_node_t, entry_target = _scored_entries(
+                paths, lo, hi, target, pad
+            )
             entry_question = candidate_question[entry_candidate_t] - first_question
             # One entry per document: hidden-state index row * width + node, row = question * n_docs + doc.
             doc_range = torch.arange(n_docs, device=device)
@@ -531,11 +566,11 @@ def _packed_thorough_scores(
             flat = (entry_rows * width + entry_node_t.unsqueeze(1)).flatten()
             unique_flat, inverse = torch.unique(flat, return_inverse=True)
             selector.rows = unique_flat
-            replace.depths = depths.to(device).repeat_interleave(n_docs, dim=0)
+            replace.depths = depths.repeat_interleave(n_docs, dim=0)
             generator(
                 encoder_outputs=BaseModelOutput(last_hidden_state=encoder_states[contexts]),
                 attention_mask=None if context_attention_mask is None else context_attention_mask[contexts],
-                decoder_input_ids=ids.to(device).repeat_interleave(n_docs, dim=0),
+                decoder_input_ids=ids.repeat_interleave(n_docs, dim=0),
                 decoder_attention_mask=additive.repeat_interleave(n_docs, dim=0).unsqueeze(1),
                 use_cache=False,
                 return_dict=True,
