@@ -934,6 +934,38 @@ def _decode_questions(
     return best
 
 
+def _questions_fitting(
+    generator: Any,
+    n_docs: int,
+    num_beams: int,
+    context_length: int,
+    model_kwargs: dict[str, Any],
+    budget_bytes: int,
+) -> int:
+    """How many questions one generator call may decode within ``budget_bytes`` (at least 1).
+
+    Beam search keeps, per beam row, the cross-attention keys/values of its context and the
+    self-attention cache of every layer, plus float32 logits over the vocabulary: that dominates the
+    peak (about 14 MiB per row for BART-large at 300 tokens in bf16, so about 0.3 GiB per question at 5
+    documents x 4 beams), which is why an unbounded batch can exhaust a GPU that decodes question by
+    question comfortably.
+    """
+    config = generator.config
+    layers = getattr(config, "decoder_layers", None) or getattr(config, "num_decoder_layers", None) or 1
+    hidden = getattr(config, "d_model", None) or getattr(config, "hidden_size", None) or 1
+    vocab = getattr(config, "vocab_size", 1)
+    element = next(generator.parameters()).element_size()
+    if "max_new_tokens" in model_kwargs:
+        length = int(model_kwargs["max_new_tokens"]) + 1
+    else:
+        length = int(model_kwargs.get("max_length") or generator.generation_config.max_length or 20)
+    rows = n_docs * max(num_beams, 1)
+    per_row = layers * 2 * (context_length + length) * hidden * element  # caches
+    per_row += context_length * hidden * element  # encoder states expanded to the beams
+    per_row += 3 * vocab * 4  # float32 logits, their log-softmax and the processed scores of one step
+    return max(1, int(budget_bytes // (rows * per_row)))
+
+
 @torch.no_grad()
 def rag_sequence_generate(
     model: Any,
@@ -966,7 +998,8 @@ def rag_sequence_generate(
             hypothesis counts only under the documents whose beam produced it; no extra forward pass).
         **model_kwargs: Passed to the generator's ``generate`` (``max_length``, ``min_length``, ...).
             ``questions_per_batch`` (ragkit only) decodes that many questions per generator call to
-            cap memory; by default the whole batch goes at once.
+            cap memory; by default the whole batch goes at once, except on CUDA where as many questions
+            go together as fit in half the free GPU memory (same output either way).
 
     Returns:
         `(batch_size * num_return_sequences, tgt_len)` token ids, best first per question, padded
@@ -991,7 +1024,22 @@ def rag_sequence_generate(
         model, input_ids, attention_mask, context_input_ids, context_attention_mask, doc_scores, n_docs
     )
     batch_size = doc_scores.shape[0]
-    step = batch_size if questions_per_batch is None else int(questions_per_batch)
+    if questions_per_batch is None:
+        step = batch_size
+        if context_input_ids.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(context_input_ids.device)
+            step = _questions_fitting(
+                model.generator, n_docs, num_beams, context_input_ids.shape[1], model_kwargs, free // 2
+            )
+            if step < batch_size:
+                logger.info(
+                    "Decoding %d questions per generator call (of %d) to stay within half the free GPU memory; "
+                    "pass questions_per_batch to choose.",
+                    step,
+                    batch_size,
+                )
+    else:
+        step = int(questions_per_batch)
     if step < 1:
         raise ValueError(f"`questions_per_batch` must be a positive integer, got {questions_per_batch}.")
 

@@ -241,6 +241,21 @@ def test_unknown_scoring_path_is_an_error(bart_models, monkeypatch):
         generation._packed_scoring_positions(bart_models[1].generator, torch.device("cpu"))
 
 
+def test_questions_per_call_estimate_matches_the_h200_measurement():
+    # On CUDA, without questions_per_batch, generate decodes as many questions per call as fit in half the
+    # free memory. The estimate per question, for BART-large in bf16 with 5 docs x 4 beams, contexts of 300
+    # tokens and max_length 21, should match the H200 run: 10716 MiB peak for 32 questions at once
+    # (benchmarks/results/bench_generation_gpu_bf16_h200.json).
+    with torch.device("meta"):
+        generator = BartForConditionalGeneration(transformers.BartConfig()).to(torch.bfloat16)
+    fitting = generation._questions_fitting(generator, 5, 4, 300, {"max_length": 21}, 10716 * 2**20)
+    assert 29 <= fitting <= 35
+    assert (
+        generation._questions_fitting(generator, 5, 4, 300, {"max_new_tokens": 20}, 10716 * 2**20) == fitting
+    )
+    assert generation._questions_fitting(generator, 5, 4, 300, {}, 0) == 1  # always at least one question
+
+
 def test_label_smoothing_is_part_of_the_score_as_in_reference():
     reference, ours = _build("bart", seed=3, label_smoothing=0.3)
     ids, mask, scores = _contexts(batch_size=2, n_docs=3, seed=5)
