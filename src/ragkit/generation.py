@@ -954,7 +954,8 @@ def _questions_fitting(
     layers = getattr(config, "decoder_layers", None) or getattr(config, "num_decoder_layers", None) or 1
     hidden = getattr(config, "d_model", None) or getattr(config, "hidden_size", None) or 1
     vocab = getattr(config, "vocab_size", 1)
-    element = next(generator.parameters()).element_size()
+    # The embeddings' dtype is the caches' (quantized linear layers would report their packed storage).
+    element = generator.get_input_embeddings().weight.element_size()
     if "max_new_tokens" in model_kwargs:
         length = int(model_kwargs["max_new_tokens"]) + 1
     else:
