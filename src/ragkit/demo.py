@@ -27,7 +27,7 @@ import re
 import time
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -338,6 +338,7 @@ def run_offline_demo(
     show_progress: bool = True,
     max_facts: int | None = None,
     epochs: int | None = None,
+    say: Callable[[str], None] = logger.info,
 ) -> dict[str, float]:
     """Index the standard library's docstrings, fine-tune a RAG model on questions about them, answer held-out ones.
 
@@ -350,6 +351,7 @@ def run_offline_demo(
         show_progress: Show progress bars.
         max_facts: Corpus size (default: all facts, or 200 with ``quick``).
         epochs: Training epochs (default: 20, or 15 with ``quick``).
+        say: Where the progress and result lines go (``ragkit demo`` prints them; default: logging).
 
     Returns:
         ``{"em", "random_em", "n_train", "n_held_out", "n_passages", "seconds"}``.
@@ -380,10 +382,10 @@ def run_offline_demo(
             f"Only {len(facts)} documented functions found in the standard library; the demo needs 10+."
         )
     train, held_out = split_facts(facts, seed=seed)
-    print(  # noqa: T201 (command output)
+    say(
         f"corpus: {len(facts)} passages from the docstrings of {len({f.module for f in facts})} stdlib modules"
     )
-    print(f"questions: {len(train)} to train on, {len(held_out)} held out (e.g. {held_out[0].question!r})")  # noqa: T201 (command output)
+    say(f"questions: {len(train)} to train on, {len(held_out)} held out (e.g. {held_out[0].question!r})")
 
     step = time.perf_counter()
     encoder = _load_minilm()
@@ -396,7 +398,7 @@ def run_offline_demo(
         batch_size=32,
         show_progress=show_progress,
     )
-    print(  # noqa: T201 (command output)
+    say(
         f"index: {built.num_passages} passages embedded with {_MINILM} ({built.dim} dims) in {time.perf_counter() - step:.0f} s"
     )
 
@@ -457,7 +459,7 @@ def run_offline_demo(
     with _torch_threads(1):
         result = trainer.train()
     first, last = result.losses[0], sum(result.losses[-5:]) / len(result.losses[-5:])
-    print(  # noqa: T201 (command output)
+    say(
         f"fine-tuning: {result.global_step} steps in {time.perf_counter() - step:.0f} s, "
         f"loss {first:.2f} -> {last:.2f}"
     )
@@ -483,14 +485,14 @@ def run_offline_demo(
         vectors = _question_vectors(encoder, questions[:show_examples])
         doc_embeds, _, docs = retriever.retrieve(vectors, n_docs)
         for i, fact in enumerate(held_out[:show_examples]):
-            print(f"\nQ: {fact.question}")  # noqa: T201 (command output)
+            say(f"\nQ: {fact.question}")
             for rank, (title, text) in enumerate(zip(docs[i]["title"], docs[i]["text"]), start=1):
                 score = float(vectors[i] @ doc_embeds[i, rank - 1])
-                print(f"  [{rank}] {score:.3f}  {title}: {text[:70]}{'...' if len(text) > 70 else ''}")  # noqa: T201 (command output)
-            print(f"  generated: {predictions[i]!r}   gold: {fact.answer!r}")  # noqa: T201 (command output)
+                say(f"  [{rank}] {score:.3f}  {title}: {text[:70]}{'...' if len(text) > 70 else ''}")
+            say(f"  generated: {predictions[i]!r}   gold: {fact.answer!r}")
     seconds = time.perf_counter() - started
-    print(f"\ntotal time: {seconds:.0f} s")  # noqa: T201 (command output)
-    print(f"held-out EM: {em:.2f} (random passages: {random_em:.2f})")  # noqa: T201 (command output)
+    say(f"\ntotal time: {seconds:.0f} s")
+    say(f"held-out EM: {em:.2f} (random passages: {random_em:.2f})")
     return {
         "em": em,
         "random_em": random_em,
@@ -528,7 +530,11 @@ def _index_fields(index: str) -> dict[str, Any]:
 
 
 def run_pretrained_demo(
-    model_name: str, index: str, questions: Sequence[str] = _SAMPLE_QUESTIONS, n_docs: int = 5
+    model_name: str,
+    index: str,
+    questions: Sequence[str] = _SAMPLE_QUESTIONS,
+    n_docs: int = 5,
+    say: Callable[[str], None] = logger.info,
 ) -> None:
     """Answer a few questions with a published RAG checkpoint (needs the Hub or a warm cache).
 
@@ -538,6 +544,7 @@ def run_pretrained_demo(
             directory written by ``ragkit build-index``.
         questions: Questions to answer.
         n_docs: Passages per question.
+        say: Where the answers go (``ragkit demo`` prints them; default: logging).
     """
     import torch
 
@@ -553,11 +560,11 @@ def run_pretrained_demo(
         vectors = question_vectors(model, inputs["input_ids"], inputs["attention_mask"]).float().cpu().numpy()
     doc_embeds, _, docs = model.retriever.retrieve(vectors, n_docs)
     for i, question in enumerate(questions):
-        print(f"\nQ: {question}")  # noqa: T201 (command output)
+        say(f"\nQ: {question}")
         for rank in range(min(3, n_docs)):
             title, text = docs[i]["title"][rank], docs[i]["text"][rank]
-            print(f"  [{rank + 1}] {float(vectors[i] @ doc_embeds[i, rank]):.1f}  {title}: {text[:70]}...")  # noqa: T201 (command output)
-        print(f"  generated: {answers[i]!r}")  # noqa: T201 (command output)
+            say(f"  [{rank + 1}] {float(vectors[i] @ doc_embeds[i, rank]):.1f}  {title}: {text[:70]}...")
+        say(f"  generated: {answers[i]!r}")
 
 
 # ----------------------------------------------------------------------------- command line
@@ -597,8 +604,12 @@ def run(args: argparse.Namespace) -> int:
         # The demo prints its own progress; INFO logs (faiss probes CPU features with tracebacks) are noise.
         for name in ("faiss", "faiss.loader", "datasets", "ragkit"):
             logging.getLogger(name).setLevel(logging.WARNING)
+
+    def say(line: str) -> None:
+        print(line, flush=True)  # noqa: T201 (command output)
+
     if args.model:
-        run_pretrained_demo(args.model, args.index, n_docs=args.n_docs or 5)
+        run_pretrained_demo(args.model, args.index, n_docs=args.n_docs or 5, say=say)
         return 0
     options = dict(
         quick=args.quick,
@@ -608,6 +619,7 @@ def run(args: argparse.Namespace) -> int:
         show_progress=not args.no_progress,
         max_facts=args.max_facts,
         epochs=args.epochs,
+        say=say,
     )
     if args.work_dir:
         run_offline_demo(args.work_dir, **options)
