@@ -254,18 +254,29 @@ def _prefix_ids(candidates: list[list[int]], candidate_question: list[int]) -> t
 
 
 class _SelectRows:
-    """Forward pre-hook for the output projection: project only the selected hidden states."""
+    """Forward pre-hook for the output projection: project only the selected hidden states.
 
-    def __init__(self) -> None:
+    With ``capture``, the selected states are kept in ``hidden`` and none is projected: the packed path
+    projects them with :func:`_project`, which folds BART's ``final_logits_bias`` into the matrix
+    product. The rows path projects through the generator itself, so any head works there.
+    """
+
+    def __init__(self, capture: bool = False) -> None:
+        self.capture = capture
         self.rows: torch.Tensor | None = None
+        self.hidden: torch.Tensor | None = None
 
     def __call__(
         self, module: torch.nn.Module, args: tuple[torch.Tensor, ...]
     ) -> tuple[torch.Tensor, ...] | None:
         if self.rows is None:
             return None
-        hidden = args[0]
-        return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, self.rows), *args[1:])
+        hidden = args[0].reshape(-1, args[0].shape[-1])
+        selected = hidden.index_select(0, self.rows)
+        if not self.capture:
+            return (selected, *args[1:])
+        self.hidden = selected
+        return (hidden[:0], *args[1:])
 
 
 def _cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -425,27 +436,6 @@ def _scored_entries(
     return candidate_t[keep], position_t[keep], node_t[keep], entry_target[keep]
 
 
-class _CaptureRows:
-    """Forward pre-hook for the output projection: keep the selected hidden states, project none of them.
-
-    The caller projects them with :func:`_project`, which folds BART's ``final_logits_bias`` into the
-    matrix product instead of a separate pass over the `(rows, vocab)` logits.
-    """
-
-    def __init__(self) -> None:
-        self.rows: torch.Tensor | None = None
-        self.hidden: torch.Tensor | None = None
-
-    def __call__(
-        self, module: torch.nn.Module, args: tuple[torch.Tensor, ...]
-    ) -> tuple[torch.Tensor, ...] | None:
-        if self.rows is None:
-            return None
-        hidden = args[0].reshape(-1, args[0].shape[-1])
-        self.hidden = hidden.index_select(0, self.rows)
-        return (hidden[:0], *args[1:])
-
-
 def _project(generator: Any, hidden: torch.Tensor) -> torch.Tensor:
     """`(rows, vocab)` logits of `(rows, hidden)` decoder states, as the generator's head computes them."""
     head = generator.get_output_embeddings()
@@ -538,7 +528,7 @@ def _packed_thorough_scores(
     for count in counts:
         first_candidate.append(first_candidate[-1] + count)
     scores = torch.empty(candidates.shape[0], dtype=torch.float32, device=device)
-    selector, replace = _CaptureRows(), _PositionsByDepth()
+    selector, replace = _SelectRows(capture=True), _PositionsByDepth()
     handles = []
     try:
         handles.append(generator.get_output_embeddings().register_forward_pre_hook(selector))
