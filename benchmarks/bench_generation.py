@@ -339,6 +339,24 @@ def memory_table(size_name: str, names: tuple[str, ...], extra: list[str]) -> di
     return result
 
 
+def peak_memory(
+    size_name: str,
+    names: tuple[str, ...],
+    questions_per_batch: tuple[int, ...] = (),
+    runners: dict[str, Callable[[], Any]] | None = None,
+) -> dict[str, float]:
+    """Peak memory per variant: on CUDA in this process (with ``runners`` if built), on CPU in subprocesses."""
+    size = SIZES[size_name]
+    if size.device == "cuda":
+        return cuda_memory_table(runners or make_runners(size, build(size), questions_per_batch), names)
+    extra = [
+        f"--threads={torch.get_num_threads()}",
+        f"--batch-size={size.batch_size}",
+        f"--dtype={size.dtype}",
+    ]
+    return memory_table(size_name, names, extra)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -393,17 +411,9 @@ def main() -> None:
         wanted = {"bare_generator", "ragkit_sequence", *args.variants}
         selected = tuple(name for name in DECODING_VARIANTS if name in wanted)
     decoding_names = selected + tuple(chunked_variant(n) for n in chunked)
+    memory_names = decoding_names + (() if args.skip_training else TRAINING_VARIANTS)
     if args.memory_only:
-        names = decoding_names + (() if args.skip_training else TRAINING_VARIANTS)
-        extra = [
-            f"--threads={torch.get_num_threads()}",
-            f"--batch-size={size.batch_size}",
-            f"--dtype={size.dtype}",
-        ]
-        if size.device == "cuda":
-            peaks = cuda_memory_table(make_runners(size, build(size), chunked), names)
-        else:
-            peaks = memory_table(args.size, names, extra)
+        peaks = peak_memory(args.size, memory_names, chunked)
         for name, value in peaks.items():
             print(f"{name:28s} {value:9.1f} MiB")
         return
@@ -487,16 +497,7 @@ def main() -> None:
         results["training_median_s"] = train_medians
         results["training_runs_s"] = train_times
     if args.memory:
-        names = decoding_names + (() if args.skip_training else TRAINING_VARIANTS)
-        extra = [
-            f"--threads={torch.get_num_threads()}",
-            f"--batch-size={size.batch_size}",
-            f"--dtype={size.dtype}",
-        ]
-        if size.device == "cuda":
-            peaks = cuda_memory_table(runners, names)
-        else:
-            peaks = memory_table(args.size, names, extra)
+        peaks = peak_memory(args.size, memory_names, chunked, runners)
         unit = "MiB allocated" if size.device == "cuda" else "MiB peak RSS growth"
         print(f"\n{'peak memory':28s} {unit}")
         for name, value in peaks.items():
