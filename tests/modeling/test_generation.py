@@ -67,6 +67,11 @@ def _contexts(batch_size: int, n_docs: int, length: int = 9, seed: int = 1, pads
     return ids, mask, scores
 
 
+def _context_inputs(**kwargs) -> dict[str, torch.Tensor]:
+    """``_contexts(**kwargs)`` as ``generate`` keyword arguments."""
+    return dict(zip(("context_input_ids", "context_attention_mask", "doc_scores"), _contexts(**kwargs)))
+
+
 def _strip(row: torch.Tensor, pad: int) -> tuple[int, ...]:
     """Token ids without trailing padding."""
     ids = row.tolist()
@@ -101,11 +106,8 @@ def t5_models():
 @pytest.mark.parametrize("kind", ["bart", "t5"])
 def test_thorough_matches_reference(kind, num_beams, num_return_sequences, do_deduplication, extra, request):
     reference, ours = request.getfixturevalue(f"{kind}_models")
-    ids, mask, scores = _contexts(batch_size=3, n_docs=3)
     kwargs = dict(
-        context_input_ids=ids,
-        context_attention_mask=mask,
-        doc_scores=scores,
+        **_context_inputs(batch_size=3, n_docs=3),
         num_beams=num_beams,
         num_return_sequences=num_return_sequences,
         do_deduplication=do_deduplication,
@@ -132,11 +134,8 @@ def test_every_scoring_path_matches_reference(path, share, bart_models, monkeypa
     monkeypatch.setattr(generation, "_SCORING_PATH", path)
     monkeypatch.setattr(generation, "_SHARE_CROSS_ATTENTION", share)
     reference, ours = bart_models
-    ids, mask, scores = _contexts(batch_size=3, n_docs=3, seed=23)
     kwargs = dict(
-        context_input_ids=ids,
-        context_attention_mask=mask,
-        doc_scores=scores,
+        **_context_inputs(batch_size=3, n_docs=3, seed=23),
         num_beams=3,
         num_return_sequences=2,
         max_length=MAX_LENGTH,
@@ -179,10 +178,7 @@ def test_packed_path_is_refused_where_positions_are_relative(t5_models, monkeypa
     # T5's relative position buckets cannot express a trie's depths: auto picks the per-candidate path,
     # and asking for the packed one is an error rather than wrong scores.
     reference, ours = t5_models
-    ids, mask, scores = _contexts(batch_size=2, n_docs=3, seed=17)
-    kwargs = dict(
-        context_input_ids=ids, context_attention_mask=mask, doc_scores=scores, num_beams=2, max_length=6
-    )
+    kwargs = dict(**_context_inputs(batch_size=2, n_docs=3, seed=17), num_beams=2, max_length=6)
     assert generation._packed_positions_module(ours.generator) is None
     assert torch.equal(ours.generate(**kwargs), reference.generate(**kwargs))
     monkeypatch.setattr(generation, "_SCORING_PATH", "packed")
@@ -207,11 +203,8 @@ def test_wide_prefix_tries_take_the_rows_path(bart_models, monkeypatch):
     # A trie wider than the position table (or _PACKED_MAX_WIDTH) cannot be packed: the hooked position
     # embedding still runs on the packed places. Such calls are scored per candidate, same output.
     reference, ours = bart_models
-    ids, mask, scores = _contexts(batch_size=3, n_docs=3, seed=23)
     kwargs = dict(
-        context_input_ids=ids,
-        context_attention_mask=mask,
-        doc_scores=scores,
+        **_context_inputs(batch_size=3, n_docs=3, seed=23),
         num_beams=3,
         max_length=MAX_LENGTH,
     )
@@ -258,11 +251,8 @@ def test_questions_per_call_estimate_matches_the_h200_measurement():
 
 def test_label_smoothing_is_part_of_the_score_as_in_reference():
     reference, ours = _build("bart", seed=3, label_smoothing=0.3)
-    ids, mask, scores = _contexts(batch_size=2, n_docs=3, seed=5)
     kwargs = dict(
-        context_input_ids=ids,
-        context_attention_mask=mask,
-        doc_scores=scores,
+        **_context_inputs(batch_size=2, n_docs=3, seed=5),
         num_beams=3,
         max_length=MAX_LENGTH,
     )
@@ -271,11 +261,8 @@ def test_label_smoothing_is_part_of_the_score_as_in_reference():
 
 def test_questions_per_batch_does_not_change_output(bart_models):
     _, ours = bart_models
-    ids, mask, scores = _contexts(batch_size=3, n_docs=3, seed=7)
     kwargs = dict(
-        context_input_ids=ids,
-        context_attention_mask=mask,
-        doc_scores=scores,
+        **_context_inputs(batch_size=3, n_docs=3, seed=7),
         num_beams=2,
         num_return_sequences=2,
         max_length=MAX_LENGTH,
@@ -288,12 +275,9 @@ def test_max_new_tokens_is_forwarded_to_the_generator(bart_models, decoding):
     # RAG-Sequence passes generation options to the generator's generate, so max_new_tokens counts the
     # tokens after the decoder start token there (as in the reference): max_length = max_new_tokens + 1.
     reference, ours = bart_models
-    ids, mask, scores = _contexts(batch_size=3, n_docs=3, seed=29)
     new_tokens = 3
     kwargs = dict(
-        context_input_ids=ids,
-        context_attention_mask=mask,
-        doc_scores=scores,
+        **_context_inputs(batch_size=3, n_docs=3, seed=29),
         num_beams=3,
         num_return_sequences=2,
     )
@@ -498,10 +482,7 @@ def test_fast_matches_its_definition(bart_models, num_beams, num_return_sequence
 def test_fast_and_thorough_agree_with_a_single_document(bart_models):
     # With one document both modes rank the same beams by (nearly) the same log-likelihood.
     _, ours = bart_models
-    ids, mask, scores = _contexts(batch_size=3, n_docs=1, seed=19)
-    kwargs = dict(
-        context_input_ids=ids, context_attention_mask=mask, doc_scores=scores, n_docs=1, max_length=MAX_LENGTH
-    )
+    kwargs = dict(**_context_inputs(batch_size=3, n_docs=1, seed=19), n_docs=1, max_length=MAX_LENGTH)
     assert torch.equal(ours.generate(**kwargs, decoding="fast"), ours.generate(**kwargs))
 
 
