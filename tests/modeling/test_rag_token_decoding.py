@@ -276,6 +276,15 @@ def test_default_length_is_still_the_reference_max_length(pairs, questions, gene
     assert ours.shape[1] == 20
 
 
+def _marginalize_as_in_generate(model, logits, doc_scores, n_docs):
+    """``model.marginalize`` as generate() calls it (the decoding flag set)."""
+    model._decoding = True
+    try:
+        return model.marginalize(logits, doc_scores, n_docs)
+    finally:
+        model._decoding = False
+
+
 def test_decoding_marginalization_equals_the_log_space_one(pairs, questions):
     # During generate, marginalize() mixes softmaxes (one fused pass and a batched matmul) instead of the
     # log-space logsumexp used for training; both are log sum_d p(d) p(token | d). Tolerance 1e-5 (float32).
@@ -286,11 +295,7 @@ def test_decoding_marginalization_equals_the_log_space_one(pairs, questions):
     logits = 4 * torch.randn(contexts["doc_scores"].shape[0] * n_docs, 3, 50, generator=generator)
     with torch.no_grad():
         log_space = pair.ours.marginalize(logits, contexts["doc_scores"], n_docs)
-        pair.ours._decoding = True
-        try:
-            mixed = pair.ours.marginalize(logits, contexts["doc_scores"], n_docs)
-        finally:
-            pair.ours._decoding = False
+        mixed = _marginalize_as_in_generate(pair.ours, logits, contexts["doc_scores"], n_docs)
         reference = pair.reference.marginalize(logits, contexts["doc_scores"], n_docs)
     torch.testing.assert_close(mixed, log_space, rtol=0, atol=1e-5)
     torch.testing.assert_close(mixed, reference, rtol=0, atol=1e-5)
@@ -326,11 +331,7 @@ def test_decoding_marginalization_stays_finite_where_probabilities_underflow(pai
     logits[:n_docs] *= 200  # the first question's distributions underflow
     with torch.no_grad():
         reference = pair.reference.marginalize(logits, contexts["doc_scores"], n_docs)
-        pair.ours._decoding = True
-        try:
-            mixed = pair.ours.marginalize(logits, contexts["doc_scores"], n_docs)
-        finally:
-            pair.ours._decoding = False
+        mixed = _marginalize_as_in_generate(pair.ours, logits, contexts["doc_scores"], n_docs)
     assert torch.isfinite(reference).all() and torch.isfinite(mixed).all()
     torch.testing.assert_close(mixed, reference, rtol=1e-6, atol=1e-5)
 
