@@ -63,6 +63,14 @@ _SCORING_PATHS = (None, "packed", "rows")
 # self-attention grows with each candidate's length rather than with the trie's width squared (with
 # little prefix sharing, e.g. 160 candidates of 40 tokens, packed measured 1.5x slower than rows).
 _PACKED_MAX_WIDTH = 1024
+# Thorough scoring skips projections that cannot change the output (see _candidate_scores); False scores
+# every (document, prefix) pair exhaustively (same output; for tests and benchmarks).
+_PRUNE_SCORING = True
+# A document whose term is this many nats below its candidate's best is dropped from the candidate's
+# score: it changes the score by less than e^-30 relative, far below float32 resolution.
+_NEGLIGIBLE = 30.0
+# Vocabulary ids whose logits bound every scored log-probability from above before projecting it.
+_PROBE_TOKENS = 2048
 
 
 def _resolve_decoding_settings(
@@ -452,6 +460,282 @@ def _project(generator: Any, hidden: torch.Tensor) -> torch.Tensor:
     return logits if bias is None else logits + bias.to(logits.device)
 
 
+def _gatherable_head(generator: Any) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """`(vocab, hidden)` weight and `(vocab,)` bias of a plain linear output head (BART's bias folded in), or None."""
+    head = generator.get_output_embeddings()
+    if type(head) is not torch.nn.Linear or head.weight.is_meta:
+        return None
+    bias = head.bias
+    final = getattr(generator, "final_logits_bias", None)
+    if isinstance(final, torch.Tensor):
+        if final.is_meta or final.device != head.weight.device:
+            return None
+        final = final.reshape(-1)
+        bias = final if bias is None else bias + final
+    return head.weight, bias
+
+
+class _StepStates:
+    """Hooks for ``generate``: each step's decoder states before the output head and the log-normaliser of its logits.
+
+    Together with the chosen tokens they give every generated hypothesis its log-likelihood under the
+    document it was generated from (``_generated_pair_log_likelihoods``), before any logits processor,
+    as scoring defines it: thorough scoring then starts from those pairs instead of recomputing them.
+    """
+
+    def __init__(self) -> None:
+        self.states: list[torch.Tensor] = []
+        self.log_normalizers: list[torch.Tensor] = []
+
+    def before_head(self, module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        self.states.append(args[0][:, -1].detach())  # (search_rows, hidden)
+
+    def after_model(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        logits = output.logits[:, -1].detach().float()  # (search_rows, vocab)
+        # One fused log-softmax pass (logsumexp is several); any column recovers the normaliser.
+        self.log_normalizers.append(logits[:, 0] - torch.log_softmax(logits, dim=-1)[:, 0])
+
+
+def _generated_pair_log_likelihoods(
+    steps: _StepStates,
+    head: tuple[torch.Tensor, torch.Tensor | None],
+    sequences: torch.Tensor,
+    beam_indices: torch.Tensor | None,
+    scored: torch.Tensor,
+) -> torch.Tensor:
+    """`(rows,)` each returned sequence's log-likelihood under its own context (nan where steps are missing).
+
+    Args:
+        sequences: `(rows, tgt_len)` generated sequences, decoder start token first.
+        beam_indices: `(rows, steps)` running beam (flattened over the batch) behind each token; None for
+            greedy search, whose rows keep their place.
+        scored: `(rows, tgt_len)` whether the target at each position (the next token) counts.
+    """
+    weight, bias = head
+    rows, length = sequences.shape
+    count = min(len(steps.states), len(steps.log_normalizers), length - 1)
+    result = torch.full((rows,), float("nan"), dtype=torch.float32, device=sequences.device)
+    if count == 0:
+        return result
+    states = torch.stack(steps.states[:count])  # (count, search_rows, hidden)
+    normalizers = torch.stack(steps.log_normalizers[:count])  # (count, search_rows)
+    if beam_indices is None:
+        if states.shape[1] != rows:
+            return result
+        parents = torch.arange(rows, device=sequences.device).unsqueeze(1).expand(rows, count)
+    else:
+        parents = beam_indices[:, :count].long()
+    counted = scored[:, :count]
+    complete = ~(counted & parents.lt(0)).any(1) & ~scored[:, count:].any(1)
+    parents = parents.clamp(min=0)
+    step_ids = torch.arange(count, device=sequences.device).expand(rows, count)
+    tokens = sequences[:, 1 : count + 1]
+    hidden = states[step_ids, parents].float()  # (rows, count, hidden)
+    logits = (hidden * weight[tokens].float()).sum(-1)
+    if bias is not None:
+        logits = logits + bias[tokens].float()
+    log_probs = logits - normalizers[step_ids, parents]
+    totals = log_probs.masked_fill(~counted, 0.0).sum(1)
+    return torch.where(complete, totals, result)
+
+
+def _log_prob_upper_bounds(
+    generator: Any, hidden: torch.Tensor, state: torch.Tensor, target: torch.Tensor, budget: int
+) -> torch.Tensor:
+    """`(entries,)` upper bounds of entries' log-probabilities from the first ``_PROBE_TOKENS`` ids only.
+
+    ``log p(t) = l_t - logsumexp(l) <= l_t - logsumexp(l[:k])`` for any k: k logits per state instead of
+    the whole vocabulary. The first ids of BPE and SentencePiece vocabularies are their most frequent
+    tokens, which keeps the bound close for trained models. Zeros (the trivial bound) for other heads.
+    """
+    head = _gatherable_head(generator)
+    bounds = torch.zeros(len(state), dtype=torch.float32, device=hidden.device)
+    if head is None or len(state) == 0:
+        return bounds
+    weight, bias = head
+    probe = weight[: min(_PROBE_TOKENS, weight.shape[0])].float()  # (k, hidden)
+    probe_bias = None if bias is None else bias[: probe.shape[0]].float()
+    rows = max(1, budget // probe.shape[0])
+    probe_lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    for first in range(0, hidden.shape[0], rows):
+        block = hidden[first : first + rows].float() @ probe.t()  # (rows, k)
+        if probe_bias is not None:
+            block += probe_bias
+        probe_lse[first : first + rows] = block.logsumexp(dim=-1)
+    # Rounding of the head's dtype in the logits the exact path computes: the bound must hold for those.
+    rounding = 2 * torch.finfo(hidden.dtype).eps
+    rows = max(1, budget // hidden.shape[1])
+    for first in range(0, len(state), rows):
+        states, targets = state[first : first + rows], target[first : first + rows]
+        logits = (hidden[states].float() * weight[targets].float()).sum(dim=-1)
+        if bias is not None:
+            logits += bias[targets].float()
+        normalizers = probe_lse[states]
+        bounds[first : first + rows] = (
+            logits - normalizers + rounding * (logits.abs() + normalizers.abs()) + 1e-5
+        ).clamp(max=0.0)
+    return bounds
+
+
+class _CollectedStates:
+    """Decoder states and scored entries gathered over scoring chunks, for one :func:`_candidate_scores` pass."""
+
+    def __init__(self) -> None:
+        self.hidden: list[torch.Tensor] = []
+        self.entries: list[tuple[torch.Tensor, ...]] = []
+        self.count = 0
+
+    def add(
+        self,
+        hidden: torch.Tensor,
+        pair: torch.Tensor,
+        state: torch.Tensor,
+        target: torch.Tensor,
+        position: torch.Tensor,
+        counts: torch.Tensor,
+    ) -> None:
+        """Adds a chunk's `(states, hidden)` states and its entries (``state`` indexes this chunk's states)."""
+        self.hidden.append(hidden)
+        self.entries.append((pair, state + self.count, target, position, counts))
+        self.count += hidden.shape[0]
+
+    def result(self) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """All states `(states, hidden)` and entries, as :func:`_candidate_scores` takes them."""
+        return torch.cat(self.hidden), tuple(torch.cat(parts) for parts in zip(*self.entries))
+
+
+def _candidate_scores(
+    generator: Any,
+    hidden: torch.Tensor,
+    entries: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    base: torch.Tensor,
+    prior: torch.Tensor,
+    question: torch.Tensor,
+    keep: int,
+    vocab: int,
+    known: torch.Tensor | None = None,
+    epsilon: float = 0.0,
+    smooth_base: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`(candidates,)` RAG-Sequence scores of some candidates, projecting only decoder states that can matter.
+
+    A candidate's score is ``logsumexp_d(prior_d + ll_d)`` over documents, ``ll_d`` the sum of its targets'
+    log-probabilities under document ``d``. With ``known`` pairs (from generation) the projections run
+    position by position and stop where they cannot change the output: every log-probability is at
+    most 0, so a partial sum bounds its pair from above, and complete pairs bound the candidate from
+    below. A pair more than ``_NEGLIGIBLE`` nats below its candidate's lower bound changes the score by
+    less than e^-30 (relative) and is dropped; a candidate that ``keep`` others certainly beat is out
+    (score -inf); with ``keep == 1`` a question stops once one candidate is left. The returned
+    hypotheses are those of exhaustive scoring, whose exact scores the survivors get (up to the
+    dropped pairs) unless a single survivor remains. Label smoothing (``epsilon > 0``) needs every
+    state's full distribution: exhaustive then.
+
+    Args:
+        hidden: `(states, hidden)` decoder states of distinct (context, prefix) pairs, before the head.
+        entries: `(entries,)` pair (``candidate * n_docs + doc``), state, target token, position, and
+            whether the target counts in the log-likelihood (a left-out BOS still counts in smoothing).
+        base: `(candidates, n_docs)` log-likelihood counted already (a shared first step), or zeros.
+        prior: `(candidates, n_docs)` document log-prior added to each pair.
+        question: `(candidates,)` question of each candidate (candidates of a question compete).
+        keep: Hypotheses returned per question.
+        vocab: Vocabulary size (label smoothing).
+        known: `(candidates, n_docs)` complete pair log-likelihoods, nan where unknown.
+        epsilon: Label smoothing of the config.
+        smooth_base: `(candidates, n_docs)` smoothing sums counted already (with ``epsilon > 0``).
+    """
+    num_candidates, n_docs = base.shape
+    device = base.device
+    pair, state, target, position, counts = entries
+    if epsilon == 0:  # uncounted targets only matter to smoothing
+        pair, state, target, position = pair[counts], state[counts], target[counts], position[counts]
+        counts = torch.ones_like(pair, dtype=torch.bool)
+    ll = base.flatten().clone()
+    complete = torch.zeros_like(ll, dtype=torch.bool)
+    smooth = None
+    if epsilon > 0:
+        smooth = (smooth_base if smooth_base is not None else torch.zeros_like(base)).flatten().clone()
+    elif known is not None:
+        is_known = ~known.flatten().isnan()
+        ll = torch.where(is_known, known.flatten(), ll)
+        complete |= is_known
+    last = torch.full_like(ll, -1, dtype=torch.long).scatter_reduce(0, pair, position, "amax")
+    complete |= last.lt(0)  # nothing to score
+    prior = prior.flatten()
+    prune = _PRUNE_SCORING and epsilon == 0 and bool(complete.any())
+    dead = torch.zeros_like(complete)  # negligible pairs
+    out = torch.zeros(num_candidates, dtype=torch.bool, device=device)  # certainly not returned
+    settled = torch.zeros_like(out)  # the only candidate left in its question (keep == 1)
+    same_question = question.unsqueeze(0).eq(question.unsqueeze(1))
+    budget = _SCORING_ELEMENTS_CUDA if device.type == "cuda" else _SCORING_ELEMENTS_CPU
+    max_rows = max(1, budget // vocab)
+
+    # Float rounding allowed for when comparing bounds (the head's dtype rounds logits; sums round too).
+    rounding = 4 * torch.finfo(hidden.dtype).eps if hidden.is_floating_point() else 0.0
+
+    def tighten(pending: int) -> None:
+        """Marks dead pairs, out and settled candidates; entries ``pending:`` are not projected yet."""
+        rest = torch.zeros_like(ll).index_add_(0, pair[pending:], bound[pending:])
+        terms = (ll + prior + rest.masked_fill(complete, 0.0)).view(num_candidates, n_docs)
+        exact = complete.view(num_candidates, n_docs)
+        lower = terms.masked_fill(~exact, float("-inf")).logsumexp(dim=1)
+        upper = terms.logsumexp(dim=1)
+        dead.logical_or_(~complete & (terms < (lower - _NEGLIGIBLE).unsqueeze(1)).flatten())
+        margin = 1e-3 + rounding * upper.abs()
+        beaten = (lower.unsqueeze(0) > (upper + margin).unsqueeze(1)) & same_question
+        out.logical_or_(beaten.sum(dim=1) >= keep)
+        if keep == 1:
+            left = torch.zeros_like(question).index_add_(0, question, (~out).long())
+            settled.logical_or_(~out & left[question].eq(1) & lower.isfinite())
+
+    if prune:  # one projection round per target position, bounds tightened in between
+        order = torch.argsort(position, stable=True)
+        pair, state, target, position = pair[order], state[order], target[order], position[order]
+        # Upper bounds of every entry's log-probability, cheap: they rule most candidates out unprojected.
+        bound = _log_prob_upper_bounds(generator, hidden, state, target, budget)
+        values, sizes = torch.unique_consecutive(position, return_counts=True)
+        members = torch.split(torch.arange(len(pair), device=device), sizes.tolist())
+        rounds: list[tuple[int | None, torch.Tensor]] = list(zip(values.tolist(), members))
+    else:
+        rounds = [(None, torch.arange(len(pair), device=device))]
+    for depth, members in rounds:
+        if prune:
+            tighten(int(members[0]))
+        active = ~(complete | dead | (out | settled).repeat_interleave(n_docs))
+        if not bool(active.any()):
+            break
+        members = members[active[pair[members]]]
+        if len(members):
+            states, inverse = torch.unique(state[members], return_inverse=True)
+            picked = torch.empty(len(members), dtype=torch.float32, device=device)
+            sums = torch.empty_like(picked) if smooth is not None else None
+            for first in range(0, len(states), max_rows):  # bounded logits
+                log_probs = torch.log_softmax(
+                    _project(generator, hidden[states[first : first + max_rows]]), dim=-1, dtype=torch.float32
+                )
+                mine = (inverse >= first) & (inverse < first + max_rows)
+                rows = inverse[mine] - first
+                picked[mine] = log_probs[rows, target[members][mine]]
+                if sums is not None:
+                    sums[mine] = log_probs.sum(dim=-1)[rows]
+                del log_probs
+            ll.index_add_(0, pair[members], picked.masked_fill(~counts[members], 0.0))
+            if sums is not None:
+                smooth.index_add_(0, pair[members], sums)
+        # Only pairs that took part: an out candidate's partial sums must not pass for a lower bound.
+        complete |= active if depth is None else active & last.le(depth)
+    if prune:
+        tighten(len(pair))
+
+    terms = (ll + prior).view(num_candidates, n_docs)
+    if smooth is not None:
+        # Label smoothing, as in the training loss: sum over the vocabulary of the log-probabilities.
+        smoothed = (smooth + vocab * prior).view(num_candidates, n_docs).logsumexp(dim=1)
+        return (1.0 - epsilon) * terms.logsumexp(dim=1) + epsilon / vocab * smoothed
+    counted = (complete & ~dead).view(num_candidates, n_docs)
+    scores = terms.masked_fill(~counted, float("-inf")).logsumexp(dim=1)
+    return scores.masked_fill(out, float("-inf"))
+
+
 class _PositionsByDepth:
     """Forward hook on a learned position embedding: positions by trie depth instead of sequence place."""
 
@@ -478,7 +762,9 @@ def _packed_thorough_scores(
     target: torch.Tensor,
     needed: torch.Tensor,
     has_prior: torch.Tensor,
-) -> torch.Tensor:
+    keep: int = 1,
+    known: torch.Tensor | None = None,
+) -> torch.Tensor | None:
     """`(num_candidates,)` thorough scores, each question's candidates packed as one prefix trie per document.
 
     Returns None (the caller takes the rows path) when a question's trie is wider than
@@ -511,12 +797,12 @@ def _packed_thorough_scores(
         logger.debug("Prefix trie of %d nodes is wider than %d: scoring per candidate.", max(sizes), limit)
         return None
 
-    # Chunks of whole questions, sized by the logits of their nodes and the attention scores of their rows.
+    # Chunks of whole questions, sized by the attention scores of their rows (projection comes later, in rounds).
     budget = _SCORING_ELEMENTS_CUDA if device.type == "cuda" else _SCORING_ELEMENTS_CPU
     chunks: list[tuple[int, int]] = []  # question ranges
     cost = 0
     for q, size in enumerate(sizes):
-        question_cost = n_docs * size * (vocab + heads * (size + source_length))
+        question_cost = n_docs * size * heads * (size + source_length)
         if chunks and cost + question_cost <= budget:
             chunks[-1] = (chunks[-1][0], q + 1)
             cost += question_cost
@@ -527,7 +813,7 @@ def _packed_thorough_scores(
     first_candidate = [0]
     for count in counts:
         first_candidate.append(first_candidate[-1] + count)
-    scores = torch.empty(candidates.shape[0], dtype=torch.float32, device=device)
+    collected = _CollectedStates()
     selector, replace = _SelectRows(capture=True), _PositionsByDepth()
     handles = []
     try:
@@ -567,37 +853,36 @@ def _packed_thorough_scores(
             )
             hidden, selector.hidden = selector.hidden, None
             selector.rows = replace.depths = None
-            logits = _project(generator, hidden)  # (distinct (row, node) pairs, vocab)
-            del hidden
-            logprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
-            del logits
-            entry_ll = logprobs[inverse, entry_target.repeat_interleave(n_docs)]
             # The leading BOS target is left out of a question's scores (use_bos), but not out of smoothing.
             skip = (entry_position_t.eq(0) & use_bos[entry_question + first_question]).repeat_interleave(
                 n_docs
             )
-            pair = ((entry_candidate_t - lo) * n_docs).unsqueeze(1) + doc_range  # (candidate, doc) rows
-            row_ll = torch.zeros((hi - lo) * n_docs, dtype=torch.float32, device=device)
-            row_ll = row_ll.index_add(0, pair.flatten(), entry_ll.masked_fill(skip, 0.0))
-            chunk = slice(lo, hi)
-            question = candidate_question[chunk]
-            prior = doc_logprobs[question].flatten() * has_prior[chunk].repeat_interleave(n_docs)
-            doc_ll = (row_ll + prior).view(-1, n_docs).logsumexp(dim=1)
-            chunk_scores = (1.0 - epsilon) * doc_ll
-            if epsilon > 0:
-                # Label smoothing, as in the training loss: sum over the vocabulary of the log-probabilities.
-                row_smooth = torch.zeros_like(row_ll).index_add(
-                    0, pair.flatten(), logprobs.sum(dim=-1)[inverse]
-                )
-                smooth = (row_smooth + vocab * prior).view(-1, n_docs).logsumexp(dim=1)
-                chunk_scores = chunk_scores + epsilon / vocab * smooth
-            del logprobs
-            scores[chunk] = chunk_scores
+            pair = (entry_candidate_t * n_docs).unsqueeze(1) + doc_range  # (candidate, doc) pairs
+            collected.add(
+                hidden,
+                pair.flatten(),
+                inverse,
+                entry_target.repeat_interleave(n_docs),
+                entry_position_t.repeat_interleave(n_docs),
+                ~skip,
+            )
+            del hidden
     finally:
         for handle in handles:
             handle.remove()
         selector.rows = selector.hidden = replace.depths = None
-    return scores
+    prior = doc_logprobs[candidate_question] * has_prior.unsqueeze(1)  # (candidates, n_docs)
+    return _candidate_scores(
+        generator,
+        *collected.result(),
+        torch.zeros_like(prior),
+        prior,
+        candidate_question,
+        keep,
+        vocab,
+        known=known,
+        epsilon=epsilon,
+    )
 
 
 def _thorough_scores(
@@ -610,6 +895,8 @@ def _thorough_scores(
     candidate_question: torch.Tensor,
     use_bos: torch.Tensor,
     share_cross_attention: bool | None = None,
+    keep: int = 1,
+    known: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`(num_candidates,)` RAG-Sequence scores (minus the loss) of every candidate against every document.
 
@@ -630,9 +917,13 @@ def _thorough_scores(
         candidate_question: `(num_candidates,)` question index of each candidate (non-decreasing).
         use_bos: `(batch_size,)` whether a question's leading BOS target is excluded from the score.
         share_cross_attention: See above; None picks by device.
+        keep: Hypotheses returned per question: candidates that ``keep`` others certainly beat need no
+            exact score (see :func:`_candidate_scores`).
+        known: `(num_candidates, n_docs)` log-likelihoods of (candidate, document) pairs that generation
+            computed already, nan elsewhere.
 
     Returns:
-        `(num_candidates,)` float32 scores, higher is better.
+        `(num_candidates,)` float32 scores, higher is better; -inf for candidates certainly not returned.
     """
     from transformers import EncoderDecoderCache
 
@@ -674,6 +965,8 @@ def _thorough_scores(
             target,
             needed,
             has_prior,
+            keep=keep,
+            known=known,
         )
     if packed is not None:
         return packed
@@ -705,18 +998,13 @@ def _thorough_scores(
         per_row = encoder_states[0].numel()
     del first
 
-    # Chunks of whole questions, so that equal prefixes of a question meet in one projection; sized by
-    # the cross-attention inputs copied per row and the logits of the distinct prefixes.
+    # Chunks of whole questions, so that equal prefixes of a question share decoder states; sized by the
+    # cross-attention inputs copied per row (projection comes later, in bounded rounds).
     budget = _SCORING_ELEMENTS_CUDA if device.type == "cuda" else _SCORING_ELEMENTS_CPU
     counts = torch.bincount(candidate_question, minlength=doc_logprobs.shape[0]).tolist()
-    scored = nonpad.clone()
-    scored[:, 0] = False
-    distinct = [
-        len(set(ids)) for ids in _split_rows(prefix_ids.masked_fill(~scored, -1), counts)
-    ]  # includes the -1 filler: one spare row per question
     chunks, start, cost = [], 0, 0
-    for count, n_prefixes in zip(counts, distinct):
-        question_cost = n_docs * (count * per_row + n_prefixes * vocab)
+    for count in counts:
+        question_cost = n_docs * count * per_row
         if chunks and chunks[-1][1] == start and cost + question_cost <= budget:
             chunks[-1] = (chunks[-1][0], start + count)
             cost += question_cost
@@ -725,10 +1013,12 @@ def _thorough_scores(
             cost = question_cost
         start += count
 
-    scores = torch.empty(candidates.shape[0], dtype=torch.float32, device=device)
+    collected = _CollectedStates()
+    base = torch.zeros(candidates.shape[0] * n_docs, dtype=torch.float32, device=device)
+    smooth_base = torch.zeros_like(base) if epsilon > 0 else None
     doc_range = torch.arange(n_docs, device=device)
     offset = 1 if share_cross_attention else 0  # first decoder input column fed to the chunk pass
-    selector = _SelectRows()
+    selector = _SelectRows(capture=True)
     handle = generator.get_output_embeddings().register_forward_pre_hook(selector)
     try:
         for first_candidate, end in chunks:
@@ -771,7 +1061,7 @@ def _thorough_scores(
                             for sk, sv, ck, cv in cache_layers
                         ]
                     )
-                node_logits = generator(
+                generator(
                     encoder_outputs=BaseModelOutput(last_hidden_state=encoder_states[contexts]),
                     attention_mask=None
                     if context_attention_mask is None
@@ -780,29 +1070,71 @@ def _thorough_scores(
                     cache=cache,
                     use_cache=share_cross_attention,
                     return_dict=True,
-                ).logits  # (distinct prefixes, vocab)
+                )
+                hidden, selector.hidden = selector.hidden, None  # (distinct prefixes, hidden)
                 selector.rows = None
                 del cache
-                node_logprobs = torch.log_softmax(node_logits, dim=-1, dtype=torch.float32)
-                del node_logits
-                tokens = chunk_target[:, 1:].flatten()[entries]
-                row_ll = row_ll.index_add(0, entry_row, node_logprobs[inverse, tokens])
-                if epsilon > 0:
-                    row_smooth = row_smooth.index_add(0, entry_row, node_logprobs.sum(dim=-1)[inverse])
-                del node_logprobs
-
-            prior = doc_logprobs[question].flatten() * has_prior[chunk].repeat_interleave(n_docs)
-            doc_ll = (row_ll + prior).view(-1, n_docs).logsumexp(dim=1)
-            chunk_scores = (1.0 - epsilon) * doc_ll
-            if epsilon > 0:
-                # Label smoothing, as in the training loss: sum over the vocabulary of the log-probabilities.
-                smooth = (row_smooth + vocab * prior).view(-1, n_docs).logsumexp(dim=1)
-                chunk_scores = chunk_scores + epsilon / vocab * smooth
-            scores[chunk] = chunk_scores
+                collected.add(
+                    hidden,
+                    entry_row + first_candidate * n_docs,
+                    inverse,
+                    chunk_target[:, 1:].flatten()[entries],
+                    entries % (length - 1) + 1,
+                    torch.ones_like(entries, dtype=torch.bool),
+                )
+                del hidden
+            pairs = slice(first_candidate * n_docs, end * n_docs)
+            base[pairs] = row_ll
+            if smooth_base is not None:
+                smooth_base[pairs] = row_smooth
     finally:
         handle.remove()
-        selector.rows = None
-    return scores
+        selector.rows = selector.hidden = None
+    if not collected.hidden:  # every candidate is one token long: nothing but the first step
+        none = torch.empty(0, dtype=torch.long, device=device)
+        collected.add(
+            encoder_states.new_empty(0, encoder_states.shape[-1]), none, none, none, none, none.bool()
+        )
+    hidden, entries = collected.result()
+    return _candidate_scores(
+        generator,
+        hidden,
+        entries,
+        base.view(-1, n_docs),
+        doc_logprobs[candidate_question] * has_prior.unsqueeze(1),
+        candidate_question,
+        keep,
+        vocab,
+        known=known,
+        epsilon=epsilon,
+        smooth_base=None if smooth_base is None else smooth_base.view(-1, n_docs),
+    )
+
+
+def _known_pairs(
+    sequences: torch.Tensor, groups: list[list[int]], row_ll: torch.Tensor, n_docs: int, rows_per_doc: int
+) -> torch.Tensor:
+    """`(num_candidates, n_docs)` each candidate's log-likelihood under the documents that generated it, nan elsewhere."""
+    rows_per_question = n_docs * rows_per_doc
+    as_lists = sequences.tolist()
+    candidate_ids, doc_ids, source_rows = [], [], []
+    candidate = 0
+    for q, group in enumerate(groups):
+        by_sequence: dict[tuple[int, ...], list[int]] = {}
+        for row in group:
+            by_sequence.setdefault(tuple(as_lists[row]), []).append(candidate)
+            candidate += 1
+        for row in range(q * rows_per_question, (q + 1) * rows_per_question):
+            for match in by_sequence.get(tuple(as_lists[row]), ()):
+                candidate_ids.append(match)
+                doc_ids.append((row // rows_per_doc) % n_docs)
+                source_rows.append(row)
+    known = torch.full((candidate, n_docs), float("nan"), dtype=torch.float32, device=row_ll.device)
+    index = torch.tensor(source_rows, dtype=torch.long, device=row_ll.device)
+    known[torch.tensor(candidate_ids, device=row_ll.device), torch.tensor(doc_ids, device=row_ll.device)] = (
+        row_ll[index]
+    )
+    return known
 
 
 def _fast_scores(
@@ -852,24 +1184,37 @@ def _decode_questions(
     ).last_hidden_state
 
     kwargs = dict(model_kwargs)
-    recorder = None
+    recorder = steps = head = None
+    hooks = []
     if decoding == "fast":
         # Beam search keeps a row's token only if it is among that row's top (eos + 1) * num_beams.
         k = max(2, (len(_eos_ids(generator, kwargs)) + 1) * num_beams)
         recorder = _StepScoreRecorder(k, normalize=num_beams == 1)
         kwargs["logits_processor"] = LogitsProcessorList([*kwargs.get("logits_processor", []), recorder])
         kwargs["return_dict_in_generate"] = True
-    output = generator.generate(
-        input_ids=context_input_ids,
-        attention_mask=context_attention_mask,
-        # A fresh output object: generate expands it for beams in place.
-        encoder_outputs=BaseModelOutput(last_hidden_state=encoder_states),
-        num_beams=num_beams,
-        num_return_sequences=num_beams,
-        **kwargs,
-    )
+    elif _PRUNE_SCORING and not float(getattr(model.config, "label_smoothing", 0.0) or 0.0):
+        # Each hypothesis's log-likelihood under its own document falls out of generation: keep what gives it.
+        head = _gatherable_head(generator)
+        if head is not None:
+            steps = _StepStates()
+            hooks.append(generator.get_output_embeddings().register_forward_pre_hook(steps.before_head))
+            hooks.append(generator.register_forward_hook(steps.after_model))
+            kwargs["return_dict_in_generate"] = True
+    try:
+        output = generator.generate(
+            input_ids=context_input_ids,
+            attention_mask=context_attention_mask,
+            # A fresh output object: generate expands it for beams in place.
+            encoder_outputs=BaseModelOutput(last_hidden_state=encoder_states),
+            num_beams=num_beams,
+            num_return_sequences=num_beams,
+            **kwargs,
+        )
+    finally:
+        for hook in hooks:
+            hook.remove()
     # (batch * n_docs * num_beams, tgt_len); the output object also holds the decoding cache: drop it.
-    sequences = output.sequences if recorder is not None else output
+    sequences = output.sequences if kwargs.get("return_dict_in_generate") else output
     beam_indices = getattr(output, "beam_indices", None)
     del output
     rows_per_question = n_docs * num_beams
@@ -890,6 +1235,18 @@ def _decode_questions(
             not_bos = sequences[candidate_rows, 1].ne(bos).long()
             use_bos = torch.zeros(batch_size, dtype=torch.long, device=sequences.device)
             use_bos = use_bos.index_add_(0, candidate_question, not_bos).eq(0)
+        known = None
+        if steps is not None and (num_beams == 1 or beam_indices is not None):
+            # Targets scored: the next token unless it is a pad, the leading BOS left out where use_bos.
+            scored = torch.cat(
+                [sequences[:, 1:].ne(pad), sequences.new_zeros(sequences.shape[0], 1).bool()], 1
+            )
+            scored[:, 0] &= ~use_bos.repeat_interleave(rows_per_question)
+            row_ll = _generated_pair_log_likelihoods(
+                steps, head, sequences, beam_indices if num_beams > 1 else None, scored
+            )
+            known = _known_pairs(sequences, groups, row_ll, n_docs, num_beams)
+        del steps
         scores = _thorough_scores(
             model,
             encoder_states,
@@ -899,6 +1256,8 @@ def _decode_questions(
             candidate_rows,
             candidate_question,
             use_bos,
+            keep=num_return_sequences,
+            known=known,
         )
     else:
         generated_ll = _generated_log_likelihoods(

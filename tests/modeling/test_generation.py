@@ -166,11 +166,13 @@ def test_packed_and_per_candidate_scores_agree(label_smoothing, monkeypatch):
     candidates = args[4][args[5]]
     assert len({len(_strip(row, 1)) for row in candidates}) > 1  # some end early: pad targets are skipped
     results = {}
+    monkeypatch.setattr(generation, "_PRUNE_SCORING", False)  # every candidate's exact score
     for path in ("packed", "rows"):
         monkeypatch.setattr(generation, "_SCORING_PATH", path)
         monkeypatch.setattr(generation, "_SCORING_ELEMENTS_CPU", 1)  # one question per chunk
         results[path] = real(*args, **kwargs)
     assert results["packed"].shape == (len(candidates),)
+    assert bool(results["packed"].isfinite().all())
     torch.testing.assert_close(results["packed"], results["rows"], rtol=1e-5, atol=1e-5)
 
 
@@ -257,6 +259,149 @@ def test_label_smoothing_is_part_of_the_score_as_in_reference():
         max_length=MAX_LENGTH,
     )
     assert torch.equal(ours.generate(**kwargs), reference.generate(**kwargs))
+
+
+# --- pruned thorough scoring: exhaustive output, fewer projections -----------------------------------
+
+
+def _thorough_call(ours, monkeypatch, **kwargs):
+    """(output, arguments and keywords of the _thorough_scores call, projected rows) of one generate call."""
+    calls, projected = [], []
+    real_scores, real_project = generation._thorough_scores, generation._project
+    monkeypatch.setattr(
+        generation, "_thorough_scores", lambda *a, **k: calls.append((a, k)) or real_scores(*a, **k)
+    )
+    monkeypatch.setattr(
+        generation, "_project", lambda g, h: projected.append(h.shape[0]) or real_project(g, h)
+    )
+    output = ours.generate(**kwargs)
+    monkeypatch.setattr(generation, "_thorough_scores", real_scores)
+    monkeypatch.setattr(generation, "_project", real_project)
+    return output, calls[0], sum(projected)
+
+
+def _default_init_model(kind: str, seed: int) -> RagSequenceForGeneration:
+    """A ragkit RAG-Sequence model with the sub-models' own (narrow) initialisation."""
+    config = tiny_rag_config(kind, hidden_size=32)
+    reference_config = transformers.RagConfig(**config.to_dict())
+    torch.manual_seed(seed)
+    generator_cls = BartForConditionalGeneration if kind == "bart" else T5ForConditionalGeneration
+    return RagSequenceForGeneration(
+        config=config,
+        question_encoder=DPRQuestionEncoder(reference_config.question_encoder),
+        generator=generator_cls(reference_config.generator),
+    ).eval()
+
+
+@pytest.mark.parametrize(
+    "kind,path,num_beams,num_return_sequences,do_deduplication,pads,seed",
+    [
+        ("bart", None, 3, 1, True, None, 31),
+        ("bart", None, 3, 2, True, [0, 3, 0, 0, 5, 0, 1, 0, 0], 37),
+        ("bart", "rows", 3, 1, True, [2, 0, 0, 4, 0, 0, 0, 0, 3], 41),
+        ("bart", None, 2, 4, False, None, 43),
+        ("bart", None, 1, 1, True, None, 47),
+        ("t5", None, 3, 1, True, None, 53),
+        ("t5", None, 2, 3, True, [0, 0, 2, 0, 0, 0, 4, 0, 0], 59),
+    ],
+)
+@pytest.mark.parametrize("wide", [True, False], ids=["wide", "default-init"])
+def test_pruned_scoring_returns_the_exhaustive_output(
+    kind, path, num_beams, num_return_sequences, do_deduplication, pads, seed, wide, monkeypatch
+):
+    # Pruning skips projections that bounds prove cannot change the output: same hypotheses, same order,
+    # as scoring every (document, prefix) pair, with wide random weights (hypotheses far apart) and with
+    # the default initialisation (near ties, where the bounds rarely settle anything).
+    if wide:
+        _, ours = _build(kind, seed=seed)
+    else:
+        ours = _default_init_model(kind, seed)
+    monkeypatch.setattr(generation, "_SCORING_PATH", path)
+    kwargs = dict(
+        **_context_inputs(batch_size=3, n_docs=3, seed=seed, pads=pads),
+        num_beams=num_beams,
+        num_return_sequences=num_return_sequences,
+        do_deduplication=do_deduplication,
+        max_length=MAX_LENGTH,
+    )
+    pruned, (_, keywords), pruned_rows = _thorough_call(ours, monkeypatch, **kwargs)
+    assert keywords["known"] is not None  # generation handed its own (hypothesis, document) pairs over
+    monkeypatch.setattr(generation, "_PRUNE_SCORING", False)
+    exhaustive, _, exhaustive_rows = _thorough_call(ours, monkeypatch, **kwargs)
+    assert torch.equal(pruned, exhaustive)
+    assert pruned_rows <= exhaustive_rows
+    if wide and num_beams > 1:
+        assert pruned_rows < exhaustive_rows / 2
+
+
+@pytest.mark.parametrize("kind", ["bart", "t5"])
+def test_generation_gives_each_hypothesis_its_own_document_log_likelihood(kind, request, monkeypatch):
+    # The log-likelihood generation hands over for (hypothesis, its own document) is the one teacher
+    # forcing computes: the same targets (BOS left out, pads skipped), before any logits processor.
+    _, ours = request.getfixturevalue(f"{kind}_models")
+    kwargs = dict(
+        **_context_inputs(batch_size=3, n_docs=3, seed=61),
+        num_beams=3,
+        max_length=MAX_LENGTH,
+        forced_eos_token_id=EOS,
+        no_repeat_ngram_size=2,
+    )
+    _, (args, keywords), _ = _thorough_call(ours, monkeypatch, **kwargs)
+    known = keywords["known"]
+    assert known.shape[0] == args[5].shape[0] and bool((~known.isnan()).any(dim=1).all())
+    # Exhaustive pair log-likelihoods, without the document prior: zero doc scores, one document at a time.
+    model, encoder_states, mask, doc_logprobs, sequences, rows, questions, use_bos = args
+    monkeypatch.setattr(generation, "_PRUNE_SCORING", False)
+    n_docs = doc_logprobs.shape[1]
+    for doc in range(n_docs):
+        contexts = torch.arange(doc, encoder_states.shape[0], n_docs)
+        per_doc = generation._thorough_scores(
+            model,
+            encoder_states[contexts],
+            None if mask is None else mask[contexts],
+            torch.zeros(doc_logprobs.shape[0], 1),
+            sequences,
+            rows,
+            questions,
+            use_bos,
+        )
+        have = ~known[:, doc].isnan()
+        torch.testing.assert_close(known[have, doc], per_doc[have], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_log_prob_upper_bounds_hold(dtype, monkeypatch):
+    # The bound from a slice of the vocabulary is never below the log-probability scoring computes.
+    _, ours = _build("bart", seed=67)
+    generator = ours.generator.to(dtype)
+    monkeypatch.setattr(generation, "_PROBE_TOKENS", 64)
+    torch.manual_seed(0)
+    hidden = torch.randn(50, generator.config.d_model).to(dtype)
+    state = torch.randint(0, 50, (400,))
+    target = torch.randint(0, generator.config.vocab_size, (400,))
+    with torch.no_grad():
+        bounds = generation._log_prob_upper_bounds(generator, hidden, state, target, 1 << 12)
+        exact = torch.log_softmax(generation._project(generator, hidden), dim=-1, dtype=torch.float32)
+    assert bool((bounds >= exact[state, target]).all())
+    assert bool((bounds <= 0).all()) and float(bounds.min()) < -1  # not the trivial bound
+
+
+def test_pruned_scores_of_survivors_are_exact(monkeypatch):
+    # Candidates that are returned keep their exact score (up to pairs e^-30 below); the others are -inf.
+    _, ours = _build("bart", seed=71)
+    kwargs = dict(**_context_inputs(batch_size=3, n_docs=3, seed=71), num_beams=3, max_length=MAX_LENGTH)
+    _, (args, keywords), _ = _thorough_call(ours, monkeypatch, **kwargs)
+    pruned = generation._thorough_scores(*args, keep=2, known=keywords["known"])
+    monkeypatch.setattr(generation, "_PRUNE_SCORING", False)
+    exhaustive = generation._thorough_scores(*args)
+    questions = args[6]
+    kept = pruned.isfinite()
+    for q in range(3):
+        mine = questions.eq(q)
+        best = exhaustive[mine].topk(2).indices
+        assert bool(kept[mine][best].all())
+        torch.testing.assert_close(pruned[mine][best], exhaustive[mine][best], rtol=1e-5, atol=1e-4)
+    assert int(kept.sum()) < len(kept)  # some were ruled out unscored
 
 
 def test_questions_per_batch_does_not_change_output(bart_models):
