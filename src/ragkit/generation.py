@@ -29,11 +29,13 @@ Decoding modes:
 
 from __future__ import annotations
 
+import inspect
 import logging
+from collections import Counter
 from typing import Any
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import DynamicCache, EncoderDecoderCache, LogitsProcessor, LogitsProcessorList
 from transformers.modeling_outputs import BaseModelOutput
 
 __all__ = ["DECODING_MODES", "rag_sequence_generate"]
@@ -63,7 +65,7 @@ _SCORING_PATHS = (None, "packed", "rows")
 # self-attention grows with each candidate's length rather than with the trie's width squared (with
 # little prefix sharing, e.g. 160 candidates of 40 tokens, packed measured 1.5x slower than rows).
 _PACKED_MAX_WIDTH = 1024
-# Thorough scoring skips projections that cannot change the output (see _candidate_scores); False scores
+# Thorough scoring skips projections that cannot change the output (see _CandidateScores); False scores
 # every (document, prefix) pair exhaustively (same output; for tests and benchmarks).
 _PRUNE_SCORING = True
 # A document whose term is this many nats below its candidate's best is dropped from the candidate's
@@ -460,6 +462,60 @@ def _project(generator: Any, hidden: torch.Tensor) -> torch.Tensor:
     return logits if bias is None else logits + bias.to(logits.device)
 
 
+class _BeamSharedCrossCache(EncoderDecoderCache):
+    """Encoder-decoder cache whose cross-attention part beam search leaves alone.
+
+    Beam search reorders beams within a context only, and every beam of a context holds the same
+    cross-attention keys/values: reordering them (a copy of every layer's keys and values at every
+    step) changes nothing, so only the self-attention part is reordered.
+    """
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.self_attention_cache.reorder_cache(beam_idx)
+
+
+def _beam_shared_cross_cache(
+    generator: Any,
+    encoder_states: torch.Tensor,
+    context_attention_mask: torch.Tensor | None,
+    num_beams: int,
+) -> tuple[_BeamSharedCrossCache, list[tuple[torch.Tensor, torch.Tensor]]] | None:
+    """A cache holding each context's cross-attention keys/values, computed once and copied to its beams.
+
+    Beam search would compute them once per beam at its first step and reorder them at every step.
+
+    Returns:
+        The cache for ``generate`` and, per decoder layer, the `(contexts, heads, src_len, head_dim)`
+        keys and values themselves; None when the generator's cache is not an encoder-decoder one.
+    """
+    selector = _SelectRows(capture=True)  # the first step's logits are not needed: skip the head
+    selector.rows = torch.empty(0, dtype=torch.long, device=encoder_states.device)
+    handle = generator.get_output_embeddings().register_forward_pre_hook(selector)
+    try:
+        start = getattr(generator.config, "decoder_start_token_id", None) or 0
+        first = generator(
+            encoder_outputs=BaseModelOutput(last_hidden_state=encoder_states),
+            attention_mask=context_attention_mask,
+            decoder_input_ids=torch.full(
+                (encoder_states.shape[0], 1), start, dtype=torch.long, device=encoder_states.device
+            ),
+            use_cache=True,
+            return_dict=True,
+        )
+    finally:
+        handle.remove()
+    cache = getattr(first, "cache", None) or getattr(first, "past_key_values", None)
+    if not isinstance(cache, EncoderDecoderCache):
+        return None
+    layers = [(keys, values) for _, _, keys, values in _cache_layers(cache)]
+    cross = DynamicCache()
+    for layer_idx, (keys, values) in enumerate(layers):
+        cross.update(
+            keys.repeat_interleave(num_beams, dim=0), values.repeat_interleave(num_beams, dim=0), layer_idx
+        )
+    return _BeamSharedCrossCache(DynamicCache(), cross), layers
+
+
 def _gatherable_head(generator: Any) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """`(vocab, hidden)` weight and `(vocab,)` bias of a plain linear output head (BART's bias folded in), or None."""
     head = generator.get_output_embeddings()
@@ -577,13 +633,78 @@ def _log_prob_upper_bounds(
     return bounds
 
 
-class _CollectedStates:
-    """Decoder states and scored entries gathered over scoring chunks, for one :func:`_candidate_scores` pass."""
+class _CandidateScores:
+    """RAG-Sequence scores of candidates from decoder states added in passes, projected in rounds by position.
 
-    def __init__(self) -> None:
+    A candidate's score is ``logsumexp_d(prior_d + ll_d)`` over documents, ``ll_d`` the sum of its targets'
+    log-probabilities under document ``d``. With ``known`` pairs (generation's own (hypothesis, document)
+    log-likelihoods) the projections run position by position and stop where they cannot change the
+    output. Each not-yet-projected log-probability is bounded from above (:func:`_log_prob_upper_bounds`,
+    at most 0), so a pair's partial sum plus its bounds bounds the pair, and complete pairs bound their
+    candidate from below. A pair more than ``_NEGLIGIBLE`` nats below its candidate's lower bound
+    changes the score by less than e^-30 (relative) and is dropped; a candidate that ``keep`` others
+    certainly beat is out (score -inf); with ``keep == 1`` a question stops once one candidate is left.
+    The returned hypotheses are those of exhaustive scoring, and survivors get their exact scores (up
+    to dropped pairs) unless a single one is left. Label smoothing (``epsilon > 0``) needs every state's
+    full distribution: exhaustive then, in one round.
+
+    Args:
+        generator: The generator whose output head projects the states.
+        base: `(candidates, n_docs)` log-likelihood counted already (a shared first step), or zeros.
+        prior: `(candidates, n_docs)` document log-prior added to each pair.
+        question: `(candidates,)` question of each candidate (candidates of a question compete).
+        last: `(candidates,)` last position whose target counts (-1: none).
+        keep: Hypotheses returned per question.
+        vocab: Vocabulary size (label smoothing).
+        known: `(candidates, n_docs)` complete pair log-likelihoods, nan where unknown.
+        epsilon: Label smoothing of the config.
+        smooth_base: `(candidates, n_docs)` smoothing sums counted already (with ``epsilon > 0``).
+        start: First position the added entries may hold (earlier ones are in ``base``).
+    """
+
+    def __init__(
+        self,
+        generator: Any,
+        base: torch.Tensor,
+        prior: torch.Tensor,
+        question: torch.Tensor,
+        last: torch.Tensor,
+        keep: int,
+        vocab: int,
+        known: torch.Tensor | None = None,
+        epsilon: float = 0.0,
+        smooth_base: torch.Tensor | None = None,
+        start: int = 0,
+    ) -> None:
+        self.generator, self.keep, self.vocab, self.epsilon = generator, keep, vocab, epsilon
+        self.num_candidates, self.n_docs = base.shape
+        self.device = base.device
+        self.question = question
+        self.ll = base.flatten().clone()
+        self.prior = prior.flatten()
+        self.smooth = None
+        self.complete = torch.zeros_like(self.ll, dtype=torch.bool)
+        if epsilon > 0:
+            self.smooth = (
+                (smooth_base if smooth_base is not None else torch.zeros_like(base)).flatten().clone()
+            )
+        elif known is not None:
+            is_known = ~known.flatten().isnan()
+            self.ll = torch.where(is_known, known.flatten(), self.ll)
+            self.complete |= is_known
+        self.last = last.repeat_interleave(self.n_docs)  # (pairs,)
+        self.complete |= self.last.lt(start)  # nothing left to score
+        self.depth = start  # next position to project
+        self.prune = _PRUNE_SCORING and epsilon == 0 and bool(self.complete.any())
+        self.dead = torch.zeros_like(self.complete)  # negligible pairs
+        self.out = torch.zeros(self.num_candidates, dtype=torch.bool, device=self.device)  # never returned
+        self.settled = torch.zeros_like(self.out)  # the only candidate left in its question (keep == 1)
+        self.same_question = question.unsqueeze(0).eq(question.unsqueeze(1))
+        self.budget = _SCORING_ELEMENTS_CUDA if self.device.type == "cuda" else _SCORING_ELEMENTS_CPU
         self.hidden: list[torch.Tensor] = []
         self.entries: list[tuple[torch.Tensor, ...]] = []
-        self.count = 0
+        self.states = 0
+        self.rounding = 0.0
 
     def add(
         self,
@@ -594,146 +715,120 @@ class _CollectedStates:
         position: torch.Tensor,
         counts: torch.Tensor,
     ) -> None:
-        """Adds a chunk's `(states, hidden)` states and its entries (``state`` indexes this chunk's states)."""
+        """Adds `(states, hidden)` decoder states before the head and their `(entries,)` scored targets.
+
+        Each entry: its pair (``candidate * n_docs + doc``), its state (index into ``hidden``), target
+        token, position, and whether it counts in the log-likelihood (a left-out BOS still counts in
+        smoothing).
+        """
+        if self.epsilon == 0:  # uncounted targets only matter to smoothing
+            pair, state, target, position = pair[counts], state[counts], target[counts], position[counts]
+            counts = torch.ones_like(pair, dtype=torch.bool)
+        if self.prune:
+            bound = _log_prob_upper_bounds(self.generator, hidden, state, target, self.budget)
+        else:
+            bound = torch.zeros(len(pair), dtype=torch.float32, device=self.device)
+        projected = torch.zeros_like(counts)
+        self.entries.append((pair, state + self.states, target, position, counts, bound, projected))
         self.hidden.append(hidden)
-        self.entries.append((pair, state + self.count, target, position, counts))
-        self.count += hidden.shape[0]
+        self.states += hidden.shape[0]
+        # Float rounding allowed for when comparing bounds (the head's dtype rounds logits; sums round too).
+        self.rounding = max(self.rounding, 4 * torch.finfo(hidden.dtype).eps)
 
-    def result(self) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """All states `(states, hidden)` and entries, as :func:`_candidate_scores` takes them."""
-        return torch.cat(self.hidden), tuple(torch.cat(parts) for parts in zip(*self.entries))
+    def active(self) -> torch.Tensor:
+        """`(pairs,)` pairs whose remaining targets may still matter."""
+        return ~(self.complete | self.dead | (self.out | self.settled).repeat_interleave(self.n_docs))
 
+    def run(self) -> None:
+        """Projects the added entries position by position, tightening the bounds in between."""
+        if len(self.hidden) > 1:  # merge the passes' states and entries once
+            self.hidden = [torch.cat(self.hidden)]
+            self.entries = [tuple(torch.cat(parts) for parts in zip(*self.entries))]
+        if not self.hidden:
+            return
+        hidden = self.hidden[0]
+        pair, state, target, position, counts, bound, projected = self.entries[0]
+        if not self.prune:
+            active = self.active()
+            members = (~projected & active[pair]).nonzero().squeeze(1)
+            self._project(hidden, pair, state, target, counts, members)
+            projected.fill_(True)
+            self.complete |= active
+            return
+        end = int(self.last.max())
+        for depth in range(self.depth, end + 1):
+            self._tighten(pair, bound, projected)
+            active = self.active()
+            if not bool(active.any()):
+                break
+            members = (position.eq(depth) & ~projected & active[pair]).nonzero().squeeze(1)
+            self._project(hidden, pair, state, target, counts, members)
+            projected[members] = True
+            # Only pairs that took part: an out candidate's partial sums must not pass for a lower bound.
+            self.complete |= active & self.last.le(depth)
+        self.depth = max(self.depth, end + 1)
+        self._tighten(pair, bound, projected)
 
-def _candidate_scores(
-    generator: Any,
-    hidden: torch.Tensor,
-    entries: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-    base: torch.Tensor,
-    prior: torch.Tensor,
-    question: torch.Tensor,
-    keep: int,
-    vocab: int,
-    known: torch.Tensor | None = None,
-    epsilon: float = 0.0,
-    smooth_base: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """`(candidates,)` RAG-Sequence scores of some candidates, projecting only decoder states that can matter.
+    def scores(self) -> torch.Tensor:
+        """`(candidates,)` float32 scores, higher is better; -inf for candidates certainly not returned."""
+        terms = (self.ll + self.prior).view(self.num_candidates, self.n_docs)
+        if self.smooth is not None:
+            # Label smoothing, as in the training loss: sum over the vocabulary of the log-probabilities.
+            smoothed = (self.smooth + self.vocab * self.prior).view(self.num_candidates, self.n_docs)
+            return (1.0 - self.epsilon) * terms.logsumexp(
+                dim=1
+            ) + self.epsilon / self.vocab * smoothed.logsumexp(dim=1)
+        counted = (self.complete & ~self.dead).view(self.num_candidates, self.n_docs)
+        scores = terms.masked_fill(~counted, float("-inf")).logsumexp(dim=1)
+        return scores.masked_fill(self.out, float("-inf"))
 
-    A candidate's score is ``logsumexp_d(prior_d + ll_d)`` over documents, ``ll_d`` the sum of its targets'
-    log-probabilities under document ``d``. With ``known`` pairs (from generation) the projections run
-    position by position and stop where they cannot change the output: every log-probability is at
-    most 0, so a partial sum bounds its pair from above, and complete pairs bound the candidate from
-    below. A pair more than ``_NEGLIGIBLE`` nats below its candidate's lower bound changes the score by
-    less than e^-30 (relative) and is dropped; a candidate that ``keep`` others certainly beat is out
-    (score -inf); with ``keep == 1`` a question stops once one candidate is left. The returned
-    hypotheses are those of exhaustive scoring, whose exact scores the survivors get (up to the
-    dropped pairs) unless a single survivor remains. Label smoothing (``epsilon > 0``) needs every
-    state's full distribution: exhaustive then.
-
-    Args:
-        hidden: `(states, hidden)` decoder states of distinct (context, prefix) pairs, before the head.
-        entries: `(entries,)` pair (``candidate * n_docs + doc``), state, target token, position, and
-            whether the target counts in the log-likelihood (a left-out BOS still counts in smoothing).
-        base: `(candidates, n_docs)` log-likelihood counted already (a shared first step), or zeros.
-        prior: `(candidates, n_docs)` document log-prior added to each pair.
-        question: `(candidates,)` question of each candidate (candidates of a question compete).
-        keep: Hypotheses returned per question.
-        vocab: Vocabulary size (label smoothing).
-        known: `(candidates, n_docs)` complete pair log-likelihoods, nan where unknown.
-        epsilon: Label smoothing of the config.
-        smooth_base: `(candidates, n_docs)` smoothing sums counted already (with ``epsilon > 0``).
-    """
-    num_candidates, n_docs = base.shape
-    device = base.device
-    pair, state, target, position, counts = entries
-    if epsilon == 0:  # uncounted targets only matter to smoothing
-        pair, state, target, position = pair[counts], state[counts], target[counts], position[counts]
-        counts = torch.ones_like(pair, dtype=torch.bool)
-    ll = base.flatten().clone()
-    complete = torch.zeros_like(ll, dtype=torch.bool)
-    smooth = None
-    if epsilon > 0:
-        smooth = (smooth_base if smooth_base is not None else torch.zeros_like(base)).flatten().clone()
-    elif known is not None:
-        is_known = ~known.flatten().isnan()
-        ll = torch.where(is_known, known.flatten(), ll)
-        complete |= is_known
-    last = torch.full_like(ll, -1, dtype=torch.long).scatter_reduce(0, pair, position, "amax")
-    complete |= last.lt(0)  # nothing to score
-    prior = prior.flatten()
-    prune = _PRUNE_SCORING and epsilon == 0 and bool(complete.any())
-    dead = torch.zeros_like(complete)  # negligible pairs
-    out = torch.zeros(num_candidates, dtype=torch.bool, device=device)  # certainly not returned
-    settled = torch.zeros_like(out)  # the only candidate left in its question (keep == 1)
-    same_question = question.unsqueeze(0).eq(question.unsqueeze(1))
-    budget = _SCORING_ELEMENTS_CUDA if device.type == "cuda" else _SCORING_ELEMENTS_CPU
-    max_rows = max(1, budget // vocab)
-
-    # Float rounding allowed for when comparing bounds (the head's dtype rounds logits; sums round too).
-    rounding = 4 * torch.finfo(hidden.dtype).eps if hidden.is_floating_point() else 0.0
-
-    def tighten(pending: int) -> None:
-        """Marks dead pairs, out and settled candidates; entries ``pending:`` are not projected yet."""
-        rest = torch.zeros_like(ll).index_add_(0, pair[pending:], bound[pending:])
-        terms = (ll + prior + rest.masked_fill(complete, 0.0)).view(num_candidates, n_docs)
-        exact = complete.view(num_candidates, n_docs)
-        lower = terms.masked_fill(~exact, float("-inf")).logsumexp(dim=1)
-        upper = terms.logsumexp(dim=1)
-        dead.logical_or_(~complete & (terms < (lower - _NEGLIGIBLE).unsqueeze(1)).flatten())
-        margin = 1e-3 + rounding * upper.abs()
-        beaten = (lower.unsqueeze(0) > (upper + margin).unsqueeze(1)) & same_question
-        out.logical_or_(beaten.sum(dim=1) >= keep)
-        if keep == 1:
-            left = torch.zeros_like(question).index_add_(0, question, (~out).long())
-            settled.logical_or_(~out & left[question].eq(1) & lower.isfinite())
-
-    if prune:  # one projection round per target position, bounds tightened in between
-        order = torch.argsort(position, stable=True)
-        pair, state, target, position = pair[order], state[order], target[order], position[order]
-        # Upper bounds of every entry's log-probability, cheap: they rule most candidates out unprojected.
-        bound = _log_prob_upper_bounds(generator, hidden, state, target, budget)
-        values, sizes = torch.unique_consecutive(position, return_counts=True)
-        members = torch.split(torch.arange(len(pair), device=device), sizes.tolist())
-        rounds: list[tuple[int | None, torch.Tensor]] = list(zip(values.tolist(), members))
-    else:
-        rounds = [(None, torch.arange(len(pair), device=device))]
-    for depth, members in rounds:
-        if prune:
-            tighten(int(members[0]))
-        active = ~(complete | dead | (out | settled).repeat_interleave(n_docs))
-        if not bool(active.any()):
-            break
-        members = members[active[pair[members]]]
-        if len(members):
-            states, inverse = torch.unique(state[members], return_inverse=True)
-            picked = torch.empty(len(members), dtype=torch.float32, device=device)
-            sums = torch.empty_like(picked) if smooth is not None else None
-            for first in range(0, len(states), max_rows):  # bounded logits
-                log_probs = torch.log_softmax(
-                    _project(generator, hidden[states[first : first + max_rows]]), dim=-1, dtype=torch.float32
-                )
-                mine = (inverse >= first) & (inverse < first + max_rows)
-                rows = inverse[mine] - first
-                picked[mine] = log_probs[rows, target[members][mine]]
-                if sums is not None:
-                    sums[mine] = log_probs.sum(dim=-1)[rows]
-                del log_probs
-            ll.index_add_(0, pair[members], picked.masked_fill(~counts[members], 0.0))
+    def _project(
+        self,
+        hidden: torch.Tensor,
+        pair: torch.Tensor,
+        state: torch.Tensor,
+        target: torch.Tensor,
+        counts: torch.Tensor,
+        members: torch.Tensor,
+    ) -> None:
+        """Adds the exact log-probabilities of entries ``members`` (each distinct state projected once)."""
+        if len(members) == 0:
+            return
+        states, inverse = torch.unique(state[members], return_inverse=True)
+        picked = torch.empty(len(members), dtype=torch.float32, device=self.device)
+        sums = torch.empty_like(picked) if self.smooth is not None else None
+        max_rows = max(1, self.budget // self.vocab)
+        for first in range(0, len(states), max_rows):  # bounded logits
+            log_probs = torch.log_softmax(
+                _project(self.generator, hidden[states[first : first + max_rows]]),
+                dim=-1,
+                dtype=torch.float32,
+            )
+            mine = (inverse >= first) & (inverse < first + max_rows)
+            rows = inverse[mine] - first
+            picked[mine] = log_probs[rows, target[members][mine]]
             if sums is not None:
-                smooth.index_add_(0, pair[members], sums)
-        # Only pairs that took part: an out candidate's partial sums must not pass for a lower bound.
-        complete |= active if depth is None else active & last.le(depth)
-    if prune:
-        tighten(len(pair))
+                sums[mine] = log_probs.sum(dim=-1)[rows]
+            del log_probs
+        self.ll.index_add_(0, pair[members], picked.masked_fill(~counts[members], 0.0))
+        if sums is not None:
+            self.smooth.index_add_(0, pair[members], sums)
 
-    terms = (ll + prior).view(num_candidates, n_docs)
-    if smooth is not None:
-        # Label smoothing, as in the training loss: sum over the vocabulary of the log-probabilities.
-        smoothed = (smooth + vocab * prior).view(num_candidates, n_docs).logsumexp(dim=1)
-        return (1.0 - epsilon) * terms.logsumexp(dim=1) + epsilon / vocab * smoothed
-    counted = (complete & ~dead).view(num_candidates, n_docs)
-    scores = terms.masked_fill(~counted, float("-inf")).logsumexp(dim=1)
-    return scores.masked_fill(out, float("-inf"))
+    def _tighten(self, pair: torch.Tensor, bound: torch.Tensor, projected: torch.Tensor) -> None:
+        """Marks dead pairs and out and settled candidates from the current bounds."""
+        waiting = ~projected
+        rest = torch.zeros_like(self.ll).index_add_(0, pair[waiting], bound[waiting])
+        shape = (self.num_candidates, self.n_docs)
+        terms = (self.ll + self.prior + rest.masked_fill(self.complete, 0.0)).view(shape)
+        lower = terms.masked_fill(~self.complete.view(shape), float("-inf")).logsumexp(dim=1)
+        upper = terms.logsumexp(dim=1)
+        self.dead |= ~self.complete & (terms < (lower - _NEGLIGIBLE).unsqueeze(1)).flatten()
+        margin = 1e-3 + self.rounding * upper.abs()
+        beaten = (lower.unsqueeze(0) > (upper + margin).unsqueeze(1)) & self.same_question
+        self.out |= beaten.sum(dim=1) >= self.keep
+        if self.keep == 1:
+            left = torch.zeros_like(self.question).index_add_(0, self.question, (~self.out).long())
+            self.settled |= ~self.out & left[self.question].eq(1) & lower.isfinite()
 
 
 class _PositionsByDepth:
@@ -755,15 +850,13 @@ def _packed_thorough_scores(
     positions_module: torch.nn.Module,
     encoder_states: torch.Tensor,
     context_attention_mask: torch.Tensor | None,
-    doc_logprobs: torch.Tensor,
+    scoring: _CandidateScores,
     candidates: torch.Tensor,
     candidate_question: torch.Tensor,
     use_bos: torch.Tensor,
     target: torch.Tensor,
     needed: torch.Tensor,
-    has_prior: torch.Tensor,
-    keep: int = 1,
-    known: torch.Tensor | None = None,
+    cross_attention: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> torch.Tensor | None:
     """`(num_candidates,)` thorough scores, each question's candidates packed as one prefix trie per document.
 
@@ -778,111 +871,128 @@ def _packed_thorough_scores(
     """
     generator = model.generator
     pad = model.config.generator.pad_token_id
-    epsilon = float(getattr(model.config, "label_smoothing", 0.0) or 0.0)
-    batch_size, n_docs = doc_logprobs.shape
+    n_docs = scoring.n_docs
     device = candidates.device
-    vocab = generator.get_output_embeddings().weight.shape[0]
     mask_dtype = generator.get_input_embeddings().weight.dtype
     heads = getattr(generator.config, "decoder_attention_heads", 1)
     source_length = encoder_states.shape[1]
-
-    needed_list = needed.tolist()
-    node_tokens, node_depths, node_parents, paths = _question_tries(
-        candidates.tolist(), candidate_question.tolist(), needed_list
+    candidate_list, question_list, needed_list = (
+        candidates.tolist(),
+        candidate_question.tolist(),
+        needed.tolist(),
     )
-    counts = torch.bincount(candidate_question, minlength=batch_size).tolist()
-    sizes = [len(t) for t in node_tokens]
+    # One trie per (question, document) context, of the candidates whose pair scoring still needs (not
+    # known from generation): a document's own hypotheses are left out of its trie unless shared.
+    needs = (~scoring.complete).view(-1, n_docs).tolist()
+    member_candidate, member_row = [], []
+    first_of_question = {}
+    for c, q in enumerate(question_list):
+        first_of_question.setdefault(q, c)
+    count_of_question = Counter(question_list)
+    for q in sorted(first_of_question):
+        for doc in range(n_docs):
+            for c in range(first_of_question[q], first_of_question[q] + count_of_question[q]):
+                if needs[c][doc]:
+                    member_candidate.append(c)
+                    member_row.append(q * n_docs + doc)
+    if not member_candidate:
+        scoring.run()
+        return scoring.scores()
+    rows = sorted(set(member_row))  # contexts with a trie
+    local_row = {row: i for i, row in enumerate(rows)}
+    node_tokens, node_depths, node_parents, paths = _question_tries(
+        [candidate_list[c] for c in member_candidate],
+        [local_row[row] for row in member_row],
+        [needed_list[c] for c in member_candidate],
+    )
     limit = min(_PACKED_MAX_WIDTH, positions_module.num_embeddings - positions_module.offset)
-    if max(sizes) > limit:
-        logger.debug("Prefix trie of %d nodes is wider than %d: scoring per candidate.", max(sizes), limit)
+    widest = max(len(tokens) for tokens in node_tokens)
+    if widest > limit:
+        logger.debug("Prefix trie of %d nodes is wider than %d: scoring per candidate.", widest, limit)
         return None
 
-    # Chunks of whole questions, sized by the attention scores of their rows (projection comes later, in rounds).
-    budget = _SCORING_ELEMENTS_CUDA if device.type == "cuda" else _SCORING_ELEMENTS_CPU
-    chunks: list[tuple[int, int]] = []  # question ranges
+    first_member = [0]
+    for count in Counter(member_row).values():  # members come grouped by row, in order
+        first_member.append(first_member[-1] + count)
+    # Chunks of whole rows, sized by their attention scores (projection comes later, in rounds).
+    chunks: list[tuple[int, int]] = []
     cost = 0
-    for q, size in enumerate(sizes):
-        question_cost = n_docs * size * heads * (size + source_length)
-        if chunks and cost + question_cost <= budget:
-            chunks[-1] = (chunks[-1][0], q + 1)
-            cost += question_cost
+    for r, tokens in enumerate(node_tokens):
+        row_cost = len(tokens) * heads * (len(tokens) + source_length)
+        if chunks and cost + row_cost <= scoring.budget:
+            chunks[-1] = (chunks[-1][0], r + 1)
+            cost += row_cost
         else:
-            chunks.append((q, q + 1))
-            cost = question_cost
+            chunks.append((r, r + 1))
+            cost = row_cost
 
-    first_candidate = [0]
-    for count in counts:
-        first_candidate.append(first_candidate[-1] + count)
-    collected = _CollectedStates()
+    member_candidate_t = torch.tensor(member_candidate, dtype=torch.long, device=device)
+    member_row_t = torch.tensor(member_row, dtype=torch.long, device=device)
+    local_of_member = torch.tensor([local_row[row] for row in member_row], dtype=torch.long, device=device)
+    rows_t = torch.tensor(rows, dtype=torch.long, device=device)
+    member_target = target[member_candidate_t]
     selector, replace = _SelectRows(capture=True), _PositionsByDepth()
     handles = []
     try:
         handles.append(generator.get_output_embeddings().register_forward_pre_hook(selector))
         handles.append(positions_module.register_forward_hook(replace))
-        for first_question, end_question in chunks:
-            questions = range(first_question, end_question)
+        for first_row, end_row in chunks:
+            chunk_rows = range(first_row, end_row)
             ids, depths, additive = _packed_inputs(
-                [node_tokens[q] for q in questions],
-                [node_depths[q] for q in questions],
-                [node_parents[q] for q in questions],
+                [node_tokens[r] for r in chunk_rows],
+                [node_depths[r] for r in chunk_rows],
+                [node_parents[r] for r in chunk_rows],
                 pad,
                 mask_dtype,
                 device,
             )
             width = ids.shape[1]
-            contexts = slice(first_question * n_docs, end_question * n_docs)  # rows: (question, doc)
-            lo, hi = first_candidate[first_question], first_candidate[end_question]
-            entry_candidate_t, entry_position_t, entry_node_t, entry_target = _scored_entries(
-                paths, lo, hi, target, pad
+            contexts = rows_t[first_row:end_row]  # global (question, doc) rows
+            lo, hi = first_member[first_row], first_member[end_row]
+            entry_member, entry_position, entry_node, entry_target = _scored_entries(
+                paths, lo, hi, member_target, pad
             )
-            entry_question = candidate_question[entry_candidate_t] - first_question
-            # One entry per document: hidden-state index row * width + node, row = question * n_docs + doc.
-            doc_range = torch.arange(n_docs, device=device)
-            entry_rows = (entry_question * n_docs).unsqueeze(1) + doc_range  # (entries, n_docs)
-            flat = (entry_rows * width + entry_node_t.unsqueeze(1)).flatten()
+            # Hidden-state index: local row * width + node.
+            flat = (local_of_member[entry_member] - first_row) * width + entry_node
             unique_flat, inverse = torch.unique(flat, return_inverse=True)
             selector.rows = unique_flat
-            replace.depths = depths.repeat_interleave(n_docs, dim=0)
+            replace.depths = depths
+            cache = None
+            if cross_attention is not None:  # reuse the contexts' cross-attention keys/values
+                cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+                for layer_idx, (keys, values) in enumerate(cross_attention):
+                    cache.cross_attention_cache.update(keys[contexts], values[contexts], layer_idx)
+                    cache.is_updated[layer_idx] = True
             generator(
                 encoder_outputs=BaseModelOutput(last_hidden_state=encoder_states[contexts]),
                 attention_mask=None if context_attention_mask is None else context_attention_mask[contexts],
-                decoder_input_ids=ids.repeat_interleave(n_docs, dim=0),
-                decoder_attention_mask=additive.repeat_interleave(n_docs, dim=0).unsqueeze(1),
-                use_cache=False,
+                decoder_input_ids=ids,
+                decoder_attention_mask=additive.unsqueeze(1),
+                cache=cache,
+                use_cache=cache is not None,
                 return_dict=True,
             )
+            del cache
             hidden, selector.hidden = selector.hidden, None
             selector.rows = replace.depths = None
+            entry_candidate = member_candidate_t[entry_member]
             # The leading BOS target is left out of a question's scores (use_bos), but not out of smoothing.
-            skip = (entry_position_t.eq(0) & use_bos[entry_question + first_question]).repeat_interleave(
-                n_docs
-            )
-            pair = (entry_candidate_t * n_docs).unsqueeze(1) + doc_range  # (candidate, doc) pairs
-            collected.add(
+            skip = entry_position.eq(0) & use_bos[candidate_question[entry_candidate]]
+            scoring.add(
                 hidden,
-                pair.flatten(),
+                entry_candidate * n_docs + member_row_t[entry_member] % n_docs,
                 inverse,
-                entry_target.repeat_interleave(n_docs),
-                entry_position_t.repeat_interleave(n_docs),
+                entry_target,
+                entry_position,
                 ~skip,
             )
             del hidden
+        scoring.run()
     finally:
         for handle in handles:
             handle.remove()
         selector.rows = selector.hidden = replace.depths = None
-    prior = doc_logprobs[candidate_question] * has_prior.unsqueeze(1)  # (candidates, n_docs)
-    return _candidate_scores(
-        generator,
-        *collected.result(),
-        torch.zeros_like(prior),
-        prior,
-        candidate_question,
-        keep,
-        vocab,
-        known=known,
-        epsilon=epsilon,
-    )
+    return scoring.scores()
 
 
 def _thorough_scores(
@@ -897,6 +1007,7 @@ def _thorough_scores(
     share_cross_attention: bool | None = None,
     keep: int = 1,
     known: torch.Tensor | None = None,
+    cross_attention: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """`(num_candidates,)` RAG-Sequence scores (minus the loss) of every candidate against every document.
 
@@ -918,15 +1029,15 @@ def _thorough_scores(
         use_bos: `(batch_size,)` whether a question's leading BOS target is excluded from the score.
         share_cross_attention: See above; None picks by device.
         keep: Hypotheses returned per question: candidates that ``keep`` others certainly beat need no
-            exact score (see :func:`_candidate_scores`).
+            exact score (see :class:`_CandidateScores`).
         known: `(num_candidates, n_docs)` log-likelihoods of (candidate, document) pairs that generation
             computed already, nan elsewhere.
+        cross_attention: Per decoder layer, the contexts' cross-attention keys and values, if computed
+            already (the packed path reuses them).
 
     Returns:
         `(num_candidates,)` float32 scores, higher is better; -inf for candidates certainly not returned.
     """
-    from transformers import EncoderDecoderCache
-
     generator = model.generator
     pad = model.config.generator.pad_token_id
     epsilon = float(getattr(model.config, "label_smoothing", 0.0) or 0.0)
@@ -950,26 +1061,46 @@ def _thorough_scores(
     needed = torch.where(nonpad.any(1), full_length - nonpad.flip(1).int().argmax(1), 1)
     # The document prior sits on the second target token and is lost with it when that token is a pad.
     has_prior = nonpad[:, 1] if full_length > 1 else torch.zeros_like(nonpad[:, 0])
+    prior = doc_logprobs[candidate_question] * has_prior.unsqueeze(1)  # (candidates, n_docs)
+    # Last position whose target counts: not a pad, nor the leading BOS left out (use_bos).
+    counted = nonpad.clone()
+    counted[:, 0] &= ~use_bos[candidate_question]
+    last = torch.where(counted.any(1), full_length - 1 - counted.flip(1).int().argmax(1), -1)
+    head = generator.get_output_embeddings()
+    vocab = int(getattr(head, "out_features", None) or generator.config.vocab_size)
+
+    def scoring(base: torch.Tensor, smooth_base: torch.Tensor | None, start: int) -> _CandidateScores:
+        return _CandidateScores(
+            generator,
+            base,
+            prior,
+            candidate_question,
+            last,
+            keep,
+            vocab,
+            known=known,
+            epsilon=epsilon,
+            smooth_base=smooth_base,
+            start=start,
+        )
+
     positions_module = _packed_scoring_positions(generator, device)
-    packed = None
     if positions_module is not None:
         packed = _packed_thorough_scores(
             model,
             positions_module,
             encoder_states,
             context_attention_mask,
-            doc_logprobs,
+            scoring(torch.zeros_like(prior), None, 0),
             candidates,
             candidate_question,
             use_bos,
             target,
             needed,
-            has_prior,
-            keep=keep,
-            known=known,
+            cross_attention,
         )
-    if packed is not None:
-        return packed
+        if packed is not None:
+            return packed
     prefix_ids = _prefix_ids(candidates.tolist(), candidate_question.tolist()).to(device)
     prefix_count = int(prefix_ids.max()) + 1
 
@@ -988,7 +1119,6 @@ def _thorough_scores(
     first_logprobs = torch.log_softmax(
         first.logits[:, 0], dim=-1, dtype=torch.float32
     )  # (batch_size * n_docs, vocab)
-    vocab = first_logprobs.shape[-1]
     first_smooth = first_logprobs.sum(dim=-1) if epsilon > 0 else None
     cache_layers = []
     if share_cross_attention:
@@ -1013,7 +1143,7 @@ def _thorough_scores(
             cost = question_cost
         start += count
 
-    collected = _CollectedStates()
+    passes: list[tuple[torch.Tensor, ...]] = []  # (states, entry pair, state, target, position, counts)
     base = torch.zeros(candidates.shape[0] * n_docs, dtype=torch.float32, device=device)
     smooth_base = torch.zeros_like(base) if epsilon > 0 else None
     doc_range = torch.arange(n_docs, device=device)
@@ -1074,13 +1204,15 @@ def _thorough_scores(
                 hidden, selector.hidden = selector.hidden, None  # (distinct prefixes, hidden)
                 selector.rows = None
                 del cache
-                collected.add(
-                    hidden,
-                    entry_row + first_candidate * n_docs,
-                    inverse,
-                    chunk_target[:, 1:].flatten()[entries],
-                    entries % (length - 1) + 1,
-                    torch.ones_like(entries, dtype=torch.bool),
+                passes.append(
+                    (
+                        hidden,
+                        entry_row + first_candidate * n_docs,
+                        inverse,
+                        chunk_target[:, 1:].flatten()[entries],
+                        entries % (length - 1) + 1,
+                        torch.ones_like(entries, dtype=torch.bool),
+                    )
                 )
                 del hidden
             pairs = slice(first_candidate * n_docs, end * n_docs)
@@ -1090,25 +1222,15 @@ def _thorough_scores(
     finally:
         handle.remove()
         selector.rows = selector.hidden = None
-    if not collected.hidden:  # every candidate is one token long: nothing but the first step
-        none = torch.empty(0, dtype=torch.long, device=device)
-        collected.add(
-            encoder_states.new_empty(0, encoder_states.shape[-1]), none, none, none, none, none.bool()
-        )
-    hidden, entries = collected.result()
-    return _candidate_scores(
-        generator,
-        hidden,
-        entries,
-        base.view(-1, n_docs),
-        doc_logprobs[candidate_question] * has_prior.unsqueeze(1),
-        candidate_question,
-        keep,
-        vocab,
-        known=known,
-        epsilon=epsilon,
-        smooth_base=None if smooth_base is None else smooth_base.view(-1, n_docs),
+    # Target 0 of every pair is in the base already (the shared first step).
+    rows_scoring = scoring(
+        base.view(-1, n_docs), None if smooth_base is None else smooth_base.view(-1, n_docs), 1
     )
+    for one_pass in passes:
+        rows_scoring.add(*one_pass)
+    del passes
+    rows_scoring.run()
+    return rows_scoring.scores()
 
 
 def _known_pairs(
@@ -1184,6 +1306,17 @@ def _decode_questions(
     ).last_hidden_state
 
     kwargs = dict(model_kwargs)
+    cross_attention = None  # per layer, each context's cross-attention keys and values (for scoring)
+    # Transformers renamed the cache argument from past_key_values to cache (5.x).
+    cache_key = "cache" if "cache" in inspect.signature(generator.forward).parameters else "past_key_values"
+    if num_beams > 1 and kwargs.get("use_cache", True) and not {"cache", "past_key_values"} & kwargs.keys():
+        # Before the hooks below: this first step is not one of generation's.
+        shared = _beam_shared_cross_cache(generator, encoder_states, context_attention_mask, num_beams)
+        if shared is not None:
+            kwargs[cache_key], cross_attention = shared
+            del shared
+            if context_input_ids.device.type == "cuda":
+                cross_attention = None  # a beam's worth of memory: scoring recomputes them on CUDA
     recorder = steps = head = None
     hooks = []
     if decoding == "fast":
@@ -1258,6 +1391,7 @@ def _decode_questions(
             use_bos,
             keep=num_return_sequences,
             known=known,
+            cross_attention=cross_attention,
         )
     else:
         generated_ll = _generated_log_likelihoods(
