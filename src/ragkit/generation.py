@@ -470,7 +470,12 @@ class _BeamSharedCrossCache(EncoderDecoderCache):
     step) changes nothing, so only the self-attention part is reordered.
     """
 
+    def __init__(self, *caches: Any) -> None:
+        super().__init__(*caches)
+        self.beam_orders: list[torch.Tensor] = []  # per step: the running beam each row continues
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.beam_orders.append(beam_idx.detach())
         self.self_attention_cache.reorder_cache(beam_idx)
 
 
@@ -537,11 +542,22 @@ class _StepStates:
     Together with the chosen tokens they give every generated hypothesis its log-likelihood under the
     document it was generated from (``_generated_pair_log_likelihoods``), before any logits processor,
     as scoring defines it: thorough scoring then starts from those pairs instead of recomputing them.
+    With the tokens each row read and the beam reordering, every prefix search expanded under a
+    context gives the log-probability of any next token there (``_expanded_prefix_log_probs``).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, head: tuple[torch.Tensor, torch.Tensor | None], rows_per_context: int) -> None:
+        self.head = head
+        self.rows_per_context = rows_per_context
+        self.beam_orders: list[torch.Tensor] | None = None  # set after generation (None: greedy)
+        self.inputs: list[torch.Tensor] = []
         self.states: list[torch.Tensor] = []
         self.log_normalizers: list[torch.Tensor] = []
+
+    def before_model(self, module: torch.nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        ids = kwargs.get("decoder_input_ids")
+        if ids is not None:
+            self.inputs.append(ids[:, -1].detach())  # (search_rows,) the token each row reads at this step
 
     def before_head(self, module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         self.states.append(args[0][:, -1].detach())  # (search_rows, hidden)
@@ -593,6 +609,94 @@ def _generated_pair_log_likelihoods(
     log_probs = logits - normalizers[step_ids, parents]
     totals = log_probs.masked_fill(~counted, 0.0).sum(1)
     return torch.where(complete, totals, result)
+
+
+def _expanded_prefix_log_probs(
+    steps: _StepStates,
+    candidates: torch.Tensor,
+    candidate_question: torch.Tensor,
+    target: torch.Tensor,
+    counted: torch.Tensor,
+    n_docs: int,
+) -> torch.Tensor | None:
+    """`(candidates, n_docs, tgt_len)` log-probabilities of targets whose prefix search expanded there; nan elsewhere.
+
+    Beam search computed the full next-token distribution of every running prefix under its context,
+    pruned beams included: where a candidate's prefix was one of them under another document, its
+    target's log-probability is a dot product away (no decoder pass or projection needed).
+
+    Args:
+        steps: What generation recorded, with ``head``, ``beam_orders`` (per step, the running row each
+            row continues; None where rows keep their place, greedy) and ``rows_per_context`` set.
+        candidates: `(candidates, tgt_len)` candidate sequences (decoder inputs).
+        target: `(candidates, tgt_len)` the token each position scores.
+        counted: `(candidates, tgt_len)` whether a position's target counts.
+    """
+    count, beam_orders, rows_per_context = len(steps.inputs), steps.beam_orders, steps.rows_per_context
+    if count == 0 or not (len(steps.states) == len(steps.log_normalizers) == count):
+        return None
+    if beam_orders is not None and len(beam_orders) < count - 1:
+        return None
+    # Prefix trie of every running row at every step, per context: node -> (step, row) that expanded it.
+    inputs = [ids.tolist() for ids in steps.inputs]
+    orders = [order.tolist() for order in beam_orders[: count - 1]] if beam_orders is not None else None
+    rows = len(inputs[0])
+    children: dict[tuple[int, int], int] = {}
+    expanded: list[tuple[int, int]] = []
+    nodes = [-1 - row // rows_per_context for row in range(rows)]  # roots: one per context
+    for step in range(count):
+        if step > 0:
+            parents = nodes if orders is None else [nodes[origin] for origin in orders[step - 1]]
+        else:
+            parents = nodes
+        nodes = []
+        for row, (parent, token) in enumerate(zip(parents, inputs[step])):
+            node = children.get((parent, token))
+            if node is None:
+                node = children[(parent, token)] = len(expanded)
+                expanded.append((step, row))
+            nodes.append(node)
+    # Walk each (candidate, document) down its context's trie as far as search went.
+    found_candidate, found_doc, found_position, found_step, found_row = [], [], [], [], []
+    candidate_list, counted_list = candidates.tolist(), counted.tolist()
+    for c, (tokens, question) in enumerate(zip(candidate_list, candidate_question.tolist())):
+        for doc in range(n_docs):
+            node: int | None = -1 - (question * n_docs + doc)
+            for position, token in enumerate(tokens):
+                node = children.get((node, token))
+                if node is None:
+                    break
+                if counted_list[c][position]:
+                    step, row = expanded[node]
+                    found_candidate.append(c)
+                    found_doc.append(doc)
+                    found_position.append(position)
+                    found_step.append(step)
+                    found_row.append(row)
+    result = torch.full(
+        (*candidates.shape[:1], n_docs, candidates.shape[1]),
+        float("nan"),
+        dtype=torch.float32,
+        device=candidates.device,
+    )
+    if not found_candidate:
+        return result
+    device = candidates.device
+    weight, bias = steps.head
+    step_t = torch.tensor(found_step, dtype=torch.long, device=device)
+    row_t = torch.tensor(found_row, dtype=torch.long, device=device)
+    candidate_t = torch.tensor(found_candidate, dtype=torch.long, device=device)
+    position_t = torch.tensor(found_position, dtype=torch.long, device=device)
+    tokens = target[candidate_t, position_t]
+    hidden = torch.stack(steps.states)[step_t, row_t].float()
+    logits = (hidden * weight[tokens].float()).sum(dim=-1)
+    if bias is not None:
+        logits += bias[tokens].float()
+    normalizers = torch.stack(steps.log_normalizers)[step_t, row_t]
+    result[candidate_t, torch.tensor(found_doc, dtype=torch.long, device=device), position_t] = (
+        logits - normalizers
+    )
+    return result
 
 
 def _log_prob_upper_bounds(
@@ -660,6 +764,7 @@ class _CandidateScores:
         epsilon: Label smoothing of the config.
         smooth_base: `(candidates, n_docs)` smoothing sums counted already (with ``epsilon > 0``).
         start: First position the added entries may hold (earlier ones are in ``base``).
+        expanded: `(candidates, n_docs, tgt_len)` target log-probabilities known already, nan elsewhere.
     """
 
     def __init__(
@@ -675,8 +780,11 @@ class _CandidateScores:
         epsilon: float = 0.0,
         smooth_base: torch.Tensor | None = None,
         start: int = 0,
+        expanded: torch.Tensor | None = None,
     ) -> None:
         self.generator, self.keep, self.vocab, self.epsilon = generator, keep, vocab, epsilon
+        # (pairs, tgt_len) log-probabilities known already (nan elsewhere); smoothing needs full distributions.
+        self.expanded = None if expanded is None or epsilon > 0 else expanded.flatten(0, 1)
         self.num_candidates, self.n_docs = base.shape
         self.device = base.device
         self.question = question
@@ -729,6 +837,10 @@ class _CandidateScores:
         else:
             bound = torch.zeros(len(pair), dtype=torch.float32, device=self.device)
         projected = torch.zeros_like(counts)
+        if self.expanded is not None and len(pair):
+            values = self.expanded[pair, position]
+            projected = ~values.isnan() & ~self.complete[pair]  # known: counted as if projected
+            self.ll.index_add_(0, pair[projected], values[projected].masked_fill(~counts[projected], 0.0))
         self.entries.append((pair, state + self.states, target, position, counts, bound, projected))
         self.hidden.append(hidden)
         self.states += hidden.shape[0]
@@ -1008,6 +1120,7 @@ def _thorough_scores(
     keep: int = 1,
     known: torch.Tensor | None = None,
     cross_attention: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    search: _StepStates | None = None,
 ) -> torch.Tensor:
     """`(num_candidates,)` RAG-Sequence scores (minus the loss) of every candidate against every document.
 
@@ -1034,6 +1147,8 @@ def _thorough_scores(
             computed already, nan elsewhere.
         cross_attention: Per decoder layer, the contexts' cross-attention keys and values, if computed
             already (the packed path reuses them).
+        search: What generation recorded: targets whose prefix it expanded under a document are taken
+            from there (see :func:`_expanded_prefix_log_probs`).
 
     Returns:
         `(num_candidates,)` float32 scores, higher is better; -inf for candidates certainly not returned.
@@ -1069,6 +1184,10 @@ def _thorough_scores(
     head = generator.get_output_embeddings()
     vocab = int(getattr(head, "out_features", None) or generator.config.vocab_size)
 
+    expanded = None
+    if search is not None and epsilon == 0:
+        expanded = _expanded_prefix_log_probs(search, candidates, candidate_question, target, counted, n_docs)
+
     def scoring(base: torch.Tensor, smooth_base: torch.Tensor | None, start: int) -> _CandidateScores:
         return _CandidateScores(
             generator,
@@ -1082,6 +1201,7 @@ def _thorough_scores(
             epsilon=epsilon,
             smooth_base=smooth_base,
             start=start,
+            expanded=expanded,
         )
 
     positions_module = _packed_scoring_positions(generator, device)
@@ -1329,7 +1449,8 @@ def _decode_questions(
         # Each hypothesis's log-likelihood under its own document falls out of generation: keep what gives it.
         head = _gatherable_head(generator)
         if head is not None:
-            steps = _StepStates()
+            steps = _StepStates(head, num_beams)
+            hooks.append(generator.register_forward_pre_hook(steps.before_model, with_kwargs=True))
             hooks.append(generator.get_output_embeddings().register_forward_pre_hook(steps.before_head))
             hooks.append(generator.register_forward_hook(steps.after_model))
             kwargs["return_dict_in_generate"] = True
@@ -1379,7 +1500,9 @@ def _decode_questions(
                 steps, head, sequences, beam_indices if num_beams > 1 else None, scored
             )
             known = _known_pairs(sequences, groups, row_ll, n_docs, num_beams)
-        del steps
+            if num_beams > 1:
+                cache = kwargs.get(cache_key)
+                steps.beam_orders = cache.beam_orders if isinstance(cache, _BeamSharedCrossCache) else []
         scores = _thorough_scores(
             model,
             encoder_states,
@@ -1392,7 +1515,9 @@ def _decode_questions(
             keep=num_return_sequences,
             known=known,
             cross_attention=cross_attention,
+            search=steps if known is not None else None,
         )
+        del steps
     else:
         generated_ll = _generated_log_likelihoods(
             recorder, sequences, beam_indices, _eos_ids(generator, kwargs)
