@@ -10,6 +10,7 @@ import pytest
 import torch
 import transformers
 from transformers import BartForConditionalGeneration, DPRQuestionEncoder, T5ForConditionalGeneration
+from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.rag.retrieval_rag import CustomHFIndex
 
 from ragkit import RagSequenceForGeneration, generation
@@ -305,17 +306,18 @@ def _default_init_model(kind: str, seed: int) -> RagSequenceForGeneration:
         ("t5", None, 2, 3, True, [0, 0, 2, 0, 0, 0, 4, 0, 0], 59),
     ],
 )
+@pytest.mark.parametrize("probe", [16, None], ids=["probe16", "probe-all"])
 @pytest.mark.parametrize("wide", [True, False], ids=["wide", "default-init"])
 def test_pruned_scoring_returns_the_exhaustive_output(
-    kind, path, num_beams, num_return_sequences, do_deduplication, pads, seed, wide, monkeypatch
+    kind, path, num_beams, num_return_sequences, do_deduplication, pads, seed, wide, probe, monkeypatch
 ):
     # Pruning skips projections that bounds prove cannot change the output: same hypotheses, same order,
     # as scoring every (document, prefix) pair, with wide random weights (hypotheses far apart) and with
-    # the default initialisation (near ties, where the bounds rarely settle anything).
-    if wide:
-        _, ours = _build(kind, seed=seed)
-    else:
-        ours = _default_init_model(kind, seed)
+    # the default initialisation (near ties). The tiny vocabulary fits in the default probe (tight bounds);
+    # a probe of 16 ids leaves loose ones, so more rounds of projections run.
+    ours = _build(kind, seed=seed)[1] if wide else _default_init_model(kind, seed)
+    if probe is not None:
+        monkeypatch.setattr(generation, "_PROBE_TOKENS", probe)
     monkeypatch.setattr(generation, "_SCORING_PATH", path)
     kwargs = dict(
         **_context_inputs(batch_size=3, n_docs=3, seed=seed, pads=pads),
@@ -402,6 +404,78 @@ def test_pruned_scores_of_survivors_are_exact(monkeypatch):
         assert bool(kept[mine][best].all())
         torch.testing.assert_close(pruned[mine][best], exhaustive[mine][best], rtol=1e-5, atol=1e-4)
     assert int(kept.sum()) < len(kept)  # some were ruled out unscored
+
+
+@pytest.mark.parametrize("kind", ["bart", "t5"])
+def test_beams_sharing_cross_attention_decode_as_the_generator_does(kind, request):
+    # Each context's cross-attention keys/values computed once, copied to its beams and never reordered:
+    # beam search returns what the generator's own generate returns, with padded contexts too.
+    _, ours = request.getfixturevalue(f"{kind}_models")
+    generator = ours.generator
+    ids, mask, _ = _contexts(batch_size=3, n_docs=3, seed=73, pads=[0, 2, 0, 4, 0, 0, 1, 0, 3])
+    with torch.no_grad():
+        states = generator.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        plain = generator.generate(
+            encoder_outputs=BaseModelOutput(last_hidden_state=states.clone()),
+            attention_mask=mask,
+            num_beams=3,
+            num_return_sequences=3,
+            max_length=MAX_LENGTH,
+        )
+        cache, layers = generation._beam_shared_cross_cache(generator, states, mask, num_beams=3)
+        shared = generator.generate(
+            encoder_outputs=BaseModelOutput(last_hidden_state=states.clone()),
+            attention_mask=mask,
+            num_beams=3,
+            num_return_sequences=3,
+            max_length=MAX_LENGTH,
+            cache=cache,
+        )
+    assert torch.equal(shared, plain)
+    assert len(layers) == len(cache.cross_attention_cache.layers) > 0
+    assert layers[0][0].shape[0] == ids.shape[0]  # once per context, not per beam
+    # Reordering touched the self-attention part only, after every step.
+    assert len(cache.beam_orders) == plain.shape[1] - 1
+    assert cache.cross_attention_cache.layers[0].keys.shape[0] == 3 * ids.shape[0]
+
+
+def test_expanded_prefixes_give_teacher_forced_log_probs(monkeypatch):
+    # Where a candidate's prefix was expanded by beam search under another document, the log-probability
+    # scoring reads from generation is the one teacher forcing that candidate under that document gives.
+    ours = _default_init_model("bart", 5)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # wider than the default, narrower than the other tests: some projections run
+        for param in ours.generator.parameters():
+            if param.dim() > 1:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.25)
+    monkeypatch.setattr(generation, "_PROBE_TOKENS", 16)
+    kwargs = dict(**_context_inputs(batch_size=3, n_docs=3, seed=83), num_beams=3, max_length=MAX_LENGTH)
+    output, (args, keywords), pruned_rows = _thorough_call(ours, monkeypatch, **kwargs)
+    model, encoder_states, mask, _, sequences, rows, questions, _ = args
+    candidates = sequences[rows]
+    pad = model.config.generator.pad_token_id
+    target = torch.cat([candidates[:, 1:], candidates.new_full((len(candidates), 1), pad)], dim=1)
+    expanded = generation._expanded_prefix_log_probs(
+        keywords["search"], candidates, questions, target, target.ne(pad), 3
+    )
+    found = ~expanded.isnan()
+    assert int(found.sum()) > len(candidates) * 3  # more than the decoder start of every pair
+    with torch.no_grad():
+        for doc in range(3):
+            contexts = questions * 3 + doc
+            logits = model.generator(
+                encoder_outputs=BaseModelOutput(last_hidden_state=encoder_states[contexts]),
+                attention_mask=None if mask is None else mask[contexts],
+                decoder_input_ids=candidates,
+            ).logits
+            exact = torch.log_softmax(logits.float(), dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+            here = found[:, doc]
+            torch.testing.assert_close(expanded[:, doc][here], exact[here], rtol=1e-5, atol=1e-4)
+    # Scoring used them: fewer projections than without, same output.
+    monkeypatch.setattr(generation, "_expanded_prefix_log_probs", lambda *a, **k: None)
+    output_without, _, rows_without = _thorough_call(ours, monkeypatch, **kwargs)
+    assert 0 < pruned_rows < rows_without
+    assert torch.equal(output, output_without)
 
 
 def test_questions_per_batch_does_not_change_output(bart_models):
