@@ -5,17 +5,30 @@ generator without the context attention mask, and scores hypotheses by re-runnin
 (question encoder, retrieval and generator encoder). Here every question of the batch is decoded by
 one generator ``generate`` call, the generator's encoder runs once and its outputs are reused to
 score hypotheses by teacher forcing, the context attention mask is honoured throughout, and a
-non-default ``n_docs`` is used everywhere. Scoring computes each distinct (document, prefix) once:
+non-default ``n_docs`` is used everywhere.
 
-- BART-family generators (learned positions, eager or sdpa attention) on CPU: a question's candidates
-  form a prefix trie, packed as one decoder sequence per document (each node attends to its ancestors
-  through a 4D mask, at its depth as position), so the decoder runs on the distinct prefixes only,
-  the cross-attention keys/values are computed once per document, and the vocabulary projection
-  (with BART's output bias folded into the matrix product) runs once per distinct prefix.
-- Other generators (T5, flash-attention), and on CUDA, where packing measured slower: one decoder row
-  per (candidate, document), sharing the first
-  decoder step per document, the cross-attention keys/values per document (on CPU) and one
-  vocabulary projection per distinct (document, prefix).
+Generation: each context's cross-attention keys/values are computed once and copied to its beams in
+a cache that beam search does not reorder (all beams of a context hold the same ones). Hooks keep
+each step's decoder states and log-normalisers, so every hypothesis's log-likelihood under the
+document that generated it, and the log-probability of any token after any prefix beam search
+expanded (pruned beams included), come out of generation without another forward pass.
+
+Scoring (thorough) computes only what can change the output, and each distinct (document, prefix)
+at most once:
+
+- Decoder states: BART-family generators (learned positions, eager or sdpa attention) on CPU pack, per
+  (question, document), the prefix trie of the candidates whose pair generation did not score into
+  one decoder sequence (each node attends to its ancestors through a 4D mask, at its depth as
+  position). Other generators (T5, flash-attention), and CUDA, where packing measured slower, run
+  one decoder row per (candidate, document), sharing the first step and (on CPU) the
+  cross-attention keys/values per document.
+- Projection (``_CandidateScores``): every target's log-probability is first bounded from above with
+  a slice of the vocabulary (``_log_prob_upper_bounds``); then, position by position, only targets of
+  (candidate, document) pairs that may still matter go through the full vocabulary projection. A
+  pair whose bound lies ``_NEGLIGIBLE`` nats under its candidate's known part is dropped (it moves
+  the score by less than e^-30), a candidate that ``num_return_sequences`` others certainly beat is
+  ruled out, and a question stops when one candidate is left. The output is that of exhaustive
+  scoring (``_PRUNE_SCORING = False``); survivors keep their exact scores.
 
 Decoding modes:
 
