@@ -310,11 +310,6 @@ def _cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor, torch.Te
     return layers
 
 
-def _split_rows(values: torch.Tensor, counts: list[int]) -> list[list[int]]:
-    """Flattened values of consecutive row groups of ``counts`` rows each."""
-    return [part.flatten().tolist() for part in torch.split(values, counts)]
-
-
 def _packed_positions_module(generator: Any) -> torch.nn.Module | None:
     """The decoder's learned position embedding if a prefix trie can be packed into one sequence, else None.
 
