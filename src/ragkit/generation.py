@@ -58,9 +58,9 @@ logger = logging.getLogger(__name__)
 #: Accepted values of ``decoding``.
 DECODING_MODES = ("thorough", "fast")
 
-# Elements one scoring pass may hold (rows path: cross-attention inputs copied per scoring row + logits
-# of the distinct prefixes; packed path: logits + attention scores); chunks are whole questions, at least one. Transformers scores a question at
-# once with full logits, ~100M floats for 5 docs x 20 candidates x 20 tokens x a 50k vocabulary.
+# Elements one scoring step may hold: a decoder pass (rows path: cross-attention inputs copied per
+# scoring row; packed path: attention scores), one round of logits, gathered states. Transformers scores
+# a question at once with full logits, ~100M floats for 5 docs x 20 candidates x 20 tokens x 50k words.
 _SCORING_ELEMENTS_CPU = 1 << 25
 _SCORING_ELEMENTS_CUDA = 1 << 28
 # Copy each document's cross-attention keys/values to its candidates (saves compute, costs memory)?
@@ -86,6 +86,8 @@ _PRUNE_SCORING = True
 _NEGLIGIBLE = 30.0
 # Vocabulary ids whose logits bound every scored log-probability from above before projecting it.
 _PROBE_TOKENS = 2048
+# Smallest score gap (nats) that rules a candidate out; far above float32 rounding of the sums.
+_MARGIN = 1e-3
 
 
 def _resolve_decoding_settings(
@@ -572,13 +574,32 @@ class _StepStates:
 
     def after_model(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         logits = output.logits[:, -1].detach().float()  # (search_rows, vocab)
-        # One fused log-softmax pass (logsumexp is several); any column recovers the normaliser.
+        # logsumexp is several passes over the logits; one fused log-softmax pass gives the normaliser
+        # too (logit minus log-probability, in any column), in half the time on CPU.
         self.log_normalizers.append(logits[:, 0] - torch.log_softmax(logits, dim=-1)[:, 0])
+
+    def log_probs(self, step: torch.Tensor, row: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+        """`(n,)` float32 log-probability of ``token`` read by search row ``row`` at step ``step``."""
+        weight, bias = self.head
+        if not isinstance(self.states, torch.Tensor):  # stack once: (steps, search_rows, hidden)
+            self.states = torch.stack(self.states)
+            self.log_normalizers = torch.stack(self.log_normalizers)
+        result = torch.empty(len(step), dtype=torch.float32, device=step.device)
+        block = max(1, _SCORING_ELEMENTS_CPU // max(1, weight.shape[1]))  # bounded gathered rows
+        for first in range(0, len(step), block):
+            here = slice(first, first + block)
+            at = (step[here].to(self.states.device), row[here].to(self.states.device))
+            hidden = self.states[at].to(weight.device, torch.float32)
+            tokens = token[here].to(weight.device)
+            logits = (hidden * weight[tokens].float()).sum(dim=-1)
+            if bias is not None:
+                logits += bias[tokens].float()
+            result[here] = (logits - self.log_normalizers[at].to(weight.device)).to(result.device)
+        return result
 
 
 def _generated_pair_log_likelihoods(
     steps: _StepStates,
-    head: tuple[torch.Tensor, torch.Tensor | None],
     sequences: torch.Tensor,
     beam_indices: torch.Tensor | None,
     scored: torch.Tensor,
@@ -591,32 +612,24 @@ def _generated_pair_log_likelihoods(
             greedy search, whose rows keep their place.
         scored: `(rows, tgt_len)` whether the target at each position (the next token) counts.
     """
-    weight, bias = head
     rows, length = sequences.shape
-    count = min(len(steps.states), len(steps.log_normalizers), length - 1)
+    count = min(len(steps.inputs), length - 1)
     result = torch.full((rows,), float("nan"), dtype=torch.float32, device=sequences.device)
     if count == 0:
         return result
-    states = torch.stack(steps.states[:count])  # (count, search_rows, hidden)
-    normalizers = torch.stack(steps.log_normalizers[:count])  # (count, search_rows)
     if beam_indices is None:
-        if states.shape[1] != rows:
+        if steps.inputs[0].shape[0] != rows:
             return result
         parents = torch.arange(rows, device=sequences.device).unsqueeze(1).expand(rows, count)
     else:
         parents = beam_indices[:, :count].long()
     counted = scored[:, :count]
     complete = ~(counted & parents.lt(0)).any(1) & ~scored[:, count:].any(1)
-    parents = parents.clamp(min=0)
+    which = counted & parents.ge(0)
     step_ids = torch.arange(count, device=sequences.device).expand(rows, count)
-    tokens = sequences[:, 1 : count + 1]
-    hidden = states[step_ids, parents].float()  # (rows, count, hidden)
-    logits = (hidden * weight[tokens].float()).sum(-1)
-    if bias is not None:
-        logits = logits + bias[tokens].float()
-    log_probs = logits - normalizers[step_ids, parents]
-    totals = log_probs.masked_fill(~counted, 0.0).sum(1)
-    return torch.where(complete, totals, result)
+    log_probs = torch.zeros(rows, count, dtype=torch.float32, device=sequences.device)
+    log_probs[which] = steps.log_probs(step_ids[which], parents[which], sequences[:, 1 : count + 1][which])
+    return torch.where(complete, log_probs.sum(1), result)
 
 
 def _expanded_prefix_log_probs(
@@ -641,7 +654,7 @@ def _expanded_prefix_log_probs(
         counted: `(candidates, tgt_len)` whether a position's target counts.
     """
     count, beam_orders, rows_per_context = len(steps.inputs), steps.beam_orders, steps.rows_per_context
-    if count == 0 or not (len(steps.states) == len(steps.log_normalizers) == count):
+    if count == 0:
         return None
     if beam_orders is not None and len(beam_orders) < count - 1:
         return None
@@ -690,20 +703,14 @@ def _expanded_prefix_log_probs(
     if not found_candidate:
         return result
     device = candidates.device
-    weight, bias = steps.head
-    step_t = torch.tensor(found_step, dtype=torch.long, device=device)
-    row_t = torch.tensor(found_row, dtype=torch.long, device=device)
     candidate_t = torch.tensor(found_candidate, dtype=torch.long, device=device)
     position_t = torch.tensor(found_position, dtype=torch.long, device=device)
-    tokens = target[candidate_t, position_t]
-    hidden = torch.stack(steps.states)[step_t, row_t].float()
-    logits = (hidden * weight[tokens].float()).sum(dim=-1)
-    if bias is not None:
-        logits += bias[tokens].float()
-    normalizers = torch.stack(steps.log_normalizers)[step_t, row_t]
-    result[candidate_t, torch.tensor(found_doc, dtype=torch.long, device=device), position_t] = (
-        logits - normalizers
+    log_probs = steps.log_probs(
+        torch.tensor(found_step, dtype=torch.long, device=device),
+        torch.tensor(found_row, dtype=torch.long, device=device),
+        target[candidate_t, position_t],
     )
+    result[candidate_t, torch.tensor(found_doc, dtype=torch.long, device=device), position_t] = log_probs
     return result
 
 
@@ -815,7 +822,11 @@ class _CandidateScores:
         self.dead = torch.zeros_like(self.complete)  # negligible pairs
         self.out = torch.zeros(self.num_candidates, dtype=torch.bool, device=self.device)  # never returned
         self.settled = torch.zeros_like(self.out)  # the only candidate left in its question (keep == 1)
-        self.same_question = question.unsqueeze(0).eq(question.unsqueeze(1))
+        # Candidates come grouped by question: slot = place within its question, for per-question tables.
+        sizes = torch.bincount(question)
+        starts = torch.cumsum(sizes, 0) - sizes
+        self.slot = torch.arange(len(question), device=self.device) - starts[question]
+        self.table_shape = (len(sizes), int(sizes.max()) if len(sizes) else 0)
         self.budget = _SCORING_ELEMENTS_CUDA if self.device.type == "cuda" else _SCORING_ELEMENTS_CPU
         self.hidden: list[torch.Tensor] = []
         self.entries: list[tuple[torch.Tensor, ...]] = []
@@ -875,6 +886,8 @@ class _CandidateScores:
             projected.fill_(True)
             self.complete |= active
             return
+        # Invariants: a pair is complete only once every one of its targets was counted (from generation
+        # or projected while the pair was active); dead, out and settled only ever grow.
         end = int(self.last.max())
         for depth in range(self.depth, end + 1):
             self._tighten(pair, bound, projected)
@@ -943,9 +956,14 @@ class _CandidateScores:
         lower = terms.masked_fill(~self.complete.view(shape), float("-inf")).logsumexp(dim=1)
         upper = terms.logsumexp(dim=1)
         self.dead |= ~self.complete & (terms < (lower - _NEGLIGIBLE).unsqueeze(1)).flatten()
-        margin = 1e-3 + self.rounding * upper.abs()
-        beaten = (lower.unsqueeze(0) > (upper + margin).unsqueeze(1)) & self.same_question
-        self.out |= beaten.sum(dim=1) >= self.keep
+        # Bounds and exact values are float sums of up to a few hundred terms, each rounded: a candidate is
+        # ruled out only by a gap of more than _MARGIN nats plus 4 ulps of the head's dtype per unit of
+        # score (the float32 rounding of ~100 terms is ~1e-5 nats).
+        margin = _MARGIN + self.rounding * upper.abs()
+        lowers = torch.full(self.table_shape, float("-inf"), device=self.device)
+        lowers[self.question, self.slot] = lower  # (questions, most candidates)
+        beaten_by = (lowers[self.question] > (upper + margin).unsqueeze(1)).sum(dim=1)
+        self.out |= beaten_by >= self.keep
         if self.keep == 1:
             left = torch.zeros_like(self.question).index_add_(0, self.question, (~self.out).long())
             self.settled |= ~self.out & left[self.question].eq(1) & lower.isfinite()
@@ -1437,7 +1455,10 @@ def _decode_questions(
     cross_attention = None  # per layer, each context's cross-attention keys and values (for scoring)
     # Transformers renamed the cache argument from past_key_values to cache (5.x).
     cache_key = "cache" if "cache" in inspect.signature(generator.forward).parameters else "past_key_values"
-    if num_beams > 1 and kwargs.get("use_cache", True) and not {"cache", "past_key_values"} & kwargs.keys():
+    use_cache = kwargs.get("use_cache")
+    if use_cache is None:
+        use_cache = getattr(kwargs.get("generation_config") or generator.generation_config, "use_cache", True)
+    if num_beams > 1 and use_cache and not {"cache", "past_key_values"} & kwargs.keys():
         # Before the hooks below: this first step is not one of generation's.
         shared = _beam_shared_cross_cache(generator, encoder_states, context_attention_mask, num_beams)
         if shared is not None:
@@ -1453,10 +1474,17 @@ def _decode_questions(
         recorder = _StepScoreRecorder(k, normalize=num_beams == 1)
         kwargs["logits_processor"] = LogitsProcessorList([*kwargs.get("logits_processor", []), recorder])
         kwargs["return_dict_in_generate"] = True
-    elif _PRUNE_SCORING and not float(getattr(model.config, "label_smoothing", 0.0) or 0.0):
+    elif (
+        _PRUNE_SCORING
+        and not float(getattr(model.config, "label_smoothing", 0.0) or 0.0)
+        # A decoder prompt shifts steps against positions: not handled, scoring computes those pairs.
+        and "decoder_input_ids" not in kwargs
+    ):
         # Each hypothesis's log-likelihood under its own document falls out of generation: keep what gives it.
         head = _gatherable_head(generator)
-        if head is not None:
+        # In half precision, generation's values (a float32 dot product against a normaliser of rounded
+        # logits) differ from teacher forcing's by rounding, enough to swap near ties: float32 only.
+        if head is not None and head[0].dtype == torch.float32:
             steps = _StepStates(head, num_beams)
             hooks.append(generator.register_forward_pre_hook(steps.before_model, with_kwargs=True))
             hooks.append(generator.get_output_embeddings().register_forward_pre_hook(steps.before_head))
@@ -1479,6 +1507,10 @@ def _decode_questions(
     sequences = output.sequences if kwargs.get("return_dict_in_generate") else output
     beam_indices = getattr(output, "beam_indices", None)
     del output
+    cache = kwargs.pop(cache_key, None)
+    if steps is not None and num_beams > 1:
+        steps.beam_orders = cache.beam_orders if isinstance(cache, _BeamSharedCrossCache) else []
+    del cache  # beam search's keys/values: not needed any more
     rows_per_question = n_docs * num_beams
     groups = _candidate_groups(sequences, rows_per_question, deduplicate)
     candidate_rows = torch.tensor([r for g in groups for r in g], device=sequences.device)
@@ -1505,12 +1537,9 @@ def _decode_questions(
             )
             scored[:, 0] &= ~use_bos.repeat_interleave(rows_per_question)
             row_ll = _generated_pair_log_likelihoods(
-                steps, head, sequences, beam_indices if num_beams > 1 else None, scored
+                steps, sequences, beam_indices if num_beams > 1 else None, scored
             )
             known = _known_pairs(sequences, groups, row_ll, n_docs, num_beams)
-            if num_beams > 1:
-                cache = kwargs.get(cache_key)
-                steps.beam_orders = cache.beam_orders if isinstance(cache, _BeamSharedCrossCache) else []
         scores = _thorough_scores(
             model,
             encoder_states,

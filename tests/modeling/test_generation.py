@@ -6,6 +6,9 @@ to token, and the end-of-sequence logit is raised so hypotheses end at different
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 import transformers
@@ -476,6 +479,72 @@ def test_expanded_prefixes_give_teacher_forced_log_probs(monkeypatch):
     output_without, _, rows_without = _thorough_call(ours, monkeypatch, **kwargs)
     assert 0 < pruned_rows < rows_without
     assert torch.equal(output, output_without)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_pruned_scoring_with_a_decoder_prompt(num_beams, monkeypatch):
+    # A decoder prompt shifts generation's steps against target positions: generation's own values are
+    # not used then, and the output stays exhaustive scoring's.
+    _, ours = _build("bart", seed=31)
+    kwargs = dict(
+        **_context_inputs(batch_size=3, n_docs=3, seed=0),
+        num_beams=num_beams,
+        max_length=MAX_LENGTH,
+        decoder_input_ids=torch.tensor([[2, 0]] * 9),
+    )
+    pruned, (_, keywords), _ = _thorough_call(ours, monkeypatch, **kwargs)
+    assert keywords["known"] is None
+    monkeypatch.setattr(generation, "_PRUNE_SCORING", False)
+    assert torch.equal(pruned, ours.generate(**kwargs))
+
+
+def test_generation_config_without_cache_is_respected():
+    # use_cache=False in the generator's generation config: no beam-shared cache is forced on generate.
+    reference, ours = _build("bart", seed=31)
+    ours.generator.generation_config.use_cache = False
+    try:
+        kwargs = dict(**_context_inputs(batch_size=3, n_docs=3, seed=0), num_beams=3, max_length=MAX_LENGTH)
+        assert torch.equal(ours.generate(**kwargs), reference.generate(**kwargs))
+    finally:
+        ours.generator.generation_config.use_cache = True
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_pruned_scoring_in_half_precision_returns_the_exhaustive_output(dtype, monkeypatch):
+    # Generation's values are float32 dot products against normalisers of rounded logits: in half
+    # precision they differ from teacher forcing by rounding, so scoring does not take them there.
+    _, ours = _build("bart", seed=105)
+    ours.generator.to(dtype)
+    monkeypatch.setattr(generation, "_PROBE_TOKENS", 16)
+    kwargs = dict(
+        **_context_inputs(batch_size=4, n_docs=3, seed=5), num_beams=1, num_return_sequences=2, max_length=10
+    )
+    pruned, (_, keywords), _ = _thorough_call(ours, monkeypatch, **kwargs)
+    assert keywords["known"] is None
+    monkeypatch.setattr(generation, "_PRUNE_SCORING", False)
+    assert torch.equal(pruned, ours.generate(**kwargs))
+
+
+def test_beam_search_cache_is_released_before_scoring(bart_models, monkeypatch):
+    # The beam search's keys/values (up to half the free GPU memory on CUDA) are gone while scoring runs.
+    _, ours = bart_models
+    caches, alive = [], []
+    real_cache, real_scores = generation._beam_shared_cross_cache, generation._thorough_scores
+
+    def remember(*args, **kwargs):
+        shared = real_cache(*args, **kwargs)
+        caches.append(weakref.ref(shared[0]))
+        return shared
+
+    def check(*args, **kwargs):
+        gc.collect()
+        alive.append(caches[-1]() is not None)
+        return real_scores(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "_beam_shared_cross_cache", remember)
+    monkeypatch.setattr(generation, "_thorough_scores", check)
+    ours.generate(**_context_inputs(batch_size=2, n_docs=3, seed=3), num_beams=3, max_length=MAX_LENGTH)
+    assert alive == [False]
 
 
 def test_questions_per_batch_does_not_change_output(bart_models):
