@@ -42,9 +42,11 @@ Decoding modes:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -489,19 +491,114 @@ class _BeamSharedCrossCache(EncoderDecoderCache):
         self.self_attention_cache.reorder_cache(beam_idx)
 
 
-def _beam_shared_cross_cache(
+class _BeamSharedCrossAttention(torch.nn.Module):
+    """Stands in for a BART-family decoder layer's cross-attention while beam search runs.
+
+    Each context's keys/values stay `(contexts, heads, src_len, head_dim)`, computed once; the queries of
+    its beams attend to them together, as one query sequence of ``num_beams`` times the length. Beam
+    search would hold (and reorder) a copy per beam.
+    """
+
+    def __init__(self, attention: torch.nn.Module, keys: torch.Tensor, values: torch.Tensor, num_beams: int):
+        super().__init__()
+        self.attention, self.keys, self.values, self.num_beams = attention, keys, values, num_beams
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        key_value_states: torch.Tensor | None = None,
+        cache: Any = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
+        attention = self.attention
+        rows, length, _ = hidden_states.shape
+        contexts, heads, _, dim = self.keys.shape
+        query = attention.q_proj(hidden_states).view(contexts, self.num_beams, length, heads, dim)
+        query = query.permute(0, 3, 1, 2, 4).reshape(contexts, heads, self.num_beams * length, dim)
+        mask = attention_mask
+        if mask is not None:
+            if mask.dim() == 2:  # (rows, src_len) padding mask
+                mask = mask[:, None, None, :].bool()
+            # A context's beams share its encoder mask, and no query position changes it.
+            mask = mask.view(contexts, self.num_beams, *mask.shape[1:])[:, 0, :, :1]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, self.keys, self.values, attn_mask=mask, scale=attention.scaling
+        )  # (contexts, heads, num_beams * length, head_dim)
+        out = out.view(contexts, heads, self.num_beams, length, dim).permute(0, 2, 3, 1, 4)
+        return attention.out_proj(out.reshape(rows, length, heads * dim)), None
+
+
+def _cross_attention_modules(generator: Any) -> list[Any] | None:
+    """Decoder layers whose cross-attention ``_BeamSharedCrossAttention`` can stand in for, or None."""
+    get_decoder = getattr(generator, "get_decoder", None)
+    layers = getattr(get_decoder() if callable(get_decoder) else None, "layers", None)
+    if not layers or getattr(generator.config, "_attn_implementation", None) not in ("eager", "sdpa"):
+        return None
+    for layer in layers:
+        attention = getattr(layer, "encoder_attn", None)
+        if not all(hasattr(attention, name) for name in ("q_proj", "out_proj", "scaling")):
+            return None
+    return list(layers)
+
+
+class _SharedCrossAttention:
+    """Each context's cross-attention keys/values, computed once, and how beam search reads them.
+
+    BART-family decoders (eager or sdpa attention): ``installed()`` swaps each layer's cross-attention
+    for a ``_BeamSharedCrossAttention`` over the per-context keys/values, and ``cache`` holds no
+    cross-attention part. Other generators: ``cache`` holds a copy per beam, which beam search does not
+    reorder (``_BeamSharedCrossCache``).
+
+    Attributes:
+        cache: The cache to give ``generate``.
+        layers: Per decoder layer, the `(contexts, heads, src_len, head_dim)` keys and values.
+    """
+
+    def __init__(self, generator: Any, layers: list[tuple[torch.Tensor, torch.Tensor]], num_beams: int):
+        self.layers = layers
+        self.num_beams = num_beams
+        self.decoder_layers = _cross_attention_modules(generator)
+        if self.decoder_layers is not None and len(self.decoder_layers) != len(layers):
+            self.decoder_layers = None
+        cross = DynamicCache()
+        if self.decoder_layers is None:
+            for layer_idx, (keys, values) in enumerate(layers):
+                cross.update(
+                    keys.repeat_interleave(num_beams, dim=0),
+                    values.repeat_interleave(num_beams, dim=0),
+                    layer_idx,
+                )
+        self.cache = _BeamSharedCrossCache(DynamicCache(), cross)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """Within the block, beam search reads the per-context keys/values (BART family; else no-op)."""
+        if self.decoder_layers is None:
+            yield
+            return
+        originals = [layer.encoder_attn for layer in self.decoder_layers]
+        try:
+            for layer, (keys, values) in zip(self.decoder_layers, self.layers):
+                layer.encoder_attn = _BeamSharedCrossAttention(
+                    layer.encoder_attn, keys, values, self.num_beams
+                )
+            yield
+        finally:
+            for layer, original in zip(self.decoder_layers, originals):
+                layer.encoder_attn = original
+
+
+def _beam_shared_cross_attention(
     generator: Any,
     encoder_states: torch.Tensor,
     context_attention_mask: torch.Tensor | None,
     num_beams: int,
-) -> tuple[_BeamSharedCrossCache, list[tuple[torch.Tensor, torch.Tensor]]] | None:
-    """A cache holding each context's cross-attention keys/values, computed once and copied to its beams.
+) -> _SharedCrossAttention | None:
+    """Each context's cross-attention keys/values, computed once for beam search (and scoring).
 
     Beam search would compute them once per beam at its first step and reorder them at every step.
-
-    Returns:
-        The cache for ``generate`` and, per decoder layer, the `(contexts, heads, src_len, head_dim)`
-        keys and values themselves; None when the generator's cache is not an encoder-decoder one.
+    None when the generator's cache is not an encoder-decoder one.
     """
     selector = _SelectRows(capture=True)  # the first step's logits are not needed: skip the head
     selector.rows = torch.empty(0, dtype=torch.long, device=encoder_states.device)
@@ -522,13 +619,7 @@ def _beam_shared_cross_cache(
     cache = getattr(first, "cache", None) or getattr(first, "past_key_values", None)
     if not isinstance(cache, EncoderDecoderCache):
         return None
-    layers = [(keys, values) for _, _, keys, values in _cache_layers(cache)]
-    cross = DynamicCache()
-    for layer_idx, (keys, values) in enumerate(layers):
-        cross.update(
-            keys.repeat_interleave(num_beams, dim=0), values.repeat_interleave(num_beams, dim=0), layer_idx
-        )
-    return _BeamSharedCrossCache(DynamicCache(), cross), layers
+    return _SharedCrossAttention(generator, [(k, v) for _, _, k, v in _cache_layers(cache)], num_beams)
 
 
 def _gatherable_head(generator: Any) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -1452,7 +1543,7 @@ def _decode_questions(
     ).last_hidden_state
 
     kwargs = dict(model_kwargs)
-    cross_attention = None  # per layer, each context's cross-attention keys and values (for scoring)
+    shared = cross_attention = None  # per layer, each context's cross-attention keys and values
     # Transformers renamed the cache argument from past_key_values to cache (5.x).
     cache_key = "cache" if "cache" in inspect.signature(generator.forward).parameters else "past_key_values"
     use_cache = kwargs.get("use_cache")
@@ -1460,12 +1551,11 @@ def _decode_questions(
         use_cache = getattr(kwargs.get("generation_config") or generator.generation_config, "use_cache", True)
     if num_beams > 1 and use_cache and not {"cache", "past_key_values"} & kwargs.keys():
         # Before the hooks below: this first step is not one of generation's.
-        shared = _beam_shared_cross_cache(generator, encoder_states, context_attention_mask, num_beams)
+        shared = _beam_shared_cross_attention(generator, encoder_states, context_attention_mask, num_beams)
         if shared is not None:
-            kwargs[cache_key], cross_attention = shared
-            del shared
+            kwargs[cache_key], cross_attention = shared.cache, shared.layers
             if context_input_ids.device.type == "cuda":
-                cross_attention = None  # a beam's worth of memory: scoring recomputes them on CUDA
+                cross_attention = None  # the rows path recomputes them on CUDA: less memory
     recorder = steps = head = None
     hooks = []
     if decoding == "fast":
@@ -1491,15 +1581,16 @@ def _decode_questions(
             hooks.append(generator.register_forward_hook(steps.after_model))
             kwargs["return_dict_in_generate"] = True
     try:
-        output = generator.generate(
-            input_ids=context_input_ids,
-            attention_mask=context_attention_mask,
-            # A fresh output object: generate expands it for beams in place.
-            encoder_outputs=BaseModelOutput(last_hidden_state=encoder_states),
-            num_beams=num_beams,
-            num_return_sequences=num_beams,
-            **kwargs,
-        )
+        with shared.installed() if shared is not None else contextlib.nullcontext():
+            output = generator.generate(
+                input_ids=context_input_ids,
+                attention_mask=context_attention_mask,
+                # A fresh output object: generate expands it for beams in place.
+                encoder_outputs=BaseModelOutput(last_hidden_state=encoder_states),
+                num_beams=num_beams,
+                num_return_sequences=num_beams,
+                **kwargs,
+            )
     finally:
         for hook in hooks:
             hook.remove()
@@ -1510,7 +1601,7 @@ def _decode_questions(
     cache = kwargs.pop(cache_key, None)
     if steps is not None and num_beams > 1:
         steps.beam_orders = cache.beam_orders if isinstance(cache, _BeamSharedCrossCache) else []
-    del cache  # beam search's keys/values: not needed any more
+    del cache, shared  # beam search's keys/values: not needed any more
     rows_per_question = n_docs * num_beams
     groups = _candidate_groups(sequences, rows_per_question, deduplicate)
     candidate_rows = torch.tensor([r for g in groups for r in g], device=sequences.device)

@@ -411,35 +411,68 @@ def test_pruned_scores_of_survivors_are_exact(monkeypatch):
 
 @pytest.mark.parametrize("kind", ["bart", "t5"])
 def test_beams_sharing_cross_attention_decode_as_the_generator_does(kind, request):
-    # Each context's cross-attention keys/values computed once, copied to its beams and never reordered:
-    # beam search returns what the generator's own generate returns, with padded contexts too.
+    # Each context's cross-attention keys/values computed once: BART's beams attend to them together (no
+    # copy per beam), T5's beams get copies that are never reordered. Beam search returns what the
+    # generator's own generate returns, with padded contexts too.
     _, ours = request.getfixturevalue(f"{kind}_models")
     generator = ours.generator
     ids, mask, _ = _contexts(batch_size=3, n_docs=3, seed=73, pads=[0, 2, 0, 4, 0, 0, 1, 0, 3])
+    decode = dict(attention_mask=mask, num_beams=3, num_return_sequences=3, max_length=MAX_LENGTH)
     with torch.no_grad():
         states = generator.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
         plain = generator.generate(
-            encoder_outputs=BaseModelOutput(last_hidden_state=states.clone()),
-            attention_mask=mask,
-            num_beams=3,
-            num_return_sequences=3,
-            max_length=MAX_LENGTH,
+            encoder_outputs=BaseModelOutput(last_hidden_state=states.clone()), **decode
         )
-        cache, layers = generation._beam_shared_cross_cache(generator, states, mask, num_beams=3)
-        shared = generator.generate(
-            encoder_outputs=BaseModelOutput(last_hidden_state=states.clone()),
-            attention_mask=mask,
-            num_beams=3,
-            num_return_sequences=3,
-            max_length=MAX_LENGTH,
-            cache=cache,
-        )
-    assert torch.equal(shared, plain)
-    assert len(layers) == len(cache.cross_attention_cache.layers) > 0
-    assert layers[0][0].shape[0] == ids.shape[0]  # once per context, not per beam
+        shared = generation._beam_shared_cross_attention(generator, states, mask, num_beams=3)
+        originals = [type(layer) for layer in generator.modules()]
+        with shared.installed():
+            got = generator.generate(
+                encoder_outputs=BaseModelOutput(last_hidden_state=states.clone()),
+                cache=shared.cache,
+                **decode,
+            )
+    assert torch.equal(got, plain)
+    assert [type(layer) for layer in generator.modules()] == originals  # put back
+    assert shared.layers[0][0].shape[0] == ids.shape[0]  # once per context, not per beam
+    cross = shared.cache.cross_attention_cache
+    if kind == "bart":
+        assert shared.decoder_layers is not None and cross.get_seq_length() == 0  # no copies at all
+    else:
+        assert shared.decoder_layers is None and cross.layers[0].keys.shape[0] == 3 * ids.shape[0]
     # Reordering touched the self-attention part only, after every step.
-    assert len(cache.beam_orders) == plain.shape[1] - 1
-    assert cache.cross_attention_cache.layers[0].keys.shape[0] == 3 * ids.shape[0]
+    assert len(shared.cache.beam_orders) == plain.shape[1] - 1
+
+
+def test_shared_cross_attention_with_eager_attention_and_a_prompt(monkeypatch):
+    # Eager attention (additive float masks) and a decoder prompt (queries longer than one token).
+    config = tiny_rag_config("bart", hidden_size=32)
+    generator_config = transformers.RagConfig(**config.to_dict()).generator
+    generator_config._attn_implementation = "eager"
+    torch.manual_seed(3)
+    generator = BartForConditionalGeneration(generator_config).eval()
+    _perturb(generator, 3)
+    ids, mask, _ = _contexts(batch_size=2, n_docs=2, seed=89, pads=[0, 3, 1, 0])
+    decode = dict(
+        attention_mask=mask,
+        num_beams=2,
+        num_return_sequences=2,
+        max_length=MAX_LENGTH,
+        decoder_input_ids=torch.tensor([[2, 0, 7]] * 4),
+    )
+    with torch.no_grad():
+        states = generator.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        plain = generator.generate(
+            encoder_outputs=BaseModelOutput(last_hidden_state=states.clone()), **decode
+        )
+        shared = generation._beam_shared_cross_attention(generator, states, mask, num_beams=2)
+        assert shared.decoder_layers is not None
+        with shared.installed():
+            got = generator.generate(
+                encoder_outputs=BaseModelOutput(last_hidden_state=states.clone()),
+                cache=shared.cache,
+                **decode,
+            )
+    assert torch.equal(got, plain)
 
 
 def test_expanded_prefixes_give_teacher_forced_log_probs(monkeypatch):
@@ -529,11 +562,11 @@ def test_beam_search_cache_is_released_before_scoring(bart_models, monkeypatch):
     # The beam search's keys/values (up to half the free GPU memory on CUDA) are gone while scoring runs.
     _, ours = bart_models
     caches, alive = [], []
-    real_cache, real_scores = generation._beam_shared_cross_cache, generation._thorough_scores
+    real_cache, real_scores = generation._beam_shared_cross_attention, generation._thorough_scores
 
     def remember(*args, **kwargs):
         shared = real_cache(*args, **kwargs)
-        caches.append(weakref.ref(shared[0]))
+        caches.append(weakref.ref(shared.cache))
         return shared
 
     def check(*args, **kwargs):
@@ -541,7 +574,7 @@ def test_beam_search_cache_is_released_before_scoring(bart_models, monkeypatch):
         alive.append(caches[-1]() is not None)
         return real_scores(*args, **kwargs)
 
-    monkeypatch.setattr(generation, "_beam_shared_cross_cache", remember)
+    monkeypatch.setattr(generation, "_beam_shared_cross_attention", remember)
     monkeypatch.setattr(generation, "_thorough_scores", check)
     ours.generate(**_context_inputs(batch_size=2, n_docs=3, seed=3), num_beams=3, max_length=MAX_LENGTH)
     assert alive == [False]
