@@ -45,6 +45,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import threading
+import weakref
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -90,6 +92,44 @@ _NEGLIGIBLE = 30.0
 _PROBE_TOKENS = 2048
 # Smallest score gap (nats) that rules a candidate out; far above float32 rounding of the sums.
 _MARGIN = 1e-3
+# Cross-attention classes _BeamSharedCrossAttention reproduces (q/k/v/out projections, scaled dot
+# product, no extra keys: not MVP's prompts, not LED's three outputs); checked against each model's
+# own beam search.
+_SHAREABLE_CROSS_ATTENTION = frozenset(
+    {
+        "BartAttention",
+        "BigBirdPegasusDecoderAttention",
+        "BlenderbotAttention",
+        "BlenderbotSmallAttention",
+        "M2M100Attention",
+        "MBartAttention",
+        "MarianAttention",
+        "PLBartAttention",
+        "PegasusAttention",
+        "PegasusXAttention",
+    }
+)
+
+
+def _autocast_enabled(device: torch.device) -> bool:
+    """Whether autocast is on for ``device``'s type (torch's signature changed over versions)."""
+    try:
+        return bool(torch.is_autocast_enabled(device.type))
+    except TypeError:  # older torch: no argument, CUDA only
+        return bool(torch.is_autocast_enabled()) if device.type == "cuda" else False
+
+
+_GENERATOR_LOCKS: weakref.WeakKeyDictionary[Any, threading.RLock] = weakref.WeakKeyDictionary()
+_LOCKS_LOCK = threading.Lock()
+
+
+def _generator_lock(generator: Any) -> threading.RLock:
+    """The lock serialising decoding calls on one generator: they hook and swap its modules for a while."""
+    with _LOCKS_LOCK:
+        lock = _GENERATOR_LOCKS.get(generator)
+        if lock is None:
+            lock = _GENERATOR_LOCKS[generator] = threading.RLock()
+        return lock
 
 
 def _resolve_decoding_settings(
@@ -499,9 +539,17 @@ class _BeamSharedCrossAttention(torch.nn.Module):
     search would hold (and reorder) a copy per beam.
     """
 
-    def __init__(self, attention: torch.nn.Module, keys: torch.Tensor, values: torch.Tensor, num_beams: int):
+    def __init__(
+        self,
+        attention: torch.nn.Module,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        num_beams: int,
+        eager: bool,
+    ):
         super().__init__()
-        self.attention, self.keys, self.values, self.num_beams = attention, keys, values, num_beams
+        self.attention, self.keys, self.values = attention, keys, values
+        self.num_beams, self.eager = num_beams, eager
 
     def forward(
         self,
@@ -522,9 +570,17 @@ class _BeamSharedCrossAttention(torch.nn.Module):
                 mask = mask[:, None, None, :].bool()
             # A context's beams share its encoder mask, and no query position changes it.
             mask = mask.view(contexts, self.num_beams, *mask.shape[1:])[:, 0, :, :1]
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query, self.keys, self.values, attn_mask=mask, scale=attention.scaling
-        )  # (contexts, heads, num_beams * length, head_dim)
+        if (
+            self.eager
+        ):  # the model's eager arithmetic, in its dtype (sdpa rounds differently in half precision)
+            weights = torch.matmul(query, self.keys.transpose(2, 3)) * attention.scaling
+            if mask is not None:
+                weights = weights + mask
+            out = torch.matmul(torch.softmax(weights, dim=-1), self.values)
+        else:
+            out = torch.nn.functional.scaled_dot_product_attention(
+                query, self.keys, self.values, attn_mask=mask, scale=attention.scaling
+            )  # (contexts, heads, num_beams * length, head_dim)
         out = out.view(contexts, heads, self.num_beams, length, dim).permute(0, 2, 3, 1, 4)
         return attention.out_proj(out.reshape(rows, length, heads * dim)), None
 
@@ -536,8 +592,7 @@ def _cross_attention_modules(generator: Any) -> list[Any] | None:
     if not layers or getattr(generator.config, "_attn_implementation", None) not in ("eager", "sdpa"):
         return None
     for layer in layers:
-        attention = getattr(layer, "encoder_attn", None)
-        if not all(hasattr(attention, name) for name in ("q_proj", "out_proj", "scaling")):
+        if type(getattr(layer, "encoder_attn", None)).__name__ not in _SHAREABLE_CROSS_ATTENTION:
             return None
     return list(layers)
 
@@ -559,6 +614,7 @@ class _SharedCrossAttention:
         self.layers = layers
         self.num_beams = num_beams
         self.decoder_layers = _cross_attention_modules(generator)
+        self.eager = getattr(generator.config, "_attn_implementation", None) == "eager"
         if self.decoder_layers is not None and len(self.decoder_layers) != len(layers):
             self.decoder_layers = None
         cross = DynamicCache()
@@ -581,7 +637,7 @@ class _SharedCrossAttention:
         try:
             for layer, (keys, values) in zip(self.decoder_layers, self.layers):
                 layer.encoder_attn = _BeamSharedCrossAttention(
-                    layer.encoder_attn, keys, values, self.num_beams
+                    layer.encoder_attn, keys, values, self.num_beams, self.eager
                 )
             yield
         finally:
@@ -1568,7 +1624,9 @@ def _decode_questions(
         _PRUNE_SCORING
         and not float(getattr(model.config, "label_smoothing", 0.0) or 0.0)
         # A decoder prompt shifts steps against positions: not handled, scoring computes those pairs.
-        and "decoder_input_ids" not in kwargs
+        and kwargs.get("decoder_input_ids") is None
+        # Under autocast the logits are rounded to half precision (see below).
+        and not _autocast_enabled(context_input_ids.device)
     ):
         # Each hypothesis's log-likelihood under its own document falls out of generation: keep what gives it.
         head = _gatherable_head(generator)
@@ -1784,8 +1842,8 @@ def rag_sequence_generate(
     for first in range(0, batch_size, step):
         last = min(batch_size, first + step)
         rows = slice(first * n_docs, last * n_docs)
-        parts.append(
-            _decode_questions(
+        with _generator_lock(model.generator):
+            decoded = _decode_questions(
                 model,
                 context_input_ids[rows],
                 None if context_attention_mask is None else context_attention_mask[rows],
@@ -1797,7 +1855,7 @@ def rag_sequence_generate(
                 decoding,
                 model_kwargs,
             )
-        )
+        parts.append(decoded)
     pad = model.config.generator.pad_token_id
     width = max(part.shape[-1] for part in parts)
     output = parts[0].new_full((batch_size, num_return_sequences, width), pad)

@@ -7,6 +7,7 @@ to token, and the end-of-sequence logit is raised so hypotheses end at different
 from __future__ import annotations
 
 import gc
+import threading
 import weakref
 
 import pytest
@@ -473,6 +474,122 @@ def test_shared_cross_attention_with_eager_attention_and_a_prompt(monkeypatch):
                 **decode,
             )
     assert torch.equal(got, plain)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_shared_cross_attention_keeps_eager_arithmetic_in_half_precision(dtype):
+    # Eager models round as eager attention does (sdpa would swap beams on near ties in half precision).
+    config = tiny_rag_config("bart", hidden_size=32)
+    generator_config = transformers.RagConfig(**config.to_dict()).generator
+    generator_config._attn_implementation = "eager"
+    for seed in range(4):
+        torch.manual_seed(seed)
+        generator = BartForConditionalGeneration(generator_config).eval()
+        _perturb(generator, seed)
+        with torch.no_grad():
+            for param in generator.parameters():
+                if param.dim() > 1:
+                    param.mul_(0.5)
+        generator.to(dtype)
+        ids, mask, _ = _contexts(batch_size=3, n_docs=2, seed=seed, pads=[0, 2, 0, 3, 1, 0])
+        decode = dict(attention_mask=mask, num_beams=4, num_return_sequences=4, max_length=MAX_LENGTH)
+        with torch.no_grad():
+            states = generator.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+            plain = generator.generate(
+                encoder_outputs=BaseModelOutput(last_hidden_state=states.clone()), **decode
+            )
+            shared = generation._beam_shared_cross_attention(generator, states, mask, num_beams=4)
+            assert shared.decoder_layers is not None
+            with shared.installed():
+                got = generator.generate(
+                    encoder_outputs=BaseModelOutput(last_hidden_state=states.clone()),
+                    cache=shared.cache,
+                    **decode,
+                )
+        assert torch.equal(got, plain), seed
+
+
+def test_only_known_cross_attention_classes_are_shared(t5_models):
+    # MVP's prompt keys and LED's three outputs are not reproduced: those keep per-beam copies.
+    mvp = transformers.MvpForConditionalGeneration(
+        transformers.MvpConfig(
+            vocab_size=64,
+            d_model=16,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=32,
+            decoder_ffn_dim=32,
+            max_position_embeddings=32,
+        )
+    )
+    led = transformers.LEDForConditionalGeneration(
+        transformers.LEDConfig(
+            vocab_size=64,
+            d_model=16,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=32,
+            decoder_ffn_dim=32,
+            max_encoder_position_embeddings=32,
+            max_decoder_position_embeddings=32,
+            attention_window=[4],
+        )
+    )
+    assert generation._cross_attention_modules(mvp) is None
+    assert generation._cross_attention_modules(led) is None
+    assert generation._cross_attention_modules(t5_models[1].generator) is None
+    bart = BartForConditionalGeneration(transformers.BartConfig(**mvp.config.to_dict()))
+    assert generation._cross_attention_modules(bart) is not None
+
+
+def test_pruned_scoring_under_autocast_returns_the_exhaustive_output(monkeypatch):
+    # float32 weights, bf16 autocast: logits are rounded like half precision, so generation's values are
+    # not taken and the output stays exhaustive scoring's.
+    _, ours = _build("bart", seed=105)
+    monkeypatch.setattr(generation, "_PROBE_TOKENS", 16)
+    kwargs = dict(
+        **_context_inputs(batch_size=4, n_docs=3, seed=5), num_beams=2, num_return_sequences=2, max_length=10
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pruned, (_, keywords), _ = _thorough_call(ours, monkeypatch, **kwargs)
+        monkeypatch.setattr(generation, "_PRUNE_SCORING", False)
+        exhaustive = ours.generate(**kwargs)
+    assert keywords["known"] is None
+    assert torch.equal(pruned, exhaustive)
+
+
+def test_concurrent_generate_calls_on_one_model(bart_models):
+    # Decoding hooks and swaps the generator's modules for a while: calls on one model are serialised.
+    _, ours = bart_models
+    inputs = [
+        dict(**_context_inputs(batch_size=2, n_docs=3, seed=seed), num_beams=3, max_length=MAX_LENGTH)
+        for seed in range(6)
+    ]
+    expected = [ours.generate(**kwargs) for kwargs in inputs]
+    results: dict[int, torch.Tensor] = {}
+    errors = []
+
+    def run(i):
+        try:
+            results[i] = ours.generate(**inputs[i], decoding="fast" if i % 2 else "thorough")
+        except Exception as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    for i in range(0, 6, 2):
+        assert torch.equal(results[i], expected[i])
+    assert all(
+        type(layer.encoder_attn).__name__ == "BartAttention" for layer in ours.generator.get_decoder().layers
+    )
 
 
 def test_expanded_prefixes_give_teacher_forced_log_probs(monkeypatch):
