@@ -410,6 +410,35 @@ def test_pruned_scores_of_survivors_are_exact(monkeypatch):
     assert int(kept.sum()) < len(kept)  # some were ruled out unscored
 
 
+def _generate_plain_and_shared(generator, ids, mask, **decode):
+    """(generator's own beam search, beam search over per-context cross-attention, the shared state)."""
+    num_beams = decode["num_beams"]
+    with torch.no_grad():
+        states = generator.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        plain = generator.generate(
+            encoder_outputs=BaseModelOutput(last_hidden_state=states.clone()), attention_mask=mask, **decode
+        )
+        shared = generation._beam_shared_cross_attention(generator, states, mask, num_beams=num_beams)
+        with shared.installed():
+            got = generator.generate(
+                encoder_outputs=BaseModelOutput(last_hidden_state=states.clone()),
+                attention_mask=mask,
+                cache=shared.cache,
+                **decode,
+            )
+    return plain, got, shared
+
+
+def _eager_bart(seed: int) -> BartForConditionalGeneration:
+    """A tiny BART generator with eager attention and wide random weights."""
+    generator_config = transformers.RagConfig(**tiny_rag_config("bart", hidden_size=32).to_dict()).generator
+    generator_config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    generator = BartForConditionalGeneration(generator_config).eval()
+    _perturb(generator, seed)
+    return generator
+
+
 @pytest.mark.parametrize("kind", ["bart", "t5"])
 def test_beams_sharing_cross_attention_decode_as_the_generator_does(kind, request):
     # Each context's cross-attention keys/values computed once: BART's beams attend to them together (no
@@ -418,20 +447,10 @@ def test_beams_sharing_cross_attention_decode_as_the_generator_does(kind, reques
     _, ours = request.getfixturevalue(f"{kind}_models")
     generator = ours.generator
     ids, mask, _ = _contexts(batch_size=3, n_docs=3, seed=73, pads=[0, 2, 0, 4, 0, 0, 1, 0, 3])
-    decode = dict(attention_mask=mask, num_beams=3, num_return_sequences=3, max_length=MAX_LENGTH)
-    with torch.no_grad():
-        states = generator.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
-        plain = generator.generate(
-            encoder_outputs=BaseModelOutput(last_hidden_state=states.clone()), **decode
-        )
-        shared = generation._beam_shared_cross_attention(generator, states, mask, num_beams=3)
-        originals = [type(layer) for layer in generator.modules()]
-        with shared.installed():
-            got = generator.generate(
-                encoder_outputs=BaseModelOutput(last_hidden_state=states.clone()),
-                cache=shared.cache,
-                **decode,
-            )
+    originals = [type(layer) for layer in generator.modules()]
+    plain, got, shared = _generate_plain_and_shared(
+        generator, ids, mask, num_beams=3, num_return_sequences=3, max_length=MAX_LENGTH
+    )
     assert torch.equal(got, plain)
     assert [type(layer) for layer in generator.modules()] == originals  # put back
     assert shared.layers[0][0].shape[0] == ids.shape[0]  # once per context, not per beam
@@ -444,96 +463,56 @@ def test_beams_sharing_cross_attention_decode_as_the_generator_does(kind, reques
     assert len(shared.cache.beam_orders) == plain.shape[1] - 1
 
 
-def test_shared_cross_attention_with_eager_attention_and_a_prompt(monkeypatch):
+def test_shared_cross_attention_with_eager_attention_and_a_prompt():
     # Eager attention (additive float masks) and a decoder prompt (queries longer than one token).
-    config = tiny_rag_config("bart", hidden_size=32)
-    generator_config = transformers.RagConfig(**config.to_dict()).generator
-    generator_config._attn_implementation = "eager"
-    torch.manual_seed(3)
-    generator = BartForConditionalGeneration(generator_config).eval()
-    _perturb(generator, 3)
     ids, mask, _ = _contexts(batch_size=2, n_docs=2, seed=89, pads=[0, 3, 1, 0])
-    decode = dict(
-        attention_mask=mask,
+    plain, got, shared = _generate_plain_and_shared(
+        _eager_bart(3),
+        ids,
+        mask,
         num_beams=2,
         num_return_sequences=2,
         max_length=MAX_LENGTH,
         decoder_input_ids=torch.tensor([[2, 0, 7]] * 4),
     )
-    with torch.no_grad():
-        states = generator.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
-        plain = generator.generate(
-            encoder_outputs=BaseModelOutput(last_hidden_state=states.clone()), **decode
-        )
-        shared = generation._beam_shared_cross_attention(generator, states, mask, num_beams=2)
-        assert shared.decoder_layers is not None
-        with shared.installed():
-            got = generator.generate(
-                encoder_outputs=BaseModelOutput(last_hidden_state=states.clone()),
-                cache=shared.cache,
-                **decode,
-            )
+    assert shared.decoder_layers is not None
     assert torch.equal(got, plain)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_shared_cross_attention_keeps_eager_arithmetic_in_half_precision(dtype):
     # Eager models round as eager attention does (sdpa would swap beams on near ties in half precision).
-    config = tiny_rag_config("bart", hidden_size=32)
-    generator_config = transformers.RagConfig(**config.to_dict()).generator
-    generator_config._attn_implementation = "eager"
     for seed in range(4):
-        torch.manual_seed(seed)
-        generator = BartForConditionalGeneration(generator_config).eval()
-        _perturb(generator, seed)
+        generator = _eager_bart(seed)
         with torch.no_grad():
             for param in generator.parameters():
                 if param.dim() > 1:
                     param.mul_(0.5)
         generator.to(dtype)
         ids, mask, _ = _contexts(batch_size=3, n_docs=2, seed=seed, pads=[0, 2, 0, 3, 1, 0])
-        decode = dict(attention_mask=mask, num_beams=4, num_return_sequences=4, max_length=MAX_LENGTH)
-        with torch.no_grad():
-            states = generator.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
-            plain = generator.generate(
-                encoder_outputs=BaseModelOutput(last_hidden_state=states.clone()), **decode
-            )
-            shared = generation._beam_shared_cross_attention(generator, states, mask, num_beams=4)
-            assert shared.decoder_layers is not None
-            with shared.installed():
-                got = generator.generate(
-                    encoder_outputs=BaseModelOutput(last_hidden_state=states.clone()),
-                    cache=shared.cache,
-                    **decode,
-                )
+        plain, got, shared = _generate_plain_and_shared(
+            generator, ids, mask, num_beams=4, num_return_sequences=4, max_length=MAX_LENGTH
+        )
+        assert shared.decoder_layers is not None
         assert torch.equal(got, plain), seed
 
 
 def test_only_known_cross_attention_classes_are_shared(t5_models):
     # MVP's prompt keys and LED's three outputs are not reproduced: those keep per-beam copies.
-    mvp = transformers.MvpForConditionalGeneration(
-        transformers.MvpConfig(
-            vocab_size=64,
-            d_model=16,
-            encoder_layers=1,
-            decoder_layers=1,
-            encoder_attention_heads=2,
-            decoder_attention_heads=2,
-            encoder_ffn_dim=32,
-            decoder_ffn_dim=32,
-            max_position_embeddings=32,
-        )
+    tiny = dict(
+        vocab_size=64,
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
     )
+    mvp = transformers.MvpForConditionalGeneration(transformers.MvpConfig(**tiny, max_position_embeddings=32))
     led = transformers.LEDForConditionalGeneration(
         transformers.LEDConfig(
-            vocab_size=64,
-            d_model=16,
-            encoder_layers=1,
-            decoder_layers=1,
-            encoder_attention_heads=2,
-            decoder_attention_heads=2,
-            encoder_ffn_dim=32,
-            decoder_ffn_dim=32,
+            **tiny,
             max_encoder_position_embeddings=32,
             max_decoder_position_embeddings=32,
             attention_window=[4],
