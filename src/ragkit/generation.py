@@ -1576,29 +1576,33 @@ def _fast_scores(
     return torch.stack(scores)
 
 
-def _decode_questions(
+def _generate_hypotheses(
     model: Any,
+    encoder_states: torch.Tensor,
     context_input_ids: torch.Tensor,
     context_attention_mask: torch.Tensor | None,
-    doc_scores: torch.Tensor,
-    deduplicate: bool,
-    num_return_sequences: int,
     num_beams: int,
-    n_docs: int,
     decoding: str,
-    model_kwargs: dict[str, Any],
-) -> torch.Tensor:
-    """`(batch_size, num_return_sequences, tgt_len)` best hypotheses (pad rows where fewer candidates exist)."""
+    kwargs: dict[str, Any],
+) -> tuple[
+    torch.Tensor,
+    torch.Tensor | None,
+    _StepScoreRecorder | None,
+    _StepStates | None,
+    list[tuple[torch.Tensor, torch.Tensor]] | None,
+]:
+    """The generator's beam search (or greedy search) over every context, and what scoring reuses of it.
+
+    Args:
+        encoder_states: `(contexts, src_len, hidden)` generator encoder outputs.
+        kwargs: Generation keyword arguments (a copy: keys are added).
+
+    Returns:
+        `(contexts * num_beams, tgt_len)` sequences; `(rows, steps)` beam indices (or None); the step
+        score recorder (fast decoding) or the step states (thorough decoding in float32), each or None;
+        per decoder layer, each context's cross-attention keys and values (CPU) or None.
+    """
     generator = model.generator
-    pad = model.config.generator.pad_token_id
-    batch_size = doc_scores.shape[0]
-
-    # The generator's encoder runs once; generation and scoring both read its outputs.
-    encoder_states = generator.get_encoder()(
-        input_ids=context_input_ids, attention_mask=context_attention_mask, return_dict=True
-    ).last_hidden_state
-
-    kwargs = dict(model_kwargs)
     shared = cross_attention = None  # per layer, each context's cross-attention keys and values
     # Transformers renamed the cache argument from past_key_values to cache (5.x).
     cache_key = "cache" if "cache" in inspect.signature(generator.forward).parameters else "past_key_values"
@@ -1660,6 +1664,35 @@ def _decode_questions(
     if steps is not None and num_beams > 1:
         steps.beam_orders = cache.beam_orders if isinstance(cache, _BeamSharedCrossCache) else []
     del cache, shared  # beam search's keys/values: not needed any more
+    return sequences, beam_indices, recorder, steps, cross_attention
+
+
+def _decode_questions(
+    model: Any,
+    context_input_ids: torch.Tensor,
+    context_attention_mask: torch.Tensor | None,
+    doc_scores: torch.Tensor,
+    deduplicate: bool,
+    num_return_sequences: int,
+    num_beams: int,
+    n_docs: int,
+    decoding: str,
+    model_kwargs: dict[str, Any],
+) -> torch.Tensor:
+    """`(batch_size, num_return_sequences, tgt_len)` best hypotheses (pad rows where fewer candidates exist)."""
+    generator = model.generator
+    pad = model.config.generator.pad_token_id
+    batch_size = doc_scores.shape[0]
+
+    # The generator's encoder runs once; generation and scoring both read its outputs.
+    encoder_states = generator.get_encoder()(
+        input_ids=context_input_ids, attention_mask=context_attention_mask, return_dict=True
+    ).last_hidden_state
+
+    kwargs = dict(model_kwargs)
+    sequences, beam_indices, recorder, steps, cross_attention = _generate_hypotheses(
+        model, encoder_states, context_input_ids, context_attention_mask, num_beams, decoding, kwargs
+    )
     rows_per_question = n_docs * num_beams
     groups = _candidate_groups(sequences, rows_per_question, deduplicate)
     candidate_rows = torch.tensor([r for g in groups for r in g], device=sequences.device)
