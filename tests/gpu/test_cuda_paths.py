@@ -19,6 +19,7 @@ import torch
 from gpu_helpers import random_contexts
 from torch import nn
 from transformers import BitsAndBytesConfig
+from transformers.modeling_outputs import BaseModelOutput
 
 from ragkit import RagRetriever, RagSequenceForGeneration, RagTokenForGeneration, RagTokenizer
 from ragkit.testing import write_tiny_rag_checkpoint, write_tiny_wiki_dpr_mirror
@@ -238,3 +239,60 @@ def test_device_map_auto_without_quantization(mid_checkpoint):
         **random_contexts(model.config, batch_size=2, length=32), num_beams=2, max_length=8
     )
     assert generated.shape[0] == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# RAG-Sequence decoding on CUDA: per-context cross-attention, bounded scoring
+# --------------------------------------------------------------------------------------------------
+
+
+def _sequence_inputs(model, seed: int = 0) -> dict:
+    """Padded random contexts on the GPU for 4 questions."""
+    inputs = random_contexts(model.config, batch_size=4, length=48, seed=seed, device=CUDA)
+    inputs["context_attention_mask"][1::3, -7:] = 0  # some padding
+    return inputs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_shared_cross_attention_beam_search_on_cuda(mid_checkpoint, dtype):
+    # Beams attending to their context's keys/values together (one query sequence per context) decode as
+    # the generator's own beam search: identically in float32; in bf16 sdpa may pick other kernels for
+    # the longer query sequence, so near ties may differ (agreement printed and bounded).
+    from ragkit import generation
+
+    model = _load(mid_checkpoint, RagSequenceForGeneration, dtype=dtype)
+    generator = model.generator
+    inputs = _sequence_inputs(model)
+    ids, mask = inputs["context_input_ids"], inputs["context_attention_mask"]
+    decode = dict(attention_mask=mask, num_beams=4, num_return_sequences=4, max_length=16)
+    with torch.no_grad():
+        states = generator.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        plain = generator.generate(
+            encoder_outputs=BaseModelOutput(last_hidden_state=states.clone()), **decode
+        )
+        shared = generation._beam_shared_cross_attention(generator, states, mask, num_beams=4)
+        assert shared.decoder_layers is not None
+        with shared.installed():
+            got = generator.generate(
+                encoder_outputs=BaseModelOutput(last_hidden_state=states.clone()),
+                cache=shared.cache,
+                **decode,
+            )
+    same = (got == plain).all(dim=1).float().mean().item() if got.shape == plain.shape else 0.0
+    print(f"{dtype}: {same:.3f} of beam-search rows identical with per-context cross-attention")
+    if dtype == torch.float32:
+        assert torch.equal(got, plain)
+    else:
+        assert same >= 0.9
+
+
+def test_bounded_scoring_on_cuda_returns_the_exhaustive_output(mid_checkpoint, monkeypatch):
+    # float32 on CUDA (rows path): bounds from 64 vocabulary ids leave work to the projection rounds.
+    from ragkit import generation
+
+    model = _load(mid_checkpoint, RagSequenceForGeneration, dtype=torch.float32)
+    kwargs = dict(**_sequence_inputs(model, seed=1), num_beams=4, num_return_sequences=2, max_length=16)
+    monkeypatch.setattr(generation, "_PROBE_TOKENS", 64)
+    pruned = model.generate(**kwargs)
+    monkeypatch.setattr(generation, "_PRUNE_SCORING", False)
+    assert torch.equal(pruned, model.generate(**kwargs))
