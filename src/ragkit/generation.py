@@ -43,6 +43,7 @@ Decoding modes:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
 import logging
 import threading
@@ -115,8 +116,28 @@ def _autocast_enabled(device: torch.device) -> bool:
     """Whether autocast is on for ``device``'s type (torch's signature changed over versions)."""
     try:
         return bool(torch.is_autocast_enabled(device.type))
-    except TypeError:  # older torch: no argument, CUDA only
-        return bool(torch.is_autocast_enabled()) if device.type == "cuda" else False
+    except TypeError:  # older torch: one function per device type
+        check = getattr(torch, f"is_autocast_{device.type}_enabled", None)
+        if check is None:
+            return bool(torch.is_autocast_enabled()) if device.type == "cuda" else False
+        return bool(check())
+
+
+# The decoding call running in this context (a fresh object per call; None outside). The hooks and the
+# swapped cross-attention of a call act only for it: not for a forward pass that another thread (whose
+# context starts empty) runs on the same generator meanwhile, nor for a generate nested in a callback.
+_DECODING: contextvars.ContextVar[object | None] = contextvars.ContextVar("ragkit_decoding", default=None)
+
+
+class _Owned:
+    """Base of the hooks one decoding call puts on shared modules: ``mine()`` says whether a call is that one."""
+
+    def __init__(self) -> None:
+        self.owner = _DECODING.get()
+
+    def mine(self) -> bool:
+        """Whether the running forward belongs to the decoding call that made this hook."""
+        return _DECODING.get() is self.owner
 
 
 _GENERATOR_LOCKS: weakref.WeakKeyDictionary[Any, threading.RLock] = weakref.WeakKeyDictionary()
@@ -320,7 +341,7 @@ def _prefix_ids(candidates: list[list[int]], candidate_question: list[int]) -> t
     return ids
 
 
-class _SelectRows:
+class _SelectRows(_Owned):
     """Forward pre-hook for the output projection: project only the selected hidden states.
 
     With ``capture``, the selected states are kept in ``hidden`` and none is projected: the packed path
@@ -329,6 +350,7 @@ class _SelectRows:
     """
 
     def __init__(self, capture: bool = False) -> None:
+        super().__init__()
         self.capture = capture
         self.rows: torch.Tensor | None = None
         self.hidden: torch.Tensor | None = None
@@ -336,7 +358,7 @@ class _SelectRows:
     def __call__(
         self, module: torch.nn.Module, args: tuple[torch.Tensor, ...]
     ) -> tuple[torch.Tensor, ...] | None:
-        if self.rows is None:
+        if self.rows is None or not self.mine():
             return None
         hidden = args[0].reshape(-1, args[0].shape[-1])
         selected = hidden.index_select(0, self.rows)
@@ -550,6 +572,7 @@ class _BeamSharedCrossAttention(torch.nn.Module):
         super().__init__()
         self.attention, self.keys, self.values = attention, keys, values
         self.num_beams, self.eager = num_beams, eager
+        self.owner = _DECODING.get()
 
     def forward(
         self,
@@ -560,8 +583,17 @@ class _BeamSharedCrossAttention(torch.nn.Module):
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
         attention = self.attention
+        if _DECODING.get() is not self.owner:  # another forward on this generator meanwhile: the original
+            return attention(
+                hidden_states,
+                key_value_states=key_value_states,
+                cache=cache,
+                attention_mask=attention_mask,
+                **kwargs,
+            )
         rows, length, _ = hidden_states.shape
         contexts, heads, _, dim = self.keys.shape
+        dropout = getattr(attention, "dropout", 0.0) if attention.training else 0.0
         query = attention.q_proj(hidden_states).view(contexts, self.num_beams, length, heads, dim)
         query = query.permute(0, 3, 1, 2, 4).reshape(contexts, heads, self.num_beams * length, dim)
         mask = attention_mask
@@ -576,10 +608,13 @@ class _BeamSharedCrossAttention(torch.nn.Module):
             weights = torch.matmul(query, self.keys.transpose(2, 3)) * attention.scaling
             if mask is not None:
                 weights = weights + mask
-            out = torch.matmul(torch.softmax(weights, dim=-1), self.values)
+            weights = torch.nn.functional.dropout(
+                torch.softmax(weights, dim=-1), p=dropout, training=dropout > 0
+            )
+            out = torch.matmul(weights, self.values)
         else:
             out = torch.nn.functional.scaled_dot_product_attention(
-                query, self.keys, self.values, attn_mask=mask, scale=attention.scaling
+                query, self.keys, self.values, attn_mask=mask, dropout_p=dropout, scale=attention.scaling
             )  # (contexts, heads, num_beams * length, head_dim)
         out = out.view(contexts, heads, self.num_beams, length, dim).permute(0, 2, 3, 1, 4)
         return attention.out_proj(out.reshape(rows, length, heads * dim)), None
@@ -693,7 +728,7 @@ def _gatherable_head(generator: Any) -> tuple[torch.Tensor, torch.Tensor | None]
     return head.weight, bias
 
 
-class _StepStates:
+class _StepStates(_Owned):
     """Hooks for ``generate``: each step's decoder states before the output head and the log-normaliser of its logits.
 
     Together with the chosen tokens they give every generated hypothesis its log-likelihood under the
@@ -704,6 +739,7 @@ class _StepStates:
     """
 
     def __init__(self, head: tuple[torch.Tensor, torch.Tensor | None], rows_per_context: int) -> None:
+        super().__init__()
         self.head = head
         self.rows_per_context = rows_per_context
         self.beam_orders: list[torch.Tensor] | None = None  # set after generation (None: greedy)
@@ -713,13 +749,16 @@ class _StepStates:
 
     def before_model(self, module: torch.nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
         ids = kwargs.get("decoder_input_ids")
-        if ids is not None:
+        if ids is not None and self.mine():
             self.inputs.append(ids[:, -1].detach())  # (search_rows,) the token each row reads at this step
 
     def before_head(self, module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        self.states.append(args[0][:, -1].detach())  # (search_rows, hidden)
+        if self.mine():
+            self.states.append(args[0][:, -1].detach())  # (search_rows, hidden)
 
     def after_model(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if not self.mine():
+            return
         logits = output.logits[:, -1].detach().float()  # (search_rows, vocab)
         # logsumexp is several passes over the logits; one fused log-softmax pass gives the normaliser
         # too (logit minus log-probability, in any column), in half the time on CPU.
@@ -1116,16 +1155,17 @@ class _CandidateScores:
             self.settled |= ~self.out & left[self.question].eq(1) & lower.isfinite()
 
 
-class _PositionsByDepth:
+class _PositionsByDepth(_Owned):
     """Forward hook on a learned position embedding: positions by trie depth instead of sequence place."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.depths: torch.Tensor | None = None
 
     def __call__(
         self, module: torch.nn.Module, args: tuple[Any, ...], output: torch.Tensor
     ) -> torch.Tensor | None:
-        if self.depths is None:
+        if self.depths is None or not self.mine():
             return None
         return torch.nn.functional.embedding(self.depths + module.offset, module.weight)
 
@@ -1595,7 +1635,8 @@ def _generate_hypotheses(
 
     Args:
         encoder_states: `(contexts, src_len, hidden)` generator encoder outputs.
-        kwargs: Generation keyword arguments (a copy: keys are added).
+        kwargs: Generation keyword arguments (a copy: keys are added, the cache given to generate is
+            popped again).
 
     Returns:
         `(contexts * num_beams, tgt_len)` sequences; `(rows, steps)` beam indices (or None); the step
@@ -1876,18 +1917,22 @@ def rag_sequence_generate(
         last = min(batch_size, first + step)
         rows = slice(first * n_docs, last * n_docs)
         with _generator_lock(model.generator):
-            decoded = _decode_questions(
-                model,
-                context_input_ids[rows],
-                None if context_attention_mask is None else context_attention_mask[rows],
-                doc_scores[first:last],
-                do_deduplication,
-                num_return_sequences,
-                num_beams,
-                n_docs,
-                decoding,
-                model_kwargs,
-            )
+            decoding_call = _DECODING.set(object())
+            try:
+                decoded = _decode_questions(
+                    model,
+                    context_input_ids[rows],
+                    None if context_attention_mask is None else context_attention_mask[rows],
+                    doc_scores[first:last],
+                    do_deduplication,
+                    num_return_sequences,
+                    num_beams,
+                    n_docs,
+                    decoding,
+                    model_kwargs,
+                )
+            finally:
+                _DECODING.reset(decoding_call)
         parts.append(decoded)
     pad = model.config.generator.pad_token_id
     width = max(part.shape[-1] for part in parts)

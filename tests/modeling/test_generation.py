@@ -571,6 +571,99 @@ def test_concurrent_generate_calls_on_one_model(bart_models):
     )
 
 
+class _Nested(transformers.LogitsProcessor):
+    """A logits processor that, once, runs ``action`` in the middle of a beam search."""
+
+    def __init__(self, action):
+        self.action, self.result = action, None
+
+    def __call__(self, input_ids, scores):
+        if self.result is None:
+            self.result = self.action()
+        return scores
+
+
+def test_generate_nested_in_a_callback(bart_models):
+    # A generate call run from inside another's beam search (same thread) is not served by the outer
+    # call's swapped cross-attention or hooks; both return what they return alone.
+    _, ours = bart_models
+    outer = dict(**_context_inputs(batch_size=2, n_docs=3, seed=3), num_beams=3, max_length=MAX_LENGTH)
+    inner = dict(**_context_inputs(batch_size=3, n_docs=3, seed=4), num_beams=2, max_length=MAX_LENGTH)
+    expected_outer, expected_inner = ours.generate(**outer), ours.generate(**inner)
+    nested = _Nested(lambda: ours.generate(**inner))
+    got = ours.generate(**outer, logits_processor=transformers.LogitsProcessorList([nested]))
+    assert torch.equal(nested.result, expected_inner)
+    assert torch.equal(got, expected_outer)
+
+
+def test_forward_from_another_thread_during_generate(bart_models):
+    # A forward pass another thread runs on the same model while a beam search is under way sees the
+    # generator's own modules, not the decoding call's swapped cross-attention or hooks.
+    _, ours = bart_models
+    inputs = _context_inputs(batch_size=2, n_docs=3, seed=5)
+    labels = torch.tensor([[2, 0, 7, 9, 2], [2, 0, 11, 2, 1]])
+    with torch.no_grad():
+        expected = ours(**inputs, labels=labels).loss
+
+    def forward_elsewhere():
+        result = {}
+        thread = threading.Thread(
+            target=lambda: result.setdefault("loss", ours(**inputs, labels=labels).loss.detach())
+        )
+        thread.start()
+        thread.join()
+        return result["loss"]
+
+    nested = _Nested(forward_elsewhere)
+    with torch.no_grad():
+        ours.generate(
+            **inputs,
+            num_beams=3,
+            max_length=MAX_LENGTH,
+            logits_processor=transformers.LogitsProcessorList([nested]),
+        )
+    torch.testing.assert_close(nested.result, expected)
+
+
+@pytest.mark.parametrize(
+    "model_class,config_class",
+    [
+        ("MBartForConditionalGeneration", "MBartConfig"),
+        ("MarianMTModel", "MarianConfig"),
+        ("PegasusForConditionalGeneration", "PegasusConfig"),
+        ("BlenderbotSmallForConditionalGeneration", "BlenderbotSmallConfig"),
+        ("M2M100ForConditionalGeneration", "M2M100Config"),
+    ],
+)
+def test_allowlisted_families_share_cross_attention(model_class, config_class):
+    # The other allowlisted BART-family decoders decode as their own beam search with shared keys/values.
+    config = getattr(transformers, config_class)(
+        vocab_size=64,
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        max_position_embeddings=64,
+        pad_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+    )
+    torch.manual_seed(7)
+    generator = getattr(transformers, model_class)(config).eval()
+    _perturb(generator, 7)
+    ids = torch.randint(5, 64, (6, 9), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = mask[4, -2:] = 0
+    plain, got, shared = _generate_plain_and_shared(
+        generator, ids, mask, num_beams=3, num_return_sequences=3, max_length=MAX_LENGTH
+    )
+    assert shared.decoder_layers is not None
+    assert torch.equal(got, plain)
+
+
 def test_expanded_prefixes_give_teacher_forced_log_probs(monkeypatch):
     # Where a candidate's prefix was expanded by beam search under another document, the log-probability
     # scoring reads from generation is the one teacher forcing that candidate under that document gives.
