@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import inspect
 import logging
@@ -605,8 +606,7 @@ def run(args: argparse.Namespace) -> int:
         for name in ("faiss", "faiss.loader", "datasets", "ragkit"):
             logging.getLogger(name).setLevel(logging.WARNING)
 
-    def say(line: str) -> None:
-        print(line, flush=True)  # noqa: T201 (command output)
+    say = functools.partial(print, flush=True)  # the command's output
 
     if args.model:
         run_pretrained_demo(args.model, args.index, n_docs=args.n_docs or 5, say=say)
