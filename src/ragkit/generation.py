@@ -1210,16 +1210,14 @@ def _packed_thorough_scores(
     # known from generation): a document's own hypotheses are left out of its trie unless shared.
     needs = (~scoring.complete).view(-1, n_docs).tolist()
     member_candidate, member_row = [], []
-    first_of_question = {}
-    for c, q in enumerate(question_list):
-        first_of_question.setdefault(q, c)
-    count_of_question = Counter(question_list)
-    for q in sorted(first_of_question):
+    first = 0
+    for q, count in sorted(Counter(question_list).items()):  # candidates come grouped by question, in order
         for doc in range(n_docs):
-            for c in range(first_of_question[q], first_of_question[q] + count_of_question[q]):
+            for c in range(first, first + count):
                 if needs[c][doc]:
                     member_candidate.append(c)
                     member_row.append(q * n_docs + doc)
+        first += count
     if not member_candidate:
         scoring.run()
         return scoring.scores()
@@ -1566,54 +1564,42 @@ def _thorough_scores(
     return rows_scoring.scores()
 
 
+def _producer_rows(
+    sequences: torch.Tensor, groups: list[list[int]], rows_per_question: int
+) -> list[list[int]]:
+    """Per candidate (in ``groups`` order), the rows of its question whose sequence equals it."""
+    as_lists = sequences.tolist()
+    producers = []
+    for q, group in enumerate(groups):
+        rows: dict[tuple[int, ...], list[int]] = {}
+        for row in range(q * rows_per_question, (q + 1) * rows_per_question):
+            rows.setdefault(tuple(as_lists[row]), []).append(row)
+        producers.extend(rows[tuple(as_lists[row])] for row in group)
+    return producers
+
+
 def _known_pairs(
-    sequences: torch.Tensor, groups: list[list[int]], row_ll: torch.Tensor, n_docs: int, rows_per_doc: int
+    producers: list[list[int]], row_ll: torch.Tensor, n_docs: int, rows_per_doc: int
 ) -> torch.Tensor:
     """`(num_candidates, n_docs)` each candidate's log-likelihood under the documents that generated it, nan elsewhere."""
-    rows_per_question = n_docs * rows_per_doc
-    as_lists = sequences.tolist()
-    candidate_ids, doc_ids, source_rows = [], [], []
-    candidate = 0
-    for q, group in enumerate(groups):
-        by_sequence: dict[tuple[int, ...], list[int]] = {}
-        for row in group:
-            by_sequence.setdefault(tuple(as_lists[row]), []).append(candidate)
-            candidate += 1
-        for row in range(q * rows_per_question, (q + 1) * rows_per_question):
-            for match in by_sequence.get(tuple(as_lists[row]), ()):
-                candidate_ids.append(match)
-                doc_ids.append((row // rows_per_doc) % n_docs)
-                source_rows.append(row)
-    known = torch.full((candidate, n_docs), float("nan"), dtype=torch.float32, device=row_ll.device)
-    index = torch.tensor(source_rows, dtype=torch.long, device=row_ll.device)
-    known[torch.tensor(candidate_ids, device=row_ll.device), torch.tensor(doc_ids, device=row_ll.device)] = (
-        row_ll[index]
+    candidate_ids = [c for c, rows in enumerate(producers) for _ in rows]
+    source_rows = [row for rows in producers for row in rows]
+    device = row_ll.device
+    known = torch.full((len(producers), n_docs), float("nan"), dtype=torch.float32, device=device)
+    source = torch.tensor(source_rows, dtype=torch.long, device=device)
+    known[torch.tensor(candidate_ids, dtype=torch.long, device=device), (source // rows_per_doc) % n_docs] = (
+        row_ll[source]
     )
     return known
 
 
 def _fast_scores(
-    generated_ll: torch.Tensor,
-    groups: list[list[int]],
-    sequences: torch.Tensor,
-    doc_logprobs: torch.Tensor,
-    rows_per_doc: int,
+    generated_ll: torch.Tensor, producers: list[list[int]], doc_logprobs: torch.Tensor, rows_per_doc: int
 ) -> torch.Tensor:
     """`(num_candidates,)` log of sum over the documents that produced each candidate of p(d|x) p(y|x,d)."""
-    n_docs = doc_logprobs.shape[1]
-    rows_per_question = n_docs * rows_per_doc
     # Each row's own joint score: document prior plus what beam search gave the sequence.
     row_joint = doc_logprobs.flatten().repeat_interleave(rows_per_doc) + generated_ll
-    as_lists = sequences.tolist()
-    scores = []
-    for q, group in enumerate(groups):
-        rows = range(q * rows_per_question, (q + 1) * rows_per_question)
-        producers: dict[tuple[int, ...], list[int]] = {}
-        for row in rows:
-            producers.setdefault(tuple(as_lists[row]), []).append(row)
-        for row in group:
-            scores.append(row_joint[producers[tuple(as_lists[row])]].logsumexp(dim=0))
-    return torch.stack(scores)
+    return torch.stack([row_joint[rows].logsumexp(dim=0) for rows in producers])
 
 
 def _generate_hypotheses(
@@ -1762,7 +1748,9 @@ def _decode_questions(
             row_ll = _generated_pair_log_likelihoods(
                 steps, sequences, beam_indices if num_beams > 1 else None, scored
             )
-            known = _known_pairs(sequences, groups, row_ll, n_docs, num_beams)
+            known = _known_pairs(
+                _producer_rows(sequences, groups, rows_per_question), row_ll, n_docs, num_beams
+            )
         scores = _thorough_scores(
             model,
             encoder_states,
@@ -1782,7 +1770,8 @@ def _decode_questions(
         generated_ll = _generated_log_likelihoods(
             recorder, sequences, beam_indices, _eos_ids(generator, kwargs)
         )
-        scores = _fast_scores(generated_ll, groups, sequences, doc_logprobs, num_beams)
+        producers = _producer_rows(sequences, groups, rows_per_question)
+        scores = _fast_scores(generated_ll, producers, doc_logprobs, num_beams)
 
     best = sequences.new_full((batch_size, num_return_sequences, sequences.shape[1]), pad)
     offset = 0
