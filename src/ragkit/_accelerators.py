@@ -18,6 +18,8 @@ from torch import nn
 from transformers import BitsAndBytesConfig, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING, MODEL_MAPPING
 
+from .errors import AcceleratorUnavailableError
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -49,13 +51,6 @@ _FLASH_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flas
 _FLASH_MIN_CAPABILITY = {"flash_attention_2": 8, "flash_attention_3": 9}
 #: Used in place of an implementation a part cannot run, first supported wins.
 _FALLBACK_ORDER = ("sdpa", "eager")
-
-
-class AcceleratorUnavailableError(ImportError):
-    """A CUDA-only path (flash-attention, bitsandbytes) was asked for but a piece it needs is missing.
-
-    An ``ImportError`` so that code catching transformers' own errors for the same cases keeps working.
-    """
 
 
 # --------------------------------------------------------------------------------------------------

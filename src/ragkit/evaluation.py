@@ -416,7 +416,7 @@ def question_vectors(model: Any, input_ids: Any, attention_mask: Any) -> Any:
         `(batch_size, dim)` tensor.
     """
     rag = getattr(model, "rag", model)
-    return rag._encode_questions(input_ids, attention_mask)[0]
+    return rag.encode_questions(input_ids, attention_mask)
 
 
 # ----------------------------------------------------------------------------- command line

@@ -206,11 +206,11 @@ def _resolve_contexts(
                 "or set one with `model.set_retriever(...)`."
             )
         # The model's own encoding and retrieval: same pooling, devices and float32 doc scores as forward.
-        question_vectors, _ = model.rag._encode_questions(input_ids, attention_mask)
-        retrieved = model.rag._retrieve(input_ids, question_vectors, n_docs)
-        context_input_ids = retrieved["context_input_ids"]
-        context_attention_mask = retrieved["context_attention_mask"]
-        doc_scores = retrieved["doc_scores"]
+        question_vectors = model.rag.encode_questions(input_ids, attention_mask)
+        retrieved = model.rag.retrieve_contexts(input_ids, question_vectors, n_docs)
+        context_input_ids = retrieved.context_input_ids
+        context_attention_mask = retrieved.context_attention_mask
+        doc_scores = retrieved.doc_scores
     elif doc_scores is None:
         raise ValueError(
             "`doc_scores` of shape (batch_size, n_docs) is needed with `context_input_ids`: RAG-Sequence ranks "

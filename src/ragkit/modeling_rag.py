@@ -57,6 +57,7 @@ __all__ = [
     "RagTokenForGeneration",
     "RetrievAugLMMarginOutput",
     "RetrievAugLMOutput",
+    "RetrievedContexts",
 ]
 
 # Generation modes RAG-Token decoding supports: the ones whose step is "score the next token".
@@ -411,6 +412,32 @@ def _margin_output(
 # --------------------------------------------------------------------------------------------------
 
 
+def score_documents(question_vectors: torch.Tensor, doc_embeds: torch.Tensor) -> torch.Tensor:
+    """Inner products `(batch_size, n_docs)` of question vectors `(batch_size, dim)` and documents
+    `(batch_size, n_docs, dim)`, in float32 whatever the model's dtype: they feed a softmax over documents."""
+    return torch.bmm(question_vectors.float().unsqueeze(1), doc_embeds.float().transpose(1, 2)).squeeze(1)
+
+
+@dataclass
+class RetrievedContexts:
+    """What retrieval hands the generator: the contexts of every (question, document) pair and their scores.
+
+    Attributes:
+        context_input_ids: `(batch_size * n_docs, length)` generator token ids of ``title / text // question``,
+            the documents of each question one after the other, on the generator's device.
+        context_attention_mask: `(batch_size * n_docs, length)` mask of ``context_input_ids``.
+        doc_scores: `(batch_size, n_docs)` float32 question-document inner products.
+        doc_ids: `(batch_size, n_docs)` ids of the retrieved documents.
+        retrieved_doc_embeds: `(batch_size, n_docs, dim)` the documents' vectors.
+    """
+
+    context_input_ids: torch.Tensor
+    context_attention_mask: torch.Tensor
+    doc_scores: torch.Tensor
+    doc_ids: torch.Tensor
+    retrieved_doc_embeds: torch.Tensor
+
+
 class RagPreTrainedModel(PreTrainedModel):
     """Base of the RAG models: config class, checkpoint prefix ``rag`` and the two-checkpoint constructor."""
 
@@ -597,21 +624,46 @@ class RagModel(RagPreTrainedModel):
         )
         return vectors, outputs
 
-    def _retrieve(
+    def encode_questions(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Encode questions into the vectors the retriever searches with.
+
+        Args:
+            input_ids: `(batch_size, question_length)` question token ids (question encoder tokenizer).
+            attention_mask: `(batch_size, question_length)` mask of ``input_ids``.
+
+        Returns:
+            `(batch_size, dim)` question vectors, pooled per ``config.question_encoder_pooling``, on the
+            question encoder's device and differentiable with respect to it.
+        """
+        return self._encode_questions(input_ids, attention_mask)[0]
+
+    def retrieve_contexts(
         self,
         input_ids: torch.Tensor,
         question_vectors: torch.Tensor,
-        n_docs: int,
-    ) -> dict[str, torch.Tensor]:
-        """Retrieve ``n_docs`` documents per question and score them.
+        n_docs: int | None = None,
+    ) -> RetrievedContexts:
+        """Retrieve ``n_docs`` documents per question, build the generator's contexts and score the documents.
+
+        Args:
+            input_ids: `(batch_size, question_length)` question token ids; the retriever decodes them to
+                build each context (``title / text // question``).
+            question_vectors: `(batch_size, dim)` from :meth:`encode_questions`.
+            n_docs: Documents per question; defaults to ``config.n_docs``.
 
         Returns:
-            dict with ``context_input_ids``/``context_attention_mask`` `(batch_size * n_docs, length)` on the
-            generator's device, ``retrieved_doc_embeds`` `(batch_size, n_docs, dim)`, ``doc_ids``
-            `(batch_size, n_docs)` and ``doc_scores`` `(batch_size, n_docs)` float32 on the question
-            encoder's device, differentiable with respect to the question encoder (and the context encoder
-            when one is being trained).
+            :class:`RetrievedContexts`; ``doc_scores`` are float32 and differentiable with respect to the
+            question encoder (and the context encoder when one is being trained).
         """
+        if self.retriever is None:
+            raise ValueError(
+                "`retrieve_contexts` needs a retriever: set one with `model.set_retriever(retriever)`."
+            )
+        n_docs = n_docs if n_docs is not None else self.config.n_docs
         generator_device = module_device(self.generator)
         search_vectors = question_vectors.detach()
         search_device = getattr(self.retriever, "search_device", None)
@@ -648,17 +700,13 @@ class RagModel(RagPreTrainedModel):
             doc_embeds = doc_embeds.to(question_vectors.device)
         else:
             doc_embeds = retrieved["retrieved_doc_embeds"].to(question_vectors.device)
-        # Scores in float32 whatever the model's dtype: they feed a softmax over documents (issue 5).
-        doc_scores = torch.bmm(
-            question_vectors.float().unsqueeze(1), doc_embeds.float().transpose(1, 2)
-        ).squeeze(1)
-        return {
-            "context_input_ids": context_input_ids,
-            "context_attention_mask": context_attention_mask,
-            "retrieved_doc_embeds": doc_embeds,
-            "doc_ids": retrieved["doc_ids"],
-            "doc_scores": doc_scores,
-        }
+        return RetrievedContexts(
+            context_input_ids=context_input_ids,
+            context_attention_mask=context_attention_mask,
+            doc_scores=score_documents(question_vectors, doc_embeds),
+            doc_ids=retrieved["doc_ids"],
+            retrieved_doc_embeds=doc_embeds,
+        )
 
     def _check_contexts(
         self,
@@ -768,10 +816,10 @@ class RagModel(RagPreTrainedModel):
             question_vectors, question_outputs = self._encode_questions(
                 input_ids, attention_mask, output_attentions, output_hidden_states
             )
-            retrieved = self._retrieve(input_ids, question_vectors, n_docs)
-            context_input_ids = retrieved["context_input_ids"]
-            context_attention_mask = retrieved["context_attention_mask"]
-            doc_scores = retrieved["doc_scores"]
+            retrieved = self.retrieve_contexts(input_ids, question_vectors, n_docs)
+            context_input_ids = retrieved.context_input_ids
+            context_attention_mask = retrieved.context_attention_mask
+            doc_scores = retrieved.doc_scores
         elif encoder_outputs is None:
             if context_input_ids is None:
                 raise ValueError(
@@ -820,8 +868,8 @@ class RagModel(RagPreTrainedModel):
             logits=gen_outputs.logits,
             doc_scores=doc_scores,
             cache=gen_outputs.cache,
-            retrieved_doc_embeds=retrieved["retrieved_doc_embeds"] if show_retrieved else None,
-            retrieved_doc_ids=retrieved["doc_ids"] if show_retrieved else None,
+            retrieved_doc_embeds=retrieved.retrieved_doc_embeds if show_retrieved else None,
+            retrieved_doc_ids=retrieved.doc_ids if show_retrieved else None,
             context_input_ids=context_input_ids if show_retrieved else None,
             context_attention_mask=context_attention_mask if show_retrieved else None,
             question_encoder_last_hidden_state=question_vectors,
@@ -1519,11 +1567,11 @@ class RagTokenForGeneration(_RagHeadMixin, RagPreTrainedModel, GenerationMixin):
                 )
             if input_ids is None:
                 raise ValueError("Pass `input_ids` (the questions) or `context_input_ids` to generate from.")
-            question_vectors, _ = self.rag._encode_questions(input_ids, attention_mask)
-            retrieved = self.rag._retrieve(input_ids, question_vectors, n_docs)
-            context_input_ids = retrieved["context_input_ids"]
-            context_attention_mask = retrieved["context_attention_mask"]
-            doc_scores = retrieved["doc_scores"]
+            question_vectors = self.rag.encode_questions(input_ids, attention_mask)
+            retrieved = self.rag.retrieve_contexts(input_ids, question_vectors, n_docs)
+            context_input_ids = retrieved.context_input_ids
+            context_attention_mask = retrieved.context_attention_mask
+            doc_scores = retrieved.doc_scores
         elif context_attention_mask is None:
             raise ValueError("`context_attention_mask` must be passed with `context_input_ids`.")
         self.rag._check_contexts(doc_scores, context_input_ids, None, n_docs)

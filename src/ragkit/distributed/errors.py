@@ -1,13 +1,7 @@
-"""Errors raised when a distributed retriever cannot answer: each says what to check or change."""
+"""Errors raised when a distributed retriever cannot answer (defined in :mod:`ragkit.errors`)."""
 
 from __future__ import annotations
 
+from ..errors import RetrievalTimeoutError, RetrievalUnavailableError
+
 __all__ = ["RetrievalTimeoutError", "RetrievalUnavailableError"]
-
-
-class RetrievalUnavailableError(RuntimeError):
-    """The processes serving the index are gone (actor dead past its restarts, cluster down)."""
-
-
-class RetrievalTimeoutError(TimeoutError):
-    """A retrieval call got no answer within its timeout (overloaded or unreachable servers)."""

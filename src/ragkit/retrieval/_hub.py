@@ -10,17 +10,11 @@ import logging
 import os
 from pathlib import Path
 
+from ..errors import LocationNotFoundError, OfflineFileError
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["LocationNotFoundError", "OfflineFileError", "is_local", "list_files", "resolve_file"]
-
-
-class OfflineFileError(FileNotFoundError):
-    """A Hub file is not in the local cache and downloads are disabled (``HF_HUB_OFFLINE=1``)."""
-
-
-class LocationNotFoundError(FileNotFoundError):
-    """The location is neither an existing local directory nor a Hub dataset repository one can access."""
 
 
 def _not_found_message(repo_id: str, what: str) -> str:
