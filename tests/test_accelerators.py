@@ -175,7 +175,7 @@ def test_flex_attention_leaves_the_rag_wrapper_on_a_supported_choice(checkpoints
 
 def test_flash_attention_without_cuda_names_the_extra(checkpoints, monkeypatch):
     monkeypatch.setattr(acc, "_cuda_available", lambda: False)
-    with pytest.raises(AcceleratorUnavailableError, match=r"needs a CUDA GPU.*ragkit\[cuda\].*sdpa"):
+    with pytest.raises(AcceleratorUnavailableError, match=r"needs a CUDA GPU.*ragkit-torch\[cuda\].*sdpa"):
         RagSequenceForGeneration.from_pretrained(
             checkpoints["token"], attn_implementation="flash_attention_2"
         )
@@ -183,7 +183,7 @@ def test_flash_attention_without_cuda_names_the_extra(checkpoints, monkeypatch):
 
 def test_flash_attention_without_the_package_names_the_extra(cuda_env, monkeypatch):
     monkeypatch.setattr(acc, "_package_available", lambda name: False)
-    with pytest.raises(AcceleratorUnavailableError, match=r"flash-attn package.*ragkit\[cuda\]"):
+    with pytest.raises(AcceleratorUnavailableError, match=r"flash-attn package.*ragkit-torch\[cuda\]"):
         check_flash_attention("flash_attention_2")
 
 
@@ -203,7 +203,7 @@ def test_bitsandbytes_missing_names_the_extra(checkpoints, monkeypatch, bits):
     monkeypatch.setattr(acc, "_package_available", lambda name: False)
     bnb = BitsAndBytesConfig(**{f"load_in_{bits}bit": True})
     with pytest.raises(
-        AcceleratorUnavailableError, match=rf"{bits}-bit.*bitsandbytes package.*ragkit\[cuda\]"
+        AcceleratorUnavailableError, match=rf"{bits}-bit.*bitsandbytes package.*ragkit-torch\[cuda\]"
     ):
         RagSequenceForGeneration.from_pretrained(
             checkpoints["token"], quantization_config=bnb, device_map="auto"
@@ -214,7 +214,7 @@ def test_bitsandbytes_without_cuda_names_the_gpu(monkeypatch):
     monkeypatch.setattr(acc, "_package_available", lambda name: True)
     monkeypatch.setattr(acc, "_cuda_available", lambda: False)
     monkeypatch.setattr(acc, "_bitsandbytes_devices", lambda: {"cuda"})
-    with pytest.raises(AcceleratorUnavailableError, match=r"needs a CUDA GPU.*ragkit\[cuda\]"):
+    with pytest.raises(AcceleratorUnavailableError, match=r"needs a CUDA GPU.*ragkit-torch\[cuda\]"):
         check_bitsandbytes({"quant_method": "bitsandbytes", "load_in_4bit": True})
     # A bitsandbytes build with CPU support is left to transformers.
     monkeypatch.setattr(acc, "_bitsandbytes_devices", lambda: {"cuda", "cpu"})
@@ -227,7 +227,7 @@ def test_checkpoint_saved_quantized_without_bitsandbytes(checkpoints, tmp_path, 
     config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
     (directory / "config.json").write_text(json.dumps(config))
     monkeypatch.setattr(acc, "_package_available", lambda name: False)
-    with pytest.raises(AcceleratorUnavailableError, match=r"ragkit\[cuda\]"):
+    with pytest.raises(AcceleratorUnavailableError, match=r"ragkit-torch\[cuda\]"):
         RagTokenForGeneration.from_pretrained(directory)
 
 

@@ -74,7 +74,7 @@ def test_first_example_flash_attention_without_cuda_is_a_clear_error(hub):
         hub["facebook/rag-sequence-nq"], dataset=hub["wiki_dpr"], index_name="compressed"
     )
     # ragkit checks before transformers and names the extra to install.
-    with pytest.raises(ImportError, match=r"flash_attention_2.*ragkit\[cuda\]"):
+    with pytest.raises(ImportError, match=r"flash_attention_2.*ragkit-torch\[cuda\]"):
         RagSequenceForGeneration.from_pretrained(
             hub["facebook/rag-token-nq"],
             retriever=retriever,
@@ -174,7 +174,7 @@ def test_quantization_example_without_cuda_is_a_clear_error(hub):
 
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)
     # Without bitsandbytes (or without CUDA) ragkit's error names what is missing and the extra to install.
-    with pytest.raises(ImportError, match=r"(?i)(bitsandbytes|cuda).*ragkit\[cuda\]"):
+    with pytest.raises(ImportError, match=r"(?i)(bitsandbytes|cuda).*ragkit-torch\[cuda\]"):
         RagSequenceForGeneration.from_pretrained(
             hub["facebook/rag-token-nq"], quantization_config=bnb, device_map="auto"
         )

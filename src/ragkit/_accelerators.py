@@ -1,7 +1,7 @@
 """CUDA paths of the RAG models: environment checks, attention per part, 4/8-bit skip lists, device moves.
 
 Everything here runs before (or around) ``transformers``' own loading code, so that a request that
-cannot work says what is missing and how to install it (``pip install 'ragkit[cuda]'``) instead of
+cannot work says what is missing and how to install it (``pip install 'ragkit-torch[cuda]'``) instead of
 failing deep inside transformers or inside a CUDA kernel. See ``docs/gpu.md``.
 """
 
@@ -39,7 +39,7 @@ __all__ = [
 ]
 
 #: What every "missing CUDA piece" message tells the user to run.
-CUDA_EXTRA_HINT = "pip install 'ragkit[cuda]'"
+CUDA_EXTRA_HINT = "pip install 'ragkit-torch[cuda]'"
 #: The sub-models of a RAG model, as named in ``RagConfig`` and in a per-part ``attn_implementation`` dict.
 RAG_PARTS = ("question_encoder", "generator")
 #: Keys a per-part ``attn_implementation`` dict may hold ("" is the RAG wrapper and the default for parts

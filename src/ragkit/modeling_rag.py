@@ -418,6 +418,24 @@ def score_documents(question_vectors: torch.Tensor, doc_embeds: torch.Tensor) ->
     return torch.bmm(question_vectors.float().unsqueeze(1), doc_embeds.float().transpose(1, 2)).squeeze(1)
 
 
+def trim_context_padding(
+    context_input_ids: torch.Tensor, context_attention_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the trailing columns of `(batch_size * n_docs, length)` contexts that are padding in every row.
+
+    The retriever pads every context to ``max_combined_length`` as the reference does; the generator only
+    needs the longest real context. Only trailing columns go, so positions of real tokens are unchanged and
+    the generator's outputs at real positions are the same (masked keys contribute nothing).
+    """
+    if context_attention_mask.dim() != 2 or context_attention_mask.shape[1] == 0:
+        return context_input_ids, context_attention_mask
+    used = context_attention_mask.bool().any(dim=0)
+    if bool(used[-1]):
+        return context_input_ids, context_attention_mask
+    length = int(used.nonzero().max()) + 1 if bool(used.any()) else 1
+    return context_input_ids[:, :length], context_attention_mask[:, :length]
+
+
 @dataclass
 class RetrievedContexts:
     """What retrieval hands the generator: the contexts of every (question, document) pair and their scores.
@@ -466,7 +484,7 @@ class RagPreTrainedModel(PreTrainedModel):
           ``quantize_question_encoder=True`` (a ragkit argument). Without ``dtype``, a 4-bit load keeps the
           unquantized modules in ``bnb_4bit_compute_dtype`` when that is bf16/fp16.
         - flash-attention or bitsandbytes without CUDA or without their package raise
-          :class:`~ragkit._accelerators.AcceleratorUnavailableError` naming ``pip install 'ragkit[cuda]'``.
+          :class:`~ragkit._accelerators.AcceleratorUnavailableError` naming ``pip install 'ragkit-torch[cuda]'``.
 
         Returns:
             The model (or ``(model, loading_info)`` with ``output_loading_info=True``).
@@ -604,17 +622,24 @@ class RagModel(RagPreTrainedModel):
         attention_mask: torch.Tensor | None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        **question_encoder_kwargs: Any,
     ) -> tuple[torch.Tensor, ModelOutput]:
         """Question vectors `(batch_size, dim)` per ``config.question_encoder_pooling``, and the raw outputs."""
         device = module_device(self.question_encoder)
         input_ids = to_device(input_ids, device, "input_ids")
         attention_mask = to_device(attention_mask, device, "attention_mask")
+        extra = {
+            name: to_device(value, device, name) if isinstance(value, torch.Tensor) else value
+            for name, value in question_encoder_kwargs.items()
+            if value is not None
+        }
         outputs = self.question_encoder(
             input_ids,
             attention_mask=attention_mask,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
+            **extra,
         )
         vectors = pool_hidden_states(
             outputs,
@@ -628,18 +653,21 @@ class RagModel(RagPreTrainedModel):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
+        **question_encoder_kwargs: Any,
     ) -> torch.Tensor:
         """Encode questions into the vectors the retriever searches with.
 
         Args:
             input_ids: `(batch_size, question_length)` question token ids (question encoder tokenizer).
             attention_mask: `(batch_size, question_length)` mask of ``input_ids``.
+            **question_encoder_kwargs: Further outputs of the question tokenizer (``token_type_ids``), passed
+                to the question encoder.
 
         Returns:
             `(batch_size, dim)` question vectors, pooled per ``config.question_encoder_pooling``, on the
             question encoder's device and differentiable with respect to it.
         """
-        return self._encode_questions(input_ids, attention_mask)[0]
+        return self._encode_questions(input_ids, attention_mask, **question_encoder_kwargs)[0]
 
     def retrieve_contexts(
         self,

@@ -46,7 +46,7 @@ def _import_ray() -> Any:
         import ray
     except ImportError as err:
         raise ImportError(
-            "The Ray retriever needs Ray: `pip install 'ragkit[distributed]'` (or `pip install 'ray[default]'`)."
+            "The Ray retriever needs Ray: `pip install 'ragkit-torch[distributed]'` (or `pip install 'ray[default]'`)."
         ) from err
     return ray
 
