@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+from datasets import load_dataset
 from transformers import BatchEncoding, PreTrainedTokenizerBase
 
 from ._io import atomic_directory, atomic_file
@@ -43,6 +44,15 @@ _SAVED_NAMES = {"index_path": SAVED_INDEX_NAME, "passages_path": SAVED_PASSAGES_
 #: were later written at its old location.
 SAVED_FILES_KEY = "saved_index_files"
 _HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "force_download")
+#: ``datasets.load_dataset`` as imported: the canonical index reads wiki_dpr's files itself unless the
+#: module's ``load_dataset`` has been replaced (``patch("ragkit.retrieval_rag.load_dataset")``, as tests
+#: written for transformers do), in which case the replacement provides the passages and the index.
+_DATASETS_LOAD_DATASET = load_dataset
+
+
+def _replaced_load_dataset() -> Any:
+    """This module's ``load_dataset`` when something replaced it, else None (read the files directly)."""
+    return None if load_dataset is _DATASETS_LOAD_DATASET else load_dataset
 
 
 def _relocated(path: str | None, directory: str | os.PathLike, name: str) -> str | None:
@@ -213,6 +223,7 @@ class RagRetriever:
             ef_search=ef_search,
             cache_dir=cache_dir,
             token=token,
+            load_dataset=_replaced_load_dataset(),
         )
 
     @classmethod

@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # optional dependencies: imported inside the functions that n
 
 __all__ = [
     "TINY_PASSAGES",
+    "assert_doc_dicts_equal",
     "tiny_bart_config",
     "tiny_dpr_config",
     "tiny_indexed_dataset",
@@ -78,10 +79,20 @@ def _corpus() -> list[str]:
     return texts * 4
 
 
-def _train_bart_tokenizer(
+def train_bart_tokenizer(
     texts: Iterable[str], directory: str | os.PathLike, vocab_size: int
 ) -> BartTokenizer:
-    """Train a byte-level BPE (BART's specials) on ``texts`` into ``directory``; a BART tokenizer over it."""
+    """Train a byte-level BPE with BART's special tokens on ``texts``, offline.
+
+    Args:
+        texts: The corpus.
+        directory: Where ``vocab.json`` and ``merges.txt`` are written (created if needed).
+        vocab_size: Target vocabulary size (specials included).
+
+    Returns:
+        A ``BartTokenizer`` over the trained files (ids: ``<s>`` 0, ``<pad>`` 1, ``</s>`` 2, ``<unk>`` 3,
+        ``<mask>`` 4).
+    """
     os.makedirs(directory, exist_ok=True)
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -96,6 +107,27 @@ def _train_bart_tokenizer(
     return BartTokenizer(
         vocab=os.path.join(directory, "vocab.json"), merges=os.path.join(directory, "merges.txt")
     )
+
+
+#: Former private name of :func:`train_bart_tokenizer`, kept for callers not yet moved to the public one.
+_train_bart_tokenizer = train_bart_tokenizer
+
+
+def assert_doc_dicts_equal(actual: list[dict], expected: list[dict]) -> None:
+    """Assert two retrievers' ``doc_dicts`` are equal: same columns, same values, equal embedding arrays.
+
+    ``doc_dicts`` hold numpy arrays under ``embeddings`` (as Transformers' do), which ``==`` cannot compare.
+    """
+    assert len(actual) == len(expected), f"{len(actual)} questions != {len(expected)}"
+    for i, (got, want) in enumerate(zip(actual, expected)):
+        assert sorted(got) == sorted(want), f"question {i}: columns {sorted(got)} != {sorted(want)}"
+        for column in want:
+            if column == "embeddings":
+                np.testing.assert_array_equal(
+                    np.asarray(got[column]), np.asarray(want[column]), err_msg=f"question {i}, embeddings"
+                )
+            else:
+                assert list(got[column]) == list(want[column]), f"question {i}, column {column!r}"
 
 
 def write_tiny_question_encoder_tokenizer(directory: str | os.PathLike) -> DPRQuestionEncoderTokenizer:
@@ -123,7 +155,7 @@ def write_tiny_generator_tokenizer(directory: str | os.PathLike, vocab_size: int
 
     Ids: ``<s>`` 0, ``<pad>`` 1, ``</s>`` 2, ``<unk>`` 3, ``<mask>`` 4, as in BART.
     """
-    return _train_bart_tokenizer(_corpus(), directory, vocab_size)
+    return train_bart_tokenizer(_corpus(), directory, vocab_size)
 
 
 def tiny_dpr_config(vocab_size: int = 256, hidden_size: int = 32, **kwargs: Any) -> DPRConfig:

@@ -22,6 +22,7 @@ from ragkit.distributed import (  # noqa: E402
     make_distributed_retriever,
 )
 from ragkit.distributed.sharding import ShardSpec, shard_bounds  # noqa: E402
+from ragkit.testing import assert_doc_dicts_equal  # noqa: E402
 
 # Half a CPU per actor: four actors fit on the 2-CPU instance.
 ACTOR_OPTIONS = {"num_cpus": 0.5}
@@ -41,7 +42,7 @@ def _assert_same_retrieval(retriever, reference, question_ids, queries, n_docs):
     ref_embeds, ref_ids, ref_docs = reference.retrieve(queries, n_docs)
     np.testing.assert_array_equal(ids, ref_ids)
     np.testing.assert_array_equal(embeds, ref_embeds)
-    assert docs == ref_docs
+    assert_doc_dicts_equal(docs, ref_docs)
     out = retriever(question_ids, queries, n_docs=n_docs, return_tensors="np")
     ref = reference(question_ids, queries, n_docs=n_docs, return_tensors="np")
     np.testing.assert_array_equal(out["context_input_ids"], ref["context_input_ids"])

@@ -16,6 +16,7 @@ from transformers.models.rag.retrieval_rag import CustomHFIndex as RefCustomHFIn
 
 from ragkit import RagRetriever
 from ragkit.retrieval import MISSING_DOC_ID, CustomHFIndex
+from ragkit.testing import assert_doc_dicts_equal
 
 
 def _reference(config, question_encoder_tokenizer, generator_tokenizer, embeddings, index=None):
@@ -136,7 +137,7 @@ def test_dataset_not_mutated_and_selected_rows_respected(passage_embeddings, que
     np.testing.assert_array_equal(ids, 15 - expected_ids)
     np.testing.assert_array_equal(embeds, expected_embeds)
     docs = CustomHFIndex(DIM, reordered).get_doc_dicts(ids)
-    assert docs == index.get_doc_dicts(expected_ids)
+    assert_doc_dicts_equal(docs, index.get_doc_dicts(expected_ids))
 
 
 def test_from_pretrained_with_indexed_dataset(retriever_dir, passage_embeddings, queries, question_ids):

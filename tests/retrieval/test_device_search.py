@@ -21,6 +21,7 @@ from ragkit._accelerators import AcceleratorUnavailableError
 from ragkit.retrieval import CustomHFIndex, Index
 from ragkit.retrieval import device_search as ds
 from ragkit.retrieval.device_search import DeviceSearch, TorchExactSearch
+from ragkit.testing import assert_doc_dicts_equal
 
 FAKE_CUDA = torch.device("cuda", 0)
 
@@ -203,7 +204,7 @@ def test_retrieve_on_the_device_matches_faiss(fake_cuda, fresh_config, passage_e
             continue
         np.testing.assert_array_equal(ids, expected_ids)
         np.testing.assert_array_equal(embeds, expected_embeds)
-        assert docs == expected_docs
+        assert_doc_dicts_equal(docs, expected_docs)
     moved.to_search_device("cpu")
     assert moved.search_device.type == "cpu" and moved.index._device_search is None
 

@@ -17,7 +17,7 @@ from ragkit import RagRetriever
 from ragkit.cli import main as cli_main
 from ragkit.retrieval import LegacyIndex, convert_legacy_index
 from ragkit.retrieval.legacy import CONVERTED_MANIFEST, INDEX_FILENAME, PASSAGE_FILENAME
-from ragkit.testing import TINY_PASSAGES, tiny_rag_config
+from ragkit.testing import TINY_PASSAGES, assert_doc_dicts_equal, tiny_rag_config
 
 
 def _write_legacy_files(directory, embeddings):
@@ -74,7 +74,7 @@ def test_pickled_files_match_reference(legacy_dir, queries, trusted_env):
     ref_ids, ref_vectors = ref.get_top_docs(queries, 4)
     np.testing.assert_array_equal(ids, ref_ids)
     np.testing.assert_array_equal(vectors, ref_vectors)
-    assert ours.get_doc_dicts(ids) == ref.get_doc_dicts(ref_ids)
+    assert_doc_dicts_equal(ours.get_doc_dicts(ids), ref.get_doc_dicts(ref_ids))
     assert ids.min() >= 1000  # passage ids, not index positions
 
 
@@ -113,7 +113,7 @@ def test_converted_index_loads_without_opt_in_and_matches(legacy_dir, converted_
     ref_ids, ref_vectors = pickled.get_top_docs(queries, 5)
     np.testing.assert_array_equal(ids, ref_ids)
     np.testing.assert_array_equal(vectors, ref_vectors)
-    assert converted.get_doc_dicts(ids) == pickled.get_doc_dicts(ref_ids)
+    assert_doc_dicts_equal(converted.get_doc_dicts(ids), pickled.get_doc_dicts(ref_ids))
 
 
 def test_retriever_on_converted_dir_needs_no_opt_in(

@@ -144,6 +144,8 @@ def merge_shard_results(results: Sequence[ShardResult], n_docs: int) -> ShardRes
             column: [results[s].doc_dicts[q][column][j] for s, j in zip(shard_of[q], local[q])]
             for column in columns
         }
+        if "embeddings" in merged:
+            merged["embeddings"] = embeds[q].astype(np.float32, copy=False)
         doc_dicts.append(merged)
     return ShardResult(
         scores=np.take_along_axis(scores, positions, axis=-1),

@@ -30,7 +30,7 @@ __all__ = [
 _LAZY = {
     "MISSING_DOC_ID": "base",
     "Index": "base",
-    "HFIndexBase": "custom",
+    "HFIndexBase": "base",
     "CustomHFIndex": "custom",
     "CanonicalHFIndex": "canonical",
     "LegacyIndex": "legacy",
@@ -40,10 +40,10 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from .base import MISSING_DOC_ID, Index
+    from .base import MISSING_DOC_ID, HFIndexBase, Index
     from .building import BuiltIndex, build_index
     from .canonical import CanonicalHFIndex
-    from .custom import CustomHFIndex, HFIndexBase
+    from .custom import CustomHFIndex
     from .legacy import LegacyIndex, convert_legacy_index
 
 

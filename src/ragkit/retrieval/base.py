@@ -21,14 +21,20 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import CorruptFileError, MissingFileError, RagInputError
+from ._devices import import_faiss
+from ._queries import as_query_matrix, check_n_docs, check_query_shape
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "MISSING_DOC_ID",
+    "HFIndexBase",
     "Index",
     "PassageTable",
     "apply_search_parameters",
     "as_query_matrix",
+    "check_n_docs",
     "check_query_shape",
     "read_faiss_index",
 ]
@@ -37,56 +43,19 @@ __all__ = [
 MISSING_DOC_ID = -1
 
 
-def as_query_matrix(question_hidden_states: Any, dim: int | None = None) -> np.ndarray:
-    """Return questions as a C-contiguous `(batch_size, dim)` float32 numpy array.
-
-    Accepts numpy arrays, lists and torch tensors on any device and in any float dtype (half
-    precision on GPU included): they are moved to CPU float32, which is what faiss searches with.
-
-    Args:
-        question_hidden_states: `(batch_size, dim)` query vectors.
-        dim: Width the index expects; a different width raises ``ValueError``.
-
-    Returns:
-        np.ndarray: `(batch_size, dim)` float32.
-    """
-    if hasattr(question_hidden_states, "detach"):  # torch.Tensor, without importing torch here
-        question_hidden_states = question_hidden_states.detach().to("cpu").float().numpy()
-    queries = np.ascontiguousarray(question_hidden_states, dtype=np.float32)
-    check_query_shape(queries.shape, dim)
-    return queries
-
-
-def check_query_shape(shape: tuple[int, ...], dim: int | None = None) -> None:
-    """Raise ``ValueError`` unless ``shape`` is `(batch_size, dim)` (any width when ``dim`` is None)."""
-    shape = tuple(shape)
-    if len(shape) != 2:
-        raise ValueError(
-            f"`question_hidden_states` must have shape (batch_size, vector_size), got {shape}. "
-            "Pass one row per question (add a batch axis for a single question)."
-        )
-    if dim is not None and shape[1] != dim:
-        raise ValueError(
-            f"`question_hidden_states` has width {shape[1]} but the index holds vectors of width {dim}. "
-            "Use a question encoder whose output size matches the index (config.retrieval_vector_size) "
-            "or an index built with the same encoder family."
-        )
-
-
 def read_faiss_index(path: str | os.PathLike, what: str = "index_path") -> Any:
     """Read a faiss index file, turning faiss's low-level errors into an error that names the file."""
-    import faiss
-
+    faiss = import_faiss()
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"No faiss index file at {path!r} (`{what}`). Point `{what}` at the file written by "
             "`dataset.get_index('embeddings').save(path)`, `faiss.write_index` or `ragkit build-index`."
         )
     try:
         return faiss.read_index(path)
     except RuntimeError as err:
-        raise ValueError(
+        raise CorruptFileError(
             f"Could not read the faiss index at {path!r} (`{what}`): the file is truncated, corrupt or not a "
             f"faiss index ({str(err).strip().splitlines()[-1] if str(err).strip() else err}). Rebuild it, or "
             "download it again (force_download=True for Hub files)."
@@ -99,7 +68,7 @@ def apply_search_parameters(index: Any, nprobe: int | None = None, ef_search: in
     A value that does not apply to the index type is logged and ignored, so one config can serve
     several indexes.
     """
-    import faiss
+    faiss = import_faiss()
 
     if nprobe is not None:
         try:
@@ -129,17 +98,6 @@ def apply_search_parameters(index: Any, nprobe: int | None = None, ef_search: in
             graph.efSearch = int(ef_search)
 
 
-def _check_n_docs(n_docs: int, ntotal: int) -> None:
-    """Raise when more documents are asked for than the index holds."""
-    if not isinstance(n_docs, (int, np.integer)) or n_docs < 1:
-        raise ValueError(f"`n_docs` must be an integer >= 1, got {n_docs!r}.")
-    if n_docs > ntotal:
-        raise ValueError(
-            f"`n_docs`={n_docs} is larger than the number of passages in the index ({ntotal}). "
-            "Lower `n_docs` (config.n_docs or the n_docs argument) or index more passages."
-        )
-
-
 def _warn_missing(n_missing: int, n_asked: int) -> None:
     """Log that faiss returned fewer hits than asked and how to get more."""
     logger.warning(
@@ -150,19 +108,28 @@ def _warn_missing(n_missing: int, n_asked: int) -> None:
     )
 
 
+def _is_string_type(arrow_type: Any) -> bool:
+    """Whether an Arrow type holds strings (``string`` or ``large_string``)."""
+    import pyarrow as pa
+
+    return pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)
+
+
 class PassageTable:
     """Bulk, row-id based access to passages stored in an Arrow table (title, text, embeddings).
 
     The embedding column is exposed chunk by chunk as zero-copy `(rows, dim)` numpy views (over the
     memory map when the table lives on disk), so gathering `n` rows is one fancy-indexing per chunk
-    touched, not `n` Python-level lookups.
+    touched, not `n` Python-level lookups. The ``title`` and ``text`` columns are checked when the
+    table is opened (string type, no nulls: the schema and a null count, no scan of the values).
 
     Args:
         table: A ``pyarrow.Table`` with ``title`` and ``text`` string columns and, optionally, an
             ``embeddings`` column of fixed-width float lists.
         row_map: Optional `(n_rows,)` int array mapping logical row ids to table rows (the indices
             mapping of a ``datasets.Dataset`` after ``select``/``shuffle``).
-        extra_columns: Other string columns to return with each passage (``id`` for wiki_dpr).
+        extra_columns: Other columns to return with each passage (``id`` for wiki_dpr); None: every
+            column besides ``title``, ``text`` and ``embeddings``.
         source: Human-readable origin used in error messages.
     """
 
@@ -170,19 +137,22 @@ class PassageTable:
         self,
         table: Any,
         row_map: np.ndarray | None = None,
-        extra_columns: Sequence[str] = (),
+        extra_columns: Sequence[str] | None = (),
         source: str = "the dataset",
     ):
         missing = {"title", "text"} - set(table.column_names)
         if missing:
-            raise ValueError(
+            raise RagInputError(
                 f"{source} must have columns 'title' (str), 'text' (str) and 'embeddings' (float vectors), "
                 f"but {sorted(missing)} missing (columns: {table.column_names}). Rename or add the columns "
                 "(for example `dataset.rename_column('passage', 'text')`)."
             )
+        self._check_string_columns(table, source)
         self.table = table
         self.row_map = None if row_map is None else np.asarray(row_map, dtype=np.int64)
         self.num_rows = len(self.row_map) if self.row_map is not None else table.num_rows
+        if extra_columns is None:
+            extra_columns = [c for c in table.column_names if c not in ("title", "text", "embeddings")]
         self.extra_columns = tuple(c for c in extra_columns if c in table.column_names)
         self.source = source
         self._starts = np.zeros(1, dtype=np.int64)
@@ -191,12 +161,42 @@ class PassageTable:
         if "embeddings" in table.column_names:
             self._embedding_chunks, self._starts = self._embedding_views(table.column("embeddings"))
             self.dim = self._embedding_chunks[0].shape[1] if self._embedding_chunks else None
-        # Zero-copy record batches of the string columns: one ``take`` per batch fetches every column.
+        # Zero-copy record batches of the other columns: one ``take`` per batch fetches every column.
         self.text_columns = ("title", "text", *self.extra_columns)
+        self._string_columns = {c for c in self.text_columns if _is_string_type(table.schema.field(c).type)}
         batches = [b for b in table.select(list(self.text_columns)).to_batches() if b.num_rows]
         self._text_batches = batches or [table.select(list(self.text_columns)).to_batches()[0]]
         lengths = np.fromiter((b.num_rows for b in self._text_batches), dtype=np.int64)
         self._text_starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+
+    @classmethod
+    def from_dataset(cls, dataset: Any, source: str = "The dataset") -> PassageTable:
+        """Bulk accessor over a ``datasets.Dataset``'s Arrow table (respecting a ``select``/``shuffle`` mapping).
+
+        Every column is returned with each passage, as ``dataset[ids]`` would.
+        """
+        indices = getattr(dataset, "_indices", None)
+        row_map = None if indices is None else indices.column(0).to_numpy()
+        return cls(dataset.data.table, row_map=row_map, extra_columns=None, source=source)
+
+    @staticmethod
+    def _check_string_columns(table: Any, source: str) -> None:
+        """Refuse a ``title``/``text`` column that is not of string type or holds nulls."""
+        for column in ("title", "text"):
+            arrow_type = table.schema.field(column).type
+            if not _is_string_type(arrow_type) and table.num_rows:
+                raise RagInputError(
+                    f"{source}: the {column!r} column must hold strings, but its type is {arrow_type}. "
+                    f"Convert it (for example `dataset.cast_column({column!r}, datasets.Value('string'))`) "
+                    "or rebuild the passages with `ragkit build-index`."
+                )
+            nulls = table.column(column).null_count
+            if nulls:
+                raise RagInputError(
+                    f"{source}: the {column!r} column has {nulls} missing (null) value(s); every passage "
+                    f"needs a {column} (use '' for none), for example "
+                    f"`dataset.map(lambda row: {{{column!r}: row[{column!r}] or ''}})`."
+                )
 
     def _embedding_views(self, column: Any) -> tuple[list[np.ndarray], np.ndarray]:
         """Zero-copy `(rows, dim)` views of every chunk of the embeddings column."""
@@ -226,6 +226,12 @@ class PassageTable:
             else:
                 raise ValueError(
                     f"{self.source}: the 'embeddings' column must hold float vectors, got type {chunk.type}."
+                )
+            if width == 0:
+                raise CorruptFileError(
+                    f"{self.source}: the 'embeddings' column holds vectors of width 0, so the passages file is "
+                    "damaged or was written without embeddings. Rebuild the passages (`ragkit build-index`) or "
+                    "restore them from a good copy."
                 )
             if dim is not None and width != dim:
                 raise ValueError(f"{self.source}: the 'embeddings' column mixes widths {dim} and {width}.")
@@ -293,10 +299,15 @@ class PassageTable:
         return self.texts(ids)[column]
 
     def doc_dicts(self, doc_ids: np.ndarray) -> list[dict]:
-        """Per-question ``{"title": [...], "text": [...]}`` for `(batch_size, n_docs)` row ids (-1 = empty)."""
+        """One dict per question of every column at `(batch_size, n_docs)` row ids (-1 = an empty slot).
+
+        As ``dataset[ids]`` with the embeddings formatted as numpy: each dict maps a column name to the
+        list of its ``n_docs`` values, and ``embeddings`` (when the table has it) to a `(n_docs, dim)`
+        float32 array. Empty slots get ``""`` in string columns, None in others and a zero embedding.
+        """
         doc_ids = np.asarray(doc_ids, dtype=np.int64)
         if doc_ids.ndim != 2:
-            raise ValueError(f"`doc_ids` must have shape (batch_size, n_docs), got {doc_ids.shape}.")
+            raise RagInputError(f"`doc_ids` must have shape (batch_size, n_docs), got {doc_ids.shape}.")
         batch_size, n_docs = doc_ids.shape
         flat = doc_ids.reshape(-1)
         if flat.size and flat.max() >= self.num_rows:
@@ -304,24 +315,33 @@ class PassageTable:
                 f"doc id {int(flat.max())} is out of range for {self.source} with {self.num_rows} passages: "
                 "the faiss index and the passages do not belong together. Rebuild or re-pair them."
             )
+        valid = flat >= 0
         if flat.size == 0:
             values = {column: [] for column in self.text_columns}
-        elif flat.min() >= 0:
+        elif valid.all():
             values = self.texts(flat)
         else:
-            valid = flat >= 0
             found = self.texts(flat[valid]) if valid.any() else {c: [] for c in self.text_columns}
             positions = np.flatnonzero(valid).tolist()
             values = {}
             for column in self.text_columns:
-                column_values = [""] * flat.size
+                column_values = ["" if column in self._string_columns else None] * flat.size
                 for position, value in zip(positions, found[column]):
                     column_values[position] = value
                 values[column] = column_values
-        return [
-            {column: values[column][i * n_docs : (i + 1) * n_docs] for column in self.text_columns}
-            for i in range(batch_size)
-        ]
+        embeddings = None
+        if self._embedding_chunks is not None:
+            embeddings = np.zeros((flat.size, self.dim or 0), dtype=np.float32)
+            if valid.any():
+                embeddings[valid] = self.embeddings(flat[valid])
+            embeddings = embeddings.reshape(batch_size, n_docs, -1)
+        docs = []
+        for i in range(batch_size):
+            doc = {column: values[column][i * n_docs : (i + 1) * n_docs] for column in self.text_columns}
+            if embeddings is not None:
+                doc["embeddings"] = embeddings[i]
+            docs.append(doc)
+        return docs
 
 
 class Index(abc.ABC):
@@ -375,7 +395,7 @@ class Index(abc.ABC):
 
         resolved = resolve_search_device(device)
         if resolved.type != "cpu":
-            raise ValueError(
+            raise RagInputError(
                 f"{type(self).__name__} searches with faiss on the CPU only and cannot search on {resolved}. "
                 "Search on the GPU is supported by the custom and wiki_dpr indexes (index_name='custom', "
                 "'exact', 'compressed'); keep search_device='cpu' for this one."
@@ -388,3 +408,165 @@ class Index(abc.ABC):
                 f"{type(self).__name__} is not initialized: call `retriever.init_retrieval()` (or "
                 "`index.init_index()`) first, or create the retriever with init_retrieval=True."
             )
+
+
+def _attached_faiss_index(dataset: Any) -> Any | None:
+    """The faiss index attached to the dataset's ``embeddings`` column, if any."""
+    if "embeddings" not in dataset.list_indexes():
+        return None
+    return dataset.get_index("embeddings").faiss_index
+
+
+class HFIndexBase(Index):
+    """Search a faiss index and fetch passages from the ``datasets.Dataset`` it was built over.
+
+    The dataset is read through its Arrow table (memory-mapped when loaded from disk) and is not
+    modified: its format and attached indexes stay as the caller left them.
+
+    Args:
+        vector_size: Width of the embeddings (``config.retrieval_vector_size``).
+        dataset: ``datasets.Dataset`` with ``title``, ``text`` and ``embeddings`` columns.
+        index_initialized: Whether the faiss index is already attached to ``dataset``.
+        nprobe: faiss ``nprobe`` for IVF indexes.
+        ef_search: faiss ``efSearch`` for HNSW indexes.
+        source: Where the passages come from, for error messages (``"The passages at '/data/x'"``).
+    """
+
+    def __init__(
+        self,
+        vector_size: int,
+        dataset: Any,
+        index_initialized: bool = False,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        source: str = "The dataset",
+    ):
+        self.vector_size = vector_size
+        self.nprobe = nprobe
+        self.ef_search = ef_search
+        self.source = source
+        self.faiss_index: Any = None
+        self._index_initialized = index_initialized
+        self._search_device: Any = None  # a CUDA torch.device once moved; None: faiss on the CPU
+        self._device_search: Any = None  # its DeviceSearch, built when the faiss index is there
+        self._set_dataset(dataset, with_index=index_initialized)
+        if index_initialized:
+            self._set_faiss_index(_attached_faiss_index(dataset))
+
+    def _set_dataset(self, dataset: Any, with_index: bool) -> None:
+        """Check ``dataset`` (columns, types, embedding width) and read passages from it from now on."""
+        self.dataset = dataset
+        self._check_dataset_format(with_index=with_index)
+        self.passages = PassageTable.from_dataset(dataset, source=self.source)
+        if self.passages.dim is not None and self.passages.dim != self.vector_size:
+            raise RagInputError(
+                f"The dataset's embeddings have width {self.passages.dim} but `retrieval_vector_size` is "
+                f"{self.vector_size}. Set config.retrieval_vector_size={self.passages.dim} or re-embed the passages "
+                "with an encoder of the right width."
+            )
+
+    def _check_dataset_format(self, with_index: bool) -> None:
+        """Raise if the dataset is not a ``datasets.Dataset`` with the three columns (and index) needed."""
+        from datasets import Dataset
+
+        if not isinstance(self.dataset, Dataset):
+            raise TypeError(
+                f"The passages must be a datasets.Dataset, got {type(self.dataset).__name__}. Load them with "
+                "`datasets.load_from_disk(path)` or build one with `Dataset.from_dict(...)`."
+            )
+        missing = {"title", "text", "embeddings"} - set(self.dataset.column_names)
+        if missing:
+            raise RagInputError(
+                "The dataset must have columns 'title' (str), 'text' (str) and 'embeddings' (float vectors of "
+                f"width retrieval_vector_size); {sorted(missing)} missing (columns: {self.dataset.column_names}). "
+                "Add or rename the columns (`ragkit build-index` writes the right layout)."
+            )
+        if with_index and "embeddings" not in self.dataset.list_indexes():
+            raise RagInputError(
+                "The dataset has no faiss index on 'embeddings'. Call `dataset.add_faiss_index('embeddings')` "
+                "to build one or `dataset.load_faiss_index('embeddings', path)` to load one, or give "
+                "`index_path`."
+            )
+
+    def _set_faiss_index(self, index: Any) -> None:
+        """Check the faiss index against the passages and apply the search parameters."""
+        if index.d != self.vector_size:
+            raise RagInputError(
+                f"The faiss index has dimension {index.d} but `retrieval_vector_size` is {self.vector_size}. "
+                "Use the index built for these passages, or set config.retrieval_vector_size to match."
+            )
+        if index.ntotal != self.passages.num_rows:
+            raise RagInputError(
+                f"The faiss index holds {index.ntotal} vectors but the dataset has {self.passages.num_rows} "
+                "passages: they do not belong together. Rebuild the index from this dataset."
+            )
+        apply_search_parameters(index, self.nprobe, self.ef_search)
+        if self._search_device is not None:
+            from .device_search import DeviceSearch
+
+            self._device_search = DeviceSearch(index, self._search_device)
+        self.faiss_index = index
+
+    def init_index(self) -> None:
+        """Implemented by subclasses."""
+        raise NotImplementedError
+
+    def is_initialized(self) -> bool:
+        return self._index_initialized
+
+    def get_doc_dicts(self, doc_ids: np.ndarray) -> list[dict]:
+        return self.passages.doc_dicts(doc_ids)
+
+    @property
+    def search_device(self) -> Any:
+        """The ``torch.device`` searched on: the CPU (faiss-cpu) until :meth:`to_search_device` moves it."""
+        import torch
+
+        return self._search_device if self._search_device is not None else torch.device("cpu")
+
+    def to_search_device(self, device: Any) -> None:
+        """Search on ``device`` from now on (``"cpu"``: faiss on the CPU again).
+
+        On a CUDA device the faiss index is copied to it with faiss-gpu when installed; otherwise an
+        exact index (``IndexFlatIP``/``IndexFlatL2``) is searched there with PyTorch (see
+        :mod:`ragkit.retrieval.device_search`). Before :meth:`init_index` the move waits for the index
+        to load. The CPU faiss index is kept (``save_pretrained`` writes it as before).
+
+        Args:
+            device: ``"cpu"``, ``"cuda"``, ``"cuda:<index>"`` or a ``torch.device``.
+
+        Raises:
+            AcceleratorUnavailableError: A CUDA device was asked for and PyTorch sees none.
+            ValueError: faiss has no GPU support and the index is not exact (the message names its type).
+        """
+        from .device_search import DeviceSearch, resolve_search_device
+
+        resolved = resolve_search_device(device)
+        if resolved.type == "cpu":
+            self._search_device = self._device_search = None
+            return
+        device_search = None if self.faiss_index is None else DeviceSearch(self.faiss_index, resolved)
+        self._search_device, self._device_search = resolved, device_search
+
+    def get_top_docs(self, question_hidden_states: Any, n_docs: int = 5) -> tuple[np.ndarray, np.ndarray]:
+        self._require_initialized()
+        if self._device_search is not None:
+            _, ids = self._device_search.search(question_hidden_states, n_docs)
+        else:
+            queries = as_query_matrix(question_hidden_states, self.vector_size)
+            check_n_docs(n_docs, self.faiss_index.ntotal)
+            _, ids = self.faiss_index.search(queries, n_docs)
+        return ids, self.embeddings_of(ids)
+
+    def embeddings_of(self, ids: np.ndarray) -> np.ndarray:
+        """`(batch_size, n_docs, dim)` float32 embeddings of `(batch_size, n_docs)` ids (zeros for -1)."""
+        batch_size, n_docs = ids.shape
+        flat = ids.reshape(-1)
+        valid = flat >= 0
+        if valid.all():
+            return self.passages.embeddings(flat).reshape(batch_size, n_docs, -1)
+        _warn_missing(int((~valid).sum()), flat.size)
+        out = np.zeros((flat.size, self.vector_size), dtype=np.float32)
+        if valid.any():
+            out[valid] = self.passages.embeddings(flat[valid])
+        return out.reshape(batch_size, n_docs, -1)

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
+from ..errors import CorruptFileError, MissingFileError, RagInputError
 from . import _hub
-from .base import read_faiss_index
-from .custom import HFIndexBase
+from ._devices import import_faiss
+from .base import HFIndexBase, _attached_faiss_index, read_faiss_index
 
 logger = logging.getLogger(__name__)
 
@@ -58,12 +60,12 @@ def _parse_index_name(index_name: str, embeddings_name: str, dummy: bool) -> tup
         embeddings_name, parts = parts[1], parts[2:]
     kind = parts[0] if len(parts) == 1 else None
     if kind not in _INDEX_KINDS:
-        raise ValueError(
+        raise RagInputError(
             f"Unknown wiki_dpr `index_name` {index_name!r}: use 'exact' or 'compressed' (optionally written "
             "'psgs_w100.<nq|multiset>.<exact|compressed>'), 'legacy' for DPR's files or 'custom' for your own."
         )
     if embeddings_name not in _EMBEDDINGS_NAMES:
-        raise ValueError(
+        raise RagInputError(
             f"Unknown wiki_dpr embeddings {embeddings_name!r}: use one of {_EMBEDDINGS_NAMES} "
             "(`embeddings_name=`)."
         )
@@ -77,6 +79,18 @@ def _hub_repos(dataset_name: str) -> tuple[str, str]:
     if dataset_name in ("wiki_dpr", WIKI_DPR_REPO):
         return WIKI_DPR_REPO, WIKI_DPR_DUMMY_REPO
     return dataset_name, dataset_name
+
+
+def _damaged_parquet(files: list[str]) -> str | None:
+    """The first of ``files`` whose parquet footer cannot be read, if any."""
+    import pyarrow.parquet as pq
+
+    for path in files:
+        try:
+            pq.read_metadata(path)
+        except Exception:
+            return path
+    return None
 
 
 class CanonicalHFIndex(HFIndexBase):
@@ -96,6 +110,10 @@ class CanonicalHFIndex(HFIndexBase):
         ef_search: faiss ``efSearch`` (HNSW graphs).
         cache_dir: Hub and ``datasets`` cache directory.
         token: Hub token for private mirrors.
+        load_dataset: A ``datasets.load_dataset``-like callable to get the passages and the indexed
+            dataset from instead of the files, called with the reference's arguments (``with_index``,
+            ``dummy``, ``index_name``, ...); :class:`~ragkit.RagRetriever` passes
+            ``ragkit.retrieval_rag.load_dataset`` when it has been replaced (a test's patch).
     """
 
     def __init__(
@@ -112,9 +130,12 @@ class CanonicalHFIndex(HFIndexBase):
         ef_search: int | None = None,
         cache_dir: str | os.PathLike | None = None,
         token: str | bool | None = None,
+        load_dataset: Callable[..., Any] | None = None,
     ):
         if index_name is None and index_path is None:
-            raise ValueError("CanonicalHFIndex needs `index_name` ('exact' or 'compressed') or `index_path`.")
+            raise RagInputError(
+                "CanonicalHFIndex needs `index_name` ('exact' or 'compressed') or `index_path`."
+            )
         kind, embeddings_name, use_dummy_dataset = _parse_index_name(
             index_name or "exact", embeddings_name, use_dummy_dataset
         )
@@ -129,9 +150,26 @@ class CanonicalHFIndex(HFIndexBase):
         self.cache_dir = cache_dir
         self._hub_kwargs: dict[str, Any] = {} if token is None else {"token": token}
         self._repo, self._dummy_repo = _hub_repos(self.dataset_name)
+        self._load_dataset = load_dataset
         logger.info("Loading passages from %s", self.dataset_name)
-        dataset = self._load_passages()
-        super().__init__(vector_size, dataset, index_initialized=False, nprobe=nprobe, ef_search=ef_search)
+        if load_dataset is not None:
+            dataset = load_dataset(
+                self.dataset_name,
+                with_index=False,
+                split=self.dataset_split,
+                dummy=self.use_dummy_dataset,
+                revision=dataset_revision,
+            )
+        else:
+            dataset = self._load_passages()
+        super().__init__(
+            vector_size,
+            dataset,
+            index_initialized=False,
+            nprobe=nprobe,
+            ef_search=ef_search,
+            source=f"The wiki_dpr passages of {self.dataset_name!r}",
+        )
 
     def _load_passages(self) -> Any:
         """Memory-mapped ``datasets.Dataset`` over the parquet shards of the chosen variant."""
@@ -148,14 +186,24 @@ class CanonicalHFIndex(HFIndexBase):
             **self._hub_kwargs,
         )
         if not files:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"No passages matching {pattern!r} in {self._repo!r} (`dataset`). A wiki_dpr mirror needs the "
                 "parquet shards under data/psgs_w100/<variant>/ (see docs/retrieval.md)."
             )
         cache_dir = (
             None if self.cache_dir is None else os.path.join(os.fspath(self.cache_dir), "ragkit-datasets")
         )
-        return Dataset.from_parquet(files, split="train", cache_dir=cache_dir)
+        try:
+            return Dataset.from_parquet(files, split="train", cache_dir=cache_dir)
+        except Exception as err:
+            bad = _damaged_parquet(files)
+            if bad is None:
+                raise
+            raise CorruptFileError(
+                f"The wiki_dpr passages file {bad!r} cannot be read: it is truncated or damaged ({err}). Delete it "
+                "and download it again (force_download=True, or remove it from the Hub cache), or copy it "
+                "again into your mirror."
+            ) from err
 
     def _index_file(self) -> str:
         """Local path of the faiss index, downloading it when needed; '' when a dummy index must be built."""
@@ -197,15 +245,33 @@ class CanonicalHFIndex(HFIndexBase):
         """Load the faiss index (downloading it once), or build an exact one for a dummy set without one."""
         if self.is_initialized():
             return
+        if self._load_dataset is not None and self.index_path is None:
+            self._init_from_load_dataset()
+            return
         path = self._index_file()
         if path:
             logger.info("Loading index from %s", path)
             index = read_faiss_index(path, what="index_path" if self.index_path else "index_name")
         else:
-            import faiss
-
+            faiss = import_faiss()
             logger.info("No dummy index file for %s embeddings: building an exact one.", self.embeddings_name)
             index = faiss.IndexFlatIP(self.vector_size)
             index.add(self.passages.all_embeddings())
         self._set_faiss_index(index)
+        self._index_initialized = True
+
+    def _init_from_load_dataset(self) -> None:
+        """Take the passages and their faiss index from the ``load_dataset`` callable, as the reference does."""
+        logger.info("Loading index from %s with index name %s", self.dataset_name, self.index_name)
+        dataset = self._load_dataset(
+            self.dataset_name,
+            with_embeddings=True,
+            with_index=True,
+            split=self.dataset_split,
+            index_name=self.index_name,
+            dummy=self.use_dummy_dataset,
+            revision=self.dataset_revision,
+        )
+        self._set_dataset(dataset, with_index=True)
+        self._set_faiss_index(_attached_faiss_index(dataset))
         self._index_initialized = True

@@ -26,7 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import _check_n_docs, as_query_matrix, check_query_shape
+from ._devices import faiss_gpu_count as _faiss_gpu_count
+from ._devices import import_faiss, resolve_search_device
+from ._queries import as_query_matrix, check_finite, check_query_shape
+from ._queries import check_n_docs as _check_n_docs
 
 logger = logging.getLogger(__name__)
 
@@ -55,62 +58,6 @@ _precision_warned = False
 # --------------------------------------------------------------------------------------------------
 
 
-def _faiss_gpu_count() -> int:
-    """GPUs faiss can search on: 0 for a faiss-cpu build."""
-    import faiss
-
-    if not hasattr(faiss, "StandardGpuResources"):
-        return 0
-    try:
-        return int(faiss.get_num_gpus())
-    except (AttributeError, RuntimeError):
-        return 0
-
-
-def resolve_search_device(device: Any) -> torch.device:
-    """Check a requested search device and make it explicit (``"cuda"`` -> ``cuda:<current device>``).
-
-    Args:
-        device: ``None`` or ``"cpu"`` (faiss on the CPU), ``"cuda"``, ``"cuda:<index>"`` or a ``torch.device``.
-
-    Returns:
-        torch.device: ``cpu`` or ``cuda:<index>``.
-
-    Raises:
-        AcceleratorUnavailableError: A CUDA device was asked for and PyTorch sees none.
-        ValueError: Not a device, a device type other than CPU and CUDA, or a CUDA index out of range.
-    """
-    if device is None:
-        return torch.device("cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(
-            f"search_device={device!r} is not a device; use 'cpu' (faiss on the CPU), 'cuda' or 'cuda:<index>'."
-        ) from err
-    if resolved.type == "cpu":
-        return torch.device("cpu")
-    if resolved.type != "cuda":
-        raise ValueError(
-            f"search_device={device!r}: retrieval searches on 'cpu' (faiss) or on a CUDA device ('cuda', "
-            f"'cuda:<index>'), not on {resolved.type!r}."
-        )
-    from .._accelerators import AcceleratorUnavailableError, _cuda_available
-
-    if not _cuda_available():
-        raise AcceleratorUnavailableError(
-            f"search_device={device!r} needs a CUDA GPU, and PyTorch sees none (torch.cuda.is_available() is "
-            "False). Keep search_device='cpu' (faiss-cpu) here; on a GPU machine use a CUDA build of PyTorch."
-        )
-    index = resolved.index if resolved.index is not None else torch.cuda.current_device()
-    count = torch.cuda.device_count()
-    if index >= count:
-        raise ValueError(
-            f"search_device={device!r}: PyTorch sees {count} CUDA device(s) (cuda:0 to cuda:{count - 1})."
-        )
-    return torch.device("cuda", index)
-
-
 def as_query_tensor(
     question_hidden_states: Any, device: torch.device, dim: int | None = None
 ) -> torch.Tensor:
@@ -137,7 +84,9 @@ def as_query_tensor(
     else:
         queries = torch.from_numpy(np.ascontiguousarray(question_hidden_states, dtype=np.float32))
     check_query_shape(tuple(queries.shape), dim)
-    return queries.to(device=device, dtype=torch.float32).contiguous()
+    queries = queries.to(device=device, dtype=torch.float32).contiguous()
+    check_finite(bool(torch.isfinite(queries).all()))
+    return queries
 
 
 def _warn_if_reduced_precision() -> None:
@@ -161,7 +110,7 @@ def _warn_if_reduced_precision() -> None:
 
 def _index_type_name(index: Any) -> str:
     """``IndexHNSWFlat``, ``IndexIDMap(IndexFlatIP)``, ...: the faiss class names, for messages."""
-    import faiss
+    faiss = import_faiss()
 
     top = faiss.downcast_index(index)
     if isinstance(top, faiss.IndexIDMap):
@@ -175,7 +124,7 @@ def _exact_parts(index: Any) -> tuple[Any, str, np.ndarray | None] | None:
     Exact means a float ``IndexFlat`` (``IndexFlatIP``, ``IndexFlatL2``) with the inner-product or L2
     metric, bare or inside an ``IndexIDMap``/``IndexIDMap2`` (whose labels are returned as ids).
     """
-    import faiss
+    faiss = import_faiss()
 
     top = faiss.downcast_index(index)
     id_map = None
@@ -368,7 +317,7 @@ class TorchExactSearch:
 
 def _to_faiss_gpu(index: Any, device: torch.device) -> tuple[Any, Any]:
     """(GPU copy of ``index``, its ``StandardGpuResources``), with the CPU index's ``nprobe``."""
-    import faiss
+    faiss = import_faiss()
 
     resources = faiss.StandardGpuResources()
     try:

@@ -33,10 +33,10 @@ from .base import (
     MISSING_DOC_ID,
     Index,
     PassageTable,
-    _check_n_docs,
     _warn_missing,
     apply_search_parameters,
     as_query_matrix,
+    check_n_docs,
     read_faiss_index,
 )
 from .canonical import WIKI_DPR_DUMMY_REPO
@@ -246,7 +246,7 @@ class LegacyIndex(Index):
     ) -> tuple[np.ndarray, np.ndarray]:
         self._require_initialized()
         queries = as_query_matrix(question_hidden_states, self.vector_size)
-        _check_n_docs(n_docs, self.index.ntotal)
+        check_n_docs(n_docs, self.index.ntotal)
         # DPR's phi trick: passage vectors carry an extra component, queries a 0 there.
         padded = np.zeros((queries.shape[0], self.vector_size + 1), dtype=np.float32)
         padded[:, :-1] = queries
