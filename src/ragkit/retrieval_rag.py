@@ -24,6 +24,7 @@ from transformers import BatchEncoding, PreTrainedTokenizerBase
 
 from ._io import atomic_directory, atomic_file
 from .configuration_rag import RagConfig
+from .errors import RagInputError
 from .retrieval.base import Index, as_query_matrix
 from .retrieval.canonical import CanonicalHFIndex
 from .retrieval.custom import CustomHFIndex
@@ -130,6 +131,19 @@ def _as_id_lists(question_input_ids: Any) -> list[list[int]]:
     if question_input_ids and isinstance(question_input_ids[0], (int, np.integer)):
         question_input_ids = [question_input_ids]
     return question_input_ids
+
+
+def _check_same_rows(n_questions: int, question_hidden_states: Any) -> None:
+    """Raise ``RagInputError`` unless there is one question vector per row of question token ids."""
+    shape = getattr(question_hidden_states, "shape", None)
+    n_vectors = shape[0] if shape is not None and len(shape) else None
+    if n_vectors is None and isinstance(question_hidden_states, (list, tuple)):
+        n_vectors = len(question_hidden_states)
+    if n_vectors is not None and n_vectors != n_questions:
+        raise RagInputError(
+            f"`question_input_ids` has {n_questions} row(s) but `question_hidden_states` has {n_vectors}: pass "
+            "one question vector per question (the question encoder's output for these same input ids)."
+        )
 
 
 class RagRetriever:
@@ -409,7 +423,7 @@ class RagRetriever:
                 type and the fixes), or the index backend searches on the CPU only (legacy).
         """
         if not hasattr(self.index, "to_search_device"):
-            raise ValueError(
+            raise RagInputError(
                 f"The index {type(self.index).__name__} cannot change its search device: derive it from "
                 "ragkit.retrieval.Index (and implement to_search_device) or keep searching on the CPU."
             )
@@ -551,10 +565,10 @@ class RagRetriever:
         """
         n_docs = n_docs if n_docs is not None else self.n_docs
         prefix = prefix if prefix is not None else getattr(self.config.generator, "prefix", None)
+        id_lists = _as_id_lists(question_input_ids)
+        _check_same_rows(len(id_lists), question_hidden_states)
         retrieved_doc_embeds, doc_ids, docs = self.retrieve(question_hidden_states, n_docs)
-        input_strings = self.question_encoder_tokenizer.decode(
-            _as_id_lists(question_input_ids), skip_special_tokens=True
-        )
+        input_strings = self.question_encoder_tokenizer.decode(id_lists, skip_special_tokens=True)
         context_input_ids, context_attention_mask = self.postprocess_docs(
             docs, input_strings, prefix, n_docs, return_tensors=return_tensors
         )

@@ -11,6 +11,7 @@ from typing import Any
 from transformers import AutoTokenizer, BatchEncoding, PreTrainedTokenizerBase
 
 from .configuration_rag import RagConfig
+from .errors import MissingFileError, RagInputError
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,34 @@ def _length_kwargs(
     return {"max_length": max_length, "truncation": truncation}
 
 
+def _check_subfolder(location: str | os.PathLike, subfolder: str) -> None:
+    """Raise ``MissingFileError`` when the local checkpoint ``location`` lacks the tokenizer folder ``subfolder``."""
+    if os.path.isdir(location) and not os.path.isdir(os.path.join(location, subfolder)):
+        raise MissingFileError(
+            f"{os.fspath(location)!r} has no {subfolder}/ folder, so its tokenizer cannot be loaded (without it "
+            "every word would become an unknown token). Save the tokenizers there with "
+            "`RagTokenizer(question_encoder=..., generator=...).save_pretrained(path)`, or copy the folder from "
+            "the checkpoint it came from."
+        )
+
+
+def _check_has_vocabulary(tokenizer: PreTrainedTokenizerBase, location: Any, subfolder: str) -> None:
+    """Raise ``MissingFileError`` when the loaded tokenizer knows nothing but its special tokens."""
+    if len(tokenizer) <= len(set(tokenizer.all_special_tokens)):
+        raise MissingFileError(
+            f"The tokenizer in {subfolder}/ of {os.fspath(location)!r} has no vocabulary (only "
+            f"{len(tokenizer)} special tokens): its vocabulary files are missing. Check that the checkpoint "
+            f"holds {subfolder}/ with the tokenizer's files (tokenizer.json, or vocab/merges files)."
+        )
+
+
+def _local_config(location: str | os.PathLike, kwargs: dict[str, Any]) -> RagConfig | None:
+    """The RAG config next to the tokenizers, or None for a local directory without ``config.json``."""
+    if os.path.isdir(location) and not os.path.isfile(os.path.join(location, "config.json")):
+        return None  # saved by RagTokenizer.save_pretrained alone: each tokenizer names its own class
+    return RagConfig.from_pretrained(location, **_hub_kwargs(kwargs))
+
+
 class RagTokenizer:
     """Pair of tokenizers used by RAG, saved as ``question_encoder_tokenizer/`` and ``generator_tokenizer/``.
 
@@ -60,7 +89,7 @@ class RagTokenizer:
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write both tokenizers into their subfolders of ``save_directory``."""
         if os.path.isfile(save_directory):
-            raise ValueError(f"`save_directory` ({save_directory}) is a file; give a directory path.")
+            raise RagInputError(f"`save_directory` ({save_directory}) is a file; give a directory path.")
         os.makedirs(save_directory, exist_ok=True)
         self.question_encoder.save_pretrained(os.path.join(save_directory, QUESTION_ENCODER_SUBFOLDER))
         self.generator.save_pretrained(os.path.join(save_directory, GENERATOR_SUBFOLDER))
@@ -68,6 +97,9 @@ class RagTokenizer:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> RagTokenizer:
         """Load both tokenizers from a RAG checkpoint (Hub id or local directory).
+
+        A directory written by :meth:`save_pretrained` alone (no ``config.json``) loads too: each
+        tokenizer's own files name its class.
 
         Args:
             pretrained_model_name_or_path: Hub id such as ``"facebook/rag-sequence-nq"`` or a local directory
@@ -77,20 +109,28 @@ class RagTokenizer:
 
         Returns:
             RagTokenizer
+
+        Raises:
+            MissingFileError: A tokenizer folder is missing, or holds no vocabulary.
         """
         config = kwargs.pop("config", None)
+        for subfolder in (QUESTION_ENCODER_SUBFOLDER, GENERATOR_SUBFOLDER):
+            _check_subfolder(pretrained_model_name_or_path, subfolder)
         if config is None:
-            config = RagConfig.from_pretrained(pretrained_model_name_or_path, **_hub_kwargs(kwargs))
-        question_encoder = AutoTokenizer.from_pretrained(
-            pretrained_model_name_or_path,
-            config=config.question_encoder,
-            subfolder=QUESTION_ENCODER_SUBFOLDER,
-            **kwargs,
-        )
-        generator = AutoTokenizer.from_pretrained(
-            pretrained_model_name_or_path, config=config.generator, subfolder=GENERATOR_SUBFOLDER, **kwargs
-        )
-        return cls(question_encoder=question_encoder, generator=generator)
+            config = _local_config(pretrained_model_name_or_path, kwargs)
+        tokenizers = {}
+        for part, subfolder in (
+            ("question_encoder", QUESTION_ENCODER_SUBFOLDER),
+            ("generator", GENERATOR_SUBFOLDER),
+        ):
+            part_config = None if config is None else getattr(config, part)
+            config_kwargs = {} if part_config is None else {"config": part_config}
+            tokenizer = AutoTokenizer.from_pretrained(
+                pretrained_model_name_or_path, subfolder=subfolder, **config_kwargs, **kwargs
+            )
+            _check_has_vocabulary(tokenizer, pretrained_model_name_or_path, subfolder)
+            tokenizers[part] = tokenizer
+        return cls(**tokenizers)
 
     def __call__(self, *args: Any, text_target: Any = None, **kwargs: Any) -> BatchEncoding:
         """Tokenize questions with the current tokenizer; ``text_target`` with the generator's tokenizer.

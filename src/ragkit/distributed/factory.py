@@ -19,6 +19,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from ..configuration_rag import RagConfig
+from ..errors import RagInputError
 from ..retrieval_rag import RagRetriever
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ def _base_retriever(
         return base
     if isinstance(base, RagConfig):
         if question_encoder_tokenizer is None or generator_tokenizer is None:
-            raise ValueError(
+            raise RagInputError(
                 "make_distributed_retriever got a RagConfig: also pass question_encoder_tokenizer= and "
                 "generator_tokenizer= (or pass a RagRetriever)."
             )
@@ -117,9 +118,9 @@ def make_distributed_retriever(
         for ``"pytorch"`` without a process group yet, at its first call).
     """
     if kind not in DISTRIBUTED_RETRIEVERS:
-        raise ValueError(f"--distributed_retriever must be one of {DISTRIBUTED_RETRIEVERS}, got {kind!r}.")
+        raise RagInputError(f"--distributed_retriever must be one of {DISTRIBUTED_RETRIEVERS}, got {kind!r}.")
     if num_workers < 1 or index_shards < 1:
-        raise ValueError(
+        raise RagInputError(
             f"--num_retrieval_workers ({num_workers}) and --index_shards ({index_shards}) must be at least 1."
         )
     retriever = _base_retriever(base, question_encoder_tokenizer, generator_tokenizer)
@@ -129,7 +130,7 @@ def make_distributed_retriever(
         return retriever
     if kind == "pytorch":
         if index_shards > 1 or num_workers > 1 or ray_address is not None:
-            raise ValueError(
+            raise RagInputError(
                 "--distributed_retriever pytorch serves the index from rank 0 alone: drop --index_shards, "
                 "--num_retrieval_workers and --ray_address, or use --distributed_retriever ray."
             )
@@ -139,7 +140,7 @@ def make_distributed_retriever(
     from .ray_retriever import RayRetriever
 
     if index_shards > 1 and num_workers not in (1, index_shards):
-        raise ValueError(
+        raise RagInputError(
             f"--index_shards {index_shards} starts one actor per shard; --num_retrieval_workers {num_workers} "
             "cannot also apply. Leave --num_retrieval_workers at 1 (or equal to --index_shards)."
         )
@@ -147,7 +148,7 @@ def make_distributed_retriever(
     num_actors = index_shards if layout == "sharded" else num_workers
     if _world_size() > 1:
         if ray_address is None:
-            raise ValueError(
+            raise RagInputError(
                 "--distributed_retriever ray in a multi-process job needs one Ray cluster for all ranks: start "
                 "it (`ray start --head` on the first node, `ray start --address HEAD:6379` on the others) and "
                 "pass --ray_address auto."

@@ -27,6 +27,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from ..configuration_rag import RagConfig
+from ..errors import RagInputError
 from ..retrieval.base import Index, as_query_matrix
 from ..retrieval.canonical import CanonicalHFIndex
 from ..retrieval.custom import CustomHFIndex
@@ -147,15 +148,15 @@ class RayRetriever(RagRetriever):
         ray_init_kwargs: dict[str, Any] | None = None,
     ) -> None:
         if layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}.")
+            raise RagInputError(f"layout must be one of {LAYOUTS}, got {layout!r}.")
         if num_actors < 1:
-            raise ValueError(f"num_actors must be at least 1, got {num_actors}.")
+            raise RagInputError(f"num_actors must be at least 1, got {num_actors}.")
         self.num_actors = num_actors
         self.layout = layout
         self.address = address
         self.passages = passages
         if shard_index_paths is not None and (layout != "sharded" or len(shard_index_paths) != num_actors):
-            raise ValueError(
+            raise RagInputError(
                 f"shard_index_paths needs layout='sharded' and one file per shard ({num_actors}), got "
                 f"{len(shard_index_paths)} file(s) with layout={layout!r}."
             )
@@ -202,7 +203,7 @@ class RayRetriever(RagRetriever):
             return self.passages
         dataset = getattr(self.index, "dataset", None)
         if dataset is None or "embeddings" not in getattr(dataset, "column_names", ()):
-            raise ValueError(
+            raise RagInputError(
                 f"layout='sharded' needs the passages with their embeddings, and the {type(self.index).__name__} "
                 "has none: pass passages= (a datasets.Dataset or a save_to_disk directory with title, text "
                 "and embeddings) or use layout='replicated'."
@@ -286,7 +287,7 @@ class RayRetriever(RagRetriever):
         if self.service is None:
             self.init_retrieval()
         if self._num_passages is not None and n_docs > self._num_passages:
-            raise ValueError(
+            raise RagInputError(
                 f"`n_docs`={n_docs} is larger than the number of passages in the index ({self._num_passages}). "
                 "Lower `n_docs` (config.n_docs or the n_docs argument) or index more passages."
             )

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import RagInputError
 from .errors import RetrievalTimeoutError, RetrievalUnavailableError
 from .sharding import ReplicaSpec, ShardResult, ShardSpec, merge_shard_results
 
@@ -139,11 +140,11 @@ class RayIndexService:
         search_delay_s: float = 0.0,
     ) -> None:
         if layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}.")
+            raise RagInputError(f"layout must be one of {LAYOUTS}, got {layout!r}.")
         if not specs:
-            raise ValueError("RayIndexService needs at least one spec (one per actor).")
+            raise RagInputError("RayIndexService needs at least one spec (one per actor).")
         if layout == "sharded" and any(isinstance(spec, ReplicaSpec) for spec in specs):
-            raise ValueError(
+            raise RagInputError(
                 "The sharded layout needs passage shards (ShardSpec): an index that reports no scores "
                 "cannot be merged. Use layout='replicated' or give the passages dataset."
             )

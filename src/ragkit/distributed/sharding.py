@@ -22,7 +22,10 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import RagInputError
+from ..retrieval._devices import import_faiss
 from ..retrieval.base import PassageTable, apply_search_parameters, as_query_matrix, read_faiss_index
+from ..retrieval.building import build_faiss_index
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +38,6 @@ __all__ = [
     "merge_shard_results",
     "shard_bounds",
 ]
-
-#: Rows read at once when a shard copies its embeddings into its faiss index.
-_ADD_CHUNK_ROWS = 65_536
-#: Largest sample an approximate shard index is trained on.
-_MAX_TRAIN_ROWS = 262_144
 
 
 @dataclass
@@ -75,9 +73,9 @@ def shard_bounds(num_passages: int, num_shards: int) -> list[tuple[int, int]]:
         ``num_shards`` ``(start, stop)`` pairs covering the collection in order.
     """
     if num_shards < 1:
-        raise ValueError(f"num_shards must be at least 1, got {num_shards}.")
+        raise RagInputError(f"num_shards must be at least 1, got {num_shards}.")
     if num_passages < num_shards:
-        raise ValueError(
+        raise RagInputError(
             f"Cannot split {num_passages} passages into {num_shards} shards; use at most {num_passages} shards."
         )
     base, extra = divmod(num_passages, num_shards)
@@ -117,11 +115,11 @@ def merge_shard_results(results: Sequence[ShardResult], n_docs: int) -> ShardRes
         The merged :class:`ShardResult`; equal to what one exact index over all shards returns.
     """
     if not results:
-        raise ValueError("merge_shard_results needs at least one shard result.")
+        raise RagInputError("merge_shard_results needs at least one shard result.")
     if len(results) == 1:
         return results[0]
     if any(result.scores is None for result in results):
-        raise ValueError(
+        raise RagInputError(
             "Sharded results must carry scores to be merged; build the shards with PassageShard."
         )
     per_shard = results[0].doc_ids.shape[1]
@@ -130,7 +128,7 @@ def merge_shard_results(results: Sequence[ShardResult], n_docs: int) -> ShardRes
     positions = _faiss_order(scores, ids, n_docs)
     merged_ids = np.take_along_axis(ids, positions, axis=-1)
     if (merged_ids < 0).any():
-        raise ValueError(
+        raise RagInputError(
             f"n_docs={n_docs} is larger than the number of passages in the index; ask for fewer documents."
         )
     shard_of, local = np.divmod(positions, per_shard)
@@ -164,31 +162,17 @@ def _load_passages(passages: Any) -> Any:
     return passages
 
 
-def _passage_table(dataset: Any) -> PassageTable:
-    """Bulk row access to the passages, built as ragkit's own indexes build it (same documents out)."""
-    indices = getattr(dataset, "_indices", None)
-    row_map = None if indices is None else indices.column(0).to_numpy()
-    extra = [column for column in ("id",) if column in dataset.column_names]
-    return PassageTable(dataset.data.table, row_map=row_map, extra_columns=extra, source="The passages")
+class _ShardRows:
+    """Rows ``[start, stop)`` of a :class:`PassageTable`'s embeddings, indexable like a numpy array."""
 
+    def __init__(self, passages: PassageTable, start: int, stop: int):
+        self.passages, self.start, self.stop = passages, start, stop
+        self.shape = (stop - start, passages.dim)
 
-def _build_faiss_index(passages: PassageTable, start: int, stop: int, index_factory: str) -> Any:
-    """Build an inner-product faiss index over passages ``[start, stop)``, reading them chunk by chunk."""
-    import faiss
-
-    num_rows = stop - start
-    if index_factory == "Flat":
-        index = faiss.IndexFlatIP(passages.dim)
-    else:
-        index = faiss.index_factory(passages.dim, index_factory, faiss.METRIC_INNER_PRODUCT)
-        if not index.is_trained:
-            # Train on an evenly spaced sample: representative, and bounded in memory and time.
-            sample = start + np.linspace(0, num_rows - 1, min(num_rows, _MAX_TRAIN_ROWS)).astype(np.int64)
-            index.train(np.ascontiguousarray(passages.embeddings(sample)))
-    for chunk_start in range(start, stop, _ADD_CHUNK_ROWS):
-        rows = np.arange(chunk_start, min(chunk_start + _ADD_CHUNK_ROWS, stop))
-        index.add(np.ascontiguousarray(passages.embeddings(rows)))
-    return index
+    def __getitem__(self, rows: Any) -> np.ndarray:
+        if isinstance(rows, slice):
+            rows = np.arange(self.shape[0])[rows]
+        return self.passages.embeddings(self.start + np.asarray(rows, dtype=np.int64))
 
 
 class PassageShard:
@@ -225,29 +209,29 @@ class PassageShard:
         num_threads: int | None = None,
     ) -> None:
         if num_threads is not None:
-            import faiss
+            faiss = import_faiss()
 
             faiss.omp_set_num_threads(num_threads)
-        self.passages = _passage_table(_load_passages(passages))
+        self.passages = PassageTable.from_dataset(_load_passages(passages), source="The passages")
         if self.passages.dim is None:
-            raise ValueError(
+            raise RagInputError(
                 "The passages have no 'embeddings' column; embed them first (`ragkit build-index` does)."
             )
         stop = self.passages.num_rows if stop is None else stop
         if not 0 <= start < stop <= self.passages.num_rows:
-            raise ValueError(
+            raise RagInputError(
                 f"Shard [{start}, {stop}) is outside the {self.passages.num_rows} passages; fix start/stop."
             )
         self.start, self.stop, self.dim = start, stop, self.passages.dim
         if index_path is not None:
             self.index = read_faiss_index(index_path)
             if self.index.ntotal != stop - start:
-                raise ValueError(
+                raise RagInputError(
                     f"The index at {os.fspath(index_path)!r} holds {self.index.ntotal} vectors but the shard has "
                     f"{stop - start} passages; give the index built over exactly these passages."
                 )
         else:
-            self.index = _build_faiss_index(self.passages, start, stop, index_factory)
+            self.index = build_faiss_index(_ShardRows(self.passages, start, stop), index_factory)
         apply_search_parameters(self.index, nprobe, ef_search)
         logger.info(
             "Passage shard [%d, %d) ready: %d vectors of width %d", start, stop, self.index.ntotal, self.dim
@@ -367,7 +351,7 @@ class ReplicaSpec:
     def build(self) -> IndexReplica:
         """Load the index and wrap it (an object with ``build()`` is a recipe that makes the index)."""
         if self.num_threads is not None:
-            import faiss
+            faiss = import_faiss()
 
             faiss.omp_set_num_threads(self.num_threads)
         index = self.index.build() if hasattr(self.index, "build") else self.index

@@ -22,6 +22,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from ..configuration_rag import RagConfig
+from ..errors import RagInputError
 from ..retrieval.base import Index, as_query_matrix
 from ..retrieval_rag import RagRetriever
 from .errors import RetrievalUnavailableError
@@ -142,7 +143,7 @@ class TorchDistributedRetriever(RagRetriever):
         import torch.distributed as dist
 
         if not 0 <= self.main_rank < world:
-            raise ValueError(f"main_rank={self.main_rank} is not a rank of this {world}-process job.")
+            raise RagInputError(f"main_rank={self.main_rank} is not a rank of this {world}-process job.")
         # A group of its own: gloo works on CPU tensors whatever backend the training uses.
         self.process_group = dist.new_group(
             backend="gloo", timeout=datetime.timedelta(seconds=self.timeout_s)
@@ -200,7 +201,7 @@ class TorchDistributedRetriever(RagRetriever):
         batches = [int(size[0]) for size in sizes]
         if len({(int(s[1]), int(s[2])) for s in sizes}) != 1:
             # Every rank sees the same sizes, so every rank raises here: nobody is left waiting.
-            raise ValueError(
+            raise RagInputError(
                 "Ranks called retrieve with different vector widths or n_docs "
                 f"({[(int(s[1]), int(s[2])) for s in sizes]}); every rank must use the same model and n_docs."
             )

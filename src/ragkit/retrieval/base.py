@@ -208,7 +208,7 @@ class PassageTable:
             if len(chunk) == 0:
                 continue
             if chunk.null_count:
-                raise ValueError(f"{self.source}: the 'embeddings' column has missing (null) vectors.")
+                raise RagInputError(f"{self.source}: the 'embeddings' column has missing (null) vectors.")
             if pa.types.is_fixed_size_list(chunk.type):
                 width = chunk.type.list_size
                 values = chunk.values.slice(chunk.offset * width, len(chunk) * width)
@@ -217,14 +217,14 @@ class PassageTable:
                 lengths = np.diff(offsets)
                 width = int(lengths[0])
                 if not np.all(lengths == width):
-                    raise ValueError(
+                    raise RagInputError(
                         f"{self.source}: the 'embeddings' column holds vectors of different lengths "
                         f"({int(lengths.min())} to {int(lengths.max())}); every passage needs one vector "
                         "of the same width."
                     )
                 values = chunk.values.slice(int(offsets[0]), int(offsets[-1] - offsets[0]))
             else:
-                raise ValueError(
+                raise RagInputError(
                     f"{self.source}: the 'embeddings' column must hold float vectors, got type {chunk.type}."
                 )
             if width == 0:
@@ -234,7 +234,7 @@ class PassageTable:
                     "restore them from a good copy."
                 )
             if dim is not None and width != dim:
-                raise ValueError(f"{self.source}: the 'embeddings' column mixes widths {dim} and {width}.")
+                raise RagInputError(f"{self.source}: the 'embeddings' column mixes widths {dim} and {width}.")
             dim = width
             array = values.to_numpy(zero_copy_only=False)
             views.append(array.reshape(len(chunk), width))
@@ -249,7 +249,7 @@ class PassageTable:
     def embeddings(self, ids: np.ndarray) -> np.ndarray:
         """`(n, dim)` float32 embeddings of the rows ``ids`` (all valid, 1-D)."""
         if self._embedding_chunks is None:
-            raise ValueError(f"{self.source} has no 'embeddings' column.")
+            raise RagInputError(f"{self.source} has no 'embeddings' column.")
         rows = self._table_rows(ids)
         if len(self._embedding_chunks) == 1:
             out = self._embedding_chunks[0][rows]
@@ -264,7 +264,7 @@ class PassageTable:
     def all_embeddings(self) -> np.ndarray:
         """`(num_rows, dim)` float32 matrix of every embedding (for building an index in memory)."""
         if self._embedding_chunks is None:
-            raise ValueError(f"{self.source} has no 'embeddings' column.")
+            raise RagInputError(f"{self.source} has no 'embeddings' column.")
         matrix = np.concatenate(self._embedding_chunks).astype(np.float32, copy=False)
         return matrix if self.row_map is None else matrix[self.row_map]
 

@@ -32,14 +32,18 @@ from typing import Any
 import numpy as np
 
 from .._io import atomic_directory, check_not_inside, check_replaceable
+from ..errors import CorruptFileError, MissingFileError, RagInputError
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_ENCODER",
     "BuiltIndex",
+    "build_faiss_index",
     "build_index",
+    "build_passages_index",
     "configure_parser",
+    "passages_dataset",
     "read_documents",
     "run",
     "split_text",
@@ -52,6 +56,8 @@ MANIFEST_FILENAME = "ragkit_index.json"
 _METRICS = ("ip", "l2")
 #: Vectors used to train a trainable index (IVF, PQ); the size wiki_dpr's indexes were trained on.
 _DEFAULT_TRAIN_SIZE = 262_144
+#: Rows added to a faiss index at a time (bounds the memory of a memory-mapped source).
+_ADD_CHUNK_ROWS = 65_536
 
 
 @dataclass(frozen=True)
@@ -81,64 +87,118 @@ def split_text(text: str, words_per_passage: int = 100, character: str = " ") ->
     return [p for p in passages if p]
 
 
+def _decode_error(path: Path, line: int | None, err: UnicodeDecodeError) -> RagInputError:
+    """The error for a file that is not UTF-8 text."""
+    where = f"{path}" if line is None else f"{path}, line {line}"
+    return RagInputError(
+        f"{where}: the file is not UTF-8 text ({err.reason} at byte {err.start} of the line's chunk). Re-save it "
+        "as UTF-8 (for example `iconv -f latin1 -t utf-8 in.csv > out.csv`)."
+    )
+
+
 def _delimited_documents(path: Path, delimiter: str) -> Iterator[tuple[str, str]]:
     """(title, text) rows of a CSV/TSV file, with a ``title``/``text`` header or two header-less columns."""
     csv.field_size_limit(sys.maxsize)
-    with open(path, newline="", encoding="utf-8") as f:
+    # utf-8-sig: a byte-order mark written by spreadsheet programs is not part of the first header name.
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f, delimiter=delimiter)
-        first = next(reader, None)
-        if first is None:
-            return
-        names = [c.strip().lower() for c in first]
-        if "title" in names and "text" in names:
-            title_col, text_col = names.index("title"), names.index("text")
-        elif len(first) == 2 and "text" not in names:
-            title_col, text_col = 0, 1
-            yield first[0], first[1]
-        else:
-            raise ValueError(
-                f"{path}: expected a header with 'title' and 'text' columns (or exactly two columns, title then "
-                f"text, without header); got {first[:5]}. Add the header or reorder the columns."
-            )
-        for line, row in enumerate(reader, start=2):
-            if not row:
-                continue
-            if len(row) <= max(title_col, text_col):
-                raise ValueError(
-                    f"{path}, line {line}: expected at least {max(title_col, text_col) + 1} columns."
+        try:
+            first = next(reader, None)
+            if first is None:
+                return
+            names = [c.strip().lower() for c in first]
+            if "title" in names and "text" in names:
+                title_col, text_col = names.index("title"), names.index("text")
+            elif len(first) == 2 and "text" not in names:
+                title_col, text_col = 0, 1
+                logger.warning(
+                    "%s has no 'title','text' header: its first row %r is indexed as a passage. Add the header "
+                    "'title%stext' if that row is one.",
+                    path,
+                    first,
+                    delimiter,
                 )
-            yield row[title_col], row[text_col]
+                yield first[0], first[1]
+            else:
+                raise RagInputError(
+                    f"{path}: expected a header with 'title' and 'text' columns (or exactly two columns, title "
+                    f"then text, without header); got {first[:5]}. Add the header or reorder the columns."
+                )
+            for row in reader:
+                if not row:
+                    continue
+                if len(row) <= max(title_col, text_col):
+                    raise RagInputError(
+                        f"{path}, line {reader.line_num}: expected at least {max(title_col, text_col) + 1} "
+                        f"columns, got {len(row)}."
+                    )
+                yield row[title_col], row[text_col]
+        except UnicodeDecodeError as err:
+            raise _decode_error(path, reader.line_num + 1, err) from err
+        except csv.Error as err:
+            raise RagInputError(f"{path}, line {reader.line_num}: not valid CSV ({err}).") from err
 
 
 def _jsonl_documents(path: Path) -> Iterator[tuple[str, str]]:
     """(title, text) of each JSON object of a JSON Lines file."""
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if line.strip():
-                yield _title_text(json.loads(line), f"{path}, line {line_number}")
+    line_number = 0
+    with open(path, encoding="utf-8-sig") as f:
+        try:
+            for line_number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    document = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise RagInputError(
+                        f"{path}, line {line_number}: not valid JSON ({err.msg} at column {err.colno}). Each line "
+                        'must be one object such as {"title": "...", "text": "..."}.'
+                    ) from err
+                yield _title_text(document, f"{path}, line {line_number}")
+        except UnicodeDecodeError as err:
+            raise _decode_error(path, line_number + 1, err) from err
 
 
 def _parquet_documents(path: Path) -> Iterator[tuple[str, str]]:
     """(title, text) rows of a parquet file, read by record batch."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    parquet = pq.ParquetFile(path)
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as err:
+        raise CorruptFileError(f"{path}: not a readable parquet file ({err}); write it again.") from err
     missing = {"title", "text"} - set(parquet.schema_arrow.names)
     if missing:
-        raise ValueError(
+        raise RagInputError(
             f"{path}: missing column(s) {sorted(missing)}; the file has {parquet.schema_arrow.names}."
         )
+    for name in ("title", "text"):
+        arrow_type = parquet.schema_arrow.field(name).type
+        if not (
+            pa.types.is_string(arrow_type)
+            or pa.types.is_large_string(arrow_type)
+            or pa.types.is_null(arrow_type)
+        ):
+            raise RagInputError(f"{path}: column {name!r} must hold strings, but its type is {arrow_type}.")
     for batch in parquet.iter_batches(columns=["title", "text"], batch_size=10_000):
         yield from zip(batch.column(0).to_pylist(), batch.column(1).to_pylist())
 
 
 def _title_text(document: Any, where: str) -> tuple[str, str]:
-    """The (title, text) of a mapping, with an error naming ``where`` if ``text`` is missing."""
+    """The (title, text) of a mapping, with an error naming ``where`` if ``text`` is missing or not a string."""
     if not isinstance(document, dict) or "text" not in document:
-        raise ValueError(
+        raise RagInputError(
             f"{where}: each document needs a 'text' field (and a 'title'); got {document!r:.100}."
         )
-    return document.get("title") or "", document["text"]
+    title, text = document.get("title"), document["text"]
+    for name, value in (("text", text), ("title", title)):
+        if value is not None and not isinstance(value, str):
+            raise RagInputError(
+                f"{where}: '{name}' must be a string, got {type(value).__name__} {value!r:.60}. Quote it in the "
+                'source (for example "1984" instead of 1984).'
+            )
+    return title or "", text
 
 
 def read_documents(source: str | os.PathLike | Iterable[dict]) -> Iterator[tuple[str, str]]:
@@ -154,7 +214,7 @@ def read_documents(source: str | os.PathLike | Iterable[dict]) -> Iterator[tuple
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.is_file():
-            raise FileNotFoundError(f"`source` {os.fspath(path)!r} does not exist.")
+            raise MissingFileError(f"`source` {os.fspath(path)!r} does not exist.")
         suffix = path.suffix.lower()
         readers = {
             ".csv": lambda: _delimited_documents(path, ","),
@@ -164,7 +224,7 @@ def read_documents(source: str | os.PathLike | Iterable[dict]) -> Iterator[tuple
             ".parquet": lambda: _parquet_documents(path),
         }
         if suffix not in readers:
-            raise ValueError(
+            raise RagInputError(
                 f"`source` {os.fspath(path)!r}: unsupported extension {suffix!r}; use .csv, .tsv, .jsonl or .parquet."
             )
         yield from readers[suffix]()
@@ -191,46 +251,83 @@ def _split_documents(
     return titles, texts
 
 
-def _make_faiss_index(
-    embeddings: np.ndarray, index_factory: str, metric: str, train_size: int | None, seed: int = 0
+def build_faiss_index(
+    embeddings: Any,
+    index_factory: str = "Flat",
+    metric: str = "ip",
+    train_size: int | None = None,
+    seed: int = 0,
 ) -> Any:
-    """Create, train (if needed) and fill a faiss index from a factory string."""
-    import faiss
+    """Create, train (if needed) and fill a faiss index from a factory string.
 
+    Args:
+        embeddings: `(n_passages, dim)` float32 vectors: a numpy array, or any object with ``shape`` and
+            numpy-style row indexing (``embeddings[rows]``, ``embeddings[a:b]``), e.g. a memory-mapped view;
+            rows are read in chunks.
+        index_factory: faiss factory string: ``"Flat"`` (exact), ``"HNSW64"``, ``"IVF1024,PQ64"``, ...
+        metric: ``"ip"`` (inner product, as DPR and RAG score) or ``"l2"``.
+        train_size: Vectors sampled (seeded, in row order) to train IVF/PQ indexes (default 262,144).
+        seed: Seed of that sample.
+
+    Returns:
+        faiss.Index: holding every row, in order (faiss id ``i`` is row ``i``).
+    """
+    from ._devices import import_faiss
+
+    faiss = import_faiss()
     if metric not in _METRICS:
-        raise ValueError(f"`metric` must be one of {_METRICS}, got {metric!r}.")
+        raise RagInputError(f"`metric` must be one of {_METRICS}, got {metric!r}.")
     faiss_metric = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
-    dim = embeddings.shape[1]
-    try:
-        index = faiss.index_factory(dim, index_factory, faiss_metric)
-    except RuntimeError as err:
-        raise ValueError(
-            f"faiss cannot build `index_factory`={index_factory!r} for dimension {dim}: "
-            f"{str(err).strip().splitlines()[-1]}. Try 'Flat', 'HNSW64' or 'IVF1024,PQ64'."
-        ) from err
+    num_rows, dim = int(embeddings.shape[0]), int(embeddings.shape[1])
+    if index_factory == "Flat":
+        index = faiss.IndexFlatIP(dim) if metric == "ip" else faiss.IndexFlatL2(dim)
+    else:
+        try:
+            index = faiss.index_factory(dim, index_factory, faiss_metric)
+        except RuntimeError as err:
+            raise RagInputError(
+                f"faiss cannot build `index_factory`={index_factory!r} for dimension {dim}: "
+                f"{str(err).strip().splitlines()[-1]}. Try 'Flat', 'HNSW64' or 'IVF1024,PQ64'."
+            ) from err
     if not index.is_trained:
         ivf = faiss.try_extract_index_ivf(index)
-        if ivf is not None and len(embeddings) < ivf.nlist:
-            raise ValueError(
-                f"`index_factory`={index_factory!r} has {ivf.nlist} IVF lists but only {len(embeddings)} passages "
+        if ivf is not None and num_rows < ivf.nlist:
+            raise RagInputError(
+                f"`index_factory`={index_factory!r} has {ivf.nlist} IVF lists but only {num_rows} passages "
                 "to train on; use fewer lists (about sqrt(n_passages)) or 'HNSW64'/'Flat'."
             )
-        size = min(len(embeddings), train_size or _DEFAULT_TRAIN_SIZE)
-        sample = embeddings
-        if size < len(embeddings):
-            sample = embeddings[np.random.default_rng(seed).choice(len(embeddings), size, replace=False)]
-        logger.info("Training the %s index on %d vectors", index_factory, len(sample))
-        index.train(sample)
-    index.add(embeddings)
+        size = min(num_rows, train_size or _DEFAULT_TRAIN_SIZE)
+        rows = np.arange(num_rows)
+        if size < num_rows:
+            rows = np.sort(np.random.default_rng(seed).choice(num_rows, size, replace=False))
+        logger.info("Training the %s index on %d vectors", index_factory, len(rows))
+        index.train(np.ascontiguousarray(embeddings[rows], dtype=np.float32))
+    for start in range(0, num_rows, _ADD_CHUNK_ROWS):
+        index.add(np.ascontiguousarray(embeddings[start : start + _ADD_CHUNK_ROWS], dtype=np.float32))
     return index
 
 
-def _passages_dataset(titles: list[str], texts: list[str], embeddings: np.ndarray) -> Any:
-    """A ``datasets.Dataset`` (title, text, embeddings) built column-wise from Arrow arrays."""
+def passages_dataset(titles: list[str], texts: list[str], embeddings: np.ndarray) -> Any:
+    """A ``datasets.Dataset`` (title, text, embeddings) built column-wise from Arrow arrays.
+
+    Args:
+        titles: One title per passage.
+        texts: One text per passage.
+        embeddings: `(n_passages, dim)` float32.
+
+    Returns:
+        datasets.Dataset: in memory, the layout ``index_name="custom"`` reads.
+    """
     import pyarrow as pa
     from datasets import Dataset
     from datasets.table import InMemoryTable
 
+    embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+    if embeddings.ndim != 2 or not (len(titles) == len(texts) == len(embeddings)):
+        raise RagInputError(
+            f"Need one title, text and embedding row per passage: got {len(titles)} titles, {len(texts)} texts "
+            f"and embeddings of shape {embeddings.shape}."
+        )
     vectors = pa.FixedSizeListArray.from_arrays(
         pa.array(embeddings.reshape(-1), pa.float32()), embeddings.shape[1]
     )
@@ -238,6 +335,64 @@ def _passages_dataset(titles: list[str], texts: list[str], embeddings: np.ndarra
         {"title": pa.array(titles, pa.string()), "text": pa.array(texts, pa.string()), "embeddings": vectors}
     )
     return Dataset(InMemoryTable(table))
+
+
+def build_passages_index(
+    titles: list[str],
+    texts: list[str],
+    embeddings: np.ndarray,
+    output_dir: str | os.PathLike,
+    index_factory: str = "HNSW64",
+    metric: str = "ip",
+    train_size: int | None = None,
+    manifest: dict[str, Any] | None = None,
+) -> BuiltIndex:
+    """Write embedded passages and their faiss index as a custom index directory, atomically.
+
+    The directory (``passages/``, ``index.faiss``, ``ragkit_index.json``) is written under a temporary
+    name and renamed into place, so a reader never sees a half-written index and an interrupted write
+    keeps the previous one. It is what :func:`build_index` writes, and what an index refresh (re-embedded
+    passages during end-to-end training) should write.
+
+    Args:
+        titles: One title per passage.
+        texts: One text per passage.
+        embeddings: `(n_passages, dim)` float32 passage vectors.
+        output_dir: Directory to write (replaced when it holds a previous index; a directory holding
+            other files is refused).
+        index_factory: faiss factory string (see :func:`build_faiss_index`).
+        metric: ``"ip"`` or ``"l2"``.
+        train_size: Vectors sampled to train IVF/PQ indexes.
+        manifest: Extra fields for ``ragkit_index.json`` (encoder, pooling, ...).
+
+    Returns:
+        BuiltIndex: paths, passage count and dimension.
+    """
+    from ._devices import import_faiss
+
+    check_replaceable(output_dir, (PASSAGES_DIRNAME, INDEX_FILENAME, MANIFEST_FILENAME), "`output_dir`")
+    dataset = passages_dataset(titles, texts, embeddings)
+    embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+    index = build_faiss_index(embeddings, index_factory, metric, train_size)
+    output_dir = Path(output_dir)
+    with atomic_directory(output_dir) as tmp:
+        dataset.save_to_disk(os.fspath(tmp / PASSAGES_DIRNAME))
+        import_faiss().write_index(index, os.fspath(tmp / INDEX_FILENAME))
+        fields = {
+            **(manifest or {}),
+            "index_factory": index_factory,
+            "metric": metric,
+            "num_passages": len(texts),
+            "dim": int(embeddings.shape[1]),
+        }
+        (tmp / MANIFEST_FILENAME).write_text(json.dumps(fields, indent=2) + "\n")
+    logger.info("Wrote %d passages and a %s index to %s", len(texts), index_factory, output_dir)
+    return BuiltIndex(
+        passages_path=output_dir / PASSAGES_DIRNAME,
+        index_path=output_dir / INDEX_FILENAME,
+        num_passages=len(texts),
+        dim=int(embeddings.shape[1]),
+    )
 
 
 def build_index(
@@ -283,9 +438,16 @@ def build_index(
     if isinstance(source, (str, os.PathLike)):
         check_not_inside(output_dir, source, "`source`")
     check_replaceable(output_dir, (PASSAGES_DIRNAME, INDEX_FILENAME, MANIFEST_FILENAME), "`output_dir`")
+    if words_per_passage is not None and (
+        isinstance(words_per_passage, bool) or not isinstance(words_per_passage, int) or words_per_passage < 0
+    ):
+        raise RagInputError(
+            f"`words_per_passage` must be a positive number of words (or 0/None to keep documents whole), got "
+            f"{words_per_passage!r}."
+        )
     titles, texts = _split_documents(read_documents(source), words_per_passage)
     if not texts:
-        raise ValueError(f"`source` {source!r:.100} holds no text to index.")
+        raise RagInputError(f"`source` {source!r:.100} holds no text to index.")
     if not isinstance(encoder, TextEncoder):
         encoder_name = os.fspath(encoder)
         encoder = load_text_encoder(
@@ -295,30 +457,14 @@ def build_index(
         encoder_name = getattr(encoder.model, "name_or_path", type(encoder.model).__name__)
     logger.info("Embedding %d passages with %s", len(texts), encoder_name)
     embeddings = encoder.encode(titles, batch_size=batch_size, show_progress=show_progress, text_pairs=texts)
-    index = _make_faiss_index(embeddings, index_factory, metric, train_size)
-    output_dir = Path(output_dir)
-    import faiss
-
-    with atomic_directory(output_dir) as tmp:
-        _passages_dataset(titles, texts, embeddings).save_to_disk(os.fspath(tmp / PASSAGES_DIRNAME))
-        faiss.write_index(index, os.fspath(tmp / INDEX_FILENAME))
-        manifest = {
-            "encoder": encoder_name,
-            "pooling": encoder.pooling,
-            "normalize": encoder.normalize,
-            "index_factory": index_factory,
-            "metric": metric,
-            "words_per_passage": words_per_passage,
-            "num_passages": len(texts),
-            "dim": int(embeddings.shape[1]),
-        }
-        (tmp / MANIFEST_FILENAME).write_text(json.dumps(manifest, indent=2) + "\n")
-    logger.info("Wrote %d passages and a %s index to %s", len(texts), index_factory, output_dir)
-    return BuiltIndex(
-        passages_path=output_dir / PASSAGES_DIRNAME,
-        index_path=output_dir / INDEX_FILENAME,
-        num_passages=len(texts),
-        dim=int(embeddings.shape[1]),
+    manifest = {
+        "encoder": encoder_name,
+        "pooling": encoder.pooling,
+        "normalize": encoder.normalize,
+        "words_per_passage": words_per_passage,
+    }
+    return build_passages_index(
+        titles, texts, embeddings, output_dir, index_factory, metric, train_size=train_size, manifest=manifest
     )
 
 

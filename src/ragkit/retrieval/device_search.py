@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import RagInputError
 from ._devices import faiss_gpu_count as _faiss_gpu_count
 from ._devices import import_faiss, resolve_search_device
 from ._queries import as_query_matrix, check_finite, check_query_shape
@@ -77,7 +78,7 @@ def as_query_tensor(
     if isinstance(question_hidden_states, torch.Tensor):
         queries = question_hidden_states.detach()
         if queries.device.type == "meta":
-            raise ValueError(
+            raise RagInputError(
                 "`question_hidden_states` is on the meta device, so it holds no values; pass a tensor on the "
                 f"CPU or on {device}."
             )
@@ -182,18 +183,18 @@ class TorchExactSearch:
         query_chunk_size: int = DEFAULT_QUERY_CHUNK_SIZE,
     ):
         if metric not in _METRICS:
-            raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}.")
+            raise RagInputError(f"metric must be one of {_METRICS}, got {metric!r}.")
         if vectors.ndim != 2:
-            raise ValueError(f"`vectors` must have shape (ntotal, dim), got {tuple(vectors.shape)}.")
+            raise RagInputError(f"`vectors` must have shape (ntotal, dim), got {tuple(vectors.shape)}.")
         if max_block_bytes < 4 or query_chunk_size < 1:
-            raise ValueError("max_block_bytes must be >= 4 and query_chunk_size >= 1.")
+            raise RagInputError("max_block_bytes must be >= 4 and query_chunk_size >= 1.")
         self.vectors = vectors.detach().to(torch.float32).contiguous()
         self.metric = metric
         self.ids = None
         if ids is not None:
             self.ids = torch.as_tensor(np.asarray(ids, dtype=np.int64), device=self.vectors.device)
             if self.ids.shape != (self.ntotal,):
-                raise ValueError(f"`ids` must have shape ({self.ntotal},), got {tuple(self.ids.shape)}.")
+                raise RagInputError(f"`ids` must have shape ({self.ntotal},), got {tuple(self.ids.shape)}.")
         self.max_block_bytes = int(max_block_bytes)
         self.query_chunk_size = int(query_chunk_size)
         self.norms = self._squared_norms() if metric == "l2" else None
@@ -215,7 +216,7 @@ class TorchExactSearch:
         """
         parts = _exact_parts(index)
         if parts is None:
-            raise ValueError(
+            raise RagInputError(
                 f"This {_index_type_name(index)} index is not exact: the PyTorch search handles IndexFlatIP, "
                 "IndexFlatL2 and IndexFlat (inner product or L2), also inside an IndexIDMap."
             )
@@ -324,7 +325,7 @@ def _to_faiss_gpu(index: Any, device: torch.device) -> tuple[Any, Any]:
         gpu_index = faiss.index_cpu_to_gpu(resources, device.index, index)
     except RuntimeError as err:
         message = str(err).strip().splitlines()[-1] if str(err).strip() else repr(err)
-        raise ValueError(
+        raise RagInputError(
             f"faiss cannot copy this {_index_type_name(index)} index to the GPU ({message}). faiss-gpu supports "
             "flat and IVF indexes (not HNSW); use one of those, or keep search_device='cpu'."
         ) from err
@@ -363,7 +364,7 @@ class DeviceSearch:
             self.backend = "faiss-gpu"
         else:
             if _exact_parts(index) is None:
-                raise ValueError(_not_supported_message(index))
+                raise RagInputError(_not_supported_message(index))
             self._exact = TorchExactSearch.from_faiss(index, self.device, **kwargs)
             self.backend = "torch-exact"
         logger.info(

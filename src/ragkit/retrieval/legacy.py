@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from .._io import atomic_directory, atomic_file, check_not_inside, check_replaceable
+from ..errors import CorruptFileError, RagInputError
 from . import _hub
 from .base import (
     MISSING_DOC_ID,
@@ -85,10 +86,37 @@ class _PlainDataUnpickler(pickle.Unpickler):
         )
 
 
+def _corrupt(path: Any, problem: str) -> CorruptFileError:
+    """The error for a legacy file that does not hold what DPR writes."""
+    return CorruptFileError(
+        f"The legacy DPR file {os.fspath(path)!r} {problem}. Download it again (force_download=True for Hub "
+        "files) or restore it from a good copy of DPR's files."
+    )
+
+
 def _load_pickle(path: str, trusted: bool) -> Any:
     """Unpickle ``path``: fully when trusted, else with :class:`_PlainDataUnpickler`."""
     with open(path, "rb") as f:
-        return pickle.load(f) if trusted else _PlainDataUnpickler(f).load()
+        try:
+            return pickle.load(f) if trusted else _PlainDataUnpickler(f).load()
+        except pickle.UnpicklingError as err:
+            if "refusing to load it" in str(err):
+                raise
+            raise _corrupt(path, f"is not a readable pickle ({err})") from err
+        except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError) as err:
+            raise _corrupt(path, f"is truncated or not a pickle ({type(err).__name__}: {err})") from err
+
+
+def _id_map(meta: Any, path: str) -> np.ndarray:
+    """The index-position -> passage-id map of the meta file, checked: a list of integer ids."""
+    if isinstance(meta, (str, bytes, dict)) or not hasattr(meta, "__iter__"):
+        raise _corrupt(path, f"should hold a list of passage ids, but holds a {type(meta).__name__}")
+    try:
+        return np.asarray([int(i) for i in meta], dtype=np.int64)
+    except (TypeError, ValueError, OverflowError) as err:
+        raise _corrupt(
+            path, f"should hold a list of integer passage ids ({type(err).__name__}: {err})"
+        ) from err
 
 
 def _normalize_location(index_path: str | os.PathLike | None) -> str:
@@ -175,33 +203,41 @@ class LegacyIndex(Index):
             try:
                 table = pa.ipc.open_file(pa.memory_map(path, "r")).read_all()
             except (pa.ArrowInvalid, OSError) as err:
-                raise ValueError(
-                    f"Could not read the converted passages {path!r} ({err}); convert the legacy files again."
+                raise CorruptFileError(
+                    f"Could not read the converted passages {path!r} ({err}): the file is truncated or damaged. "
+                    "Convert the legacy files again (`ragkit convert-legacy`)."
                 ) from err
             self._passage_ids = table.column("id").to_numpy()
             return PassageTable(table, source=f"the converted legacy passages in {self.index_path!r}")
         if not self.allow_pickle:
-            raise ValueError(_PICKLE_REFUSED)
+            raise RagInputError(_PICKLE_REFUSED)
         return _load_pickle(self._resolve_path(PASSAGE_FILENAME), trusted=True)
 
     def _deserialize_index(self) -> None:
         """Read the faiss index and the index-position -> passage-id map."""
         if self.converted:
             self.index = read_faiss_index(self._resolve_path(CONVERTED_INDEX))
-            self.index_id_to_db_id = np.load(self._resolve_path(CONVERTED_ID_MAP), allow_pickle=False)
+            id_map_path = self._resolve_path(CONVERTED_ID_MAP)
+            try:
+                self.index_id_to_db_id = np.load(id_map_path, allow_pickle=False)
+            except (OSError, ValueError, EOFError) as err:
+                raise CorruptFileError(
+                    f"Could not read the converted id map {id_map_path!r} ({err}): the file is truncated or "
+                    "damaged. Convert the legacy files again (`ragkit convert-legacy`)."
+                ) from err
         else:
             if not self.allow_pickle:
-                raise ValueError(_PICKLE_REFUSED)
+                raise RagInputError(_PICKLE_REFUSED)
             self.index = read_faiss_index(self._resolve_path(INDEX_FILENAME + ".index.dpr"))
-            meta = _load_pickle(self._resolve_path(INDEX_FILENAME + ".index_meta.dpr"), trusted=True)
-            self.index_id_to_db_id = np.asarray([int(i) for i in meta], dtype=np.int64)
+            meta_path = self._resolve_path(INDEX_FILENAME + ".index_meta.dpr")
+            self.index_id_to_db_id = _id_map(_load_pickle(meta_path, trusted=True), meta_path)
         if len(self.index_id_to_db_id) != self.index.ntotal:
-            raise ValueError(
+            raise RagInputError(
                 f"The legacy id map has {len(self.index_id_to_db_id)} entries but the faiss index holds "
                 f"{self.index.ntotal} vectors; the files in {self.index_path!r} do not belong together."
             )
         if self.index.d != self.vector_size + 1:
-            raise ValueError(
+            raise RagInputError(
                 f"The legacy faiss index has dimension {self.index.d}; with `retrieval_vector_size`="
                 f"{self.vector_size} it must be {self.vector_size + 1} (DPR appends one dimension). Set "
                 f"config.retrieval_vector_size={self.index.d - 1} or use the matching index."
@@ -319,22 +355,30 @@ def convert_legacy_index(
     dst = Path(dst)
     with atomic_directory(dst) as tmp:
         logger.info("Reading the id map %s", meta_file)
-        meta = _load_pickle(meta_file, trusted=allow_pickle)
-        id_map = np.asarray([int(i) for i in meta], dtype=np.int64)
+        id_map = _id_map(_load_pickle(meta_file, trusted=allow_pickle), meta_file)
         np.save(tmp / CONVERTED_ID_MAP, id_map, allow_pickle=False)
         logger.info("Reading the passages %s", passages_file)
         passages = _load_pickle(passages_file, trusted=allow_pickle)
         if not isinstance(passages, dict):
-            raise ValueError(
-                f"{passages_file!r} should hold a dict id -> (text, title), got {type(passages).__name__}."
+            raise _corrupt(
+                passages_file,
+                f"should hold a dict id -> (text, title), but holds a {type(passages).__name__}",
             )
-        num_passages = _write_passages(passages, tmp / CONVERTED_PASSAGES)
+        try:
+            num_passages = _write_passages(passages, tmp / CONVERTED_PASSAGES)
+        except (TypeError, ValueError, IndexError, KeyError) as err:
+            if isinstance(err, RagInputError):
+                raise
+            raise _corrupt(
+                passages_file,
+                f"should map integer ids to (text, title) pairs of strings ({type(err).__name__}: {err})",
+            ) from err
         del passages
         logger.info("Copying the faiss index %s", index_file)
         shutil.copyfile(index_file, tmp / CONVERTED_INDEX)
         index = read_faiss_index(tmp / CONVERTED_INDEX, what="src")
         if index.ntotal != len(id_map):
-            raise ValueError(
+            raise RagInputError(
                 f"The legacy id map has {len(id_map)} entries but the faiss index holds {index.ntotal} vectors; "
                 f"the files in {location!r} do not belong together."
             )
