@@ -67,6 +67,39 @@ def _actor_argument(ray: Any, spec: ShardSpec | ReplicaSpec) -> Any:
     return spec if size is not None and size <= _INLINE_ARGUMENT_BYTES else ray.put(spec)
 
 
+def _host_port(address: str | None) -> tuple[str, int] | None:
+    """(host, port) of a Ray address to probe; None for a local start, ``"auto"`` or an address without a port."""
+    if not address or address in ("auto", "local"):
+        return None
+    host_port = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = host_port.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _check_reachable(address: str | None, timeout_s: float) -> None:
+    """Raise ``RetrievalUnavailableError`` when nothing accepts connections at a Ray address within ``timeout_s``.
+
+    ``ray.init`` retries an unreachable cluster for minutes regardless of the caller's timeout; one TCP
+    connection attempt answers the common cases (wrong host or port, cluster down) at once.
+    """
+    import socket
+
+    target = _host_port(address)
+    if target is None:
+        return
+    try:
+        with socket.create_connection(target, timeout=max(0.1, min(timeout_s, 30.0))):
+            pass
+    except OSError as err:
+        raise RetrievalUnavailableError(
+            f"Cannot reach the Ray cluster at {address!r} ({err}). Check the address and port "
+            "(`ray status` on the head node prints it), that the cluster is running and reachable from here, "
+            "or pass address=None to start a local Ray."
+        ) from err
+
+
 class _IndexActor:
     """Body of a Ray actor: builds one shard (or replica) from its spec and answers searches.
 
@@ -176,6 +209,7 @@ class RayIndexService:
         """
         ray = _import_ray()
         if not ray.is_initialized():
+            _check_reachable(self.address, self.init_timeout_s)
             kwargs = {"include_dashboard": False, **self.ray_init_kwargs}
             ray.init(address=self.address, **kwargs)
             # Only a Ray this service started is shut down by close(); an attached cluster is not ours.

@@ -233,7 +233,7 @@ class CanonicalHFIndex(HFIndexBase):
                         what="index_name",
                         **self._hub_kwargs,
                     )
-                except _hub.OfflineFileError as err:
+                except (_hub.OfflineFileError, _hub.HubUnreachableError) as err:
                     offline_error = err  # another candidate may be cached
                 except FileNotFoundError:
                     continue
