@@ -32,12 +32,16 @@ __all__ = [
     "tiny_dpr_config",
     "tiny_indexed_dataset",
     "tiny_passage_embeddings",
+    "tiny_question_vectors",
     "tiny_rag_config",
+    "tiny_rag_model",
+    "tiny_retriever",
     "tiny_t5_config",
     "write_tiny_custom_index",
     "write_tiny_generator_tokenizer",
     "write_tiny_question_encoder_tokenizer",
     "write_tiny_rag_checkpoint",
+    "write_tiny_retriever_dir",
     "write_tiny_wiki_dpr_mirror",
 ]
 
@@ -403,3 +407,108 @@ def write_tiny_rag_checkpoint(
             generator=write_tiny_generator_tokenizer(os.path.join(vocab_dir, "generator")),
         ).save_pretrained(directory)
     return directory
+
+
+def tiny_question_vectors(batch_size: int, dim: int = 32, seed: int = 1) -> np.ndarray:
+    """Seeded random question vectors of shape `(batch_size, dim)`, float32 (standard normal)."""
+    return np.random.RandomState(seed).randn(batch_size, dim).astype("float32")
+
+
+def tiny_retriever(
+    config: RagConfig | None = None,
+    question_encoder_tokenizer: Any = None,
+    generator_tokenizer: Any = None,
+    dataset: Dataset | None = None,
+) -> Any:
+    """A ``RagRetriever`` over an exact in-memory index of :data:`TINY_PASSAGES` (the answers to match).
+
+    Args:
+        config: RAG config (copied: retrievers modify theirs); defaults to :func:`tiny_rag_config` ``()``.
+        question_encoder_tokenizer: Defaults to a fresh :func:`write_tiny_question_encoder_tokenizer`.
+        generator_tokenizer: Defaults to a fresh :func:`write_tiny_generator_tokenizer`.
+        dataset: Indexed passages; defaults to :func:`tiny_indexed_dataset` with vectors of the config's width.
+
+    Returns:
+        RagRetriever: initialized, ``index_name="custom"``.
+    """
+    import copy
+
+    from .retrieval.custom import CustomHFIndex
+    from .retrieval_rag import RagRetriever
+
+    config = copy.deepcopy(config) if config is not None else tiny_rag_config()
+    if question_encoder_tokenizer is None or generator_tokenizer is None:
+        vocab_dir = tempfile.mkdtemp(prefix="ragkit-tiny-tokenizers-")
+        question_encoder_tokenizer = question_encoder_tokenizer or write_tiny_question_encoder_tokenizer(
+            os.path.join(vocab_dir, "question_encoder")
+        )
+        generator_tokenizer = generator_tokenizer or write_tiny_generator_tokenizer(
+            os.path.join(vocab_dir, "generator")
+        )
+    if dataset is None:
+        dataset = tiny_indexed_dataset(tiny_passage_embeddings(config.retrieval_vector_size))
+    return RagRetriever(
+        config,
+        question_encoder_tokenizer,
+        generator_tokenizer,
+        index=CustomHFIndex(config.retrieval_vector_size, dataset),
+    )
+
+
+def write_tiny_retriever_dir(
+    directory: str | os.PathLike,
+    config: RagConfig | None = None,
+    question_encoder_tokenizer: Any = None,
+    generator_tokenizer: Any = None,
+) -> Path:
+    """Save a RAG config and both tokenizers into ``directory``, as a checkpoint holds them (no weights).
+
+    Args:
+        directory: Where to write ``config.json``, ``question_encoder_tokenizer/`` and ``generator_tokenizer/``.
+        config: Defaults to :func:`tiny_rag_config` ``()``.
+        question_encoder_tokenizer: Defaults to :func:`write_tiny_question_encoder_tokenizer`.
+        generator_tokenizer: Defaults to :func:`write_tiny_generator_tokenizer`.
+
+    Returns:
+        The directory, loadable with ``RagRetriever.from_pretrained(directory, ...)``.
+    """
+    from .tokenization_rag import RagTokenizer
+
+    directory = Path(directory)
+    (config or tiny_rag_config()).save_pretrained(directory)
+    with tempfile.TemporaryDirectory() as vocab_dir:
+        RagTokenizer(
+            question_encoder=question_encoder_tokenizer
+            or write_tiny_question_encoder_tokenizer(os.path.join(vocab_dir, "question_encoder")),
+            generator=generator_tokenizer
+            or write_tiny_generator_tokenizer(os.path.join(vocab_dir, "generator")),
+        ).save_pretrained(directory)
+    return directory
+
+
+def tiny_rag_model(
+    config: RagConfig | None = None, retriever: Any = None, model_class: type | None = None, seed: int = 0
+) -> Any:
+    """A random-weight tiny RAG model (DPR + the config's generator), seeded: the same weights in every process.
+
+    Args:
+        config: Defaults to :func:`tiny_rag_config` ``()``.
+        retriever: Attached to the model (None: pass contexts yourself).
+        model_class: ``RagSequenceForGeneration`` (default), ``RagTokenForGeneration`` or ``RagModel``.
+        seed: ``torch.manual_seed`` before the weights are drawn.
+
+    Returns:
+        The model, in training mode as PyTorch creates it.
+    """
+    import torch
+    from transformers import AutoModel, AutoModelForSeq2SeqLM
+
+    from .modeling_rag import RagSequenceForGeneration
+
+    config = config or tiny_rag_config()
+    torch.manual_seed(seed)
+    question_encoder = AutoModel.from_config(config.question_encoder)
+    generator = AutoModelForSeq2SeqLM.from_config(config.generator)
+    return (model_class or RagSequenceForGeneration)(
+        config=config, question_encoder=question_encoder, generator=generator, retriever=retriever
+    )

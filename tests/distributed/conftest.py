@@ -6,7 +6,7 @@ import copy
 
 import pytest
 
-from ragkit.testing import write_tiny_custom_index
+from ragkit.testing import tiny_retriever, write_tiny_custom_index
 
 
 @pytest.fixture(scope="session")
@@ -27,12 +27,4 @@ def disk_config(rag_config, saved_passages):
 @pytest.fixture
 def single_process_retriever(rag_config, question_encoder_tokenizer, generator_tokenizer, indexed_dataset):
     """ragkit's ordinary RagRetriever over the exact in-memory index: the answers to match."""
-    from ragkit.retrieval.custom import CustomHFIndex
-    from ragkit.retrieval_rag import RagRetriever
-
-    return RagRetriever(
-        copy.deepcopy(rag_config),
-        question_encoder_tokenizer,
-        generator_tokenizer,
-        index=CustomHFIndex(rag_config.retrieval_vector_size, indexed_dataset),
-    )
+    return tiny_retriever(rag_config, question_encoder_tokenizer, generator_tokenizer, indexed_dataset)

@@ -7,6 +7,8 @@ import socket
 import numpy as np
 import torch
 
+from ragkit.testing import tiny_question_vectors, tiny_rag_model
+
 DIM = 32
 QUESTIONS = ["How many people live in Paris?", "Which river flows through London?", "Where is the Louvre?"]
 ANSWERS = ["about 2 million", "the Thames", "in Paris"]
@@ -14,7 +16,7 @@ ANSWERS = ["about 2 million", "the Thames", "in Paris"]
 
 def query_vectors(batch: int, seed: int) -> np.ndarray:
     """(batch, DIM) float32 question vectors."""
-    return np.random.RandomState(seed).randn(batch, DIM).astype("float32")
+    return tiny_question_vectors(batch, DIM, seed)
 
 
 def free_port() -> int:
@@ -26,16 +28,7 @@ def free_port() -> int:
 
 def tiny_sequence_model(config, retriever, seed: int = 0):
     """ragkit RagSequenceForGeneration over a tiny random DPR + BART (seeded: same weights everywhere)."""
-    from transformers import BartForConditionalGeneration, DPRQuestionEncoder
-
-    from ragkit.modeling_rag import RagSequenceForGeneration
-
-    torch.manual_seed(seed)
-    question_encoder = DPRQuestionEncoder(config.question_encoder)
-    generator = BartForConditionalGeneration(config.generator)
-    return RagSequenceForGeneration(
-        config=config, question_encoder=question_encoder, generator=generator, retriever=retriever
-    )
+    return tiny_rag_model(config, retriever, seed=seed)
 
 
 def train_one_step(model, question_encoder_tokenizer, generator_tokenizer, questions, answers) -> dict:

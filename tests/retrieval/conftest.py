@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import pytest
 from retrieval_helpers import DIM, QUESTIONS
 
-from ragkit.testing import write_tiny_custom_index
+from ragkit.testing import tiny_question_vectors, write_tiny_custom_index, write_tiny_retriever_dir
 
 
 @pytest.fixture
@@ -20,7 +19,7 @@ def fresh_config(rag_config):
 @pytest.fixture(scope="module")
 def queries():
     """(4, 32) float32 question vectors."""
-    return np.random.RandomState(1).randn(len(QUESTIONS), DIM).astype("float32")
+    return tiny_question_vectors(len(QUESTIONS), DIM, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -32,12 +31,9 @@ def question_ids(question_encoder_tokenizer):
 @pytest.fixture(scope="session")
 def retriever_dir(tmp_path_factory, rag_config, question_encoder_tokenizer, generator_tokenizer):
     """A directory with a RAG config and both tokenizers, as a checkpoint holds them."""
-    from ragkit import RagTokenizer
-
-    directory = tmp_path_factory.mktemp("retriever")
-    rag_config.save_pretrained(directory)
-    RagTokenizer(question_encoder_tokenizer, generator_tokenizer).save_pretrained(directory)
-    return directory
+    return write_tiny_retriever_dir(
+        tmp_path_factory.mktemp("retriever"), rag_config, question_encoder_tokenizer, generator_tokenizer
+    )
 
 
 @pytest.fixture(scope="session")

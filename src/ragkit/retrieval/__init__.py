@@ -3,7 +3,8 @@
 - :class:`CustomHFIndex`: your own passages (``datasets.Dataset``) and faiss index (``index_name="custom"``).
 - :class:`CanonicalHFIndex`: wiki_dpr from the Hub or a local mirror (``"exact"``, ``"compressed"``).
 - :class:`LegacyIndex`: DPR's original files, pickled or converted (``"legacy"``).
-- :func:`build_index`: embed a corpus and write a custom index; :func:`convert_legacy_index`: make
+- :func:`build_index`: embed a corpus and write a custom index; :func:`build_passages_index`: write
+  already embedded passages and their faiss index (atomically); :func:`convert_legacy_index`: make
   DPR's files pickle-free.
 - :mod:`ragkit.retrieval.device_search`: search on a GPU (``RagRetriever.to_search_device``).
 
@@ -24,6 +25,7 @@ __all__ = [
     "Index",
     "LegacyIndex",
     "build_index",
+    "build_passages_index",
     "convert_legacy_index",
 ]
 
@@ -37,11 +39,12 @@ _LAZY = {
     "convert_legacy_index": "legacy",
     "BuiltIndex": "building",
     "build_index": "building",
+    "build_passages_index": "building",
 }
 
 if TYPE_CHECKING:
     from .base import MISSING_DOC_ID, HFIndexBase, Index
-    from .building import BuiltIndex, build_index
+    from .building import BuiltIndex, build_index, build_passages_index
     from .canonical import CanonicalHFIndex
     from .custom import CustomHFIndex
     from .legacy import LegacyIndex, convert_legacy_index
