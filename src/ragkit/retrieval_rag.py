@@ -5,7 +5,9 @@ live in :mod:`ragkit.retrieval`. Differences, all on the safe side: passages and
 fetched in bulk; question vectors may be torch tensors on any device or in half precision; the
 canonical wiki_dpr index loads without dataset scripts; legacy pickles need an explicit opt-in (or a
 one-off conversion); slots faiss cannot fill come back as id -1 with an empty passage and a zero
-embedding instead of a repeated passage. Search may run on a GPU (``search_device="cuda"``).
+embedding instead of a repeated passage. The canonical index goes through this module's ``load_dataset``
+only when it has been replaced (``patch("ragkit.retrieval_rag.load_dataset")``, as tests written for
+Transformers do); otherwise it reads wiki_dpr's parquet and faiss files itself. Search may run on a GPU (``search_device="cuda"``).
 """
 
 from __future__ import annotations
@@ -510,8 +512,12 @@ class RagRetriever:
 
         Returns:
             tuple: ``retrieved_doc_embeds`` `(batch_size, n_docs, vector_size)` float32, ``doc_ids``
-            `(batch_size, n_docs)` int64 (-1 where the index had fewer hits) and ``doc_dicts``, one
-            ``{"title": [...], "text": [...]}`` per question.
+            `(batch_size, n_docs)` int64 (-1 where the index had fewer hits) and ``doc_dicts``, one dict per
+            question mapping each column of the passages (``title``, ``text``, ``id``, ...) to its ``n_docs``
+            values and ``embeddings`` to an `(n_docs, vector_size)` float32 array, as Transformers returns them.
+
+        Raises:
+            RagInputError: The vectors are not `(batch_size, vector_size)`, or hold NaN or infinity.
         """
         queries = question_hidden_states
         on_host = self.search_device.type == "cpu"
@@ -562,6 +568,10 @@ class RagRetriever:
             max_combined_length)`, ``retrieved_doc_embeds`` `(batch_size, n_docs, dim)`, ``doc_ids``
             `(batch_size, n_docs)`, and ``tokenized_doc_ids`` / ``tokenized_doc_attention_mask`` after
             :meth:`set_ctx_encoder_tokenizer`.
+
+        Raises:
+            RagInputError: ``question_input_ids`` and ``question_hidden_states`` have different numbers of rows,
+                or the vectors are malformed or not finite.
         """
         n_docs = n_docs if n_docs is not None else self.n_docs
         prefix = prefix if prefix is not None else getattr(self.config.generator, "prefix", None)

@@ -372,7 +372,11 @@ class Index(abc.ABC):
 
     @abc.abstractmethod
     def get_doc_dicts(self, doc_ids: np.ndarray) -> list[dict]:
-        """Passages of `(batch_size, n_docs)` doc ids: one ``{"title": [...], "text": [...]}`` per query."""
+        """Passages of `(batch_size, n_docs)` doc ids: one dict per query, column name -> its ``n_docs`` values.
+
+        ragkit's dataset-backed indexes return every column, ``embeddings`` as an `(n_docs, dim)` float32
+        array (as Transformers does); the legacy index returns ``title`` and ``text``.
+        """
 
     @property
     def search_device(self) -> Any:

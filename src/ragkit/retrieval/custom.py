@@ -132,7 +132,7 @@ class CustomHFIndex(HFIndexBase):
         logger.info("Loading passages from %s", dataset_path)
         dataset = load_passages_from_disk(dataset_path)
         if not hasattr(dataset, "list_indexes"):
-            raise RagInputError(
+            raise TypeError(
                 f"`passages_path` {os.fspath(dataset_path)!r} holds a DatasetDict; save a single split "
                 "(`dataset_dict['train'].save_to_disk(path)`)."
             )
