@@ -204,9 +204,12 @@ class RagConfig(PretrainedConfig):
             # 0/1 are accepted as JSON files written by hand sometimes hold them.
             if not isinstance(value, bool) and not (_is_int(value) and value in (0, 1)):
                 raise _field_error(name, "True or False", value)
-        if self.forced_eos_token_id is not None and not _is_int(self.forced_eos_token_id):
+        forced_eos = self.forced_eos_token_id
+        if forced_eos is not None and not (
+            _is_int(forced_eos) or (isinstance(forced_eos, (list, tuple)) and all(map(_is_int, forced_eos)))
+        ):
             raise _field_error(
-                "forced_eos_token_id", "None or a token id (an integer)", self.forced_eos_token_id
+                "forced_eos_token_id", "None or a token id (an integer, or a list of them)", forced_eos
             )
         smoothing = self.label_smoothing
         if (

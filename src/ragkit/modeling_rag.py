@@ -47,7 +47,7 @@ from ._accelerators import (
 )
 from ._io import atomic_directory
 from .configuration_rag import RagConfig
-from .errors import RagInputError
+from .errors import CheckpointError, RagInputError
 from .pooling import pool_hidden_states
 
 logger = logging.getLogger(__name__)
@@ -283,6 +283,9 @@ def _architecture_mismatch_warning(cls: type, config: PretrainedConfig) -> None:
             return
 
 
+#: How many missing weight names a :class:`CheckpointError` lists before giving the count of the rest.
+_MISSING_KEYS_SHOWN = 5
+
 #: ``from_pretrained`` arguments that locate ``config.json``; the rest are model or config options.
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
 
@@ -306,13 +309,16 @@ def _load_part(
     pretrained_model_name_or_path: str | os.PathLike | None,
     part_kwargs: dict[str, Any],
     missing_message: str,
+    what: str,
+    allow_missing_weights: bool,
 ) -> PreTrainedModel:
-    """One part for ``from_pretrained_question_encoder_generator``: ``model=`` if given, else loaded."""
+    """One part for ``from_pretrained_question_encoder_generator``: ``model=`` if given, else loaded (complete)."""
     model = part_kwargs.pop("model", None)
     if model is not None:
         return model
     if pretrained_model_name_or_path is None:
         raise RagInputError(missing_message)
+    part_kwargs.pop("output_loading_info", None)
     if "config" not in part_kwargs:
         # Config-level kwargs (e.g. question_encoder_hidden_dropout_prob) update the config; the rest go to
         # from_pretrained.
@@ -320,7 +326,48 @@ def _load_part(
             pretrained_model_name_or_path, **part_kwargs, return_unused_kwargs=True
         )
         part_kwargs["config"] = part_config
-    return auto_class.from_pretrained(pretrained_model_name_or_path, **part_kwargs)
+    model, info = auto_class.from_pretrained(
+        pretrained_model_name_or_path, output_loading_info=True, **part_kwargs
+    )
+    _check_missing_weights(
+        info.get("missing_keys") or [], pretrained_model_name_or_path, what, allow_missing_weights
+    )
+    return model
+
+
+def _check_missing_weights(missing_keys: list[str], source: Any, what: str, allow: bool) -> None:
+    """Refuse (or, with ``allow``, warn about) weights a checkpoint lacks: they would keep random values.
+
+    ``missing_keys`` is transformers' loading report, which already leaves out what it expects to be absent
+    (tied copies such as ``lm_head`` tied to the embeddings, buffers it rebuilds).
+    """
+    if not missing_keys:
+        return
+    missing = sorted(missing_keys)
+    shown = ", ".join(missing[:_MISSING_KEYS_SHOWN])
+    if len(missing) > _MISSING_KEYS_SHOWN:
+        shown += f", ... ({len(missing) - _MISSING_KEYS_SHOWN} more)"
+    unprefixed = [key.removeprefix("rag.") for key in missing]
+    per_part = {
+        part: sum(key.startswith(f"{part}.") for key in unprefixed)
+        for part in ("question_encoder", "generator")
+    }
+    parts = ", ".join(f"{part.replace('_', ' ')}: {count}" for part, count in per_part.items() if count)
+    summary = f"{len(missing)} weight tensor(s) of the {what}" + (f" ({parts})" if parts else "")
+    if allow:
+        logger.warning(
+            "%s lacks %s: %s. They keep their random initial values (allow_missing_weights=True).",
+            source,
+            summary,
+            shown,
+        )
+        return
+    raise CheckpointError(
+        f"{source} lacks {summary}: {shown}. Loaded anyway they would keep random values and the model would "
+        "produce nonsense. Check that the weights file (model.safetensors or pytorch_model.bin) is complete and "
+        "was saved from this kind of model; pass allow_missing_weights=True to load it anyway (for example to "
+        "train the missing parts)."
+    )
 
 
 def _prepare_accelerator_kwargs(
@@ -582,14 +629,33 @@ class RagPreTrainedModel(PreTrainedModel):
         - flash-attention or bitsandbytes without CUDA or without their package raise
           :class:`~ragkit._accelerators.AcceleratorUnavailableError` naming ``pip install 'ragkit-torch[cuda]'``.
 
+        A checkpoint whose weights file lacks tensors of the question encoder or the generator (beyond the
+        tied copies transformers expects to be absent) is refused with
+        :class:`~ragkit.errors.CheckpointError` naming them; ``allow_missing_weights=True`` (a ragkit
+        argument) loads it with a warning, the missing weights keeping random values.
+
         Returns:
             The model (or ``(model, loading_info)`` with ``output_loading_info=True``).
+
+        Raises:
+            MissingFileError: A local directory without ``config.json``.
+            CheckpointError: Weights missing from the checkpoint (without ``allow_missing_weights``).
         """
-        kwargs = _prepare_accelerator_kwargs(cls, pretrained_model_name_or_path, dict(kwargs))
-        result = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        model = result[0] if isinstance(result, tuple) else result
+        kwargs = dict(kwargs)
+        allow_missing_weights = bool(kwargs.pop("allow_missing_weights", False))
+        output_loading_info = bool(kwargs.pop("output_loading_info", False))
+        kwargs = _prepare_accelerator_kwargs(cls, pretrained_model_name_or_path, kwargs)
+        model, loading_info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+        )
+        _check_missing_weights(
+            loading_info.get("missing_keys") or [],
+            pretrained_model_name_or_path,
+            "RAG model",
+            allow_missing_weights,
+        )
         _architecture_mismatch_warning(cls, model.config)
-        return result
+        return (model, loading_info) if output_loading_info else model
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
         """Save config and weights (``model.safetensors``, keys ``rag.*``) in the facebook/rag-* layout.
@@ -597,7 +663,15 @@ class RagPreTrainedModel(PreTrainedModel):
         A new directory is written atomically (a crash leaves no half-written checkpoint). An existing
         directory, or a call with ``push_to_hub=True``, is written in place as transformers does, so files
         already there (such as tokenizers) are kept.
+
+        Raises:
+            RagInputError: ``save_directory`` is an existing file (it is left untouched).
         """
+        if os.path.isfile(save_directory):
+            raise RagInputError(
+                f"`save_directory` ({os.fspath(save_directory)}) is a file; give a directory path (the file is "
+                "left untouched)."
+            )
         if (
             kwargs.get("push_to_hub")
             or not kwargs.get("is_main_process", True)
@@ -626,11 +700,15 @@ class RagPreTrainedModel(PreTrainedModel):
             retriever: Optional :class:`~ragkit.RagRetriever`.
             **kwargs: ``question_encoder_*`` arguments go to the question encoder's ``from_pretrained``
                 (``question_encoder_model=`` passes a ready model), ``generator_*`` to the generator's
-                (``generator_model=``), the rest to the RAG config (``n_docs``, ``index_name``, ...) or
-                ``config=`` for a ready :class:`~ragkit.RagConfig`.
+                (``generator_model=``), ``allow_missing_weights=True`` loads parts whose checkpoint lacks some
+                of their weights (with a warning), the rest go to the RAG config (``n_docs``, ``index_name``,
+                ...) or ``config=`` for a ready :class:`~ragkit.RagConfig`.
 
         Returns:
             The model, in evaluation mode.
+
+        Raises:
+            CheckpointError: A part's checkpoint lacks weights of that part (without ``allow_missing_weights``).
         """
         question_encoder_kwargs = {
             key[len("question_encoder_") :]: kwargs.pop(key)
@@ -640,6 +718,7 @@ class RagPreTrainedModel(PreTrainedModel):
         generator_kwargs = {
             key[len("generator_") :]: kwargs.pop(key) for key in list(kwargs) if key.startswith("generator_")
         }
+        allow_missing_weights = bool(kwargs.pop("allow_missing_weights", False))
 
         question_encoder = _load_part(
             AutoModel,
@@ -647,6 +726,8 @@ class RagPreTrainedModel(PreTrainedModel):
             question_encoder_kwargs,
             "Pass `question_encoder_pretrained_model_name_or_path` (a Hub id or directory) or a ready "
             "model as `question_encoder_model=`.",
+            "question encoder",
+            allow_missing_weights,
         )
         generator = _load_part(
             AutoModelForSeq2SeqLM,
@@ -654,6 +735,8 @@ class RagPreTrainedModel(PreTrainedModel):
             generator_kwargs,
             "Pass `generator_pretrained_model_name_or_path` (a Hub id or directory) or a ready model as "
             "`generator_model=`.",
+            "generator",
+            allow_missing_weights,
         )
 
         config = kwargs.pop("config", None)
