@@ -14,12 +14,12 @@ from typing import Any
 from transformers import AutoConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from .errors import MissingFileError, RagInputError
+from .errors import LocationNotFoundError, MissingFileError, RagInputError
 from .pooling import POOLING_MODES
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["INDEX_NAMES", "RagConfig"]
+__all__ = ["INDEX_NAMES", "RagConfig", "check_local_location"]
 
 #: Index backends a :class:`~ragkit.RagRetriever` knows how to build from a config.
 INDEX_NAMES = ("legacy", "exact", "compressed", "custom")
@@ -45,6 +45,23 @@ _BOOL_FIELDS = (
     "question_encoder_normalize",
 )
 CONFIG_NAME = "config.json"
+
+
+#: What a Hub repository id can look like (``name`` or ``namespace/name``); anything else can only be a path.
+_HUB_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")
+
+
+def check_local_location(location: str | os.PathLike, what: str) -> None:
+    """Raise ``LocationNotFoundError`` when ``location`` can only be a local path (not a Hub repo id) and does not
+    exist, rather than letting huggingface_hub call it an invalid repo id."""
+    path = os.fspath(location)
+    if os.path.exists(path):
+        return
+    if isinstance(location, os.PathLike) or not _HUB_REPO_ID.fullmatch(path):
+        raise LocationNotFoundError(
+            f"{what} {path!r} does not exist: there is no such directory (and it cannot be a Hub repository id, "
+            "which looks like 'name' or 'namespace/name'). Check the path."
+        )
 
 
 def _is_int(value: Any) -> bool:
@@ -239,7 +256,9 @@ class RagConfig(PretrainedConfig):
 
         Raises:
             MissingFileError: A local directory without ``config.json`` (it is not a RAG checkpoint).
+            LocationNotFoundError: A path that does not exist (and cannot be a Hub repository id).
         """
+        check_local_location(pretrained_model_name_or_path, "The checkpoint")
         path = os.fspath(pretrained_model_name_or_path)
         if os.path.isdir(path):
             folder = os.path.join(path, kwargs.get("subfolder") or "")

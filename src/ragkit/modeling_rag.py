@@ -46,7 +46,7 @@ from ._accelerators import (
     to_device,
 )
 from ._io import atomic_directory
-from .configuration_rag import RagConfig
+from .configuration_rag import RagConfig, check_local_location
 from .errors import CheckpointError, RagInputError
 from .pooling import pool_hidden_states
 
@@ -318,6 +318,7 @@ def _load_part(
         return model
     if pretrained_model_name_or_path is None:
         raise RagInputError(missing_message)
+    check_local_location(pretrained_model_name_or_path, f"The {what} checkpoint")
     part_kwargs.pop("output_loading_info", None)
     if "config" not in part_kwargs:
         # Config-level kwargs (e.g. question_encoder_hidden_dropout_prob) update the config; the rest go to

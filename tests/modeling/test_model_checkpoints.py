@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import ragkit.modeling_rag as rk
-from ragkit.errors import CheckpointError, MissingFileError, RagInputError
+from ragkit.errors import CheckpointError, LocationNotFoundError, MissingFileError, RagInputError
 from ragkit.testing import tiny_rag_config
 
 CLASSES = {
@@ -188,3 +189,22 @@ def test_save_pretrained_onto_a_file_raises_and_keeps_it(tmp_path, head):
         model.save_pretrained(target)
     assert target.read_text() == "mine"
     assert sorted(os.listdir(tmp_path)) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("location", ["/no/such/rag-checkpoint", "./no-such-dir", "../x/y/z"])
+def test_missing_local_checkpoint_is_named(location):
+    """A path that cannot be a Hub id used to give huggingface_hub's 'Repo id must be in the form ...'."""
+    with pytest.raises(
+        LocationNotFoundError, match=rf"The checkpoint '{re.escape(location)}' does not exist"
+    ):
+        rk.RagSequenceForGeneration.from_pretrained(location)
+
+
+def test_missing_part_checkpoint_is_named(tmp_path):
+    question_encoder, _ = _part_checkpoints(tmp_path)
+    with pytest.raises(
+        LocationNotFoundError, match=r"The generator checkpoint .*missing-generator' does not exist"
+    ):
+        rk.RagTokenForGeneration.from_pretrained_question_encoder_generator(
+            question_encoder, tmp_path / "missing-generator"
+        )
