@@ -206,6 +206,12 @@ def _check_token_ids(
         )
 
 
+def _check_n_docs(n_docs: Any) -> None:
+    """Raise :class:`RagInputError` unless ``n_docs`` is a whole number >= 1."""
+    if isinstance(n_docs, bool) or not isinstance(n_docs, int) or n_docs < 1:
+        raise RagInputError(f"`n_docs` must be an integer >= 1 (documents per question), got {n_docs!r}.")
+
+
 def _check_same_shape(tensor: torch.Tensor | None, name: str, ids: torch.Tensor, ids_name: str) -> None:
     """Raise :class:`RagInputError` when a mask (or token types) does not have the shape of the ids it goes with."""
     if tensor is None:
@@ -909,6 +915,7 @@ class RagModel(RagPreTrainedModel):
                 "`retrieve_contexts` needs a retriever: set one with `model.set_retriever(retriever)`."
             )
         n_docs = n_docs if n_docs is not None else self.config.n_docs
+        _check_n_docs(n_docs)
         generator_device = module_device(self.generator)
         search_vectors = question_vectors.detach()
         search_device = getattr(self.retriever, "search_device", None)
@@ -963,6 +970,7 @@ class RagModel(RagPreTrainedModel):
     ) -> None:
         """Raise :class:`RagInputError` early, naming the argument, when document inputs disagree with each other
         or with ``n_docs``, or contexts hold ids the generator cannot read (vocabulary, positions)."""
+        _check_n_docs(n_docs)
         if doc_scores is None:
             raise RagInputError(
                 "`doc_scores` of shape (batch_size, n_docs) is needed when no retriever is used (it is also "
@@ -1063,6 +1071,7 @@ class RagModel(RagPreTrainedModel):
         """
         cache = _resolve_cache(past_key_values, cache)
         n_docs = n_docs if n_docs is not None else self.config.n_docs
+        _check_n_docs(n_docs)
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         output_attentions = (
             output_attentions if output_attentions is not None else self.config.output_attentions
@@ -1273,6 +1282,7 @@ class _RagHeadMixin:
         returns the loss (None without labels) and the logits of the output.
         """
         n_docs = n_docs if n_docs is not None else self.config.n_docs
+        _check_n_docs(n_docs)
         reduce_loss = reduce_loss if reduce_loss is not None else self.config.reduce_loss
         label_smoothing = label_smoothing if label_smoothing is not None else self.config.label_smoothing
         return_dict = return_dict if return_dict is not None else self.config.return_dict

@@ -277,3 +277,13 @@ def test_valid_inputs_still_run(models):
     questions = torch.full((2, QUESTION_POSITIONS), QUESTION_VOCAB - 1)
     out = _call(models, "sequence", input_ids=questions, labels=DECODER)
     assert out.doc_scores.shape == (2, N_DOCS)
+
+
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("n_docs", [0, -1, 1.5, "3"])
+def test_bad_n_docs_is_named(models, head, n_docs):
+    """n_docs=0 used to be a ZeroDivisionError; a float a TypeError deep in reshape."""
+    with pytest.raises(RagInputError, match=r"`n_docs` must be an integer >= 1"):
+        _call(models, head, **_contexts(), decoder_input_ids=DECODER, n_docs=n_docs)
+    with pytest.raises(RagInputError, match=r"`n_docs` must be an integer >= 1"):
+        _call(models, head, input_ids=QUESTIONS, decoder_input_ids=DECODER, n_docs=n_docs)
