@@ -221,7 +221,7 @@ def _check_same_shape(tensor: torch.Tensor | None, name: str, ids: torch.Tensor,
     if tuple(tensor.shape) != tuple(ids.shape):
         raise RagInputError(
             f"`{name}` has shape {tuple(tensor.shape)} but `{ids_name}` has shape {tuple(ids.shape)}; they must "
-            f"match (one mask entry per token). Pass the mask the tokenizer returned with `{ids_name}`."
+            f"match (one entry per token). Pass the one the tokenizer returned with `{ids_name}`."
         )
 
 
