@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 
 import pytest
 import transformers
@@ -170,3 +171,74 @@ def test_wiki_dpr_config_names_are_valid_index_names():
         tiny_dpr_config(), tiny_bart_config(), index_name="psgs_w100.multiset.compressed"
     )
     assert config.index_name == "psgs_w100.multiset.compressed"
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("label_smoothing", "a lot"),
+        ("label_smoothing", None),
+        ("label_smoothing", True),
+        ("n_docs", "5"),
+        ("n_docs", 5.0),
+        ("n_docs", True),
+        ("max_combined_length", None),
+        ("max_combined_length", 300.5),
+        ("retrieval_batch_size", "8"),
+        ("retrieval_vector_size", [768]),
+        ("index_ef_search", "128"),
+        ("title_sep", 3),
+        ("doc_sep", None),
+        ("dataset_split", ["train"]),
+        ("dataset", 7),
+        ("index_path", 3.5),
+        ("passages_path", {"a": 1}),
+        ("dataset_revision", 2),
+        ("use_dummy_dataset", "yes"),
+        ("reduce_loss", "False"),
+        ("do_deduplication", 2),
+        ("exclude_bos_score", None),
+        ("do_marginalize", "true"),
+        ("output_retrieved", 1.0),
+        ("question_encoder_normalize", "no"),
+        ("forced_eos_token_id", "2"),
+    ],
+)
+def test_wrong_typed_fields_are_named(field, value):
+    """Each RAG field of the wrong type gives a RagInputError naming it and the value (not a bare float() error)."""
+    from ragkit.errors import RagInputError
+
+    with pytest.raises(RagInputError, match=rf"RagConfig: `{field}` must be .*got {re.escape(repr(value))}"):
+        RagConfig.from_question_encoder_generator_configs(
+            tiny_dpr_config(), tiny_bart_config(), **{field: value}
+        )
+
+
+def test_well_typed_fields_are_still_accepted(tmp_path):
+    config = RagConfig.from_question_encoder_generator_configs(
+        tiny_dpr_config(),
+        tiny_bart_config(),
+        label_smoothing=0,  # an int is a number
+        reduce_loss=1,  # JSON written by hand may hold 0/1 for booleans
+        dataset=tmp_path,  # a path object for a local mirror
+        index_path=str(tmp_path / "index.faiss"),
+        dataset_revision="main",
+        forced_eos_token_id=2,
+        index_ef_search=64,
+    )
+    assert config.label_smoothing == 0 and config.reduce_loss == 1 and config.dataset == tmp_path
+
+
+def test_config_errors_are_assertion_errors_too():
+    """Transformers' RagConfig asserts that both sub-configs are given; code catching AssertionError still works."""
+    with pytest.raises(AssertionError, match="question_encoder"):
+        RagConfig(generator=tiny_bart_config().to_dict())
+
+
+def test_directory_without_config_json_is_a_missing_file_error(tmp_path):
+    from ragkit.errors import MissingFileError
+
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(MissingFileError, match=r"config\.json does not exist") as raised:
+        RagConfig.from_pretrained(tmp_path)
+    assert str(tmp_path) in str(raised.value) and "RagConfig needs" not in str(raised.value)

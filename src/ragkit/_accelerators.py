@@ -18,7 +18,7 @@ from torch import nn
 from transformers import BitsAndBytesConfig, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING, MODEL_MAPPING
 
-from .errors import AcceleratorUnavailableError
+from .errors import AcceleratorUnavailableError, RagInputError
 
 logger = logging.getLogger(__name__)
 
@@ -242,7 +242,7 @@ def resolve_attn_implementation(
         attention layers of its own, reports the generator's choice when it can).
 
     Raises:
-        ValueError: Unknown keys in the dict, or a part explicitly given an implementation its class lacks.
+        RagInputError: Unknown keys in the dict, or a part explicitly given an implementation its class lacks.
         AcceleratorUnavailableError: A flash-attention implementation a part will use cannot run here.
     """
     if requested is None:
@@ -250,7 +250,7 @@ def resolve_attn_implementation(
     if isinstance(requested, Mapping):
         unknown = sorted(set(requested) - set(_ATTN_DICT_KEYS))
         if unknown:
-            raise ValueError(
+            raise RagInputError(
                 f"attn_implementation: unknown key(s) {unknown} for a RAG model; use 'question_encoder', "
                 "'generator' and '' (the default for the parts not named)."
             )
@@ -274,7 +274,7 @@ def resolve_attn_implementation(
             continue
         if not supports_attn_implementation(part_class, choice):
             if part in explicit:
-                raise ValueError(
+                raise RagInputError(
                     f"attn_implementation: the {part.replace('_', ' ')} ({class_name}) does not support "
                     f"'{choice}'; it supports {_supported_list(part_class)}. Name one of those for '{part}', or "
                     f"leave '{part}' out of the dict to let ragkit pick the best one it supports."
@@ -417,12 +417,12 @@ def to_device(tensor: torch.Tensor | None, device: torch.device, name: str) -> t
     """Move ``tensor`` (an input named ``name``) to ``device``; None passes through.
 
     Raises:
-        ValueError: The tensor is on the meta device (it holds no data to move).
+        RagInputError: The tensor is on the meta device (it holds no data to move).
     """
     if tensor is None or not isinstance(tensor, torch.Tensor) or tensor.device == device:
         return tensor
     if tensor.device.type == "meta":
-        raise ValueError(
+        raise RagInputError(
             f"`{name}` is on the meta device, so it holds no values; pass a tensor on the CPU or on {device}."
         )
     return tensor.to(device)

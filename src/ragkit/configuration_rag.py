@@ -7,17 +7,19 @@ The serialized form is the one of ``transformers.RagConfig`` (``model_type: "rag
 from __future__ import annotations
 
 import logging
+import os
 import re
 from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from .errors import LocationNotFoundError, MissingFileError, RagInputError
 from .pooling import POOLING_MODES
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["INDEX_NAMES", "RagConfig"]
+__all__ = ["INDEX_NAMES", "RagConfig", "check_local_location"]
 
 #: Index backends a :class:`~ragkit.RagRetriever` knows how to build from a config.
 INDEX_NAMES = ("legacy", "exact", "compressed", "custom")
@@ -25,6 +27,51 @@ INDEX_NAMES = ("legacy", "exact", "compressed", "custom")
 _WIKI_DPR_INDEX_NAME = re.compile(r"psgs_w100\.(nq|multiset)\.(exact|compressed)")
 #: Embedding sets of wiki_dpr.
 EMBEDDINGS_NAMES = ("nq", "multiset")
+#: RAG fields by the type their value must have (beyond the fields with a fixed set of values).
+_POSITIVE_INT_FIELDS = ("n_docs", "max_combined_length", "retrieval_vector_size", "retrieval_batch_size")
+_OPTIONAL_POSITIVE_INT_FIELDS = ("index_nprobe", "index_ef_search")
+_STRING_FIELDS = ("title_sep", "doc_sep", "dataset_split")
+_OPTIONAL_STRING_FIELDS = ("dataset_revision",)
+_PATH_FIELDS = ("dataset",)
+_OPTIONAL_PATH_FIELDS = ("index_path", "passages_path")
+_BOOL_FIELDS = (
+    "use_dummy_dataset",
+    "reduce_loss",
+    "do_deduplication",
+    "exclude_bos_score",
+    "do_marginalize",
+    "output_retrieved",
+    "use_cache",
+    "question_encoder_normalize",
+)
+CONFIG_NAME = "config.json"
+
+
+#: What a Hub repository id can look like (``name`` or ``namespace/name``); anything else can only be a path.
+_HUB_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")
+
+
+def check_local_location(location: str | os.PathLike, what: str) -> None:
+    """Raise ``LocationNotFoundError`` when ``location`` can only be a local path (not a Hub repo id) and does not
+    exist, rather than letting huggingface_hub call it an invalid repo id."""
+    path = os.fspath(location)
+    if os.path.exists(path):
+        return
+    if isinstance(location, os.PathLike) or not _HUB_REPO_ID.fullmatch(path):
+        raise LocationNotFoundError(
+            f"{what} {path!r} does not exist: there is no such directory (and it cannot be a Hub repository id, "
+            "which looks like 'name' or 'namespace/name'). Check the path."
+        )
+
+
+def _is_int(value: Any) -> bool:
+    """An integer that is not a bool (``True`` is an int to Python, never a count here)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _field_error(field: str, expected: str, value: Any) -> RagInputError:
+    """The error for a RAG field whose value is of the wrong type or out of range."""
+    return RagInputError(f"RagConfig: `{field}` must be {expected}, got {value!r} ({type(value).__name__}).")
 
 
 def _sub_config(value: Any, field: str) -> PretrainedConfig:
@@ -35,12 +82,12 @@ def _sub_config(value: Any, field: str) -> PretrainedConfig:
         value = dict(value)
         model_type = value.pop("model_type", None)
         if model_type is None:
-            raise ValueError(
+            raise RagInputError(
                 f"RagConfig: the `{field}` dict has no `model_type`; add one (for example 'dpr' or 'bart') "
                 "so the right config class can be built."
             )
         return AutoConfig.for_model(model_type, **value)
-    raise ValueError(
+    raise RagInputError(
         f"RagConfig: `{field}` must be a PretrainedConfig or a dict, got {type(value).__name__}. Build the "
         "config with RagConfig.from_question_encoder_generator_configs(question_encoder_config, generator_config)."
     )
@@ -137,7 +184,7 @@ class RagConfig(PretrainedConfig):
         for field in ("question_encoder", "generator"):
             value = getattr(self, field)
             if value is None:
-                raise ValueError(
+                raise RagInputError(
                     f"RagConfig needs a `{field}` config. Build one with "
                     "RagConfig.from_question_encoder_generator_configs(question_encoder_config, generator_config) "
                     "or load a RAG checkpoint with RagConfig.from_pretrained(path)."
@@ -147,41 +194,84 @@ class RagConfig(PretrainedConfig):
         self.validate_rag_fields()
 
     def validate_rag_fields(self) -> None:
-        """Raise ``ValueError`` naming the first RAG field whose value cannot work."""
-        if not isinstance(self.n_docs, int) or self.n_docs < 1:
-            raise ValueError(f"RagConfig: `n_docs` must be an integer >= 1, got {self.n_docs!r}.")
+        """Raise :class:`~ragkit.errors.RagInputError` naming the first RAG field whose value cannot work."""
+        for name in _POSITIVE_INT_FIELDS:
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise _field_error(name, "an integer >= 1", value)
+        for name in _OPTIONAL_POSITIVE_INT_FIELDS:
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 1):
+                raise _field_error(name, "None or an integer >= 1", value)
+        for name in _STRING_FIELDS:
+            if not isinstance(getattr(self, name), str):
+                raise _field_error(name, "a string", getattr(self, name))
+        for name in _OPTIONAL_STRING_FIELDS:
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise _field_error(name, "None or a string", value)
+        for name in _PATH_FIELDS + _OPTIONAL_PATH_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, (str, os.PathLike)) and not (
+                value is None and name in _OPTIONAL_PATH_FIELDS
+            ):
+                raise _field_error(name, "a string or path", value)
+        for name in _BOOL_FIELDS:
+            value = getattr(self, name)
+            # 0/1 are accepted as JSON files written by hand sometimes hold them.
+            if not isinstance(value, bool) and not (_is_int(value) and value in (0, 1)):
+                raise _field_error(name, "True or False", value)
+        forced_eos = self.forced_eos_token_id
+        if forced_eos is not None and not (
+            _is_int(forced_eos) or (isinstance(forced_eos, (list, tuple)) and all(map(_is_int, forced_eos)))
+        ):
+            raise _field_error(
+                "forced_eos_token_id", "None or a token id (an integer, or a list of them)", forced_eos
+            )
+        smoothing = self.label_smoothing
+        if (
+            not isinstance(smoothing, (int, float))
+            or isinstance(smoothing, bool)
+            or not 0.0 <= smoothing < 1.0
+        ):
+            raise _field_error("label_smoothing", "a number in [0, 1), such as 0.1", smoothing)
         if self.index_name not in INDEX_NAMES and not _WIKI_DPR_INDEX_NAME.fullmatch(str(self.index_name)):
-            raise ValueError(
+            raise RagInputError(
                 f"RagConfig: unknown `index_name` {self.index_name!r}; choose one of {', '.join(INDEX_NAMES)} "
                 "(or a wiki_dpr config name such as 'psgs_w100.multiset.compressed')."
             )
-        if not isinstance(self.max_combined_length, int) or self.max_combined_length < 1:
-            raise ValueError(
-                f"RagConfig: `max_combined_length` must be an integer >= 1, got {self.max_combined_length!r}."
-            )
-        if not isinstance(self.retrieval_vector_size, int) or self.retrieval_vector_size < 1:
-            raise ValueError(
-                f"RagConfig: `retrieval_vector_size` must be an integer >= 1, got {self.retrieval_vector_size!r}."
-            )
-        if not isinstance(self.retrieval_batch_size, int) or self.retrieval_batch_size < 1:
-            raise ValueError(
-                f"RagConfig: `retrieval_batch_size` must be an integer >= 1, got {self.retrieval_batch_size!r}."
-            )
-        if not 0.0 <= float(self.label_smoothing) < 1.0:
-            raise ValueError(f"RagConfig: `label_smoothing` must be in [0, 1), got {self.label_smoothing!r}.")
         if self.embeddings_name not in EMBEDDINGS_NAMES:
-            raise ValueError(
+            raise RagInputError(
                 f"RagConfig: `embeddings_name` must be one of {EMBEDDINGS_NAMES}, got {self.embeddings_name!r}."
             )
         if self.question_encoder_pooling not in POOLING_MODES:
-            raise ValueError(
+            raise RagInputError(
                 f"RagConfig: `question_encoder_pooling` must be one of {POOLING_MODES}, "
                 f"got {self.question_encoder_pooling!r}."
             )
-        for name in ("index_nprobe", "index_ef_search"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"RagConfig: `{name}` must be None or an integer >= 1, got {value!r}.")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> RagConfig:
+        """Load the config of a RAG checkpoint (Hub id or local directory), as ``PretrainedConfig.from_pretrained``.
+
+        Raises:
+            MissingFileError: A local directory without ``config.json`` (it is not a RAG checkpoint).
+            LocationNotFoundError: A path that does not exist (and cannot be a Hub repository id).
+        """
+        check_local_location(pretrained_model_name_or_path, "The checkpoint")
+        path = os.fspath(pretrained_model_name_or_path)
+        if os.path.isdir(path):
+            folder = os.path.join(path, kwargs.get("subfolder") or "")
+            if not os.path.isfile(os.path.join(folder, CONFIG_NAME)):
+                raise MissingFileError(
+                    f"{os.path.join(folder, CONFIG_NAME)} does not exist: the directory {folder} is not a RAG "
+                    "checkpoint. A RAG checkpoint holds config.json (model_type 'rag', with the question_encoder "
+                    "and generator configs), the weights (model.safetensors or pytorch_model.bin) and the "
+                    "tokenizers in question_encoder_tokenizer/ and generator_tokenizer/. Save one with "
+                    "model.save_pretrained(directory), or build a model from two checkpoints with "
+                    "from_pretrained_question_encoder_generator()."
+                )
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @classmethod
     def from_question_encoder_generator_configs(

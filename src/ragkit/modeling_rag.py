@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import logging
 import os
 from collections.abc import Callable
@@ -45,7 +46,8 @@ from ._accelerators import (
     to_device,
 )
 from ._io import atomic_directory
-from .configuration_rag import RagConfig
+from .configuration_rag import RagConfig, check_local_location
+from .errors import CheckpointError, RagInputError
 from .pooling import pool_hidden_states
 
 logger = logging.getLogger(__name__)
@@ -78,7 +80,7 @@ _BEAM_MODES = (GenerationMode.BEAM_SEARCH, GenerationMode.BEAM_SAMPLE)
 def _resolve_cache(past_key_values: Cache | None, cache: Cache | None) -> Cache | None:
     """Merge the seed's ``past_key_values`` and transformers 5's ``cache`` argument into one."""
     if past_key_values is not None and cache is not None and past_key_values is not cache:
-        raise ValueError("Pass the decoder cache as either `past_key_values` or `cache`, not both.")
+        raise RagInputError("Pass the decoder cache as either `past_key_values` or `cache`, not both.")
     return cache if cache is not None else past_key_values
 
 
@@ -104,7 +106,7 @@ def _rag_config(
     """The model's RAG config: ``config``, or one built from the two parts' configs (else ``missing_message``)."""
     if config is None:
         if question_encoder is None or generator is None:
-            raise ValueError(missing_message)
+            raise RagInputError(missing_message)
         config = RagConfig.from_question_encoder_generator_configs(
             question_encoder.config, generator.config, **config_kwargs
         )
@@ -127,17 +129,115 @@ def _batch_size_of(
     return None
 
 
+#: Arguments the model itself passes to the question encoder; never taken from a forward's extra kwargs.
+_QUESTION_ENCODER_OWN_ARGS = frozenset(
+    {"input_ids", "attention_mask", "output_attentions", "output_hidden_states", "return_dict"}
+)
+
+
+def _input_table_sizes(module: nn.Module) -> tuple[int | None, int | None]:
+    """(vocabulary size, number of learned positions) of a part's input tables; None where it has none."""
+    vocab_size = None
+    try:
+        embeddings = module.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        embeddings = None
+    if isinstance(embeddings, nn.Embedding):
+        vocab_size = embeddings.num_embeddings
+    config = getattr(module, "config", None)
+    if vocab_size is None:
+        vocab_size = getattr(config, "vocab_size", None)
+    # T5 has relative positions (no table, no limit); BERT/DPR and BART have max_position_embeddings.
+    max_positions = getattr(config, "max_position_embeddings", None)
+    return vocab_size, max_positions
+
+
+def _check_token_ids(
+    ids: Any,
+    name: str,
+    vocab_size: int | None,
+    max_length: int | None,
+    part: str,
+    ignore_index: int | None = None,
+    table: str = "vocabulary",
+) -> None:
+    """Raise :class:`RagInputError` naming ``name`` unless ``ids`` is a non-empty `(rows, length)` integer tensor
+    of ids in ``[0, vocab_size)`` (or ``ignore_index``) and at most ``max_length`` long. One min/max, no loops."""
+    if not isinstance(ids, torch.Tensor):
+        raise RagInputError(
+            f"`{name}` must be a torch tensor of token ids, got {type(ids).__name__}; tokenize with "
+            "return_tensors='pt'."
+        )
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise RagInputError(
+            f"`{name}` holds {ids.dtype} values; token ids must be integers (torch.long): pass `{name}.long()` "
+            "if they are whole numbers, or tokenize with return_tensors='pt'."
+        )
+    if ids.dim() != 2:
+        raise RagInputError(f"`{name}` must have shape (batch_size, length), got {tuple(ids.shape)}.")
+    if ids.shape[0] == 0:
+        raise RagInputError(f"`{name}` is an empty batch (0 rows); pass at least one sequence.")
+    if ids.shape[1] == 0:
+        raise RagInputError(
+            f"`{name}` has zero-length rows (shape {tuple(ids.shape)}); each row needs at least one token."
+        )
+    if max_length is not None and ids.shape[1] > max_length:
+        raise RagInputError(
+            f"`{name}` has length {ids.shape[1]} but the {part} has {max_length} positions "
+            f"(max_position_embeddings); truncate it, e.g. tokenizer(..., truncation=True, max_length={max_length})."
+        )
+    if ids.device.type == "meta":
+        return
+    low, high = (int(v) for v in torch.aminmax(ids))
+    if ignore_index is not None and low == ignore_index:
+        kept = ids[ids != ignore_index]
+        if kept.numel() == 0:
+            return
+        low = int(kept.min())
+    if low < 0:
+        allowed = (
+            f" (besides {ignore_index}, which marks ignored positions)" if ignore_index is not None else ""
+        )
+        raise RagInputError(f"`{name}` holds the negative token id {low}; token ids must be >= 0{allowed}.")
+    if vocab_size is not None and high >= vocab_size:
+        raise RagInputError(
+            f"`{name}` holds id {high}, outside the {part}'s {table} of {vocab_size} ids "
+            f"(0..{vocab_size - 1}); tokenize with the {part}'s tokenizer (or resize its embeddings)."
+        )
+
+
+def _check_n_docs(n_docs: Any) -> None:
+    """Raise :class:`RagInputError` unless ``n_docs`` is a whole number >= 1."""
+    if isinstance(n_docs, bool) or not isinstance(n_docs, int) or n_docs < 1:
+        raise RagInputError(f"`n_docs` must be an integer >= 1 (documents per question), got {n_docs!r}.")
+
+
+def _check_same_shape(tensor: torch.Tensor | None, name: str, ids: torch.Tensor, ids_name: str) -> None:
+    """Raise :class:`RagInputError` when a mask (or token types) does not have the shape of the ids it goes with."""
+    if tensor is None:
+        return
+    if not isinstance(tensor, torch.Tensor):
+        raise RagInputError(f"`{name}` must be a torch tensor, got {type(tensor).__name__}.")
+    if tuple(tensor.shape) != tuple(ids.shape):
+        raise RagInputError(
+            f"`{name}` has shape {tuple(tensor.shape)} but `{ids_name}` has shape {tuple(ids.shape)}; they must "
+            f"match (one entry per token). Pass the one the tokenizer returned with `{ids_name}`."
+        )
+
+
 def _check_labels(labels: torch.Tensor, batch_size: int | None) -> None:
     """Reject labels whose shape cannot give a meaningful loss (see docs/modeling.md, 'one-token labels')."""
     if labels.dim() != 2:
-        raise ValueError(f"`labels` must have shape (batch_size, target_length), got {tuple(labels.shape)}.")
+        raise RagInputError(
+            f"`labels` must have shape (batch_size, target_length), got {tuple(labels.shape)}."
+        )
     if batch_size is not None and labels.shape[0] != batch_size:
-        raise ValueError(
+        raise RagInputError(
             f"`labels` has {labels.shape[0]} rows but the batch has {batch_size} questions; pass one label "
             "sequence per question (not one per document)."
         )
     if labels.shape[1] < 2:
-        raise ValueError(
+        raise RagInputError(
             "`labels` has a single position, which gives a zero loss: RAG scores labels[:, 1:] against the "
             "decoder fed with labels (transformers issue 8863). Labels must start with the decoder start/BOS "
             "token, as the generator tokenizer produces them (e.g. '<s> answer </s>' for BART)."
@@ -189,6 +289,9 @@ def _architecture_mismatch_warning(cls: type, config: PretrainedConfig) -> None:
             return
 
 
+#: How many missing weight names a :class:`CheckpointError` lists before giving the count of the rest.
+_MISSING_KEYS_SHOWN = 5
+
 #: ``from_pretrained`` arguments that locate ``config.json``; the rest are model or config options.
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
 
@@ -202,7 +305,7 @@ def _config_for_checks(
         return _as_rag_config(config)
     source = config if config is not None else pretrained_model_name_or_path
     if source is None:
-        raise ValueError("Pass a checkpoint (Hub id or directory) or `config=` to from_pretrained.")
+        raise RagInputError("Pass a checkpoint (Hub id or directory) or `config=` to from_pretrained.")
     hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
     return RagConfig.from_pretrained(source, **hub_kwargs)
 
@@ -212,13 +315,17 @@ def _load_part(
     pretrained_model_name_or_path: str | os.PathLike | None,
     part_kwargs: dict[str, Any],
     missing_message: str,
+    what: str,
+    allow_missing_weights: bool,
 ) -> PreTrainedModel:
-    """One part for ``from_pretrained_question_encoder_generator``: ``model=`` if given, else loaded."""
+    """One part for ``from_pretrained_question_encoder_generator``: ``model=`` if given, else loaded (complete)."""
     model = part_kwargs.pop("model", None)
     if model is not None:
         return model
     if pretrained_model_name_or_path is None:
-        raise ValueError(missing_message)
+        raise RagInputError(missing_message)
+    check_local_location(pretrained_model_name_or_path, f"The {what} checkpoint")
+    part_kwargs.pop("output_loading_info", None)
     if "config" not in part_kwargs:
         # Config-level kwargs (e.g. question_encoder_hidden_dropout_prob) update the config; the rest go to
         # from_pretrained.
@@ -226,7 +333,48 @@ def _load_part(
             pretrained_model_name_or_path, **part_kwargs, return_unused_kwargs=True
         )
         part_kwargs["config"] = part_config
-    return auto_class.from_pretrained(pretrained_model_name_or_path, **part_kwargs)
+    model, info = auto_class.from_pretrained(
+        pretrained_model_name_or_path, output_loading_info=True, **part_kwargs
+    )
+    _check_missing_weights(
+        info.get("missing_keys") or [], pretrained_model_name_or_path, what, allow_missing_weights
+    )
+    return model
+
+
+def _check_missing_weights(missing_keys: list[str], source: Any, what: str, allow: bool) -> None:
+    """Refuse (or, with ``allow``, warn about) weights a checkpoint lacks: they would keep random values.
+
+    ``missing_keys`` is transformers' loading report, which already leaves out what it expects to be absent
+    (tied copies such as ``lm_head`` tied to the embeddings, buffers it rebuilds).
+    """
+    if not missing_keys:
+        return
+    missing = sorted(missing_keys)
+    shown = ", ".join(missing[:_MISSING_KEYS_SHOWN])
+    if len(missing) > _MISSING_KEYS_SHOWN:
+        shown += f", ... ({len(missing) - _MISSING_KEYS_SHOWN} more)"
+    unprefixed = [key.removeprefix("rag.") for key in missing]
+    per_part = {
+        part: sum(key.startswith(f"{part}.") for key in unprefixed)
+        for part in ("question_encoder", "generator")
+    }
+    parts = ", ".join(f"{part.replace('_', ' ')}: {count}" for part, count in per_part.items() if count)
+    summary = f"{len(missing)} weight tensor(s) of the {what}" + (f" ({parts})" if parts else "")
+    if allow:
+        logger.warning(
+            "%s lacks %s: %s. They keep their random initial values (allow_missing_weights=True).",
+            source,
+            summary,
+            shown,
+        )
+        return
+    raise CheckpointError(
+        f"{source} lacks {summary}: {shown}. Loaded anyway they would keep random values and the model would "
+        "produce nonsense. Check that the weights file (model.safetensors or pytorch_model.bin) is complete and "
+        "was saved from this kind of model; pass allow_missing_weights=True to load it anyway (for example to "
+        "train the missing parts)."
+    )
 
 
 def _prepare_accelerator_kwargs(
@@ -252,7 +400,7 @@ def _prepare_accelerator_kwargs(
     if quantization_config is None and saved_quantization is not None:
         check_bitsandbytes(saved_quantization)
     if quantize_question_encoder and not is_bitsandbytes_config(quantization_config):
-        raise ValueError(
+        raise RagInputError(
             "`quantize_question_encoder=True` applies to bitsandbytes quantization; pass "
             "quantization_config=BitsAndBytesConfig(load_in_4bit=True) (or load_in_8bit=True) with it."
         )
@@ -300,7 +448,9 @@ def _accept_past_key_values(cls: type) -> type:
     def __init__(self, *args, past_key_values: Cache | None = None, **kwargs):
         if past_key_values is not None:
             if kwargs.get("cache") is not None:
-                raise ValueError("Pass the decoder cache as either `past_key_values` or `cache`, not both.")
+                raise RagInputError(
+                    "Pass the decoder cache as either `past_key_values` or `cache`, not both."
+                )
             kwargs["cache"] = past_key_values
         init(self, *args, **kwargs)
 
@@ -486,14 +636,33 @@ class RagPreTrainedModel(PreTrainedModel):
         - flash-attention or bitsandbytes without CUDA or without their package raise
           :class:`~ragkit._accelerators.AcceleratorUnavailableError` naming ``pip install 'ragkit-torch[cuda]'``.
 
+        A checkpoint whose weights file lacks tensors of the question encoder or the generator (beyond the
+        tied copies transformers expects to be absent) is refused with
+        :class:`~ragkit.errors.CheckpointError` naming them; ``allow_missing_weights=True`` (a ragkit
+        argument) loads it with a warning, the missing weights keeping random values.
+
         Returns:
             The model (or ``(model, loading_info)`` with ``output_loading_info=True``).
+
+        Raises:
+            MissingFileError: A local directory without ``config.json``.
+            CheckpointError: Weights missing from the checkpoint (without ``allow_missing_weights``).
         """
-        kwargs = _prepare_accelerator_kwargs(cls, pretrained_model_name_or_path, dict(kwargs))
-        result = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        model = result[0] if isinstance(result, tuple) else result
+        kwargs = dict(kwargs)
+        allow_missing_weights = bool(kwargs.pop("allow_missing_weights", False))
+        output_loading_info = bool(kwargs.pop("output_loading_info", False))
+        kwargs = _prepare_accelerator_kwargs(cls, pretrained_model_name_or_path, kwargs)
+        model, loading_info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+        )
+        _check_missing_weights(
+            loading_info.get("missing_keys") or [],
+            pretrained_model_name_or_path,
+            "RAG model",
+            allow_missing_weights,
+        )
         _architecture_mismatch_warning(cls, model.config)
-        return result
+        return (model, loading_info) if output_loading_info else model
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
         """Save config and weights (``model.safetensors``, keys ``rag.*``) in the facebook/rag-* layout.
@@ -501,7 +670,15 @@ class RagPreTrainedModel(PreTrainedModel):
         A new directory is written atomically (a crash leaves no half-written checkpoint). An existing
         directory, or a call with ``push_to_hub=True``, is written in place as transformers does, so files
         already there (such as tokenizers) are kept.
+
+        Raises:
+            RagInputError: ``save_directory`` is an existing file (it is left untouched).
         """
+        if os.path.isfile(save_directory):
+            raise RagInputError(
+                f"`save_directory` ({os.fspath(save_directory)}) is a file; give a directory path (the file is "
+                "left untouched)."
+            )
         if (
             kwargs.get("push_to_hub")
             or not kwargs.get("is_main_process", True)
@@ -530,11 +707,15 @@ class RagPreTrainedModel(PreTrainedModel):
             retriever: Optional :class:`~ragkit.RagRetriever`.
             **kwargs: ``question_encoder_*`` arguments go to the question encoder's ``from_pretrained``
                 (``question_encoder_model=`` passes a ready model), ``generator_*`` to the generator's
-                (``generator_model=``), the rest to the RAG config (``n_docs``, ``index_name``, ...) or
-                ``config=`` for a ready :class:`~ragkit.RagConfig`.
+                (``generator_model=``), ``allow_missing_weights=True`` loads parts whose checkpoint lacks some
+                of their weights (with a warning), the rest go to the RAG config (``n_docs``, ``index_name``,
+                ...) or ``config=`` for a ready :class:`~ragkit.RagConfig`.
 
         Returns:
             The model, in evaluation mode.
+
+        Raises:
+            CheckpointError: A part's checkpoint lacks weights of that part (without ``allow_missing_weights``).
         """
         question_encoder_kwargs = {
             key[len("question_encoder_") :]: kwargs.pop(key)
@@ -544,6 +725,7 @@ class RagPreTrainedModel(PreTrainedModel):
         generator_kwargs = {
             key[len("generator_") :]: kwargs.pop(key) for key in list(kwargs) if key.startswith("generator_")
         }
+        allow_missing_weights = bool(kwargs.pop("allow_missing_weights", False))
 
         question_encoder = _load_part(
             AutoModel,
@@ -551,6 +733,8 @@ class RagPreTrainedModel(PreTrainedModel):
             question_encoder_kwargs,
             "Pass `question_encoder_pretrained_model_name_or_path` (a Hub id or directory) or a ready "
             "model as `question_encoder_model=`.",
+            "question encoder",
+            allow_missing_weights,
         )
         generator = _load_part(
             AutoModelForSeq2SeqLM,
@@ -558,6 +742,8 @@ class RagPreTrainedModel(PreTrainedModel):
             generator_kwargs,
             "Pass `generator_pretrained_model_name_or_path` (a Hub id or directory) or a ready model as "
             "`generator_model=`.",
+            "generator",
+            allow_missing_weights,
         )
 
         config = kwargs.pop("config", None)
@@ -616,6 +802,42 @@ class RagModel(RagPreTrainedModel):
         self.context_encoder_training = False
         self.post_init()
 
+    def _check_questions(
+        self, input_ids: Any, attention_mask: torch.Tensor | None, token_type_ids: torch.Tensor | None
+    ) -> None:
+        """Raise :class:`RagInputError` naming the argument when questions cannot go through the question encoder."""
+        vocab_size, max_positions = _input_table_sizes(self.question_encoder)
+        _check_token_ids(input_ids, "input_ids", vocab_size, max_positions, "question encoder")
+        _check_same_shape(attention_mask, "attention_mask", input_ids, "input_ids")
+        if token_type_ids is not None:
+            _check_same_shape(token_type_ids, "token_type_ids", input_ids, "input_ids")
+            type_vocab_size = getattr(self.question_encoder.config, "type_vocab_size", None)
+            _check_token_ids(
+                token_type_ids,
+                "token_type_ids",
+                type_vocab_size,
+                None,
+                "question encoder",
+                table="token types",
+            )
+
+    def _question_encoder_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The entries of ``kwargs`` the question encoder's ``forward`` names (``token_type_ids``, ...).
+
+        ``forward`` receives whatever the question tokenizer returned; what the encoder does not take is
+        ignored, as Transformers' RAG ignores unknown arguments.
+        """
+        parameters = inspect.signature(self.question_encoder.forward).parameters
+        return {
+            name: value
+            for name, value in kwargs.items()
+            if value is not None
+            and name not in _QUESTION_ENCODER_OWN_ARGS
+            and name in parameters
+            and parameters[name].kind
+            in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        }
+
     def _encode_questions(
         self,
         input_ids: torch.Tensor,
@@ -625,6 +847,7 @@ class RagModel(RagPreTrainedModel):
         **question_encoder_kwargs: Any,
     ) -> tuple[torch.Tensor, ModelOutput]:
         """Question vectors `(batch_size, dim)` per ``config.question_encoder_pooling``, and the raw outputs."""
+        self._check_questions(input_ids, attention_mask, question_encoder_kwargs.get("token_type_ids"))
         device = module_device(self.question_encoder)
         input_ids = to_device(input_ids, device, "input_ids")
         attention_mask = to_device(attention_mask, device, "attention_mask")
@@ -688,10 +911,11 @@ class RagModel(RagPreTrainedModel):
             question encoder (and the context encoder when one is being trained).
         """
         if self.retriever is None:
-            raise ValueError(
+            raise RagInputError(
                 "`retrieve_contexts` needs a retriever: set one with `model.set_retriever(retriever)`."
             )
         n_docs = n_docs if n_docs is not None else self.config.n_docs
+        _check_n_docs(n_docs)
         generator_device = module_device(self.generator)
         search_vectors = question_vectors.detach()
         search_device = getattr(self.retriever, "search_device", None)
@@ -709,7 +933,7 @@ class RagModel(RagPreTrainedModel):
         context_attention_mask = retrieved["context_attention_mask"].to(generator_device)
         if self.context_encoder_training:
             if "tokenized_doc_ids" not in retrieved:
-                raise ValueError(
+                raise RagInputError(
                     "Training the context encoder needs the retrieved documents tokenized for it: call "
                     "`retriever.set_ctx_encoder_tokenizer(ctx_encoder_tokenizer)` before training."
                 )
@@ -742,35 +966,55 @@ class RagModel(RagPreTrainedModel):
         context_input_ids: torch.Tensor | None,
         encoder_outputs: Any,
         n_docs: int,
+        context_attention_mask: torch.Tensor | None = None,
     ) -> None:
-        """Raise early, naming the argument, when document inputs disagree with each other or with ``n_docs``."""
+        """Raise :class:`RagInputError` early, naming the argument, when document inputs disagree with each other
+        or with ``n_docs``, or contexts hold ids the generator cannot read (vocabulary, positions)."""
+        _check_n_docs(n_docs)
         if doc_scores is None:
-            raise ValueError(
+            raise RagInputError(
                 "`doc_scores` of shape (batch_size, n_docs) is needed when no retriever is used (it is also "
                 "needed with `encoder_outputs`). Compute it as in the 'use retriever separately' example, or set "
                 "a retriever with `model.set_retriever(retriever)`."
             )
+        if not isinstance(doc_scores, torch.Tensor) or not doc_scores.dtype.is_floating_point:
+            raise RagInputError(
+                "`doc_scores` must be a floating-point tensor of shape (batch_size, n_docs), got "
+                f"{getattr(doc_scores, 'dtype', type(doc_scores).__name__)}."
+            )
         if doc_scores.dim() != 2 or doc_scores.shape[1] != n_docs:
-            raise ValueError(
+            raise RagInputError(
                 f"`doc_scores` has shape {tuple(doc_scores.shape)} but n_docs={n_docs}: expected "
                 f"(batch_size, {n_docs}). Pass `n_docs` matching the retrieved documents."
             )
+        if doc_scores.shape[0] == 0:
+            raise RagInputError("`doc_scores` is an empty batch (0 questions); pass at least one question.")
         if context_input_ids is not None:
+            vocab_size, max_positions = _input_table_sizes(self.generator)
+            _check_token_ids(context_input_ids, "context_input_ids", vocab_size, max_positions, "generator")
+            _check_same_shape(
+                context_attention_mask, "context_attention_mask", context_input_ids, "context_input_ids"
+            )
             rows = context_input_ids.shape[0]
         elif encoder_outputs is not None:
             rows = encoder_outputs[0].shape[0]
         else:
             return
         if rows % n_docs != 0:
-            raise ValueError(
+            raise RagInputError(
                 f"`context_input_ids` has {rows} rows, not a multiple of n_docs={n_docs}; it must hold "
                 "batch_size * n_docs rows (the documents of each question, one after the other)."
             )
         if rows != doc_scores.shape[0] * n_docs:
-            raise ValueError(
+            raise RagInputError(
                 f"`context_input_ids` has {rows} rows but `doc_scores` has {doc_scores.shape[0]} questions x "
                 f"n_docs={n_docs}; expected {doc_scores.shape[0] * n_docs} rows."
             )
+
+    def _check_target_ids(self, ids: Any, name: str, ignore_index: int | None = None) -> None:
+        """Raise :class:`RagInputError` naming ``name`` when decoder-side ids fall outside the generator's tables."""
+        vocab_size, max_positions = _input_table_sizes(self.generator)
+        _check_token_ids(ids, name, vocab_size, max_positions, "generator", ignore_index=ignore_index)
 
     def forward(
         self,
@@ -790,6 +1034,7 @@ class RagModel(RagPreTrainedModel):
         n_docs: int | None = None,
         cache: Cache | None = None,
         return_dict: bool | None = None,
+        token_type_ids: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> RetrievAugLMOutput | tuple:
         """Retrieve (when needed), encode the contexts and run the generator on every document.
@@ -813,12 +1058,20 @@ class RagModel(RagPreTrainedModel):
             n_docs: Documents per question; defaults to ``config.n_docs``.
             cache: Alias of ``past_key_values``.
             return_dict: Return a tuple when False.
+            token_type_ids: `(batch_size, question_length)` from a BERT/DPR question tokenizer; passed to the
+                question encoder with the other outputs of the question tokenizer it takes (``**kwargs``),
+                so ``model(**question_tokenizer(questions, return_tensors="pt"), ...)`` works.
 
         Returns:
             :class:`RetrievAugLMOutput`.
+
+        Raises:
+            RagInputError: Missing or inconsistent inputs (shapes, ``n_docs``, masks), or token ids outside the
+                question encoder's or generator's vocabulary or positions.
         """
         cache = _resolve_cache(past_key_values, cache)
         n_docs = n_docs if n_docs is not None else self.config.n_docs
+        _check_n_docs(n_docs)
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         output_attentions = (
             output_attentions if output_attentions is not None else self.config.output_attentions
@@ -837,12 +1090,16 @@ class RagModel(RagPreTrainedModel):
         question_vectors = question_outputs = retrieved = None
         if has_to_retrieve:
             if input_ids is None:
-                raise ValueError(
+                raise RagInputError(
                     "`input_ids` (the questions) are needed to retrieve documents; or pass `context_input_ids`, "
                     "`context_attention_mask` and `doc_scores`."
                 )
             question_vectors, question_outputs = self._encode_questions(
-                input_ids, attention_mask, output_attentions, output_hidden_states
+                input_ids,
+                attention_mask,
+                output_attentions,
+                output_hidden_states,
+                **self._question_encoder_kwargs({"token_type_ids": token_type_ids, **kwargs}),
             )
             retrieved = self.retrieve_contexts(input_ids, question_vectors, n_docs)
             context_input_ids = retrieved.context_input_ids
@@ -850,16 +1107,23 @@ class RagModel(RagPreTrainedModel):
             doc_scores = retrieved.doc_scores
         elif encoder_outputs is None:
             if context_input_ids is None:
-                raise ValueError(
+                raise RagInputError(
                     "No retriever is set, so `context_input_ids` must be passed (with `context_attention_mask` "
                     "and `doc_scores`); or set one with `model.set_retriever(retriever)`."
                 )
             if context_attention_mask is None:
-                raise ValueError(
+                raise RagInputError(
                     "`context_attention_mask` must be passed with `context_input_ids` when no retriever is set; "
                     "or set one with `model.set_retriever(retriever)`."
                 )
-        self._check_contexts(doc_scores, context_input_ids, encoder_outputs, n_docs)
+        self._check_contexts(doc_scores, context_input_ids, encoder_outputs, n_docs, context_attention_mask)
+        if decoder_input_ids is not None:
+            self._check_target_ids(decoder_input_ids, "decoder_input_ids")
+            if cache is None:
+                # With a cache the mask also covers the cached positions, so it is longer than the new ids.
+                _check_same_shape(
+                    decoder_attention_mask, "decoder_attention_mask", decoder_input_ids, "decoder_input_ids"
+                )
         # Every tensor goes to the device of the part that reads it (docs/gpu.md, "devices").
         generator_device = module_device(self.generator)
         context_input_ids = to_device(context_input_ids, generator_device, "context_input_ids")
@@ -870,7 +1134,7 @@ class RagModel(RagPreTrainedModel):
         batch_size = doc_scores.shape[0]
         if decoder_input_ids is not None:
             if decoder_input_ids.shape[0] != batch_size:
-                raise ValueError(
+                raise RagInputError(
                     f"`decoder_input_ids` has {decoder_input_ids.shape[0]} rows but the batch has {batch_size} "
                     "questions; pass one target per question (it is repeated for every document)."
                 )
@@ -1018,11 +1282,13 @@ class _RagHeadMixin:
         returns the loss (None without labels) and the logits of the output.
         """
         n_docs = n_docs if n_docs is not None else self.config.n_docs
+        _check_n_docs(n_docs)
         reduce_loss = reduce_loss if reduce_loss is not None else self.config.reduce_loss
         label_smoothing = label_smoothing if label_smoothing is not None else self.config.label_smoothing
         return_dict = return_dict if return_dict is not None else self.config.return_dict
 
         if labels is not None:
+            self.rag._check_target_ids(labels, "labels", ignore_index=-100)
             labels = self._labels_for_loss(
                 labels, _batch_size_of(input_ids, doc_scores, context_input_ids, n_docs)
             )
@@ -1082,6 +1348,7 @@ class RagSequenceForGeneration(_RagHeadMixin, RagPreTrainedModel):
         label_smoothing: float | None = None,
         cache: Cache | None = None,
         return_dict: bool | None = None,
+        token_type_ids: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> RetrievAugLMMarginOutput | tuple:
         """Run :class:`RagModel` and, with ``labels``, the RAG-Sequence loss.
@@ -1089,8 +1356,8 @@ class RagSequenceForGeneration(_RagHeadMixin, RagPreTrainedModel):
         Args:
             input_ids, attention_mask, encoder_outputs, decoder_input_ids, decoder_attention_mask,
             past_key_values, context_input_ids, context_attention_mask, doc_scores, use_cache,
-            output_attentions, output_hidden_states, output_retrieved, n_docs, cache: As in
-                :meth:`RagModel.forward`.
+            output_attentions, output_hidden_states, output_retrieved, n_docs, cache, token_type_ids, **kwargs:
+                As in :meth:`RagModel.forward`.
             exclude_bos_score: Leave the BOS token's score out of the loss; defaults to the config.
             reduce_loss: Sum the loss over the batch; defaults to the config.
             labels: `(batch_size, target_length)` target ids starting with the BOS/decoder start token
@@ -1142,6 +1409,8 @@ class RagSequenceForGeneration(_RagHeadMixin, RagPreTrainedModel):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             output_retrieved=output_retrieved,
+            token_type_ids=token_type_ids,
+            **kwargs,
         )
 
     def get_nll(
@@ -1376,6 +1645,7 @@ class RagTokenForGeneration(_RagHeadMixin, RagPreTrainedModel, GenerationMixin):
         label_smoothing: float | None = None,
         cache: Cache | None = None,
         return_dict: bool | None = None,
+        token_type_ids: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> RetrievAugLMMarginOutput | tuple:
         """Run :class:`RagModel` and, with ``labels``, the RAG-Token loss.
@@ -1383,8 +1653,8 @@ class RagTokenForGeneration(_RagHeadMixin, RagPreTrainedModel, GenerationMixin):
         Args:
             input_ids, attention_mask, encoder_outputs, decoder_input_ids, decoder_attention_mask,
             past_key_values, context_input_ids, context_attention_mask, doc_scores, use_cache,
-            output_attentions, output_hidden_states, output_retrieved, n_docs, cache: As in
-                :meth:`RagModel.forward`.
+            output_attentions, output_hidden_states, output_retrieved, n_docs, cache, token_type_ids, **kwargs:
+                As in :meth:`RagModel.forward`.
             do_marginalize: Return logits marginalized over documents (float32 log-probabilities);
                 defaults to the config.
             reduce_loss: Sum the loss over the batch; defaults to the config.
@@ -1435,6 +1705,8 @@ class RagTokenForGeneration(_RagHeadMixin, RagPreTrainedModel, GenerationMixin):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             output_retrieved=output_retrieved,
+            token_type_ids=token_type_ids,
+            **kwargs,
         )
 
     def get_nll(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .errors import RagInputError
+
 __all__ = ["POOLING_MODES", "pool_hidden_states"]
 
 #: ``"pooler"``: the model's own pooled output (DPR); ``"cls"``: first token; ``"mean"``: masked mean
@@ -30,14 +32,14 @@ def pool_hidden_states(
         `(batch_size, dim)` tensor.
     """
     if pooling not in POOLING_MODES:
-        raise ValueError(f"`pooling` must be one of {POOLING_MODES}, got {pooling!r}.")
+        raise RagInputError(f"`pooling` must be one of {POOLING_MODES}, got {pooling!r}.")
     first = outputs[0]
     if pooling == "pooler":
         pooled = getattr(outputs, "pooler_output", None)
         if pooled is None:
             pooled = first
         if pooled.dim() != 2:
-            raise ValueError(
+            raise RagInputError(
                 "pooling='pooler' needs an encoder whose first output is pooled `(batch_size, dim)` (such as DPR); "
                 f"got shape {tuple(pooled.shape)}. Use pooling='mean' or 'cls' for plain encoders."
             )
@@ -46,7 +48,7 @@ def pool_hidden_states(
         if hidden is None:
             hidden = first
         if hidden.dim() != 3:
-            raise ValueError(
+            raise RagInputError(
                 f"pooling={pooling!r} needs hidden states `(batch_size, seq_len, dim)`, got {tuple(hidden.shape)}."
             )
         if pooling == "cls":
