@@ -157,14 +157,18 @@ def _trim_for_generator(
     encoder_outputs: Any,
     output_attentions: bool,
     output_hidden_states: bool,
+    use_cache: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The contexts the generator runs on: without the columns that are padding in every row.
 
-    Kept whole when the encoder already ran (``encoder_outputs``) or when attentions or hidden states
-    are asked for (their shapes are the reference's, over ``max_combined_length``).
+    Kept whole when the encoder already ran (``encoder_outputs``), when attentions or hidden states
+    are asked for (their shapes are the reference's, over ``max_combined_length``), or when the decoder
+    cache is returned (its cross-attention keys must fit the full ``context_attention_mask`` of the next
+    steps). Training (``labels``) runs without the cache, hence on trimmed contexts.
     """
     if (
         encoder_outputs is not None
+        or use_cache
         or context_input_ids is None
         or context_attention_mask is None
         or output_attentions
@@ -911,6 +915,7 @@ class RagModel(RagPreTrainedModel):
             encoder_outputs,
             output_attentions,
             output_hidden_states,
+            use_cache,
         )
         gen_outputs = self.generator(
             input_ids=generator_input_ids,

@@ -178,6 +178,7 @@ def test_generator_runs_on_trimmed_contexts_with_the_reference_outputs(padded_pa
         "attention_mask": questions.attention_mask,
         "decoder_input_ids": labels,
         "output_retrieved": True,
+        "use_cache": False,
     }
     try:
         with torch.no_grad():
@@ -204,6 +205,12 @@ def test_generator_runs_on_trimmed_contexts_with_the_reference_outputs(padded_pa
             full = model(**kwargs, output_hidden_states=True)
         assert seen == [MAX_COMBINED_LENGTH]
         full_hidden = full.generator_enc_hidden_states
+        # With the decoder cache returned too: its cross-attention keys cover the whole contexts.
+        seen.clear()
+        with torch.no_grad():
+            cached = model(**{**kwargs, "use_cache": True})
+        assert seen == [MAX_COMBINED_LENGTH] and cached.cache is not None
+        torch.testing.assert_close(cached.logits, expected.logits, atol=1e-5, rtol=0)
         torch.testing.assert_close(full.generator_enc_last_hidden_state, ref_hidden, atol=1e-5, rtol=0)
         assert all(layer.shape[1] == MAX_COMBINED_LENGTH for layer in full_hidden)
     finally:
