@@ -2,9 +2,11 @@
 
 One set of random weights (DPR question encoder + BART generator) is built once and shared by the
 Transformers reference models and the ragkit models, so both decode exactly the same checkpoint.
-Retrieval is left out: every variant gets the same precomputed contexts (without padding, where the
-reference's output is correct), their mask and document scores. The bare generator's beam search over
-the same `batch_size * n_docs` contexts is the floor.
+Retrieval is left out: every variant gets the same precomputed contexts, their mask and document
+scores. The bare generator's beam search over the same `batch_size * n_docs` contexts is the floor.
+Contexts are either full (`--contexts full`: every row fills `context_length`, no padding, where the
+reference's RAG-Sequence output is correct) or realistic (`--contexts padded`: each row fills a
+length drawn at 50-70% of `max_combined_length=300`, right-padded to 300 as the retriever pads them).
 
 Timings alternate between variants (the order rotates every round) and the median is reported;
 outputs of ragkit and the reference are checked for identity. Peak memory is measured per variant
@@ -13,6 +15,7 @@ in a fresh subprocess (CPU: growth of the resident-set high-water mark; CUDA: ma
     python benchmarks/bench_generation.py --size cpu            # about a minute on 2 cores
     python benchmarks/bench_generation.py --size gpu            # rag-*-nq shapes, bf16, needs CUDA
     python benchmarks/bench_generation.py --size cpu --memory   # adds peak memory per variant
+    python benchmarks/bench_generation.py --size cpu --contexts padded --skip-decoding --memory
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ class Size:
     device: str
     dtype: str
     repeats: int
+    contexts: str = "full"
 
 
 SIZES = {
@@ -72,6 +76,12 @@ DECODING_VARIANTS = (
     "reference_token",
     "ragkit_token",
 )
+#: ``--contexts padded``: contexts padded to the retriever's ``max_combined_length``, filled 50-70%.
+PADDED_CONTEXT_LENGTH = 300
+PADDED_FILL = (0.5, 0.7)
+#: Target length of the training step with ``--contexts padded`` (the shapes of realistic fine-tuning).
+PADDED_TARGET_LENGTH = 20
+PAD, BOS, EOS = 1, 0, 2
 TRAINING_VARIANTS = (
     "reference_sequence_train",
     "ragkit_sequence_train",
@@ -80,8 +90,32 @@ TRAINING_VARIANTS = (
 )
 
 
+def use_padded_contexts(size: Size) -> None:
+    """Switch ``size`` to realistic contexts: ``max_combined_length=300``, 20 target tokens."""
+    size.contexts = "padded"
+    size.context_length = PADDED_CONTEXT_LENGTH
+    size.train_target_length = PADDED_TARGET_LENGTH
+
+
+def make_contexts(
+    rows: int, length: int, padded: bool, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(rows, length)` context ids and mask: ``<s> ... </s>``, full or filled 50-70% and right-padded."""
+    contexts = torch.randint(5, VOCAB_GENERATOR, (rows, length), generator=generator)
+    contexts[:, 0] = BOS
+    if not padded:
+        contexts[:, -1] = EOS
+        return contexts, torch.ones_like(contexts)
+    low, high = (int(fraction * length) for fraction in PADDED_FILL)
+    fills = torch.randint(low, high + 1, (rows,), generator=generator)
+    positions = torch.arange(length).unsqueeze(0)
+    mask = (positions < fills.unsqueeze(1)).long()
+    contexts[torch.arange(rows), fills - 1] = EOS
+    return contexts.masked_fill(mask == 0, PAD), mask
+
+
 def build(size: Size, seed: int = 0) -> dict[str, Any]:
-    """Random weights shared by the four RAG models, and the precomputed inputs."""
+    """Random weights shared by the four RAG models, and the precomputed inputs (``size.contexts``)."""
     torch.manual_seed(seed)
     dpr = DPRConfig(
         vocab_size=VOCAB_QUESTION,
@@ -135,12 +169,11 @@ def build(size: Size, seed: int = 0) -> dict[str, Any]:
         model.eval()
     generator_rng = torch.Generator().manual_seed(seed + 1)
     rows = size.batch_size * size.n_docs
-    # Contexts start with BOS and end with EOS like tokenized text, with no padding.
-    contexts = torch.randint(5, VOCAB_GENERATOR, (rows, size.context_length), generator=generator_rng)
-    contexts[:, 0], contexts[:, -1] = 0, 2
+    # Contexts start with BOS and end with EOS like tokenized text; padded ones are right-padded.
+    contexts, mask = make_contexts(rows, size.context_length, size.contexts == "padded", generator_rng)
     inputs = {
         "context_input_ids": contexts.to(size.device),
-        "context_attention_mask": torch.ones_like(contexts).to(size.device),
+        "context_attention_mask": mask.to(size.device),
         "doc_scores": torch.randn(size.batch_size, size.n_docs, generator=generator_rng).to(
             size.device, dtype
         ),
@@ -353,74 +386,22 @@ def peak_memory(
         f"--threads={torch.get_num_threads()}",
         f"--batch-size={size.batch_size}",
         f"--dtype={size.dtype}",
+        f"--contexts={size.contexts}",
     ]
     return memory_table(size_name, names, extra)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (median reported)")
-    parser.add_argument("--memory", action="store_true", help="also measure peak memory per variant")
-    parser.add_argument("--memory-only", action="store_true", help="only measure peak memory per variant")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
-    parser.add_argument(
-        "--train-repeats", type=int, default=None, help="timed training rounds (default: --repeats)"
-    )
-    parser.add_argument("--batch-size", type=int, default=None, help="override the size's batch size")
-    parser.add_argument(
-        "--dtype", default=None, help="override the size's dtype (float32 makes the identity check exact)"
-    )
-    parser.add_argument("--skip-training", action="store_true")
-    parser.add_argument(
-        "--variants",
-        nargs="+",
-        choices=DECODING_VARIANTS,
-        default=None,
-        help="time only these decoding variants (bare_generator and ragkit_sequence are always included)",
-    )
-    parser.add_argument(
-        "--questions-per-batch",
-        type=int,
-        nargs="*",
-        default=[],
-        help="also time ragkit RAG-Sequence decoding this many questions per generator call (less memory)",
-    )
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--json", default=None, help="write the results to this file")
-    parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.batch_size:
-        SIZES[args.size].batch_size = args.batch_size
-    if args.dtype:
-        SIZES[args.size].dtype = args.dtype
-    transformers.logging.set_verbosity_error()
-    if args.memory_of:
-        print(measure_memory(args.size, args.memory_of))
-        return
-
-    size = SIZES[args.size]
-    repeats = size.repeats = args.repeats or size.repeats
-    chunked = tuple(args.questions_per_batch)
-    selected = DECODING_VARIANTS
-    if args.variants:
-        wanted = {"bare_generator", "ragkit_sequence", *args.variants}
-        selected = tuple(name for name in DECODING_VARIANTS if name in wanted)
-    decoding_names = selected + tuple(chunked_variant(n) for n in chunked)
-    memory_names = decoding_names + (() if args.skip_training else TRAINING_VARIANTS)
-    if args.memory_only:
-        peaks = peak_memory(args.size, memory_names, chunked)
-        for name, value in peaks.items():
-            print(f"{name:28s} {value:9.1f} MiB")
-        return
-    built = build(size)
-    runners = make_runners(size, built, chunked)
-    print(f"size={args.size} {asdict(size)} torch={torch.__version__} threads={torch.get_num_threads()}")
-    medians, all_times, outputs = time_variants(size, runners, decoding_names, repeats, args.warmup)
+def time_decoding(
+    size: Size,
+    built: dict[str, Any],
+    runners: dict[str, Callable[[], Any]],
+    decoding_names: tuple[str, ...],
+    repeats: int,
+    warmup: int,
+    chunked: tuple[int, ...],
+) -> dict[str, Any]:
+    """Time the decoding variants, print the table and check ragkit's outputs against the reference's."""
+    medians, all_times, outputs = time_variants(size, runners, decoding_names, repeats, warmup)
 
     # Ratios are taken round by round (runs close in time) and then the median, which is steadier
     # on a shared machine than a ratio of medians.
@@ -455,6 +436,12 @@ def main() -> None:
         same = torch.equal(outputs[chunked_variant(n)], outputs["ragkit_sequence"])
         print(f"{n} question(s) per call gives the same output as the whole batch at once: {same}")
     print(f"outputs identical to Transformers': {identical}")
+    if size.contexts == "padded":
+        # The reference's RAG-Sequence generate calls the generator without the attention mask, so it
+        # attends to the padding: its output on padded contexts is not the correct one to match.
+        print(
+            "(padded contexts: Transformers' RAG-Sequence generate attends to padding; only RAG-Token compares)"
+        )
     fast_agree = None
     if "ragkit_sequence_fast" in decoding_names:
         same_rows = outputs["ragkit_sequence_fast"] == outputs["ragkit_sequence"]
@@ -467,11 +454,7 @@ def main() -> None:
         f"distinct hypotheses per question (what thorough decoding scores under every document): "
         f"mean {hypotheses:.1f} of {size.n_docs * size.num_beams}"
     )
-
-    results: dict[str, Any] = {
-        "size": args.size,
-        "shapes": asdict(size),
-        "threads": torch.get_num_threads(),
+    return {
         "decoding_median_s": medians,
         "decoding_runs_s": all_times,
         "ratios": ratios,
@@ -479,23 +462,127 @@ def main() -> None:
         "fast_agrees_with_thorough": fast_agree,
         "distinct_hypotheses_per_question": hypotheses,
     }
-    if not args.skip_training:
-        train_medians, train_times, _ = time_variants(
-            size, runners, TRAINING_VARIANTS, args.train_repeats or repeats, max(1, args.warmup)
+
+
+def time_training(
+    size: Size, runners: dict[str, Callable[[], Any]], repeats: int, warmup: int
+) -> dict[str, Any]:
+    """Time the training step of both heads in both libraries; ratios per round, and the losses compared."""
+    medians, times, outputs = time_variants(size, runners, TRAINING_VARIANTS, repeats, warmup)
+    results: dict[str, Any] = {
+        "training_median_s": medians,
+        "training_runs_s": times,
+        "training_loss": outputs,
+    }
+    print(f"\n{'training step (fwd+bwd)':28s} {'median s':>9s}   runs")
+    for name in TRAINING_VARIANTS:
+        runs = " ".join(f"{t:.3f}" for t in times[name])
+        print(f"{name:28s} {medians[name]:9.3f}   {runs}")
+    for head in ("sequence", "token"):
+        ours, reference = f"ragkit_{head}_train", f"reference_{head}_train"
+        relative = statistics.median(a / b for a, b in zip(times[ours], times[reference]))
+        speedup = statistics.median(b / a for a, b in zip(times[ours], times[reference]))
+        difference = abs(outputs[ours] - outputs[reference]) / max(abs(outputs[reference]), 1e-12)
+        print(
+            f"RAG-{head.capitalize()} training step: ragkit / Transformers time {relative:.2f} "
+            f"({speedup:.2f}x faster, per-round median); loss {outputs[ours]:.6f} vs {outputs[reference]:.6f} "
+            f"(relative difference {difference:.1e})"
         )
-        print(f"\n{'training step (fwd+bwd)':28s} {'median s':>9s}   runs")
-        for name in TRAINING_VARIANTS:
-            runs = " ".join(f"{t:.3f}" for t in train_times[name])
-            print(f"{name:28s} {train_medians[name]:9.3f}   {runs}")
-        for head in ("sequence", "token"):
-            pairs = zip(train_times[f"ragkit_{head}_train"], train_times[f"reference_{head}_train"])
-            relative = statistics.median(a / b for a, b in pairs)
-            print(
-                f"ragkit / Transformers, RAG-{head.capitalize()} training step: {relative:.2f} (per-round median)"
-            )
-            results[f"training_{head}_ragkit_over_reference"] = relative
-        results["training_median_s"] = train_medians
-        results["training_runs_s"] = train_times
+        results[f"training_{head}_ragkit_over_reference"] = relative
+        results[f"training_{head}_speedup"] = speedup
+        results[f"training_{head}_loss_relative_difference"] = difference
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (median reported)")
+    parser.add_argument("--memory", action="store_true", help="also measure peak memory per variant")
+    parser.add_argument("--memory-only", action="store_true", help="only measure peak memory per variant")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    parser.add_argument(
+        "--train-repeats", type=int, default=None, help="timed training rounds (default: --repeats)"
+    )
+    parser.add_argument("--batch-size", type=int, default=None, help="override the size's batch size")
+    parser.add_argument(
+        "--dtype", default=None, help="override the size's dtype (float32 makes the identity check exact)"
+    )
+    parser.add_argument(
+        "--contexts",
+        choices=("full", "padded"),
+        default="full",
+        help="full: no padding; padded: 50-70%% of max_combined_length=300 filled, right-padded (realistic)",
+    )
+    parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument("--skip-decoding", action="store_true", help="time only the training step")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=DECODING_VARIANTS,
+        default=None,
+        help="time only these decoding variants (bare_generator and ragkit_sequence are always included)",
+    )
+    parser.add_argument(
+        "--questions-per-batch",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also time ragkit RAG-Sequence decoding this many questions per generator call (less memory)",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--json", default=None, help="write the results to this file")
+    parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.batch_size:
+        SIZES[args.size].batch_size = args.batch_size
+    if args.dtype:
+        SIZES[args.size].dtype = args.dtype
+    if args.contexts == "padded":
+        use_padded_contexts(SIZES[args.size])
+    transformers.logging.set_verbosity_error()
+    if args.memory_of:
+        print(measure_memory(args.size, args.memory_of))
+        return
+
+    size = SIZES[args.size]
+    repeats = size.repeats = args.repeats or size.repeats
+    chunked = tuple(args.questions_per_batch)
+    selected = DECODING_VARIANTS
+    if args.variants:
+        wanted = {"bare_generator", "ragkit_sequence", *args.variants}
+        selected = tuple(name for name in DECODING_VARIANTS if name in wanted)
+    decoding_names = selected + tuple(chunked_variant(n) for n in chunked)
+    memory_names = (() if args.skip_decoding else decoding_names) + (
+        () if args.skip_training else TRAINING_VARIANTS
+    )
+    if args.memory_only:
+        peaks = peak_memory(args.size, memory_names, chunked)
+        for name, value in peaks.items():
+            print(f"{name:28s} {value:9.1f} MiB")
+        return
+    built = build(size)
+    runners = make_runners(size, built, chunked)
+    print(f"size={args.size} {asdict(size)} torch={torch.__version__} threads={torch.get_num_threads()}")
+    results: dict[str, Any] = {
+        "size": args.size,
+        "contexts": size.contexts,
+        "shapes": asdict(size),
+        "threads": torch.get_num_threads(),
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+    }
+    mask = built["inputs"]["context_attention_mask"]
+    results["context_fill"] = float(mask.float().mean())
+    if size.contexts == "padded":
+        print(f"contexts: {results['context_fill']:.0%} of {size.context_length} columns are real tokens")
+    if not args.skip_decoding:
+        results.update(time_decoding(size, built, runners, decoding_names, repeats, args.warmup, chunked))
+    if not args.skip_training:
+        results.update(time_training(size, runners, args.train_repeats or repeats, max(1, args.warmup)))
     if args.memory:
         peaks = peak_memory(args.size, memory_names, chunked, runners)
         unit = "MiB allocated" if size.device == "cuda" else "MiB peak RSS growth"
@@ -503,6 +590,12 @@ def main() -> None:
         for name, value in peaks.items():
             print(f"{name:28s} {value:9.1f}")
         results["peak_memory_mib"] = peaks
+        for head in ("sequence", "token"):
+            ours, reference = f"ragkit_{head}_train", f"reference_{head}_train"
+            if ours in peaks and reference in peaks:
+                relative = peaks[ours] / peaks[reference]
+                print(f"ragkit / Transformers, RAG-{head.capitalize()} training peak memory: {relative:.2f}")
+                results[f"training_{head}_memory_ragkit_over_reference"] = relative
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

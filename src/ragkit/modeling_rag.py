@@ -246,25 +246,56 @@ def _check_labels(labels: torch.Tensor, batch_size: int | None) -> None:
 
 def _replace_ignore_index(labels: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
     """Map the -100 'ignore' label to the pad token, which RAG's loss masks (the reference crashes on -100)."""
-    if pad_token_id is None or not bool((labels == -100).any()):
-        return labels
-    return labels.masked_fill(labels == -100, pad_token_id)
+    from .losses import replace_ignore_index
+
+    return replace_ignore_index(labels, pad_token_id)
 
 
-def _shift_left(target: torch.Tensor, pad_token_id: int) -> torch.Tensor:
-    """``target[:, 1:]`` padded to full length: the decoder is fed the target, so position t predicts t + 1."""
-    return torch.cat([target[:, 1:], target.new_full((target.shape[0], 1), pad_token_id)], 1)
+def _trim_for_generator(
+    context_input_ids: torch.Tensor | None,
+    context_attention_mask: torch.Tensor | None,
+    encoder_outputs: Any,
+    output_attentions: bool,
+    output_hidden_states: bool,
+    use_cache: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The contexts the generator runs on: without the columns that are padding in every row.
+
+    Kept whole when the encoder already ran (``encoder_outputs``), when attentions or hidden states
+    are asked for (their shapes are the reference's, over ``max_combined_length``), or when the decoder
+    cache is returned (its cross-attention keys must fit the full ``context_attention_mask`` of the next
+    steps). Training (``labels``) runs without the cache, hence on trimmed contexts.
+    """
+    if (
+        encoder_outputs is not None
+        or use_cache
+        or context_input_ids is None
+        or context_attention_mask is None
+        or output_attentions
+        or output_hidden_states
+    ):
+        return context_input_ids, context_attention_mask
+    return trim_context_padding(context_input_ids, context_attention_mask)
 
 
-def _smoothed_loss(
-    nll_loss: torch.Tensor, smooth_loss: torch.Tensor, epsilon: float, vocab_size: int, reduce_loss: bool
-) -> torch.Tensor:
-    """Label-smoothed loss from per-question NLL and smoothing terms, summed over the batch with ``reduce_loss``."""
-    if reduce_loss:
-        nll_loss = nll_loss.sum()
-        smooth_loss = smooth_loss.sum()
-    eps_i = epsilon / vocab_size
-    return (1.0 - epsilon) * nll_loss + eps_i * smooth_loss
+def _restore_context_length(
+    gen_outputs: ModelOutput,
+    context_input_ids: torch.Tensor | None,
+    generator_input_ids: torch.Tensor | None,
+) -> ModelOutput:
+    """Zero-pad ``encoder_last_hidden_state`` back to the contexts' length after trimmed contexts.
+
+    Positions past the longest context are padding: their hidden states are never attended to, and
+    the reference's values there (the encoder run on pad tokens) carry no information.
+    """
+    if context_input_ids is None or generator_input_ids is None:
+        return gen_outputs
+    missing = context_input_ids.shape[1] - generator_input_ids.shape[1]
+    hidden = gen_outputs.encoder_last_hidden_state
+    if missing <= 0 or hidden is None:
+        return gen_outputs
+    gen_outputs.encoder_last_hidden_state = nn.functional.pad(hidden, (0, 0, 0, missing))
+    return gen_outputs
 
 
 def _architecture_mismatch_warning(cls: type, config: PretrainedConfig) -> None:
@@ -1142,9 +1173,17 @@ class RagModel(RagPreTrainedModel):
         if decoder_attention_mask is not None:
             decoder_attention_mask = decoder_attention_mask.repeat_interleave(n_docs, dim=0)
 
+        generator_input_ids, generator_attention_mask = _trim_for_generator(
+            context_input_ids,
+            context_attention_mask,
+            encoder_outputs,
+            output_attentions,
+            output_hidden_states,
+            use_cache,
+        )
         gen_outputs = self.generator(
-            input_ids=context_input_ids,
-            attention_mask=context_attention_mask,
+            input_ids=generator_input_ids,
+            attention_mask=generator_attention_mask,
             encoder_outputs=encoder_outputs,
             decoder_input_ids=decoder_input_ids,
             decoder_attention_mask=decoder_attention_mask,
@@ -1155,6 +1194,7 @@ class RagModel(RagPreTrainedModel):
             return_dict=True,
         )
 
+        gen_outputs = _restore_context_length(gen_outputs, context_input_ids, generator_input_ids)
         show_retrieved = has_to_retrieve and output_retrieved
         output = RetrievAugLMOutput(
             logits=gen_outputs.logits,
@@ -1426,7 +1466,8 @@ class RagSequenceForGeneration(_RagHeadMixin, RagPreTrainedModel):
         """RAG-Sequence negative log-likelihood of ``target``, marginalized over documents per sequence.
 
         Same numbers as the reference (which scores ``target[:, 1:]``; see docs/modeling.md), computed in
-        float32 and without materializing a second `(batch_size, n_docs, length, vocab)` tensor.
+        float32 by :func:`ragkit.losses.rag_sequence_nll` without a log-softmax of the logits; a row whose
+        labels are all ignored contributes 0 (the reference gives it ``-log(n_docs)``).
 
         Args:
             seq_logits: `(batch_size * n_docs, target_length, vocab_size)` generator logits.
@@ -1440,43 +1481,21 @@ class RagSequenceForGeneration(_RagHeadMixin, RagPreTrainedModel):
         Returns:
             `(batch_size,)` losses, or a scalar with ``reduce_loss``.
         """
-        n_docs = n_docs if n_docs is not None else self.config.n_docs
-        pad_token_id = self.config.generator.pad_token_id
-        target = _shift_left(to_device(target, seq_logits.device, "labels"), pad_token_id)
-        doc_scores = to_device(doc_scores, seq_logits.device, "doc_scores")
+        from .losses import rag_sequence_nll
+
         # bos_token_id is None for T5
         bos_token_id = self.config.bos_token_id or getattr(self.config.generator, "bos_token_id", None)
-        use_bos = bos_token_id is not None and bool(target[:, 0].eq(bos_token_id).all())
-
-        vocab_size = seq_logits.shape[-1]
-        seq_logprobs = nn.functional.log_softmax(seq_logits.float(), dim=-1).view(
-            seq_logits.shape[0] // n_docs, n_docs, -1, vocab_size
-        )  # (batch_size, n_docs, target_length, vocab_size)
-        doc_logprobs = nn.functional.log_softmax(doc_scores.float(), dim=1)  # (batch_size, n_docs)
-
-        index = target.unsqueeze(1).unsqueeze(-1).expand(-1, n_docs, -1, 1)
-        ll = seq_logprobs.gather(dim=-1, index=index).squeeze(-1)  # (batch_size, n_docs, target_length)
-        smooth_obj = seq_logprobs.sum(dim=-1)  # (batch_size, n_docs, target_length)
-        # RAG-Sequence: the document prior enters once per sequence, at the second position as in the reference.
-        if ll.shape[-1] > 1:
-            ll = torch.cat([ll[:, :, :1], ll[:, :, 1:2] + doc_logprobs.unsqueeze(-1), ll[:, :, 2:]], dim=2)
-            smooth_obj = torch.cat(
-                [
-                    smooth_obj[:, :, :1],
-                    smooth_obj[:, :, 1:2] + vocab_size * doc_logprobs.unsqueeze(-1),
-                    smooth_obj[:, :, 2:],
-                ],
-                dim=2,
-            )
-        pad_mask = target.eq(pad_token_id).unsqueeze(1)
-        ll = ll.masked_fill(pad_mask, 0.0)
-        smooth_obj = smooth_obj.masked_fill(pad_mask, 0.0)
-
-        ll = ll[:, :, 1:].sum(2) if exclude_bos_score and use_bos else ll.sum(2)
-        smooth_obj = smooth_obj.sum(2)
-        nll_loss = -ll.logsumexp(1)  # over documents
-        smooth_loss = -smooth_obj.logsumexp(1)
-        return _smoothed_loss(nll_loss, smooth_loss, epsilon, vocab_size, reduce_loss)
+        return rag_sequence_nll(
+            seq_logits,
+            to_device(doc_scores, seq_logits.device, "doc_scores"),
+            to_device(target, seq_logits.device, "labels"),
+            pad_token_id=self.config.generator.pad_token_id,
+            bos_token_id=bos_token_id,
+            n_docs=n_docs if n_docs is not None else self.config.n_docs,
+            reduce_loss=reduce_loss,
+            epsilon=epsilon,
+            exclude_bos_score=exclude_bos_score,
+        )
 
     @torch.no_grad()
     def generate(
@@ -1720,6 +1739,9 @@ class RagTokenForGeneration(_RagHeadMixin, RagPreTrainedModel, GenerationMixin):
     ) -> torch.Tensor:
         """RAG-Token negative log-likelihood of ``target[:, 1:]`` (as the reference), in float32.
 
+        Computed by :func:`ragkit.losses.rag_token_nll`: the document mixture is formed one chunk of
+        positions at a time (only for label smoothing), never as a `(batch_size, length, vocab)` tensor.
+
         Args:
             seq_logits: `(batch_size * n_docs, target_length, vocab_size)` generator logits.
             doc_scores: `(batch_size, n_docs)`.
@@ -1731,16 +1753,17 @@ class RagTokenForGeneration(_RagHeadMixin, RagPreTrainedModel, GenerationMixin):
         Returns:
             `(batch_size,)` losses, or a scalar with ``reduce_loss``.
         """
-        n_docs = n_docs if n_docs is not None else self.config.n_docs
-        pad_token_id = self.config.generator.pad_token_id
-        target = _shift_left(to_device(target, seq_logits.device, "labels"), pad_token_id)
-        rag_logprobs = self.marginalize(seq_logits, doc_scores, n_docs)  # (batch_size, length, vocab)
-        ll = rag_logprobs.gather(dim=-1, index=target.unsqueeze(-1)).squeeze(-1)
-        smooth_obj = rag_logprobs.sum(dim=-1)
-        pad_mask = target.eq(pad_token_id)
-        ll = ll.masked_fill(pad_mask, 0.0).sum(1)
-        smooth_obj = smooth_obj.masked_fill(pad_mask, 0.0).sum(1)
-        return _smoothed_loss(-ll, -smooth_obj, epsilon, rag_logprobs.shape[-1], reduce_loss)
+        from .losses import rag_token_nll
+
+        return rag_token_nll(
+            seq_logits,
+            to_device(doc_scores, seq_logits.device, "doc_scores"),
+            to_device(target, seq_logits.device, "labels"),
+            pad_token_id=self.config.generator.pad_token_id,
+            n_docs=n_docs if n_docs is not None else self.config.n_docs,
+            reduce_loss=reduce_loss,
+            epsilon=epsilon,
+        )
 
     # ---- decoding -------------------------------------------------------------------------------
 

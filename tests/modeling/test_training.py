@@ -29,7 +29,7 @@ def test_end_to_end_retriever_training_reaches_the_context_encoder(
         config, question_encoder_tokenizer, generator_tokenizer, indexed_dataset
     )
     our_retriever = ragkit_retriever(config, question_encoder_tokenizer, generator_tokenizer, indexed_dataset)
-    our_retriever = our_retriever if our_retriever is not None else ref_retriever
+    assert our_retriever is not None, "ragkit's RagRetriever or CustomHFIndex cannot be imported"
     ref_retriever.set_ctx_encoder_tokenizer(ctx_tokenizer)
     our_retriever.set_ctx_encoder_tokenizer(ctx_tokenizer)
     pair = build_pair(head, "bart", {"bart": (ref_retriever, our_retriever)}, seed=5)

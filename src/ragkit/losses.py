@@ -1,0 +1,376 @@
+"""RAG's marginalized training losses as pure tensor functions, computed without vocabulary-sized copies.
+
+Both losses score ``target[:, 1:]`` (the decoder is fed the target, so position ``t`` predicts ``t + 1``)
+and give the numbers of Transformers' ``get_nll`` in float32, with two differences (docs/modeling.md):
+a RAG-Sequence row whose labels are all ignored (padding or -100) contributes 0 instead of
+``-log(n_docs)``, and -100 labels are read as padding.
+
+The reference builds a float32 log-softmax of the `(batch_size * n_docs, length, vocab)` logits, a second
+copy with the document prior added, and several more of that size in the backward pass. Here the
+forward pass keeps only per-position scalars (the log-normalizer, the target's logit, the sum of the
+logits) and the backward pass writes the gradient of the logits once, in place, one chunk of positions
+at a time. RAG-Token's smoothing term needs the document mixture at every vocabulary entry; it is
+computed chunk by chunk too, never for the whole sequence at once.
+
+Shapes: ``batch_size`` questions with ``n_docs`` documents each; logits rows are document-major within
+a question (rows ``i * n_docs ... (i + 1) * n_docs - 1`` belong to question ``i``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "IGNORE_INDEX",
+    "rag_sequence_nll",
+    "rag_token_nll",
+    "replace_ignore_index",
+    "shift_targets_left",
+    "smoothed_loss",
+]
+
+#: The label value that means "not scored" (PyTorch's and Transformers' convention).
+IGNORE_INDEX = -100
+
+#: Float32 elements of vocabulary-sized work per chunk (about 16 MiB): bounds the temporaries.
+_CHUNK_ELEMENTS = 1 << 22
+#: Float32 elements of a buffer meant to stay in cache (about 1 MiB).
+_CACHE_ELEMENTS = 1 << 18
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def replace_ignore_index(labels: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
+    """Map the -100 'ignore' label to the pad token, which RAG's losses mask.
+
+    Args:
+        labels: `(batch_size, target_length)` label ids.
+        pad_token_id: The generator's pad token; labels are returned unchanged when None.
+
+    Returns:
+        `(batch_size, target_length)` labels without -100 (the same tensor when there was none).
+    """
+    if pad_token_id is None or not bool((labels == IGNORE_INDEX).any()):
+        return labels
+    return labels.masked_fill(labels == IGNORE_INDEX, pad_token_id)
+
+
+def shift_targets_left(target: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    """``target[:, 1:]`` right-padded to full length: the tokens the decoder fed ``target`` predicts.
+
+    Args:
+        target: `(batch_size, target_length)` decoder inputs (labels).
+        pad_token_id: Fills the last column.
+
+    Returns:
+        `(batch_size, target_length)` targets of each position.
+    """
+    return torch.cat([target[:, 1:], target.new_full((target.shape[0], 1), pad_token_id)], 1)
+
+
+def smoothed_loss(
+    nll_loss: torch.Tensor, smooth_loss: torch.Tensor, epsilon: float, vocab_size: int, reduce_loss: bool
+) -> torch.Tensor:
+    """Label-smoothed loss ``(1 - epsilon) * nll + epsilon / vocab_size * smooth``, as the reference mixes them.
+
+    Args:
+        nll_loss: `(batch_size,)` negative log-likelihoods.
+        smooth_loss: `(batch_size,)` negated sums of log-probabilities over the vocabulary.
+        epsilon: Label smoothing.
+        vocab_size: Size of the vocabulary.
+        reduce_loss: Sum over the batch.
+
+    Returns:
+        `(batch_size,)`, or a scalar with ``reduce_loss``.
+    """
+    if reduce_loss:
+        nll_loss = nll_loss.sum()
+        smooth_loss = smooth_loss.sum()
+    return (1.0 - epsilon) * nll_loss + (epsilon / vocab_size) * smooth_loss
+
+
+def _position_chunks(positions: int, elements_per_position: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` ranges over ``positions`` with about ``_CHUNK_ELEMENTS`` elements each."""
+    return _chunks(positions, max(1, _CHUNK_ELEMENTS // max(1, elements_per_position)))
+
+
+def _chunks(total: int, step: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` ranges of ``step`` over ``range(total)``."""
+    return [(start, min(start + step, total)) for start in range(0, total, step)]
+
+
+def _rows_per_chunk(vocab: int) -> int:
+    """Rows of a vocabulary-wide float32 buffer that fit in about ``_CACHE_ELEMENTS``."""
+    return max(1, _CACHE_ELEMENTS // vocab)
+
+
+def _log_normalizer(logits: torch.Tensor) -> torch.Tensor:
+    """`(positions,)` float32 ``logsumexp`` of `(positions, vocab)` logits, a few rows at a time.
+
+    ``torch.logsumexp`` allocates logits-sized temporaries; a reused, cache-sized buffer is about twice
+    as fast on CPU and needs no memory of the logits' size.
+    """
+    positions, vocab = logits.shape
+    rows = _rows_per_chunk(vocab)
+    lse = logits.new_empty((positions,), dtype=torch.float32)
+    scratch = logits.new_empty((min(rows, positions), vocab), dtype=torch.float32)
+    for start, stop in _chunks(positions, rows):
+        chunk = logits[start:stop]
+        peak = chunk.amax(dim=1, keepdim=True).float()
+        buffer = scratch[: stop - start]
+        torch.sub(chunk, peak, out=buffer)
+        lse[start:stop] = buffer.exp_().sum(dim=1).log_().add_(peak.squeeze(1))
+    return lse
+
+
+# --------------------------------------------------------------------------------------------------
+# Token log-probabilities (RAG-Sequence)
+# --------------------------------------------------------------------------------------------------
+
+
+class _TokenLogProbs(torch.autograd.Function):
+    """Per position: ``log softmax(logits)[target]`` and ``sum_v log softmax(logits)[v]``, without the softmax.
+
+    Forward: `(positions, vocab)` logits (any float dtype, contiguous) and `(positions,)` targets -> two
+    `(positions,)` float32 tensors. The log-normalizer is computed a few rows at a time in a reused
+    float32 buffer that stays in cache; the backward pass writes the logits' gradient once, in place.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, with_sum: bool):
+        vocab = logits.shape[1]
+        lse = _log_normalizer(logits)
+        picked = logits.gather(1, target.unsqueeze(1)).squeeze(1).float()
+        ctx.save_for_backward(logits, target, lse)
+        ctx.with_sum = with_sum
+        if not with_sum:
+            return picked - lse, torch.zeros_like(lse)
+        total = logits.sum(dim=1, dtype=torch.float32)
+        # sum_v (logit_v - lse): the large cancellation is done in float64.
+        return picked - lse, (total.double() - vocab * lse.double()).float()
+
+    @staticmethod
+    def backward(ctx, grad_token: torch.Tensor, grad_sum: torch.Tensor):
+        logits, target, lse = ctx.saved_tensors
+        positions, vocab = logits.shape
+        grad_token = grad_token.float()
+        # d/dlogits of logp[y] is onehot(y) - softmax; of sum_v logp[v] it is 1 - vocab * softmax.
+        weight = grad_token
+        if ctx.with_sum:
+            grad_sum = grad_sum.float()
+            weight = grad_token + vocab * grad_sum
+        grad_logits = torch.empty_like(logits)
+        in_place = logits.dtype == torch.float32
+        scratch = None if in_place else logits.new_empty((_rows_per_chunk(vocab), vocab), dtype=torch.float32)
+        for start, stop in _chunks(positions, _rows_per_chunk(vocab)):
+            out = grad_logits[start:stop] if in_place else scratch[: stop - start]
+            torch.sub(logits[start:stop], lse[start:stop, None], out=out)
+            out.exp_().mul_(-weight[start:stop, None])
+            if ctx.with_sum:
+                out.add_(grad_sum[start:stop, None])
+            out.scatter_add_(1, target[start:stop, None], grad_token[start:stop, None])
+            if not in_place:
+                grad_logits[start:stop] = out
+        return grad_logits, None, None
+
+
+def _token_logprobs(
+    seq_logits: torch.Tensor, target: torch.Tensor, n_docs: int, with_sum: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(batch_size, n_docs, length)` log-probabilities of the targets under each document, and their sums
+    over the vocabulary (zeros without ``with_sum``), from `(batch_size * n_docs, length, vocab)` logits."""
+    rows, length, vocab = seq_logits.shape
+    rows_target = target.repeat_interleave(n_docs, dim=0).reshape(-1)  # each question's target per document
+    token_lp, sum_lp = _TokenLogProbs.apply(seq_logits.reshape(-1, vocab), rows_target, with_sum)
+    shape = (rows // n_docs, n_docs, length)
+    return token_lp.view(shape), sum_lp.view(shape)
+
+
+# --------------------------------------------------------------------------------------------------
+# Document-marginalized log-probabilities (RAG-Token)
+# --------------------------------------------------------------------------------------------------
+
+
+class _MarginalLogProbs(torch.autograd.Function):
+    """Per position: ``log sum_d p(d) p_d(target)`` and ``sum_v log sum_d p(d) p_d(v)`` (the latter optional).
+
+    Forward: `(batch_size, n_docs, length, vocab)` logits, `(batch_size, n_docs)` document log-priors and
+    `(batch_size, length)` targets -> two `(batch_size, length)` float32 tensors. The mixture over the
+    vocabulary (for the smoothing term) is computed one chunk of positions at a time and not kept:
+    the backward pass recomputes it.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, doc_logprobs: torch.Tensor, target: torch.Tensor, with_sum: bool):
+        batch_size, n_docs, length, vocab = logits.shape
+        lse = logits.new_empty((batch_size, n_docs, length), dtype=torch.float32)
+        picked = logits.new_empty((batch_size, n_docs, length), dtype=torch.float32)
+        total = logits.new_zeros((batch_size, length), dtype=torch.float32)
+        prior = doc_logprobs.float()[:, :, None]  # (batch_size, n_docs, 1)
+        index = target[:, None, :, None].expand(-1, n_docs, -1, 1)
+        for start, stop in _position_chunks(length, batch_size * n_docs * vocab):
+            chunk = logits[:, :, start:stop].float()
+            chunk_lse = torch.logsumexp(chunk, dim=-1)
+            lse[:, :, start:stop] = chunk_lse
+            picked[:, :, start:stop] = chunk.gather(-1, index[:, :, start:stop]).squeeze(-1)
+            if with_sum:
+                # log p(d) + log p_d(v), then log-sum-exp over documents: the mixture at every v.
+                joint = (chunk - chunk_lse.unsqueeze(-1)).add_(prior.unsqueeze(-1))
+                total[:, start:stop] = torch.logsumexp(joint, dim=1).sum(dim=-1)
+                del joint
+        token_joint = picked - lse + prior  # (batch_size, n_docs, length): log p(d) p_d(target)
+        ctx.save_for_backward(logits, doc_logprobs, target, lse, token_joint)
+        ctx.with_sum = with_sum
+        return torch.logsumexp(token_joint, dim=1), total
+
+    @staticmethod
+    def backward(ctx, grad_token: torch.Tensor | None, grad_sum: torch.Tensor | None):
+        logits, doc_logprobs, target, lse, token_joint = ctx.saved_tensors
+        batch_size, n_docs, length, vocab = logits.shape
+        use_sum = ctx.with_sum and grad_sum is not None
+        grad_token = grad_token.float() if grad_token is not None else lse.new_zeros((batch_size, length))
+        # Posterior of each document given the target token: the weight of its log-softmax gradient.
+        posterior = (token_joint - torch.logsumexp(token_joint, dim=1, keepdim=True)).exp()
+        weight_token = grad_token[:, None, :] * posterior  # (batch_size, n_docs, length)
+        grad_prior = weight_token.sum(dim=2)
+        prior = doc_logprobs.float()[:, :, None, None]
+        index = target[:, None, :, None].expand(-1, n_docs, -1, 1)
+        grad_logits = torch.empty_like(logits)
+        for start, stop in _position_chunks(length, batch_size * n_docs * vocab):
+            logprobs = logits[:, :, start:stop].float() - lse[:, :, start:stop, None]
+            softmax = logprobs.exp()
+            w_token = weight_token[:, :, start:stop, None]
+            if use_sum:
+                g_sum = grad_sum[:, None, start:stop, None].float()
+                # Posterior of each document at every v: p(d) p_d(v) / sum_d' p(d') p_d'(v).
+                joint = logprobs.add_(prior)
+                responsibility = joint.sub_(torch.logsumexp(joint, dim=1, keepdim=True)).exp_()
+                mass = responsibility.sum(dim=-1, keepdim=True)  # (batch_size, n_docs, chunk, 1)
+                grad_prior += (g_sum * mass).sum(dim=(2, 3))
+                # d/dlogits_d of sum_v log mixture(v) is r_d(v) - softmax_d * sum_v r_d(v).
+                chunk = responsibility.mul_(g_sum).sub_(softmax * (w_token + g_sum * mass))
+            else:
+                chunk = softmax.mul_(-w_token)
+            del logprobs
+            chunk.scatter_add_(-1, index[:, :, start:stop], w_token)
+            grad_logits[:, :, start:stop] = chunk
+        return grad_logits, grad_prior.to(doc_logprobs.dtype), None, None
+
+
+# --------------------------------------------------------------------------------------------------
+# Losses
+# --------------------------------------------------------------------------------------------------
+
+
+def rag_sequence_nll(
+    seq_logits: torch.Tensor,
+    doc_scores: torch.Tensor,
+    target: torch.Tensor,
+    pad_token_id: int,
+    bos_token_id: int | None = None,
+    n_docs: int | None = None,
+    reduce_loss: bool = False,
+    epsilon: float = 0.0,
+    exclude_bos_score: bool = False,
+) -> torch.Tensor:
+    """RAG-Sequence negative log-likelihood: ``-log sum_d p(d) prod_t p_d(y_t)`` per question, in float32.
+
+    The rules are the reference's: ``target[:, 1:]`` is scored; padding positions count 0; the document
+    prior enters at the second scored position (and is lost with it when that position is padding);
+    with ``exclude_bos_score`` the first scored position is left out when it is ``bos_token_id`` in every
+    row; label smoothing mixes in ``-log sum_d exp(sum_t (sum_v log p_d(v) + vocab * [t = 1] log p(d)))``.
+    Unlike the reference, a row with no scored token (all labels ignored) has loss 0, not ``-log(n_docs)``.
+
+    Args:
+        seq_logits: `(batch_size * n_docs, target_length, vocab_size)` generator logits (any float dtype).
+        doc_scores: `(batch_size, n_docs)` document scores (the prior is their softmax).
+        target: `(batch_size, target_length)` decoder inputs; -100 is read as padding.
+        pad_token_id: The generator's pad token.
+        bos_token_id: The BOS token ``exclude_bos_score`` looks for (None: never excluded).
+        n_docs: Documents per question; defaults to ``seq_logits.shape[0] // batch_size``.
+        reduce_loss: Sum over the batch.
+        epsilon: Label smoothing.
+        exclude_bos_score: Leave the BOS token's score out.
+
+    Returns:
+        `(batch_size,)` float32 losses, or a scalar with ``reduce_loss``.
+    """
+    batch_size = doc_scores.shape[0]
+    n_docs = n_docs if n_docs is not None else seq_logits.shape[0] // batch_size
+    target = shift_targets_left(replace_ignore_index(target, pad_token_id), pad_token_id)
+    target = target.to(seq_logits.device)
+    vocab_size = seq_logits.shape[-1]
+    use_bos = bos_token_id is not None and bool(target[:, 0].eq(bos_token_id).all())
+    with_sum = epsilon != 0.0
+
+    length = target.shape[1]
+    token_lp, sum_lp = _token_logprobs(seq_logits, target, n_docs, with_sum)
+    doc_logprobs = torch.log_softmax(doc_scores.to(seq_logits.device).float(), dim=1)  # (batch_size, n_docs)
+
+    scored = target.ne(pad_token_id)  # (batch_size, length)
+    if exclude_bos_score and use_bos:
+        scored[:, 0] = False
+    # The prior enters once per sequence, at the second position, and only if that position is scored
+    # (as the reference adds it there before masking padding).
+    has_prior = target[:, 1:2].ne(pad_token_id) if length > 1 else torch.zeros_like(scored[:, :1])
+    prior = doc_logprobs * has_prior  # (batch_size, n_docs)
+    ll = (token_lp * scored[:, None, :].to(token_lp.dtype)).sum(dim=2) + prior
+    # A row with nothing to score has probability 1, loss 0 (a log-sum-exp over n_docs zeros, as the
+    # reference takes, would give -log(n_docs) and lower the batch's loss).
+    nll_loss = (-ll.logsumexp(dim=1)).masked_fill(~scored.any(dim=1), 0.0)
+    if with_sum:
+        not_pad = target.ne(pad_token_id)
+        smooth = (sum_lp * not_pad[:, None, :].to(sum_lp.dtype)).sum(dim=2) + vocab_size * prior
+        smooth_loss = (-smooth.logsumexp(dim=1)).masked_fill(~not_pad.any(dim=1), 0.0)
+    else:
+        smooth_loss = torch.zeros_like(nll_loss)
+    return smoothed_loss(nll_loss, smooth_loss, epsilon, vocab_size, reduce_loss)
+
+
+def rag_token_nll(
+    seq_logits: torch.Tensor,
+    doc_scores: torch.Tensor,
+    target: torch.Tensor,
+    pad_token_id: int,
+    n_docs: int | None = None,
+    reduce_loss: bool = False,
+    epsilon: float = 0.0,
+) -> torch.Tensor:
+    """RAG-Token negative log-likelihood: ``-sum_t log sum_d p(d) p_d(y_t)`` per question, in float32.
+
+    ``target[:, 1:]`` is scored and padding positions count 0, as in the reference; label smoothing
+    mixes in ``-sum_t sum_v log sum_d p(d) p_d(v)``.
+
+    Args:
+        seq_logits: `(batch_size * n_docs, target_length, vocab_size)` generator logits (any float dtype).
+        doc_scores: `(batch_size, n_docs)` document scores (the prior is their softmax).
+        target: `(batch_size, target_length)` decoder inputs; -100 is read as padding.
+        pad_token_id: The generator's pad token.
+        n_docs: Documents per question; defaults to ``seq_logits.shape[0] // batch_size``.
+        reduce_loss: Sum over the batch.
+        epsilon: Label smoothing.
+
+    Returns:
+        `(batch_size,)` float32 losses, or a scalar with ``reduce_loss``.
+    """
+    batch_size = doc_scores.shape[0]
+    n_docs = n_docs if n_docs is not None else seq_logits.shape[0] // batch_size
+    target = shift_targets_left(replace_ignore_index(target, pad_token_id), pad_token_id)
+    target = target.to(seq_logits.device)
+    vocab_size = seq_logits.shape[-1]
+    doc_logprobs = torch.log_softmax(doc_scores.to(seq_logits.device).float(), dim=1)
+    if epsilon == 0.0:
+        # Without smoothing only the targets' probabilities are mixed: per-document scalars, no vocabulary.
+        doc_token_lp, _ = _token_logprobs(seq_logits, target, n_docs, False)
+        token_lp = torch.logsumexp(doc_token_lp + doc_logprobs[:, :, None], dim=1)
+        sum_lp = torch.zeros_like(token_lp)
+    else:
+        logits = seq_logits.reshape(batch_size, n_docs, -1, vocab_size)
+        token_lp, sum_lp = _MarginalLogProbs.apply(logits, doc_logprobs, target, True)
+    scored = target.ne(pad_token_id).to(token_lp.dtype)
+    nll_loss = -(token_lp * scored).sum(dim=1)
+    smooth_loss = -(sum_lp * scored).sum(dim=1)
+    return smoothed_loss(nll_loss, smooth_loss, epsilon, vocab_size, reduce_loss)

@@ -1,0 +1,169 @@
+"""ragkit.losses against Transformers' ``get_nll``: losses and gradients, chunked or not, and the rules.
+
+Tolerances (float32, CPU): losses 1e-5 absolute (1e-6 relative), gradients 2e-6 absolute. The
+reference runs on the same tensors through its own ``get_nll`` (called on a stand-in holding only the
+config fields it reads), with gradients enabled.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import types
+
+import pytest
+import torch
+import transformers
+
+import ragkit.losses as losses
+
+PAD, BOS, EOS, START = 1, 0, 2, 2
+BATCH, N_DOCS, VOCAB = 3, 4, 97
+LOSS_TOL = {"atol": 1e-5, "rtol": 1e-6}
+GRAD_TOL = {"atol": 2e-6, "rtol": 0}
+
+
+def _reference(head: str):
+    """Transformers' ``get_nll`` of ``head`` bound to a stand-in with the config fields it reads."""
+    config = types.SimpleNamespace(
+        generator=types.SimpleNamespace(pad_token_id=PAD, bos_token_id=BOS), bos_token_id=BOS, n_docs=N_DOCS
+    )
+    model = types.SimpleNamespace(config=config)
+    if head == "sequence":
+        return functools.partial(transformers.RagSequenceForGeneration.get_nll, model)
+    model.marginalize = functools.partial(transformers.RagTokenForGeneration.marginalize, model)
+    return functools.partial(transformers.RagTokenForGeneration.get_nll, model)
+
+
+def _ours(head: str):
+    if head == "sequence":
+        return functools.partial(losses.rag_sequence_nll, pad_token_id=PAD, bos_token_id=BOS)
+    return functools.partial(losses.rag_token_nll, pad_token_id=PAD)
+
+
+def _targets() -> torch.Tensor:
+    """Targets shaped as ``generate`` and the QA batch encoder make them: decoder start, BOS, answer, EOS, pad."""
+    return torch.tensor(
+        [
+            [START, BOS, 11, 12, 13, EOS, PAD],
+            [START, BOS, 21, EOS, PAD, PAD, PAD],
+            [START, BOS, 31, 32, 33, 34, EOS],
+        ]
+    )
+
+
+def _inputs(seed: int, length: int, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(BATCH * N_DOCS, length, VOCAB, generator=generator) * 3).to(dtype)
+    doc_scores = torch.randn(BATCH, N_DOCS, generator=generator)
+    weights = torch.rand(BATCH, generator=generator) + 0.5
+    return logits, doc_scores, weights
+
+
+def _loss_and_grads(loss_fn, logits, doc_scores, weights, target, **options):
+    logits = logits.detach().clone().requires_grad_(True)
+    doc_scores = doc_scores.detach().clone().requires_grad_(True)
+    loss = loss_fn(logits, doc_scores, target, n_docs=N_DOCS, **options)
+    # Weighted so that each row's gradient is checked, not only their sum.
+    (loss * weights).sum().backward()
+    return loss.detach(), logits.grad, doc_scores.grad
+
+
+@pytest.fixture(params=[False, True], ids=["one-chunk", "many-chunks"])
+def chunking(request, monkeypatch):
+    """Run with the default chunk sizes, or with tiny ones so every loop runs many times."""
+    if request.param:
+        monkeypatch.setattr(losses, "_CHUNK_ELEMENTS", 2 * N_DOCS * VOCAB + 1)
+        monkeypatch.setattr(losses, "_CACHE_ELEMENTS", 3 * VOCAB)
+    return request.param
+
+
+@pytest.mark.parametrize("epsilon", [0.0, 0.1])
+@pytest.mark.parametrize("head", ["sequence", "token"])
+def test_loss_and_gradients_match_reference(head, epsilon, chunking):
+    target = _targets()
+    logits, doc_scores, weights = _inputs(0, target.shape[1])
+    options = {"epsilon": epsilon}
+    for exclude_bos_score in [False, True] if head == "sequence" else [None]:
+        if exclude_bos_score is not None:
+            options["exclude_bos_score"] = exclude_bos_score
+        expected = _loss_and_grads(_reference(head), logits, doc_scores, weights, target, **options)
+        actual = _loss_and_grads(_ours(head), logits, doc_scores, weights, target, **options)
+        torch.testing.assert_close(actual[0], expected[0], **LOSS_TOL)
+        torch.testing.assert_close(actual[1], expected[1], **GRAD_TOL)
+        torch.testing.assert_close(actual[2], expected[2], **GRAD_TOL)
+        reduced = _ours(head)(logits, doc_scores, target, n_docs=N_DOCS, reduce_loss=True, **options)
+        torch.testing.assert_close(reduced, expected[0].sum(), **LOSS_TOL)
+
+
+def test_exclude_bos_score_changes_the_sequence_loss_as_in_the_reference():
+    target = _targets()
+    logits, doc_scores, _ = _inputs(1, target.shape[1])
+    with_bos = losses.rag_sequence_nll(logits, doc_scores, target, PAD, BOS, N_DOCS, exclude_bos_score=False)
+    without_bos = losses.rag_sequence_nll(
+        logits, doc_scores, target, PAD, BOS, N_DOCS, exclude_bos_score=True
+    )
+    # The BOS token's log-probability (negative) is what separates them.
+    assert (with_bos - without_bos).min() > 0.1
+    reference = _reference("sequence")
+    torch.testing.assert_close(
+        with_bos, reference(logits, doc_scores, target, exclude_bos_score=False), **LOSS_TOL
+    )
+    torch.testing.assert_close(
+        without_bos, reference(logits, doc_scores, target, exclude_bos_score=True), **LOSS_TOL
+    )
+    # BOS is only left out when every row has it first, as in the reference.
+    mixed = target.clone()
+    mixed[0, 1] = 40
+    torch.testing.assert_close(
+        losses.rag_sequence_nll(logits, doc_scores, mixed, PAD, BOS, N_DOCS, exclude_bos_score=True),
+        losses.rag_sequence_nll(logits, doc_scores, mixed, PAD, BOS, N_DOCS, exclude_bos_score=False),
+    )
+
+
+@pytest.mark.parametrize("epsilon", [0.0, 0.1])
+@pytest.mark.parametrize("head", ["sequence", "token"])
+@pytest.mark.parametrize("ignored", [-100, PAD])
+def test_row_with_all_labels_ignored_contributes_nothing(head, epsilon, ignored):
+    target = _targets()
+    target[1, 1:] = ignored  # the decoder start stays: every scored label is ignored
+    logits, doc_scores, weights = _inputs(2, target.shape[1])
+    loss, logit_grads, score_grads = _loss_and_grads(
+        _ours(head), logits, doc_scores, weights, target, epsilon=epsilon
+    )
+    assert loss[1].item() == 0.0
+    assert logit_grads[N_DOCS : 2 * N_DOCS].abs().max().item() == 0.0
+    assert score_grads[1].abs().max().item() == 0.0
+    # The other rows are the reference's, and the reduced loss is their sum.
+    expected = _reference(head)(logits, doc_scores, target.masked_fill(target == -100, PAD), epsilon=epsilon)
+    if head == "sequence":
+        # The reference gives the empty row -log(n_docs) in both terms.
+        mixed = 1.0 - epsilon + epsilon / VOCAB
+        assert expected[1].item() == pytest.approx(-math.log(N_DOCS) * mixed, abs=1e-6)
+    keep = torch.tensor([0, 2])
+    torch.testing.assert_close(loss[keep], expected[keep], **LOSS_TOL)
+    reduced = _ours(head)(logits, doc_scores, target, n_docs=N_DOCS, reduce_loss=True, epsilon=epsilon)
+    torch.testing.assert_close(reduced, expected[keep].sum(), **LOSS_TOL)
+
+
+@pytest.mark.parametrize("head", ["sequence", "token"])
+def test_half_precision_logits_are_scored_in_float32(head):
+    target = _targets()
+    logits, doc_scores, weights = _inputs(3, target.shape[1], dtype=torch.bfloat16)
+    half = _loss_and_grads(_ours(head), logits, doc_scores, weights, target, epsilon=0.1)
+    upcast = _loss_and_grads(_ours(head), logits.float(), doc_scores, weights, target, epsilon=0.1)
+    assert half[0].dtype == torch.float32 and half[1].dtype == torch.bfloat16
+    torch.testing.assert_close(half[0], upcast[0], atol=0, rtol=0)
+    torch.testing.assert_close(half[1], upcast[1].to(torch.bfloat16), atol=0, rtol=0)
+
+
+def test_logits_are_not_modified():
+    target = _targets()
+    logits, doc_scores, weights = _inputs(4, target.shape[1])
+    before = logits.clone()
+    for head in ("sequence", "token"):
+        for epsilon in (0.0, 0.1):
+            leaf = logits.requires_grad_(True)
+            (_ours(head)(leaf, doc_scores, target, n_docs=N_DOCS, epsilon=epsilon) * weights).sum().backward()
+            logits = leaf.detach()
+    assert torch.equal(logits, before)
