@@ -7,12 +7,14 @@ retrieve with; ``--encoder all-MiniLM-L6-v2`` embeds with a copy shipped as a pa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import RagInputError
+from ..errors import MissingFileError, RagInputError
 from . import OFFLINE_ENCODER_HINT, check_device, non_negative_int, positive_int, require_source
 
 __all__ = ["configure_parser", "run"]
@@ -57,7 +59,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def _check_paths(source: str, output_dir: str) -> None:
     """Refuse a missing source and an output that is an existing file before anything is loaded."""
     if not os.path.isfile(source):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"SOURCE {source!r} does not exist (or is not a file); give the documents file."
         )
     output = Path(output_dir)
@@ -68,17 +70,30 @@ def _check_paths(source: str, output_dir: str) -> None:
         )
 
 
+@contextlib.contextmanager
+def _warnings_as_messages() -> Iterator[None]:
+    """Show the library's warnings (a header row indexed as a passage, ...) as the command's own lines."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        try:
+            yield
+        finally:
+            for warning in caught:
+                if issubclass(warning.category, UserWarning):
+                    print(f"ragkit build-index: warning: {warning.message}", file=sys.stderr)  # noqa: T201 (command output)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``ragkit build-index``."""
     from ..encoders import resolve_encoder_name
     from ..retrieval.building import build_index
 
     _check_paths(args.source, args.output_dir)
-    check_device(args.device)
     encoder = resolve_encoder_name(args.encoder)
+    # Before torch is imported (seconds on a busy machine): a Hub that cannot serve the encoder fails fast.
     require_source(encoder, "--encoder", hint=OFFLINE_ENCODER_HINT)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", UserWarning)
+    check_device(args.device)
+    with _warnings_as_messages():
         built = build_index(
             args.source,
             args.output_dir,
@@ -94,9 +109,6 @@ def run(args: argparse.Namespace) -> int:
             train_size=args.train_size,
             show_progress=not args.no_progress,
         )
-    for warning in caught:
-        if issubclass(warning.category, UserWarning):
-            print(f"ragkit build-index: warning: {warning.message}", file=sys.stderr)  # noqa: T201 (command output)
     print(  # noqa: T201 (command output)
         f"Indexed {built.num_passages} passages (dim {built.dim}).\n"
         f"  passages_path={built.passages_path}\n  index_path={built.index_path}"
