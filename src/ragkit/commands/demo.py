@@ -7,6 +7,7 @@ import argparse
 import functools
 import logging
 import os
+import shlex
 import tempfile
 
 from ..errors import RagInputError
@@ -76,10 +77,10 @@ def run(args: argparse.Namespace) -> int:
         kept = run_offline_demo(args.work_dir, keep=True, **options)
         say(f"\nfine-tuned RAG checkpoint: {kept['checkpoint']} (RagSequenceForGeneration.from_pretrained)")
         say(f"index: {kept['index']} (passages/ and index.faiss; the checkpoint's config points at them)")
-        say(
-            f"evaluate it: ragkit eval --model_name_or_path {kept['checkpoint']} --evaluation_set "
-            f"{kept['questions']} --gold_data_path {kept['answers']} --gold_data_mode ans --n_docs {options['n_docs']}"
-        )
+        command = ["ragkit", "eval", "--model_name_or_path", kept["checkpoint"], "--evaluation_set"]
+        command += [kept["questions"], "--gold_data_path", kept["answers"], "--gold_data_mode", "ans"]
+        command += ["--n_docs", str(options["n_docs"])]
+        say(f"evaluate it: {shlex.join(command)}")
         return 0
     with tempfile.TemporaryDirectory(prefix="ragkit-demo-") as work_dir:
         run_offline_demo(work_dir, **options)
