@@ -223,3 +223,32 @@ def test_device_checks():
     commands.check_device("cpu")
     with pytest.raises(ValueError, match="--device 'gpu0' is not a device torch knows"):
         commands.check_device("gpu0")
+
+
+def test_hub_names_offline_fail_fast_in_eval_and_demo(tmp_path, capsys):
+    questions = tmp_path / "q.txt"
+    questions.write_text("who wrote hamlet?\n")
+    gold = tmp_path / "g.ans"
+    gold.write_text("Shakespeare\n")
+    started = time.perf_counter()
+    args = ["--evaluation_set", str(questions), "--gold_data_path", str(gold), "--gold_data_mode", "ans"]
+    args += ["--predictions_path", str(tmp_path / "p.txt")]
+    assert main(["eval", "--model_name_or_path", "facebook/rag-sequence-nq", *args]) == 2
+    err = _one_error(capsys.readouterr().err, "eval")
+    assert "'facebook/rag-sequence-nq'" in err and "HF_HUB_OFFLINE=1" in err
+    assert main(["demo", "--model", "facebook/rag-sequence-nq"]) == 2
+    err = _one_error(capsys.readouterr().err, "demo")
+    assert "HF_HUB_OFFLINE=1" in err and "without --model runs fully offline" in err
+    assert time.perf_counter() - started < 10
+
+
+def test_demo_refuses_a_file_as_work_dir_and_bad_values(tmp_path, capsys):
+    work_dir = tmp_path / "notes.txt"
+    work_dir.write_text("mine")
+    assert main(["demo", "--quick", "--work_dir", str(work_dir)]) == 2
+    assert "is an existing file" in _one_error(capsys.readouterr().err, "demo")
+    assert work_dir.read_text() == "mine"
+    for flag in ("--n_docs", "--epochs", "--max_facts"):
+        with pytest.raises(SystemExit):
+            main(["demo", flag, "0"])
+        assert ">= 1" in capsys.readouterr().err
