@@ -252,3 +252,27 @@ def test_demo_refuses_a_file_as_work_dir_and_bad_values(tmp_path, capsys):
         with pytest.raises(SystemExit):
             main(["demo", flag, "0"])
         assert ">= 1" in capsys.readouterr().err
+
+
+def test_commands_log_ragkit_info_but_not_other_libraries_info():
+    # faiss's loader logs its CPU-feature probes (with ModuleNotFoundError text) at INFO on every run.
+    import subprocess
+    import sys
+
+    code = (
+        "import logging; from ragkit.cli import _configure_logging; _configure_logging(False); "
+        "logging.getLogger('faiss.loader').info('probe ModuleNotFoundError'); "
+        "logging.getLogger('ragkit.retrieval.building').info('Wrote 3 passages')"
+    )
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+    assert "Wrote 3 passages" in err and "probe" not in err
+
+
+def test_no_progress_hides_library_progress_bars():
+    from datasets.utils import logging as datasets_logging
+    from transformers.utils import logging as transformers_logging
+
+    with commands.hidden_progress_bars():
+        assert not transformers_logging.is_progress_bar_enabled()
+        assert not datasets_logging.is_progress_bar_enabled()
+    assert transformers_logging.is_progress_bar_enabled() and datasets_logging.is_progress_bar_enabled()

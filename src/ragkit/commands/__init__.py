@@ -10,10 +10,11 @@ Hugging Face Hub (offline, or no network) within about two seconds instead of af
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -23,6 +24,7 @@ __all__ = [
     "OFFLINE_ENCODER_HINT",
     "check_device",
     "check_outputs",
+    "hidden_progress_bars",
     "hub_is_reachable",
     "non_negative_int",
     "positive_float",
@@ -144,6 +146,31 @@ def check_outputs(
                     f"{flag} {os.fspath(output)!r} would overwrite {input_flag} {os.fspath(source)!r}; "
                     "write the output to another file."
                 )
+
+
+@contextlib.contextmanager
+def hidden_progress_bars(hide: bool = True) -> Iterator[None]:
+    """Hide the progress bars of transformers (weight loading) and datasets (saving) within the block.
+
+    Args:
+        hide: False leaves them as they are (``--no_progress`` not given).
+    """
+    if not hide:
+        yield
+        return
+    from datasets.utils import logging as datasets_logging
+    from transformers.utils import logging as transformers_logging
+
+    shown = (transformers_logging.is_progress_bar_enabled(), datasets_logging.is_progress_bar_enabled())
+    transformers_logging.disable_progress_bar()
+    datasets_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown[0]:
+            transformers_logging.enable_progress_bar()
+        if shown[1]:
+            datasets_logging.enable_progress_bar()
 
 
 # ----------------------------------------------------------------------------- the Hub

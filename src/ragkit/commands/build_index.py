@@ -15,7 +15,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import MissingFileError, RagInputError
-from . import OFFLINE_ENCODER_HINT, check_device, non_negative_int, positive_int, require_source
+from . import (
+    OFFLINE_ENCODER_HINT,
+    check_device,
+    hidden_progress_bars,
+    non_negative_int,
+    positive_int,
+    require_source,
+)
 
 __all__ = ["configure_parser", "run"]
 
@@ -93,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     # Before torch is imported (seconds on a busy machine): a Hub that cannot serve the encoder fails fast.
     require_source(encoder, "--encoder", hint=OFFLINE_ENCODER_HINT)
     check_device(args.device)
-    with _warnings_as_messages():
+    with _warnings_as_messages(), hidden_progress_bars(args.no_progress):
         built = build_index(
             args.source,
             args.output_dir,

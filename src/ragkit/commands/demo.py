@@ -9,9 +9,10 @@ import logging
 import os
 import shlex
 import tempfile
+from collections.abc import Callable
 
 from ..errors import RagInputError
-from . import non_negative_int, positive_int, require_source
+from . import hidden_progress_bars, non_negative_int, positive_int, require_source
 
 __all__ = ["configure_parser", "run"]
 
@@ -46,10 +47,21 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _say_where_kept(kept: dict, n_docs: int, say: Callable[[str], None]) -> None:
+    """The last lines of a ``--work_dir`` run: where the checkpoint and index are, and how to evaluate them."""
+    say(f"\nfine-tuned RAG checkpoint: {kept['checkpoint']} (RagSequenceForGeneration.from_pretrained)")
+    say(f"index: {kept['index']} (passages/ and index.faiss; the checkpoint's config points at them)")
+    command = ["ragkit", "eval", "--model_name_or_path", kept["checkpoint"], "--evaluation_set"]
+    command += [kept["questions"], "--gold_data_path", kept["answers"], "--gold_data_mode", "ans"]
+    say(f"evaluate it: {shlex.join([*command, '--n_docs', str(n_docs)])}")
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``ragkit demo``."""
     from ..demo import run_offline_demo, run_pretrained_demo
 
+    if args.work_dir and os.path.exists(args.work_dir) and not os.path.isdir(args.work_dir):
+        raise RagInputError(f"--work_dir {args.work_dir!r} is an existing file; give a directory.")
     if not getattr(args, "verbose", False):
         # The demo prints its own progress; INFO logs (faiss probes CPU features with tracebacks) are noise.
         for name in ("faiss", "faiss.loader", "datasets", "ragkit"):
@@ -71,17 +83,10 @@ def run(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         say=say,
     )
-    if args.work_dir:
-        if os.path.exists(args.work_dir) and not os.path.isdir(args.work_dir):
-            raise RagInputError(f"--work_dir {args.work_dir!r} is an existing file; give a directory.")
-        kept = run_offline_demo(args.work_dir, keep=True, **options)
-        say(f"\nfine-tuned RAG checkpoint: {kept['checkpoint']} (RagSequenceForGeneration.from_pretrained)")
-        say(f"index: {kept['index']} (passages/ and index.faiss; the checkpoint's config points at them)")
-        command = ["ragkit", "eval", "--model_name_or_path", kept["checkpoint"], "--evaluation_set"]
-        command += [kept["questions"], "--gold_data_path", kept["answers"], "--gold_data_mode", "ans"]
-        command += ["--n_docs", str(options["n_docs"])]
-        say(f"evaluate it: {shlex.join(command)}")
-        return 0
-    with tempfile.TemporaryDirectory(prefix="ragkit-demo-") as work_dir:
-        run_offline_demo(work_dir, **options)
+    with hidden_progress_bars(args.no_progress):
+        if args.work_dir:
+            _say_where_kept(run_offline_demo(args.work_dir, keep=True, **options), options["n_docs"], say)
+            return 0
+        with tempfile.TemporaryDirectory(prefix="ragkit-demo-") as work_dir:
+            run_offline_demo(work_dir, **options)
     return 0
