@@ -34,6 +34,20 @@ _MAX_ERROR_LINES = 8
 _DEBUG_HELP = "show the full traceback of an error (also RAGKIT_DEBUG=1)"
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Help lines end with the default where there is one worth saying (not None/False, not said already)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            "default" in text
+            or action.default in (None, False, argparse.SUPPRESS)
+            or not action.option_strings
+        ):
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
 def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The top-level parser and one (still empty) sub-parser per command."""
     parser = argparse.ArgumentParser(prog="ragkit", description="Retrieval-augmented generation tools.")
@@ -42,7 +56,13 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     sub = parser.add_subparsers(dest="command", required=True)
     command_parsers = {}
     for name, (module, help_text) in _COMMANDS.items():
-        command_parser = sub.add_parser(name, help=help_text, description=help_text)
+        command_parser = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog="Options are also accepted with dashes instead of underscores (--work-dir for --work_dir).",
+            formatter_class=_HelpFormatter,
+        )
         command_parser.set_defaults(_module=module)
         # Also after the command name; SUPPRESS keeps a top-level --debug from being reset.
         command_parser.add_argument(
@@ -102,7 +122,10 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
 
     # ValueError covers bad values and file contents (JSON, Unicode); OSError missing files, permissions,
     # connections; ImportError a missing optional package.
-    return (RagkitError, ValueError, OSError, ImportError, pickle.UnpicklingError, *_hub_error_types())
+    types = (RagkitError, ValueError, OSError, ImportError, pickle.UnpicklingError, *_hub_error_types())
+    torch = sys.modules.get("torch")
+    out_of_memory = getattr(torch, "OutOfMemoryError", None)
+    return (*types, out_of_memory) if out_of_memory is not None else types
 
 
 def _hint(err: BaseException) -> str:
@@ -111,6 +134,9 @@ def _hint(err: BaseException) -> str:
 
     if isinstance(err, RagkitError):  # ragkit's own messages say what to do
         return ""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(err, getattr(torch, "OutOfMemoryError", ())):
+        return "hint: lower the batch size (--eval_batch_size, --train_batch_size, --batch_size) or use --device cpu."
     hub = _hub_error_types()
     if hub and isinstance(err, hub):
         return (

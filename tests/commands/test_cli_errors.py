@@ -276,3 +276,17 @@ def test_no_progress_hides_library_progress_bars():
         assert not transformers_logging.is_progress_bar_enabled()
         assert not datasets_logging.is_progress_bar_enabled()
     assert transformers_logging.is_progress_bar_enabled() and datasets_logging.is_progress_bar_enabled()
+
+
+def test_out_of_gpu_memory_is_a_message_with_a_hint(docs, tmp_path, monkeypatch, capsys):
+    import torch
+
+    import ragkit.commands.build_index as command
+
+    def out_of_memory(args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(command, "run", out_of_memory)
+    assert main(["build-index", str(docs), str(tmp_path / "out")]) == 2
+    err = _one_error(capsys.readouterr().err, "build-index")
+    assert "CUDA out of memory" in err and "lower the batch size" in err

@@ -52,7 +52,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch_size", type=positive_int, default=32, help="passages per encoder batch")
     parser.add_argument("--device", default=None, help="encoder device (default: cuda if available)")
-    parser.add_argument("--pooling", default="auto", choices=("auto", "pooler", "cls", "mean"))
+    parser.add_argument(
+        "--pooling",
+        default="auto",
+        choices=("auto", "pooler", "cls", "mean"),
+        help="how token vectors become one vector (auto: as the encoder declares)",
+    )
     parser.add_argument(
         "--normalize", default="auto", choices=("auto", "yes", "no"), help="L2-normalize passage vectors"
     )

@@ -30,7 +30,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--n_docs", type=positive_int, default=None, help="passages per question (2 offline, 5 with --model)"
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split, the model and the baseline")
     parser.add_argument(
         "--examples", type=non_negative_int, default=3, help="held-out questions shown with their passages"
     )

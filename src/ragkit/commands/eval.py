@@ -28,22 +28,34 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--gold_data_path", required=True, help="gold answers (e2e) or gold titles (retrieval)"
     )
-    parser.add_argument("--gold_data_mode", choices=["qa", "ans"], default="qa")
+    parser.add_argument(
+        "--gold_data_mode",
+        choices=["qa", "ans"],
+        default="qa",
+        help="qa: question<TAB>answers per line; ans: one line of tab-separated answers per question",
+    )
     parser.add_argument("--predictions_path", default="predictions.txt", help="where predictions are written")
-    parser.add_argument("--eval_mode", choices=["e2e", "retrieval"], default="e2e")
+    parser.add_argument(
+        "--eval_mode",
+        choices=["e2e", "retrieval"],
+        default="e2e",
+        help="e2e: generate answers, EM/F1; retrieval: precision@k of the retrieved titles",
+    )
     parser.add_argument("--n_docs", type=positive_int, default=5, help="passages retrieved per question")
-    parser.add_argument("--num_beams", type=positive_int, default=4)
-    parser.add_argument("--min_length", type=int, default=1)
-    parser.add_argument("--max_length", type=positive_int, default=50)
-    parser.add_argument("--eval_batch_size", type=positive_int, default=8)
+    parser.add_argument("--num_beams", type=positive_int, default=4, help="beam size")
+    parser.add_argument("--min_length", type=int, default=1, help="min generated tokens")
+    parser.add_argument("--max_length", type=positive_int, default=50, help="max generated tokens")
+    parser.add_argument("--eval_batch_size", type=positive_int, default=8, help="questions per batch")
     parser.add_argument(
         "--k", type=positive_int, default=None, help="precision@k cut-off (defaults to --n_docs)"
     )
     parser.add_argument(
         "--index_name", default=None, help="override the checkpoint's index: custom|exact|..."
     )
-    parser.add_argument("--index_path", default=None)
-    parser.add_argument("--passages_path", default=None)
+    parser.add_argument(
+        "--index_path", default=None, help="override the checkpoint's index file or directory"
+    )
+    parser.add_argument("--passages_path", default=None, help="override the checkpoint's passages directory")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (defaults to cuda when available)")
     parser.add_argument("--metrics_path", default=None, help="also write the metrics as JSON here")
 
