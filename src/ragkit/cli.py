@@ -39,11 +39,8 @@ class _HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if (
-            "default" in text
-            or action.default in (None, False, argparse.SUPPRESS)
-            or not action.option_strings
-        ):
+        unsaid = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if "default" in text or unsaid or not action.option_strings:
             return text
         return f"{text} (default: %(default)s)" if text else "default: %(default)s"
 
@@ -60,7 +57,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
             name,
             help=help_text,
             description=help_text,
-            epilog="Options are also accepted with dashes instead of underscores (--work-dir for --work_dir).",
+            epilog="Every option is also accepted with dashes in place of its underscores.",
             formatter_class=_HelpFormatter,
         )
         command_parser.set_defaults(_module=module)
