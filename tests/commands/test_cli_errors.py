@@ -290,3 +290,8 @@ def test_out_of_gpu_memory_is_a_message_with_a_hint(docs, tmp_path, monkeypatch,
     assert main(["build-index", str(docs), str(tmp_path / "out")]) == 2
     err = _one_error(capsys.readouterr().err, "build-index")
     assert "CUDA out of memory" in err and "lower the batch size" in err
+
+
+def test_debug_and_verbose_are_accepted_after_the_command(docs, tmp_path, capsys):
+    assert main(["build-index", str(docs), str(tmp_path / "out"), "-v"]) == 2  # offline: the encoder error
+    assert "ragkit build-index: error:" in capsys.readouterr().err
