@@ -61,9 +61,12 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
             formatter_class=_HelpFormatter,
         )
         command_parser.set_defaults(_module=module)
-        # Also after the command name; SUPPRESS keeps a top-level --debug from being reset.
+        # Also after the command name; SUPPRESS keeps a top-level --debug/-v from being reset.
         command_parser.add_argument(
             "--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP
+        )
+        command_parser.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log debug messages"
         )
         command_parsers[name] = command_parser
     return parser, command_parsers
