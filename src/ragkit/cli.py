@@ -128,8 +128,17 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     return (*types, out_of_memory) if out_of_memory is not None else types
 
 
+def _is_internal_import_error(err: BaseException) -> bool:
+    """An import of ragkit's own modules failed: a broken installation or a bug, shown with its traceback."""
+    from .errors import RagkitError
+
+    if not isinstance(err, ImportError) or isinstance(err, RagkitError):
+        return False
+    return (err.name or "").split(".")[0] == "ragkit"
+
+
 def _hint(err: BaseException) -> str:
-    """What to do, for the Hub errors whose own message does not say it."""
+    """What to do, for errors whose own message may not say it (the Hub's, out of memory)."""
     from .errors import RagkitError
 
     if isinstance(err, RagkitError):  # ragkit's own messages say what to do
@@ -193,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ragkit {args.command}: interrupted", file=sys.stderr)  # noqa: T201 (command output)
         return 130
     except _user_error_types() as err:
-        if debug:
+        if debug or _is_internal_import_error(err):
             raise
         print(_format_error(args.command, err), file=sys.stderr)  # noqa: T201 (command output)
         return 2

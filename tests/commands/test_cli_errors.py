@@ -295,3 +295,23 @@ def test_out_of_gpu_memory_is_a_message_with_a_hint(docs, tmp_path, monkeypatch,
 def test_debug_and_verbose_are_accepted_after_the_command(docs, tmp_path, capsys):
     assert main(["build-index", str(docs), str(tmp_path / "out"), "-v"]) == 2  # offline: the encoder error
     assert "ragkit build-index: error:" in capsys.readouterr().err
+
+
+def test_a_missing_package_is_a_message_but_a_broken_ragkit_import_is_a_traceback(
+    docs, tmp_path, monkeypatch, capsys
+):
+    import ragkit.commands.build_index as command
+
+    def missing(args):
+        raise ModuleNotFoundError("No module named 'faiss'", name="faiss")
+
+    monkeypatch.setattr(command, "run", missing)
+    assert main(["build-index", str(docs), str(tmp_path / "out")]) == 2
+    assert "No module named 'faiss'" in _one_error(capsys.readouterr().err, "build-index")
+
+    def broken(args):
+        raise ImportError("cannot import name 'load' from 'ragkit.loading'", name="ragkit.loading")
+
+    monkeypatch.setattr(command, "run", broken)
+    with pytest.raises(ImportError, match=r"ragkit\.loading"):
+        main(["build-index", str(docs), str(tmp_path / "out")])
