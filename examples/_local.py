@@ -6,10 +6,34 @@ noise; what runs is the real code path: tokenizers, retriever, index, model, gen
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["build_local_checkpoint"]
+__all__ = ["build_local_checkpoint", "local_work_dir"]
+
+
+@contextlib.contextmanager
+def local_work_dir(argv: list[str]) -> Iterator[Path]:
+    """The directory a ``--local`` run writes to: ``--work_dir DIR`` (removed from ``argv``, kept) or a temporary one.
+
+    A temporary directory is deleted when the run ends, and a last line says so: the paths printed
+    before it no longer exist.
+    """
+    for i, arg in enumerate(argv):
+        if arg in ("--work_dir", "--work-dir") and i + 1 < len(argv):
+            directory = argv[i + 1]
+            del argv[i : i + 2]
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            yield Path(directory)
+            return
+    with tempfile.TemporaryDirectory(prefix="ragkit-example-") as scratch:
+        yield Path(scratch)
+    print(
+        "(--local: the files above were in a temporary directory, now deleted; add --work_dir DIR to keep them)"
+    )
 
 
 def build_local_checkpoint(directory: str | os.PathLike, model_type: str = "rag_sequence") -> Path:

@@ -4,48 +4,50 @@
         --evaluation_set nq_test.questions --gold_data_path nq_test.gold --gold_data_mode qa \
         --predictions_path predictions.txt --n_docs 5 --num_beams 4
     python examples/eval_rag.py --local      # a tiny random checkpoint and three questions, offline
+    python examples/eval_rag.py --local --work_dir DIR    # the same, keeping the checkpoint and predictions
 
 Same as ``ragkit eval``; see docs/evaluation.md for the file formats.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
-import tempfile
-from pathlib import Path
 
-from ragkit.evaluation import configure_parser, run
+from ragkit.cli import main as ragkit
+
+#: The ``--local`` questions and their gold answers (``qa`` mode: question<TAB>answers).
+LOCAL_QUESTIONS = {
+    "what is the capital of france?": ["Paris"],
+    "where is the louvre?": ["Paris", "in Paris"],
+    "who wrote hamlet?": ["Shakespeare", "William Shakespeare"],
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--local" in argv:
-        argv.remove("--local")
-        from _local import build_local_checkpoint
+    if "--local" not in argv:
+        return ragkit(["eval", *argv])
+    argv.remove("--local")
+    from _local import build_local_checkpoint, local_work_dir
 
-        with tempfile.TemporaryDirectory() as scratch:
-            scratch = Path(scratch)
-            checkpoint = build_local_checkpoint(scratch)
-            (scratch / "questions.txt").write_text("what is the capital of france?\nwhere is the louvre?\n")
-            (scratch / "gold.tsv").write_text(
-                "what is the capital of france?\t['Paris']\nwhere is the louvre?\t['Paris', 'in Paris']\n"
-            )
-            return main(
-                [
-                    "--model_name_or_path", str(checkpoint),
-                    "--evaluation_set", str(scratch / "questions.txt"),
-                    "--gold_data_path", str(scratch / "gold.tsv"),
-                    "--predictions_path", str(scratch / "predictions.txt"),
-                    "--n_docs", "2",
-                    "--num_beams", "2",
-                    "--max_length", "10",
-                    *argv,
-                ]
-            )  # fmt: skip
-    parser = argparse.ArgumentParser(prog="eval", description=__doc__)
-    configure_parser(parser)
-    return run(parser.parse_args(argv))
+    with local_work_dir(argv) as work_dir:
+        checkpoint = build_local_checkpoint(work_dir)
+        (work_dir / "questions.txt").write_text("".join(q + "\n" for q in LOCAL_QUESTIONS))
+        (work_dir / "gold.tsv").write_text("".join(f"{q}\t{a!r}\n" for q, a in LOCAL_QUESTIONS.items()))
+        return ragkit(
+            [
+                "eval",
+                "--model_name_or_path", str(checkpoint),
+                "--evaluation_set", str(work_dir / "questions.txt"),
+                "--gold_data_path", str(work_dir / "gold.tsv"),
+                "--predictions_path", str(work_dir / "predictions.txt"),
+                "--metrics_path", str(work_dir / "metrics.json"),
+                "--n_docs", "2",
+                "--num_beams", "2",
+                "--max_length", "10",
+                *argv,
+            ]
+        )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
         --passages_path my_index/passages --index_path my_index/index.faiss \
         --n_docs 5 --learning_rate 3e-5 --num_train_epochs 3 --train_batch_size 8
     python examples/finetune_rag.py --local      # a tiny checkpoint and the tiny capital questions, offline
+    python examples/finetune_rag.py --local --work_dir DIR    # the same, keeping DIR/out
 
 The data directory holds train.source/train.target (and val.*) line files or train.jsonl/val.jsonl.
 Same as ``ragkit finetune``; see docs/finetuning.md for every option.
@@ -12,12 +13,10 @@ Same as ``ragkit finetune``; see docs/finetuning.md for every option.
 
 from __future__ import annotations
 
-import argparse
 import sys
-import tempfile
 from pathlib import Path
 
-from ragkit.finetuning import configure_parser, run
+from ragkit.cli import main as ragkit
 
 _CAPITALS = {"france": "Paris", "germany": "Berlin", "england": "London", "spain": "Madrid", "italy": "Rome"}
 
@@ -33,29 +32,26 @@ def _write_local_data(directory: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--local" in argv:
-        argv.remove("--local")
-        from _local import build_local_checkpoint
+    if "--local" not in argv:
+        return ragkit(["finetune", *argv])
+    argv.remove("--local")
+    from _local import build_local_checkpoint, local_work_dir
 
-        with tempfile.TemporaryDirectory() as scratch:
-            checkpoint = build_local_checkpoint(scratch)
-            _write_local_data(Path(scratch) / "data")
-            return main(
-                [
-                    "--model_name_or_path", str(checkpoint),
-                    "--data_dir", str(Path(scratch) / "data"),
-                    "--output_dir", str(Path(scratch) / "out"),
-                    "--num_train_epochs", "2",
-                    "--train_batch_size", "2",
-                    "--learning_rate", "1e-3",
-                    *argv,
-                ]
-            )  # fmt: skip
-    parser = argparse.ArgumentParser(prog="finetune", description=__doc__)
-    configure_parser(parser)
-    args = parser.parse_args(argv)
-    args.command = "finetune"
-    return run(args)
+    with local_work_dir(argv) as work_dir:
+        checkpoint = build_local_checkpoint(work_dir)
+        _write_local_data(work_dir / "data")
+        return ragkit(
+            [
+                "finetune",
+                "--model_name_or_path", str(checkpoint),
+                "--data_dir", str(work_dir / "data"),
+                "--output_dir", str(work_dir / "out"),
+                "--num_train_epochs", "2",
+                "--train_batch_size", "2",
+                "--learning_rate", "1e-3",
+                *argv,
+            ]
+        )  # fmt: skip
 
 
 if __name__ == "__main__":

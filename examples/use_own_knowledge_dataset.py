@@ -6,17 +6,46 @@ question encoder must come from the same family (DPR question encoder for DPR pa
 
     python examples/use_own_knowledge_dataset.py --documents my_docs.tsv --output_dir my_index
     python examples/use_own_knowledge_dataset.py --local     # tiny random encoder and model, offline
+    python examples/use_own_knowledge_dataset.py --local --work_dir DIR    # the same, keeping DIR/my_index
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import tempfile
 from pathlib import Path
 
 from ragkit import RagRetriever, RagSequenceForGeneration, RagTokenizer
 from ragkit.retrieval.building import build_index
+
+
+def _index_and_answer(
+    documents: str | Path,
+    output_dir: str | Path,
+    model_name: str,
+    encoder: str,
+    index_factory: str,
+    questions,
+) -> None:
+    """Index ``documents`` into ``output_dir`` and answer ``questions`` with ``model_name`` over that index."""
+    # 1. Split, embed and index the documents (what `ragkit build-index` does).
+    built = build_index(documents, output_dir, encoder=encoder, index_factory=index_factory)
+    print(f"indexed {built.num_passages} passages ({built.dim} dims) in {output_dir}")
+
+    # 2. Point a RAG model's retriever at the new index and ask.
+    retriever = RagRetriever.from_pretrained(
+        model_name,
+        index_name="custom",
+        passages_path=str(built.passages_path),
+        index_path=str(built.index_path),
+        retrieval_vector_size=built.dim,
+    )
+    model = RagSequenceForGeneration.from_pretrained(model_name, retriever=retriever)
+    tokenizer = RagTokenizer.from_pretrained(model_name)
+    inputs = tokenizer(questions, padding=True, return_tensors="pt")
+    generated = model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    for question, answer in zip(questions, tokenizer.batch_decode(generated, skip_special_tokens=True)):
+        print(f"Q: {question}\nA: {answer}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,52 +61,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--local", action="store_true", help="tiny random models and the tiny passages (offline)"
     )
+    parser.add_argument("--work_dir", help="with --local: keep the tiny model, documents and index here")
     args = parser.parse_args(argv)
     questions = args.question or ["What does Moses' rod turn into ?", "What is the capital of France?"]
-
-    with tempfile.TemporaryDirectory() as scratch:
-        documents, output_dir, model_name, encoder = (
+    if not args.local:
+        if not args.documents or not args.output_dir:
+            parser.error("give --documents and --output_dir (or --local)")
+        _index_and_answer(
             args.documents,
             args.output_dir,
             args.rag_model_name,
             args.context_encoder,
+            args.index_factory,
+            questions,
         )
-        if args.local:
-            from _local import build_local_checkpoint
+        return 0
 
-            from ragkit.testing import TINY_PASSAGES
+    from _local import build_local_checkpoint, local_work_dir
 
-            model_name = str(build_local_checkpoint(scratch))
-            encoder = str(Path(scratch) / "question_encoder")  # the tiny DPR encoder embeds passages too
-            documents = Path(scratch) / "documents.tsv"
-            with open(documents, "w", newline="") as f:
-                writer = csv.writer(f, delimiter="\t")
-                writer.writerow(["title", "text"])
-                writer.writerows(TINY_PASSAGES)
-            output_dir = output_dir or str(Path(scratch) / "my_index")
-        if not documents or not output_dir:
-            parser.error("give --documents and --output_dir (or --local)")
+    from ragkit.testing import TINY_PASSAGES
 
-        # 1. Split, embed and index the documents (what `ragkit build-index` does).
-        built = build_index(
-            documents, output_dir, encoder=encoder, index_factory="Flat" if args.local else args.index_factory
+    with local_work_dir(["--work_dir", args.work_dir] if args.work_dir else []) as work_dir:
+        model_name = str(build_local_checkpoint(work_dir))
+        encoder = str(work_dir / "question_encoder")  # the tiny DPR encoder embeds passages too
+        documents = work_dir / "documents.tsv"
+        with open(documents, "w", newline="") as f:
+            writer = csv.writer(f, delimiter="\t")
+            writer.writerow(["title", "text"])
+            writer.writerows(TINY_PASSAGES)
+        _index_and_answer(
+            documents, args.output_dir or work_dir / "my_index", model_name, encoder, "Flat", questions
         )
-        print(f"indexed {built.num_passages} passages ({built.dim} dims) in {output_dir}")
-
-        # 2. Point a RAG model's retriever at the new index and ask.
-        retriever = RagRetriever.from_pretrained(
-            model_name,
-            index_name="custom",
-            passages_path=str(built.passages_path),
-            index_path=str(built.index_path),
-            retrieval_vector_size=built.dim,
-        )
-        model = RagSequenceForGeneration.from_pretrained(model_name, retriever=retriever)
-        tokenizer = RagTokenizer.from_pretrained(model_name)
-        inputs = tokenizer(questions, padding=True, return_tensors="pt")
-        generated = model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-        for question, answer in zip(questions, tokenizer.batch_decode(generated, skip_special_tokens=True)):
-            print(f"Q: {question}\nA: {answer}")
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 
 import pytest
@@ -55,3 +56,83 @@ def test_check_replaceable_accepts_missing_empty_and_own_directories(tmp_path):
     (own / "thesis.tex").write_text("years of work")
     with pytest.raises(ValueError, match=r"`output_dir` .*\(thesis\.tex\)"):
         check_replaceable(own, ("index.faiss",), "`output_dir`")
+
+
+_KILLED_WRITE = """
+import os, signal, sys
+from ragkit._io import atomic_directory, atomic_file
+
+target = sys.argv[1]
+if sys.argv[2] == "dir":
+    with atomic_directory(target) as tmp:
+        (tmp / "half").write_text("half-written")
+        os.kill(os.getpid(), signal.SIGKILL)
+else:
+    with atomic_file(target) as tmp:
+        tmp.write_text("half-written")
+        os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _killed_write(target, kind: str) -> list[str]:
+    """Run a write to ``target`` in a process killed mid-write; return the temporaries it left beside it."""
+    import subprocess
+    import sys
+
+    process = subprocess.run(
+        [sys.executable, "-c", _KILLED_WRITE, str(target), kind], env={**os.environ}, capture_output=True
+    )
+    assert process.returncode == -9, process.stderr.decode()
+    return sorted(p.name for p in target.parent.iterdir() if p.name.startswith(f".{target.name}."))
+
+
+@pytest.mark.skipif(os.name != "posix", reason="simulates a kill with SIGKILL")
+@pytest.mark.parametrize("kind", ["dir", "file"])
+def test_a_later_write_removes_the_temporaries_of_a_killed_one(tmp_path, kind):
+    target = tmp_path / ("index" if kind == "dir" else "predictions.txt")
+    leftovers = _killed_write(target, kind)
+    assert len(leftovers) == 1 and leftovers[0].endswith(".tmp")
+    assert not target.exists()
+    # A live writer's temporary (its pid is running: here the parent of this process) must survive.
+    live = tmp_path / f".{target.name}.{os.getppid()}-abcd1234.tmp"
+    live.mkdir() if kind == "dir" else live.write_text("in progress")
+    dead_pid = re.search(r"\.(\d+)-[^.]+\.tmp$", leftovers[0]).group(1)
+    unrelated = tmp_path / f".other.{dead_pid}-abcd1234.tmp"  # the dead writer's, but for another target
+    unrelated.write_text("someone else's")
+    if kind == "dir":
+        with atomic_directory(target) as tmp:
+            (tmp / "whole").write_text("complete")
+        assert [p.name for p in target.iterdir()] == ["whole"]
+    else:
+        with atomic_file(target) as tmp:
+            tmp.write_text("complete")
+        assert target.read_text() == "complete"
+    remaining = sorted(p.name for p in tmp_path.iterdir())
+    assert leftovers[0] not in remaining
+    assert live.name in remaining and unrelated.name in remaining
+
+
+def test_temporaries_of_this_pid_from_before_this_process_are_stale(tmp_path):
+    # Containers restart with the same pids: a leftover carrying our pid but older than this process is
+    # not ours (a concurrent write of this process would be newer).
+    target = tmp_path / "checkpoint"
+    old = tmp_path / f".checkpoint.{os.getpid()}-zzzz9999.tmp"
+    old.mkdir()
+    os.utime(old, (1_000_000, 1_000_000))
+    new = tmp_path / f".checkpoint.{os.getpid()}-yyyy8888.tmp"
+    new.mkdir()
+    with atomic_directory(target) as tmp:
+        (tmp / "v").write_text("1")
+    assert not old.exists() and new.exists()
+
+
+def test_atomic_directory_refuses_to_replace_a_file(tmp_path):
+    # It used to move the file aside to a hidden name and put a directory in its place.
+    target = tmp_path / "notes.txt"
+    target.write_text("mine")
+    with pytest.raises(ValueError, match="existing file, not a directory"), atomic_directory(target) as tmp:
+        (tmp / "x").write_text("x")
+    assert target.read_text() == "mine"
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+    with pytest.raises(ValueError, match="is a directory"), atomic_file(tmp_path) as tmp:
+        tmp.write_text("x")

@@ -1,14 +1,23 @@
-"""Atomic writes: a reader sees the old file or directory or the complete new one, never a partial one."""
+"""Atomic writes: a reader sees the old file or directory or the complete new one, never a partial one.
+
+The temporaries live beside the target as ``.<name>.<pid>-<random>.tmp`` (and a replaced directory as
+``.<name>.old-<pid>-<random>`` until it is deleted). A write that is killed leaves them behind; the next
+successful write to the same target removes those whose process is gone (never those of a live writer).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+from .errors import RagInputError
 
 __all__ = ["atomic_directory", "atomic_file", "check_not_inside", "check_replaceable"]
 
@@ -23,6 +32,58 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+#: When this process started writing (roughly): its own temporaries older than this are leftovers of an
+#: earlier process that had the same pid (containers restart with the same pids).
+_PROCESS_STARTED = time.time()
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (unknown platforms: assume it does)."""
+    if pid == os.getpid():
+        return True
+    if os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _leftover_pattern(name: str) -> re.Pattern[str]:
+    """The names of the temporaries written for target ``name``, with the writer's pid as group 1."""
+    escaped = re.escape(name)
+    return re.compile(rf"\.{escaped}\.(?:(\d+)-[^./]+\.tmp|old-(\d+)-[0-9a-f]+)")
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete the temporaries of ``path`` left by killed writes: their process is gone, or is this process
+    but they predate it (a recycled pid)."""
+    pattern = _leftover_pattern(path.name)
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match is None:
+            continue
+        pid = int(match.group(1) or match.group(2))
+        try:
+            stale = not _pid_alive(pid) or (pid == os.getpid() and entry.lstat().st_mtime < _PROCESS_STARTED)
+        except OSError:
+            continue
+        if not stale:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                entry.unlink()
+
+
 def _umask() -> int:
     """The process umask (read by setting and restoring it)."""
     mask = os.umask(0o022)
@@ -34,8 +95,10 @@ def _umask() -> int:
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed over ``path``, on error removed."""
     path = Path(path)
+    if path.is_dir():
+        raise RagInputError(f"{os.fspath(path)!r} is a directory; give a file path to write.")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     # mkstemp creates the file 0600; give it the mode a plain open() would (0666 less the umask).
@@ -46,6 +109,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
+        _remove_stale_temporaries(path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -92,8 +156,14 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     interruption at any point leaves either the old directory or the new one under ``path``.
     """
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        # Replacing it would move the user's file aside to a hidden name and put a directory in its place.
+        raise RagInputError(
+            f"{os.fspath(path)!r} is an existing file, not a directory; it is not replaced. Give a new or empty "
+            "directory path."
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent))
     # mkdtemp creates the directory 0700; give it the mode os.mkdir would (0777 less the umask).
     os.chmod(tmp, 0o777 & ~_umask())
     try:
@@ -108,6 +178,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         _fsync_dir(path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+        _remove_stale_temporaries(path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

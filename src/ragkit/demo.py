@@ -16,9 +16,7 @@ questions with the published checkpoint instead.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import functools
 import importlib
 import inspect
 import logging
@@ -41,8 +39,6 @@ _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 __all__ = [
     "DEMO_MODULES",
     "DemoFact",
-    "configure_parser",
-    "run",
     "run_offline_demo",
     "run_pretrained_demo",
     "select_facts",
@@ -317,6 +313,27 @@ def _generate_from_contexts(
     return answers
 
 
+def _save_demo(work_dir: Path, model: Any, tokenizer: Any, held_out: Sequence[DemoFact]) -> dict[str, str]:
+    """Save the fine-tuned checkpoint and the held-out questions/answers; return their paths."""
+    from ._io import atomic_file
+
+    checkpoint = work_dir / "rag"
+    model.save_pretrained(checkpoint)
+    # The model's directory now exists: the tokenizer's folders go beside its weights.
+    tokenizer.save_pretrained(checkpoint)
+    questions, answers = work_dir / "held_out.questions", work_dir / "held_out.answers"
+    with atomic_file(questions) as tmp:
+        tmp.write_text("".join(f.question + "\n" for f in held_out), encoding="utf-8")
+    with atomic_file(answers) as tmp:
+        tmp.write_text("".join(f.answer + "\n" for f in held_out), encoding="utf-8")
+    return {
+        "checkpoint": str(checkpoint),
+        "index": str(work_dir / "index"),
+        "questions": str(questions),
+        "answers": str(answers),
+    }
+
+
 @contextlib.contextmanager
 def _torch_threads(count: int) -> Iterator[None]:
     """Run the block with ``count`` intra-op threads, then restore the previous setting."""
@@ -340,7 +357,8 @@ def run_offline_demo(
     max_facts: int | None = None,
     epochs: int | None = None,
     say: Callable[[str], None] = logger.info,
-) -> dict[str, float]:
+    keep: bool = False,
+) -> dict[str, Any]:
     """Index the standard library's docstrings, fine-tune a RAG model on questions about them, answer held-out ones.
 
     Args:
@@ -353,9 +371,13 @@ def run_offline_demo(
         max_facts: Corpus size (default: all facts, or 200 with ``quick``).
         epochs: Training epochs (default: 20, or 15 with ``quick``).
         say: Where the progress and result lines go (``ragkit demo`` prints them; default: logging).
+        keep: Also save the fine-tuned RAG checkpoint (``work_dir/rag``, loadable with ``from_pretrained``
+            and its index at ``work_dir/index``) and the held-out questions and answers in ``ragkit eval``'s
+            formats (``work_dir/held_out.questions``, ``work_dir/held_out.answers``).
 
     Returns:
-        ``{"em", "random_em", "n_train", "n_held_out", "n_passages", "seconds"}``.
+        ``{"em", "random_em", "n_train", "n_held_out", "n_passages", "seconds"}``, plus, with ``keep``,
+        ``"checkpoint"``, ``"index"``, ``"questions"`` and ``"answers"`` (paths).
     """
     import torch
     from transformers import BartForConditionalGeneration
@@ -374,7 +396,8 @@ def run_offline_demo(
         sizes["max_facts"] = max_facts
     if epochs is not None:
         sizes["epochs"] = epochs
-    work_dir = Path(work_dir)
+    # Absolute: a kept checkpoint's config points at its index by path, from wherever it is loaded.
+    work_dir = Path(work_dir).resolve()
     facts = stdlib_facts()
     if sizes["max_facts"] and len(facts) > sizes["max_facts"]:
         facts = select_facts(facts, sizes["max_facts"], seed=seed)
@@ -491,6 +514,7 @@ def run_offline_demo(
                 score = float(vectors[i] @ doc_embeds[i, rank - 1])
                 say(f"  [{rank}] {score:.3f}  {title}: {text[:70]}{'...' if len(text) > 70 else ''}")
             say(f"  generated: {predictions[i]!r}   gold: {fact.answer!r}")
+    kept = _save_demo(work_dir, model, tokenizer, held_out) if keep else {}
     seconds = time.perf_counter() - started
     say(f"\ntotal time: {seconds:.0f} s")
     say(f"held-out EM: {em:.2f} (random passages: {random_em:.2f})")
@@ -501,6 +525,7 @@ def run_offline_demo(
         "n_held_out": len(held_out),
         "n_passages": len(facts),
         "seconds": seconds,
+        **kept,
     }
 
 
@@ -566,64 +591,3 @@ def run_pretrained_demo(
             title, text = docs[i]["title"][rank], docs[i]["text"][rank]
             say(f"  [{rank + 1}] {float(vectors[i] @ doc_embeds[i, rank]):.1f}  {title}: {text[:70]}...")
         say(f"  generated: {answers[i]!r}")
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``ragkit demo``."""
-    parser.add_argument("--quick", action="store_true", help="a smaller corpus and run (CI size)")
-    parser.add_argument(
-        "--work_dir", default=None, help="keep the index and checkpoints here (default: a temp dir)"
-    )
-    parser.add_argument(
-        "--n_docs", type=int, default=None, help="passages per question (2 offline, 5 with --model)"
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--examples", type=int, default=3, help="held-out questions shown with their passages"
-    )
-    parser.add_argument(
-        "--max_facts", type=int, default=None, help="corpus size (default: all; 200 with --quick)"
-    )
-    parser.add_argument(
-        "--epochs", type=int, default=None, help="training epochs (default: 20; 15 with --quick)"
-    )
-    parser.add_argument("--no_progress", action="store_true", help="hide progress bars")
-    parser.add_argument("--model", default=None, help="run a published checkpoint instead (needs a network)")
-    parser.add_argument(
-        "--index", default="wiki_dpr-dummy", help="index for --model (see docs/quickstart.md)"
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run ``ragkit demo``."""
-    import tempfile
-
-    if not getattr(args, "verbose", False):
-        # The demo prints its own progress; INFO logs (faiss probes CPU features with tracebacks) are noise.
-        for name in ("faiss", "faiss.loader", "datasets", "ragkit"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-
-    say = functools.partial(print, flush=True)  # the command's output
-
-    if args.model:
-        run_pretrained_demo(args.model, args.index, n_docs=args.n_docs or 5, say=say)
-        return 0
-    options = dict(
-        quick=args.quick,
-        n_docs=args.n_docs or 2,
-        seed=args.seed,
-        show_examples=args.examples,
-        show_progress=not args.no_progress,
-        max_facts=args.max_facts,
-        epochs=args.epochs,
-        say=say,
-    )
-    if args.work_dir:
-        run_offline_demo(args.work_dir, **options)
-        return 0
-    with tempfile.TemporaryDirectory(prefix="ragkit-demo-") as work_dir:
-        run_offline_demo(work_dir, **options)
-    return 0

@@ -14,12 +14,12 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from .pooling import POOLING_MODES, pool_hidden_states
+if TYPE_CHECKING:  # torch is imported where it runs: resolving a name must not wait for it
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +102,8 @@ def _sentence_transformers_settings(name_or_path: str, **hub_kwargs: Any) -> dic
             elif config.get("pooling_mode_cls_token"):
                 settings["pooling"] = "cls"
             else:
+                from .pooling import POOLING_MODES
+
                 raise ValueError(
                     f"{name_or_path!r} declares a pooling mode ragkit does not implement ({config}); pass "
                     f"pooling= one of {POOLING_MODES} explicitly."
@@ -154,7 +156,6 @@ class TextEncoder:
             return int(config.projection_dim)
         return int(getattr(config, "hidden_size", None) or config.d_model)
 
-    @torch.inference_mode()
     def encode(
         self,
         texts: list[str],
@@ -176,7 +177,10 @@ class TextEncoder:
         Returns:
             np.ndarray: `(len(texts), dim)` float32.
         """
+        import torch
         from tqdm.auto import tqdm
+
+        from .pooling import pool_hidden_states
 
         texts = list(texts)
         if text_pairs is not None:
@@ -189,23 +193,26 @@ class TextEncoder:
         order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         bar = tqdm(total=len(texts), desc="Encoding", unit="text", disable=not show_progress)
-        for start in range(0, len(texts), batch_size):
-            rows = order[start : start + batch_size]
-            first = [texts[i] for i in rows]
-            second = [text_pairs[i] for i in rows] if text_pairs is not None else None
-            inputs = self.tokenizer(
-                first,
-                second,
-                truncation=True,
-                padding="longest",
-                max_length=self.max_length,
-                return_tensors="pt",
-            )
-            inputs = {k: v.to(self.device) for k, v in inputs.items()}
-            outputs = self.model(**inputs)
-            pooled = pool_hidden_states(outputs, inputs.get("attention_mask"), self.pooling, self.normalize)
-            out[rows] = pooled.float().cpu().numpy()
-            bar.update(len(rows))
+        with torch.inference_mode():
+            for start in range(0, len(texts), batch_size):
+                rows = order[start : start + batch_size]
+                first = [texts[i] for i in rows]
+                second = [text_pairs[i] for i in rows] if text_pairs is not None else None
+                inputs = self.tokenizer(
+                    first,
+                    second,
+                    truncation=True,
+                    padding="longest",
+                    max_length=self.max_length,
+                    return_tensors="pt",
+                )
+                inputs = {k: v.to(self.device) for k, v in inputs.items()}
+                outputs = self.model(**inputs)
+                pooled = pool_hidden_states(
+                    outputs, inputs.get("attention_mask"), self.pooling, self.normalize
+                )
+                out[rows] = pooled.float().cpu().numpy()
+                bar.update(len(rows))
         bar.close()
         return out
 
@@ -233,7 +240,10 @@ def load_text_encoder(
     Returns:
         TextEncoder
     """
+    import torch
     from transformers import AutoConfig, AutoTokenizer
+
+    from .pooling import POOLING_MODES
 
     name_or_path = resolve_encoder_name(name_or_path)
     if pooling != "auto" and pooling not in POOLING_MODES:

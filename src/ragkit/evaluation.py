@@ -13,10 +13,8 @@ lower-case, no punctuation, no articles ``a``/``an``/``the``, single spaces) and
 
 from __future__ import annotations
 
-import argparse
 import ast
 import collections
-import json
 import logging
 import os
 import re
@@ -28,13 +26,12 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ._io import atomic_file
+from .errors import CorruptFileError, MissingFileError, RagInputError
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "EvalResult",
-    "configure_parser",
     "evaluate_answers",
     "evaluate_retrieval",
     "exact_match_score",
@@ -48,7 +45,6 @@ __all__ = [
     "precision_at_k",
     "question_vectors",
     "retrieve_titles",
-    "run",
 ]
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -125,7 +121,9 @@ def metric_max_over_ground_truths(
     if isinstance(ground_truths, str):
         ground_truths = [ground_truths]
     if not ground_truths:
-        raise ValueError("metric_max_over_ground_truths: `ground_truths` is empty; give at least one answer.")
+        raise RagInputError(
+            "metric_max_over_ground_truths: `ground_truths` is empty; give at least one answer."
+        )
     return max(metric(prediction, gt) for gt in ground_truths)
 
 
@@ -144,7 +142,9 @@ def precision_at_k(
     """
     retrieved = list(retrieved_titles)[:k] if k is not None else list(retrieved_titles)
     if not retrieved:
-        raise ValueError("precision_at_k: no retrieved titles; retrieve at least one passage (n_docs >= 1).")
+        raise RagInputError(
+            "precision_at_k: no retrieved titles; retrieve at least one passage (n_docs >= 1)."
+        )
     gold = {_clean_title(t) for t in gold_titles}
     return sum(_clean_title(t) in gold for t in retrieved) / len(retrieved)
 
@@ -178,16 +178,18 @@ def evaluate_answers(predictions: Sequence[str], gold_answers: Sequence[Sequence
         EvalResult with ``metrics`` ``{"em", "f1", "n"}``.
     """
     if len(predictions) != len(gold_answers):
-        raise ValueError(
+        raise RagInputError(
             f"evaluate_answers: {len(predictions)} predictions for {len(gold_answers)} gold answers; "
             "give one prediction per question."
         )
     n = len(predictions)
+    if n == 0:
+        raise RagInputError("evaluate_answers: no predictions; metrics over 0 questions mean nothing.")
     em = sum(
         metric_max_over_ground_truths(exact_match_score, p, g) for p, g in zip(predictions, gold_answers)
     )
     f1 = sum(metric_max_over_ground_truths(f1_score, p, g) for p, g in zip(predictions, gold_answers))
-    return EvalResult({"em": em / n if n else 0.0, "f1": f1 / n if n else 0.0, "n": n}, list(predictions))
+    return EvalResult({"em": em / n, "f1": f1 / n, "n": n}, list(predictions))
 
 
 def evaluate_retrieval(
@@ -204,14 +206,16 @@ def evaluate_retrieval(
         EvalResult with ``metrics`` ``{"precision@k", "n"}``; predictions are tab-joined titles.
     """
     if len(retrieved_titles) != len(gold_titles):
-        raise ValueError(
+        raise RagInputError(
             f"evaluate_retrieval: {len(retrieved_titles)} retrievals for {len(gold_titles)} gold title lines; "
             "give one line of gold titles per question."
         )
     n = len(retrieved_titles)
+    if n == 0:
+        raise RagInputError("evaluate_retrieval: no retrievals; metrics over 0 questions mean nothing.")
     total = sum(precision_at_k(r, g, k) for r, g in zip(retrieved_titles, gold_titles))
     name = f"precision@{k}" if k is not None else "precision"
-    return EvalResult({name: total / n if n else 0.0, "n": n}, ["\t".join(r) for r in retrieved_titles])
+    return EvalResult({name: total / n, "n": n}, ["\t".join(r) for r in retrieved_titles])
 
 
 # ----------------------------------------------------------------------------- files
@@ -241,7 +245,7 @@ def load_gold_answers(path: str | os.PathLike, mode: str = "qa") -> list[list[st
         One list of acceptable answers per question.
     """
     if mode not in ("qa", "ans"):
-        raise ValueError(f"`gold_data_mode` must be 'qa' or 'ans', got {mode!r}.")
+        raise RagInputError(f"`gold_data_mode` must be 'qa' or 'ans', got {mode!r}.")
     answers = []
     for number, line in enumerate(_read_lines(path, "gold data"), start=1):
         if not line.strip():
@@ -250,7 +254,7 @@ def load_gold_answers(path: str | os.PathLike, mode: str = "qa") -> list[list[st
             answers.append([a for a in line.split("\t") if a.strip()])
             continue
         if "\t" not in line:
-            raise ValueError(
+            raise RagInputError(
                 f"{path}, line {number}: expected 'question<TAB>answers' (gold_data_mode 'qa'); "
                 "use --gold_data_mode ans for one line of tab-separated answers per question."
             )
@@ -286,12 +290,17 @@ def _parse_answer_list(raw: str) -> list[str]:
 
 
 def _read_lines(path: str | os.PathLike, what: str) -> list[str]:
-    """Lines of a UTF-8 text file without their newlines; a clear error if it is missing."""
+    """Lines of a UTF-8 text file without their newlines; a clear error if it is missing or not text."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"The {what} file {path} does not exist; check the path.")
-    with open(path, encoding="utf-8") as f:
-        return [line.rstrip("\n").rstrip("\r") for line in f]
+        raise MissingFileError(f"The {what} file {path} does not exist; check the path.")
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            return [line.rstrip("\n").rstrip("\r") for line in f]
+    except UnicodeDecodeError as err:
+        raise CorruptFileError(
+            f"The {what} file {path} is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8."
+        ) from err
 
 
 # ----------------------------------------------------------------------------- model-driven evaluation
@@ -389,7 +398,9 @@ def retrieve_titles(
 
     retriever = getattr(model, "retriever", None)
     if retriever is None:
-        raise ValueError("retrieve_titles: the model has no retriever; pass one (RagRetriever) to the model.")
+        raise RagInputError(
+            "retrieve_titles: the model has no retriever; pass one (RagRetriever) to the model."
+        )
     n_docs = n_docs or model.config.n_docs
     device = next(model.parameters()).device
     titles: list[list[str]] = []
@@ -417,89 +428,3 @@ def question_vectors(model: Any, input_ids: Any, attention_mask: Any) -> Any:
     """
     rag = getattr(model, "rag", model)
     return rag.encode_questions(input_ids, attention_mask)
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """Add ``ragkit eval``'s arguments (the names of the research project's ``eval_rag.py``)."""
-    parser.add_argument("--model_name_or_path", required=True, help="RAG checkpoint (directory or Hub id)")
-    parser.add_argument(
-        "--model_type",
-        choices=["rag_sequence", "rag_token", "auto"],
-        default="auto",
-        help="head to load; 'auto' reads it from the checkpoint's architectures",
-    )
-    parser.add_argument("--evaluation_set", required=True, help="questions, one per line")
-    parser.add_argument(
-        "--gold_data_path", required=True, help="gold answers (e2e) or gold titles (retrieval)"
-    )
-    parser.add_argument("--gold_data_mode", choices=["qa", "ans"], default="qa")
-    parser.add_argument("--predictions_path", default="predictions.txt", help="where predictions are written")
-    parser.add_argument("--eval_mode", choices=["e2e", "retrieval"], default="e2e")
-    parser.add_argument("--n_docs", type=int, default=5, help="passages retrieved per question")
-    parser.add_argument("--num_beams", type=int, default=4)
-    parser.add_argument("--min_length", type=int, default=1)
-    parser.add_argument("--max_length", type=int, default=50)
-    parser.add_argument("--eval_batch_size", type=int, default=8)
-    parser.add_argument("--k", type=int, default=None, help="precision@k cut-off (defaults to --n_docs)")
-    parser.add_argument(
-        "--index_name", default=None, help="override the checkpoint's index: custom|exact|..."
-    )
-    parser.add_argument("--index_path", default=None)
-    parser.add_argument("--passages_path", default=None)
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (defaults to cuda when available)")
-    parser.add_argument("--metrics_path", default=None, help="also write the metrics as JSON here")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run ``ragkit eval``: load the model, answer or retrieve, print the metrics, write the predictions."""
-    from .finetuning import load_rag_for_training
-
-    questions = load_questions(args.evaluation_set)
-    if args.eval_mode == "e2e":
-        gold: list[list[str]] = load_gold_answers(args.gold_data_path, args.gold_data_mode)
-    else:
-        gold = load_gold_titles(args.gold_data_path)
-    if len(gold) != len(questions):
-        raise ValueError(
-            f"{args.evaluation_set} has {len(questions)} questions but {args.gold_data_path} has {len(gold)} "
-            "gold lines; give exactly one gold line per question."
-        )
-    model, tokenizer = load_rag_for_training(
-        args.model_name_or_path,
-        model_type=None if args.model_type == "auto" else args.model_type,
-        index_name=args.index_name,
-        index_path=args.index_path,
-        passages_path=args.passages_path,
-        n_docs=args.n_docs,
-        device=args.device,
-    )
-    if args.eval_mode == "e2e":
-        predictions = generate_answers(
-            model,
-            tokenizer,
-            questions,
-            batch_size=args.eval_batch_size,
-            n_docs=args.n_docs,
-            num_beams=args.num_beams,
-            max_length=args.max_length,
-            min_length=args.min_length,
-        )
-        result = evaluate_answers(predictions, gold)
-    else:
-        retrieved = retrieve_titles(
-            model, tokenizer, questions, batch_size=args.eval_batch_size, n_docs=args.n_docs
-        )
-        result = evaluate_retrieval(retrieved, gold, k=args.k or args.n_docs)
-    # Atomic: an interrupted run never leaves a truncated predictions file that looks complete.
-    with atomic_file(args.predictions_path) as tmp:
-        tmp.write_text("".join(p.replace("\n", " ") + "\n" for p in result.predictions), encoding="utf-8")
-    if args.metrics_path:
-        with atomic_file(args.metrics_path) as tmp:
-            tmp.write_text(json.dumps(result.metrics, indent=2), encoding="utf-8")
-    for name, value in result.metrics.items():
-        print(f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}")  # noqa: T201 (command output)
-    print(f"predictions written to {args.predictions_path}")  # noqa: T201 (command output)
-    return 0

@@ -299,7 +299,7 @@ def test_finetune_with_a_ray_served_index(tmp_path, components, data_dir, capsys
     assert "stopped at step 2" in capsys.readouterr().out
 
 
-def test_end2end_with_a_distributed_retriever_is_refused(tmp_path, components, data_dir):
+def test_end2end_with_a_distributed_retriever_is_refused(tmp_path, components, data_dir, capsys):
     checkpoint = _consolidated(tmp_path, components)
     args = [
         "finetune",
@@ -310,5 +310,8 @@ def test_end2end_with_a_distributed_retriever_is_refused(tmp_path, components, d
         "--context_encoder_name_or_path", str(checkpoint),
         "--distributed_retriever", "pytorch",
     ]  # fmt: skip
+    capsys.readouterr()
+    assert main(args) == 2  # a command error: one message, no traceback
+    assert "ragkit finetune: error: --end2end cannot be combined" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--end2end cannot be combined"):
-        main(args)
+        main([*args, "--debug"])  # the traceback on request

@@ -33,18 +33,46 @@ def test_corpus_is_the_same_on_every_run():
     assert any("<object object>" in f.text for f in facts if f.title == "inspect.getattr_static")
 
 
-def test_quick_demo_answers_from_retrieval(tmp_path, capsys):
+def test_quick_demo_answers_from_retrieval_and_keeps_its_work(tmp_path, capsys):
+    import json
+    import shlex
+
+    from ragkit import RagSequenceForGeneration
     from ragkit.cli import main
 
-    assert main(["demo", "--quick", "--no_progress", "--work_dir", str(tmp_path)]) == 0
+    work_dir = tmp_path / "demo"
+    assert main(["demo", "--quick", "--no_progress", "--work_dir", str(work_dir)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    match = re.fullmatch(r"held-out EM: (\d\.\d\d) \(random passages: (\d\.\d\d)\)", lines[-1])
-    assert match, lines[-1]
+    results = [
+        re.fullmatch(r"held-out EM: (\d\.\d\d) \(random passages: (\d\.\d\d)\)", line) for line in lines
+    ]
+    match = next(m for m in results if m)
     em, random_em = float(match.group(1)), float(match.group(2))
     assert em >= 0.5, "the fine-tuned model should answer most held-out questions"
     assert random_em <= 0.15, "with random passages the same model should score near zero"
     assert any(line.lstrip().startswith("[1]") for line in lines)  # retrieved passages are shown with scores
     assert any("generated:" in line and "gold:" in line for line in lines)
+
+    # Its last lines say where the work is kept: the checkpoint (loadable) and the index.
+    checkpoint = work_dir.resolve() / "rag"
+    assert f"fine-tuned RAG checkpoint: {checkpoint}" in lines[-3]
+    assert f"index: {work_dir.resolve() / 'index'}" in lines[-2]
+    assert lines[-1].startswith("evaluate it: ragkit eval --model_name_or_path")
+    model = RagSequenceForGeneration.from_pretrained(checkpoint)
+    assert model.config.index_name == "custom" and model.config.passages_path.startswith(
+        str(work_dir.resolve())
+    )
+    del model
+
+    # `ragkit eval` on the kept checkpoint, run as the last line says, gives the demo's EM again.
+    command = shlex.split(lines[-1].removeprefix("evaluate it: ragkit "))
+    metrics = tmp_path / "metrics.json"
+    extra = ["--num_beams", "1", "--max_length", "16", "--min_length", "0"]
+    extra += ["--predictions_path", str(tmp_path / "predictions.txt"), "--metrics_path", str(metrics)]
+    assert main([*command, *extra]) == 0
+    scores = json.loads(metrics.read_text())
+    assert scores["n"] == len((work_dir / "held_out.questions").read_text().splitlines())
+    assert abs(scores["em"] - em) <= 0.02, (scores, em)
 
 
 def test_demo_fact_question_and_answer():

@@ -1,4 +1,4 @@
-"""Build a custom index from your own documents: ``ragkit build-index`` and :func:`build_index`.
+"""Build a custom index from your own documents: the library side of ``ragkit build-index``: :func:`build_index`.
 
 Documents (title, text) are read from CSV, TSV, JSON Lines or parquet, split into passages of 100
 words (as the RAG research project's ``use_own_knowledge_dataset.py`` does: split on spaces, join
@@ -18,7 +18,6 @@ index intact).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
@@ -42,10 +41,8 @@ __all__ = [
     "build_faiss_index",
     "build_index",
     "build_passages_index",
-    "configure_parser",
     "passages_dataset",
     "read_documents",
-    "run",
     "split_text",
 ]
 
@@ -466,54 +463,3 @@ def build_index(
     return build_passages_index(
         titles, texts, embeddings, output_dir, index_factory, metric, train_size=train_size, manifest=manifest
     )
-
-
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``ragkit build-index``."""
-    parser.add_argument("source", help="documents: .csv/.tsv (title, text), .jsonl or .parquet")
-    parser.add_argument(
-        "output_dir", help="directory to write passages/, index.faiss and ragkit_index.json to"
-    )
-    parser.add_argument("--encoder", default=DEFAULT_ENCODER, help="passage encoder: Hub id or directory")
-    parser.add_argument(
-        "--index-factory", default="HNSW64", help="faiss factory string (HNSW64, Flat, IVF1024,PQ64)"
-    )
-    parser.add_argument("--metric", default="ip", choices=_METRICS, help="similarity: inner product or L2")
-    parser.add_argument("--words-per-passage", type=int, default=100, help="words per passage (0: no split)")
-    parser.add_argument("--batch-size", type=int, default=32, help="passages per encoder batch")
-    parser.add_argument("--device", default=None, help="encoder device (default: cuda if available)")
-    parser.add_argument("--pooling", default="auto", choices=("auto", "pooler", "cls", "mean"))
-    parser.add_argument(
-        "--normalize", default="auto", choices=("auto", "yes", "no"), help="L2-normalize passage vectors"
-    )
-    parser.add_argument("--max-length", type=int, default=None, help="encoder truncation length")
-    parser.add_argument("--train-size", type=int, default=None, help="vectors used to train IVF/PQ indexes")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run ``ragkit build-index``."""
-    try:
-        built = build_index(
-            args.source,
-            args.output_dir,
-            encoder=args.encoder,
-            index_factory=args.index_factory,
-            metric=args.metric,
-            words_per_passage=args.words_per_passage or None,
-            batch_size=args.batch_size,
-            device=args.device,
-            pooling=args.pooling,
-            normalize={"auto": None, "yes": True, "no": False}[args.normalize],
-            max_length=args.max_length,
-            train_size=args.train_size,
-            show_progress=not args.no_progress,
-        )
-    except (FileNotFoundError, ValueError) as err:
-        print(f"ragkit build-index: error: {err}", file=sys.stderr)  # noqa: T201 (command output)
-        return 2
-    print(  # noqa: T201 (command output)
-        f"Indexed {built.num_passages} passages (dim {built.dim}).\n"
-        f"  passages_path={built.passages_path}\n  index_path={built.index_path}"
-    )
-    return 0

@@ -15,13 +15,11 @@ is detected by its ``ragkit_legacy.json`` and loads with no opt-in, giving ident
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import pickle
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +42,7 @@ from .canonical import WIKI_DPR_DUMMY_REPO
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LEGACY_INDEX_PATH", "LegacyIndex", "configure_parser", "convert_legacy_index", "run"]
+__all__ = ["LEGACY_INDEX_PATH", "LegacyIndex", "convert_legacy_index"]
 
 #: Where DPR's legacy files live by default: the Hub dataset repo (the reference's bucket URL is gone).
 LEGACY_INDEX_PATH = WIKI_DPR_DUMMY_REPO
@@ -394,35 +392,3 @@ def convert_legacy_index(
             f.write_text(json.dumps(manifest, indent=2) + "\n")
     logger.info("Wrote the pickle-free legacy index to %s", dst)
     return dst
-
-
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``ragkit convert-legacy``."""
-    parser.add_argument(
-        "src", help="directory or Hub dataset repo with DPR's legacy files (e.g. huggingface/wiki_dpr)"
-    )
-    parser.add_argument("dst", help="directory to write the pickle-free index to")
-    parser.add_argument(
-        "--allow-pickle",
-        action="store_true",
-        help="fully unpickle the source (only for trusted files that hold more than plain lists and dicts)",
-    )
-    parser.add_argument("--revision", default=None, help="Hub revision of SRC")
-    parser.add_argument("--cache-dir", default=None, help="Hub cache directory")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run ``ragkit convert-legacy``."""
-    try:
-        dst = convert_legacy_index(
-            args.src,
-            args.dst,
-            allow_pickle=args.allow_pickle,
-            revision=args.revision,
-            cache_dir=args.cache_dir,
-        )
-    except (FileNotFoundError, ValueError, pickle.UnpicklingError) as err:
-        print(f"ragkit convert-legacy: error: {err}", file=sys.stderr)  # noqa: T201 (command output)
-        return 2
-    print(f"Converted legacy index written to {dst}; load it with index_name='legacy', index_path='{dst}'.")  # noqa: T201 (command output)
-    return 0

@@ -1,0 +1,139 @@
+"""``ragkit eval``: it never overwrites its inputs, refuses what cannot be evaluated, fails like a command."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ragkit.cli import main
+
+#: Questions about the tiny passages and their gold answers (``ans`` mode: one line of answers per question).
+QUESTIONS = ("what is the capital of france?", "where is the louvre?", "who wrote hamlet?")
+ANSWERS = ("Paris", "Paris", "Shakespeare")
+
+
+@pytest.fixture
+def eval_files(tmp_path):
+    """(questions file, gold answers file in ``ans`` mode) over :data:`QUESTIONS`."""
+    questions, gold = tmp_path / "questions.txt", tmp_path / "gold.ans"
+    questions.write_text("".join(q + "\n" for q in QUESTIONS))
+    gold.write_text("".join(a + "\n" for a in ANSWERS))
+    return questions, gold
+
+
+def _eval(checkpoint, questions, gold, *extra):
+    return main(
+        [
+            "eval",
+            "--model_name_or_path", str(checkpoint),
+            "--evaluation_set", str(questions),
+            "--gold_data_path", str(gold),
+            "--gold_data_mode", "ans",
+            "--n_docs", "2",
+            "--num_beams", "1",
+            "--max_length", "6",
+            *extra,
+        ]
+    )  # fmt: skip
+
+
+def test_eval_writes_predictions_and_metrics(checkpoint, eval_files, tmp_path, capsys):
+    questions, gold = eval_files
+    predictions, metrics = tmp_path / "predictions.txt", tmp_path / "metrics.json"
+    assert (
+        _eval(
+            checkpoint,
+            questions,
+            gold,
+            "--predictions_path",
+            str(predictions),
+            "--metrics_path",
+            str(metrics),
+        )
+        == 0
+    )
+    lines = predictions.read_text().splitlines()
+    assert len(lines) == len(QUESTIONS)
+    scores = json.loads(metrics.read_text())
+    assert scores["n"] == len(QUESTIONS)
+    # The printed EM is the one of the written predictions.
+    from ragkit.evaluation import evaluate_answers, load_gold_answers
+
+    expected = evaluate_answers(lines, load_gold_answers(gold, "ans")).metrics
+    assert scores["em"] == pytest.approx(expected["em"]) and scores["f1"] == pytest.approx(expected["f1"])
+    assert f"em: {expected['em']:.4f}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "flag, target",
+    [
+        ("--predictions_path", "questions"),
+        ("--predictions_path", "gold"),
+        ("--metrics_path", "questions"),
+        ("--metrics_path", "gold"),
+    ],
+)
+def test_outputs_never_overwrite_the_inputs(checkpoint, eval_files, tmp_path, capsys, flag, target):
+    questions, gold = eval_files
+    path = {"questions": questions, "gold": gold}[target]
+    before = path.read_bytes()
+    extra = [flag, str(path)]
+    if flag == "--metrics_path":
+        extra += ["--predictions_path", str(tmp_path / "predictions.txt")]
+    assert _eval(checkpoint, questions, gold, *extra) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ragkit eval: error:") and "would overwrite" in err and flag in err
+    assert path.read_bytes() == before
+
+
+def test_outputs_inside_the_checkpoint_or_one_file_for_both_are_refused(
+    checkpoint, eval_files, tmp_path, capsys
+):
+    questions, gold = eval_files
+    config = (checkpoint / "config.json").read_bytes()
+    assert _eval(checkpoint, questions, gold, "--predictions_path", str(checkpoint / "config.json")) == 2
+    assert "would overwrite --model_name_or_path" in capsys.readouterr().err
+    assert (checkpoint / "config.json").read_bytes() == config
+    same = str(tmp_path / "out.txt")
+    assert _eval(checkpoint, questions, gold, "--predictions_path", same, "--metrics_path", same) == 2
+    assert "same file" in capsys.readouterr().err
+    assert _eval(checkpoint, questions, gold, "--predictions_path", str(tmp_path)) == 2
+    assert "is a directory" in capsys.readouterr().err
+
+
+def test_empty_question_file_is_refused(checkpoint, tmp_path, capsys):
+    questions, gold = tmp_path / "q.txt", tmp_path / "g.ans"
+    questions.write_text("\n\n")
+    gold.write_text("")
+    predictions = tmp_path / "predictions.txt"
+    assert _eval(checkpoint, questions, gold, "--predictions_path", str(predictions)) == 2
+    assert "holds no questions" in capsys.readouterr().err
+    assert not predictions.exists()
+
+
+def test_input_errors_are_messages_not_tracebacks(checkpoint, eval_files, tmp_path, capsys):
+    questions, gold = eval_files
+    out = ["--predictions_path", str(tmp_path / "p.txt")]
+    short = tmp_path / "short.ans"
+    short.write_text("Paris\n")
+    assert _eval(checkpoint, questions, short, *out) == 2
+    assert "has 3 questions but --gold_data_path" in capsys.readouterr().err
+    assert _eval(checkpoint, tmp_path / "missing.txt", gold, *out) == 2
+    assert "missing.txt does not exist" in capsys.readouterr().err
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\xe9 ?\n".encode("latin-1"))
+    assert _eval(checkpoint, latin1, gold, *out) == 2
+    err = capsys.readouterr().err
+    assert "latin1.txt is not UTF-8" in err and "Traceback" not in err
+    assert _eval(tmp_path / "no_checkpoint", questions, gold, *out) == 2
+    assert "no such directory" in capsys.readouterr().err
+
+
+def test_bad_values_are_refused_at_parse_time(checkpoint, eval_files, capsys):
+    questions, gold = eval_files
+    for flag in ("--n_docs", "--num_beams", "--max_length", "--eval_batch_size", "--k"):
+        with pytest.raises(SystemExit) as exit_info:
+            _eval(checkpoint, questions, gold, flag, "0")
+        assert exit_info.value.code == 2
+        assert ">= 1" in capsys.readouterr().err
