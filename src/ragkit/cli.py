@@ -14,8 +14,8 @@ __all__ = ["main"]
 _COMMANDS: dict[str, tuple[str, str]] = {
     "build-index": ("ragkit.retrieval.building", "embed a corpus and write a custom index"),
     "convert-legacy": ("ragkit.retrieval.legacy", "convert DPR's pickled legacy index to a pickle-free one"),
-    "consolidate": ("ragkit.finetuning", "build a RAG checkpoint from a question encoder and a generator"),
-    "finetune": ("ragkit.finetuning", "fine-tune a RAG model on question/answer pairs"),
+    "consolidate": ("ragkit.commands.consolidate", "build a RAG checkpoint from a question encoder and a generator"),
+    "finetune": ("ragkit.commands.finetune", "fine-tune a RAG model on question/answer pairs"),
     "eval": ("ragkit.evaluation", "evaluate answers (EM, F1) or retrieval (precision@k)"),
     "demo": ("ragkit.demo", "index, train and answer end to end, offline"),
 }
