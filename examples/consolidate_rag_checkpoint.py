@@ -5,7 +5,7 @@
         --generator_name_or_path facebook/bart-large --dest my_rag
     python examples/consolidate_rag_checkpoint.py --local     # tiny random parts, offline
 
-Same as ``ragkit consolidate``; the options are those of ragkit.finetuning's consolidate command.
+Same as ``ragkit consolidate``; the options are those of ragkit.commands.consolidate.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ragkit.finetuning import configure_parser, run
+from ragkit.commands.consolidate import configure_parser, run
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ragkit.finetuning import configure_parser, run
+from ragkit.commands.finetune import configure_parser, run
 
 _CAPITALS = {"france": "Paris", "germany": "Berlin", "england": "London", "spain": "Madrid", "italy": "Rome"}
 
