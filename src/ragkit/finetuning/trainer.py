@@ -370,13 +370,10 @@ class RagTrainer:
     def _set_max_combined_length(self, length: int) -> None:
         """Make the retriever build contexts of ``length`` tokens (the model config and the retriever's)."""
         self.model.config.max_combined_length = length
-        retriever = getattr(self.model, "retriever", None)
-        for config in (
-            getattr(retriever, "config", None),
-            getattr(getattr(retriever, "retriever", None), "config", None),
-        ):
-            if config is not None:
-                config.max_combined_length = length
+        # The retriever tokenizes the contexts with its own config (a copy when it was built apart).
+        retriever_config = getattr(getattr(self.model, "retriever", None), "config", None)
+        if retriever_config is not None:
+            retriever_config.max_combined_length = length
 
     def _apply_freezing(self) -> None:
         """Turn off gradients of the parts the arguments keep fixed."""
@@ -456,6 +453,12 @@ class RagTrainer:
 
         Args:
             directory: Checkpoint directory (defaults to ``<output_dir>/checkpoint-last``).
+
+        Raises:
+            MissingFileError: No ``trainer_state.pt`` or ``model.safetensors`` in ``directory``.
+            CorruptFileError: One of them is truncated, damaged or holds more than plain data.
+            RagInputError: This run's :data:`SCHEDULE_FIELDS` or number of training examples differ from the
+                checkpoint's (naming each and both values).
         """
         directory = Path(directory or self.checkpoint_dir)
         state_file = directory / TRAINER_STATE_FILE
@@ -604,6 +607,9 @@ class RagTrainer:
 
         Returns:
             TrainResult
+
+        Raises:
+            RagInputError, CorruptFileError, MissingFileError: With ``resume``, see :meth:`load_checkpoint`.
         """
         args = self.args
         if args.resume and (self.checkpoint_dir / TRAINER_STATE_FILE).is_file():
