@@ -50,7 +50,7 @@ def build_local_checkpoint(directory: str | os.PathLike, model_type: str = "rag_
     from transformers import BartForConditionalGeneration, DPRQuestionEncoder
 
     from ragkit.encoders import load_text_encoder
-    from ragkit.finetuning import consolidate_rag_checkpoint
+    from ragkit.loading import consolidate_rag_checkpoint
     from ragkit.retrieval.building import build_index
     from ragkit.testing import (
         TINY_PASSAGES,

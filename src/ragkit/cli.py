@@ -24,8 +24,11 @@ _COMMANDS: dict[str, tuple[str, str]] = {
         "ragkit.commands.convert_legacy",
         "convert DPR's pickled legacy index to a pickle-free one",
     ),
-    "consolidate": ("ragkit.finetuning", "build a RAG checkpoint from a question encoder and a generator"),
-    "finetune": ("ragkit.finetuning", "fine-tune a RAG model on question/answer pairs"),
+    "consolidate": (
+        "ragkit.commands.consolidate",
+        "build a RAG checkpoint from a question encoder and a generator",
+    ),
+    "finetune": ("ragkit.commands.finetune", "fine-tune a RAG model on question/answer pairs"),
     "eval": ("ragkit.commands.eval", "evaluate answers (EM, F1) or retrieval (precision@k)"),
     "demo": ("ragkit.commands.demo", "index, train and answer end to end, offline"),
 }

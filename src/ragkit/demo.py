@@ -575,7 +575,7 @@ def run_pretrained_demo(
     import torch
 
     from .evaluation import generate_answers, question_vectors
-    from .finetuning import load_rag_for_training
+    from .loading import load_rag_for_training
 
     model, tokenizer = load_rag_for_training(model_name, n_docs=n_docs, **_index_fields(index))
     answers = generate_answers(

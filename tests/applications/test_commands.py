@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ragkit.cli import main
+from ragkit.errors import RagInputError
 from ragkit.finetuning import QAExample, RagTrainer, TrainingArguments, load_qa_split, load_rag_for_training
 from ragkit.testing import TINY_PASSAGES, tiny_bart_config, tiny_dpr_config
 
@@ -101,12 +102,25 @@ def test_consolidate_finetune_resume_eval(tmp_path, components, data_dir, capita
     assert main([*finetune, "--max_steps", "4"]) == 0  # stops mid-epoch 2, as an interrupted run
     assert "stopped at step 4" in capsys.readouterr().out
     assert not (output / "final").exists()
+    # A resume with another batch size would silently follow another schedule: refused, naming both values.
+    with pytest.raises(RagInputError, match=r"train_batch_size: 4 in the checkpoint, 3 now"):
+        main([*finetune, "--resume", "--train_batch_size", "3"])
     assert main([*finetune, "--resume"]) == 0
     printed = capsys.readouterr().out
     assert "fine-tuned model written to" in printed
     metrics = json.loads((output / "metrics.json").read_text())
-    assert metrics["global_step"] == 6 and len(metrics["train_loss"]) == 6
+    assert (
+        metrics["global_step"] == 6 and len(metrics["train_loss"]) == 6
+    )  # 12 questions, batches of 4, 2 epochs
     assert len(metrics["val_em"]) == 2  # one validation EM per epoch (the first from before the interruption)
+    # Each flag reached the model or the optimizer (the consolidated checkpoint had 300 and 0.0).
+    assert config.get("max_combined_length", 300) == 300 and config.get("label_smoothing", 0.0) == 0.0
+    final_config = json.loads((output / "final" / "config.json").read_text())
+    assert final_config["max_combined_length"] == 96 and final_config["label_smoothing"] == 0.1
+    state = torch.load(output / "checkpoint-last" / "trainer_state.pt", weights_only=True)
+    assert [group["initial_lr"] for group in state["optimizer"]["param_groups"]] == [1e-2] * len(
+        state["optimizer"]["param_groups"]
+    )
 
     questions = tmp_path / "questions.txt"
     gold = tmp_path / "gold.ans"
@@ -181,7 +195,8 @@ def test_finetune_from_encoder_and_generator_end2end(
         "--output_dir", str(output),
         "--num_train_epochs", "1",
         "--train_batch_size", "4",
-        "--gradient_accumulation_steps", "2",
+        "--gradient-accumulation-steps", "2",
+        "--max-combined-length", "64",
         "--end2end",
         "--context_encoder_name_or_path", str(tmp_path / "ctx"),
         "--index_rebuild_steps", "1",
@@ -190,7 +205,8 @@ def test_finetune_from_encoder_and_generator_end2end(
     assert main(args) == 0
     assert json.loads((output / "consolidated" / "config.json").read_text())["model_type"] == "rag"
     metrics = json.loads((output / "metrics.json").read_text())
-    assert metrics["global_step"] == 2  # 12 questions, batches of 4, 2 batches per step
+    assert metrics["global_step"] == 2  # 12 questions, batches of 4, 2 batches per step (3 without)
+    assert json.loads((output / "final" / "config.json").read_text())["max_combined_length"] == 64
     trained = DPRContextEncoder.from_pretrained(output / "final" / "context_encoder")
     initial = DPRContextEncoder.from_pretrained(tmp_path / "ctx")
     assert any(not torch.equal(a, b) for a, b in zip(trained.parameters(), initial.parameters()))

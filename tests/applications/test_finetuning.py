@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import pickle
 import time
 
 import pytest
 import torch
 
+from ragkit.errors import CorruptFileError
 from ragkit.evaluation import evaluate_answers, generate_answers
 from ragkit.finetuning import RagTrainer, TrainingArguments
 
@@ -151,6 +151,6 @@ def test_resume_refuses_a_trainer_state_that_runs_code(tmp_path, make_model, tra
     checkpoint = trainer.save_checkpoint()
     trainer.load_checkpoint()  # a genuine checkpoint loads
     torch.save({"global_step": _RunsCode()}, checkpoint / "trainer_state.pt")
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(CorruptFileError, match=r"trainer_state\.pt holds objects other than tensors"):
         trainer.load_checkpoint()
     assert not (tmp_path / "PWNED").exists()

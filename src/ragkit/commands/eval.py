@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         load_questions,
         retrieve_titles,
     )
-    from ..finetuning import load_rag_for_training
+    from ..loading import load_rag_for_training
 
     _check_arguments(args)
     questions = load_questions(args.evaluation_set)

@@ -1,0 +1,170 @@
+"""``ragkit finetune``: fine-tune a RAG model on question/answer pairs.
+
+The training flags are the fields of :class:`~ragkit.finetuning.TrainingArguments` (defaults and help
+declared there once); this module adds where the model, the data and the index come from.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..distributed import add_distributed_retriever_arguments, distributed_retriever_from_args
+from ..encoders import resolve_encoder_name
+from ..errors import RagInputError
+from ..finetuning.arguments import (
+    TrainingArguments,
+    UnderscoreHelpFormatter,
+    add_dataclass_arguments,
+    add_flag,
+    dataclass_from_namespace,
+)
+from ..finetuning.data import load_qa_split
+from ..finetuning.trainer import CHECKPOINT_DIRNAME, TRAINER_STATE_FILE, RagTrainer
+from ..loading import (
+    MODEL_TYPES,
+    check_model_location,
+    consolidate_rag_checkpoint,
+    load_rag_for_training,
+    resolve_device,
+)
+from .consolidate import add_rag_field_arguments, rag_fields
+
+__all__ = ["configure_parser", "run"]
+
+#: Where a run that starts from a question encoder and a generator writes the RAG checkpoint it builds.
+CONSOLIDATED_DIRNAME = "consolidated"
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``ragkit finetune`` (the research project's finetune_rag.py flags that apply)."""
+    parser.formatter_class = UnderscoreHelpFormatter
+    add_flag(parser, "data_dir", required=True, help="{train,val}.{source,target} or {train,val}.jsonl")
+    model = parser.add_argument_group("model (a RAG checkpoint, or a question encoder and a generator)")
+    add_flag(model, "model_name_or_path", default=None, help="RAG checkpoint to start from")
+    add_flag(model, "model_type", choices=MODEL_TYPES, default=None, help="default: the checkpoint's")
+    add_flag(
+        model,
+        "question_encoder_name_or_path",
+        default=None,
+        help="or: a question encoder (all-MiniLM-L6-v2 works offline) ...",
+    )
+    add_flag(model, "generator_name_or_path", default=None, help="... and a generator")
+    add_flag(
+        model,
+        "context_encoder_name_or_path",
+        default=None,
+        help="context encoder the index was built with (--end2end)",
+    )
+    add_flag(model, "device", default=None, help="default: cuda when available, else cpu")
+    add_rag_field_arguments(model, n_docs=False)
+    add_dataclass_arguments(parser.add_argument_group("training"), TrainingArguments)
+    add_distributed_retriever_arguments(parser)
+
+
+def _loads_index_locally(args: argparse.Namespace) -> bool:
+    """Whether this process loads the index itself (not when Ray actors or rank 0 serve it)."""
+    return args.distributed_retriever == "none"
+
+
+def _load_starting_model(args: argparse.Namespace, device: torch.device) -> tuple[Any, Any]:
+    """The model to fine-tune: a RAG checkpoint, or one consolidated from a question encoder and a generator."""
+    if args.model_name_or_path:
+        return load_rag_for_training(
+            args.model_name_or_path,
+            model_type=args.model_type,
+            device=device,
+            init_retrieval=_loads_index_locally(args),
+            **rag_fields(args),
+        )
+    if not (args.question_encoder_name_or_path and args.generator_name_or_path):
+        raise RagInputError(
+            "Give --model_name_or_path (a RAG checkpoint), or both --question_encoder_name_or_path and "
+            "--generator_name_or_path to start from a question encoder and a generator."
+        )
+    question_encoder = resolve_encoder_name(args.question_encoder_name_or_path)
+    check_model_location(question_encoder, "--question_encoder_name_or_path")
+    check_model_location(args.generator_name_or_path, "--generator_name_or_path")
+    staging = Path(args.output_dir) / CONSOLIDATED_DIRNAME
+    consolidate_rag_checkpoint(
+        args.model_type or "rag_sequence",
+        question_encoder,
+        args.generator_name_or_path,
+        staging,
+        **rag_fields(args),
+    )
+    return load_rag_for_training(
+        staging,
+        model_type=args.model_type or "rag_sequence",
+        device=device,
+        init_retrieval=_loads_index_locally(args),
+    )
+
+
+def _load_context_encoder(name_or_path: str, device: torch.device) -> tuple[Any, Any]:
+    """A context encoder and its tokenizer (DPR context encoder or any AutoModel encoder)."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer, DPRContextEncoder
+
+    name_or_path = resolve_encoder_name(name_or_path)
+    check_model_location(name_or_path, "--context_encoder_name_or_path")
+    config = AutoConfig.from_pretrained(name_or_path)
+    model_class = DPRContextEncoder if config.model_type == "dpr" else AutoModel
+    return model_class.from_pretrained(name_or_path).to(device), AutoTokenizer.from_pretrained(name_or_path)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``ragkit finetune``."""
+    # Checked first: a bad setting is reported before any model is loaded.
+    training_args = dataclass_from_namespace(TrainingArguments, args)
+    if args.end2end and not args.context_encoder_name_or_path:
+        raise RagInputError(
+            "--end2end needs --context_encoder_name_or_path (the encoder the index was built with)."
+        )
+    if args.end2end and not _loads_index_locally(args):
+        # Rebuilding the index swaps it in this process only; actors or rank 0 would serve the old one.
+        raise RagInputError("--end2end cannot be combined with --distributed_retriever; use 'none'.")
+    train_examples = load_qa_split(args.data_dir, "train")
+    val_examples = load_qa_split(args.data_dir, "val", required=False)
+    device = resolve_device(args.device)
+    resume_dir = Path(args.output_dir) / CHECKPOINT_DIRNAME
+    if args.resume and (resume_dir / TRAINER_STATE_FILE).is_file():
+        index = {
+            k: v for k, v in rag_fields(args).items() if k in ("index_name", "index_path", "passages_path")
+        }
+        model, tokenizer = load_rag_for_training(
+            resume_dir,
+            model_type=args.model_type,
+            device=device,
+            init_retrieval=_loads_index_locally(args),
+            **index,
+        )
+    else:
+        model, tokenizer = _load_starting_model(args, device)
+    if not _loads_index_locally(args):
+        model.set_retriever(distributed_retriever_from_args(model.retriever, args))
+    context_encoder = context_tokenizer = None
+    if args.end2end:
+        context_encoder, context_tokenizer = _load_context_encoder(args.context_encoder_name_or_path, device)
+    trainer = RagTrainer(
+        model,
+        tokenizer,
+        training_args,
+        train_examples,
+        val_examples,
+        context_encoder=context_encoder,
+        context_encoder_tokenizer=context_tokenizer,
+    )
+    result = trainer.train()
+    print(f"steps: {result.global_step}  epochs: {result.epoch}  last loss: {result.losses[-1]:.4f}")  # noqa: T201 (command output)
+    if result.val_em:
+        print("validation EM per epoch: " + ", ".join(f"{em:.4f}" for em in result.val_em))  # noqa: T201 (command output)
+    if result.final_dir is not None:
+        print(f"fine-tuned model written to {result.final_dir}")  # noqa: T201 (command output)
+    else:
+        print(  # noqa: T201 (command output)
+            f"stopped at step {result.global_step}; continue with --resume (checkpoint: {result.checkpoint_dir})"
+        )
+    return 0

@@ -1,0 +1,140 @@
+"""TrainingArguments: every field checked by name, and the `ragkit finetune` flags built from the fields."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import pytest
+
+from ragkit.errors import RagInputError
+from ragkit.finetuning import TrainingArguments
+from ragkit.finetuning.arguments import UnderscoreHelpFormatter
+
+
+def _finetune_parser() -> argparse.ArgumentParser:
+    from ragkit.commands import finetune
+
+    parser = argparse.ArgumentParser(prog="ragkit finetune")
+    finetune.configure_parser(parser)
+    return parser
+
+
+@pytest.mark.parametrize(
+    "field, value, pattern",
+    [
+        ("label_smoothing", "a lot", r"`label_smoothing` must be a finite number, got 'a lot' \(str\)"),
+        ("label_smoothing", 1.0, r"`label_smoothing` must be in \[0, 1\), got 1\.0"),
+        ("train_batch_size", 2.5, r"`train_batch_size` must be an integer, got 2\.5"),
+        ("train_batch_size", 0, r"`train_batch_size` must be >= 1, got 0"),
+        ("num_train_epochs", True, r"`num_train_epochs` must be an integer, got True"),
+        ("learning_rate", float("nan"), r"`learning_rate` must be a finite number"),
+        ("learning_rate", 0, r"`learning_rate` must be > 0"),
+        ("warmup_steps", -1, r"`warmup_steps` must be >= 0"),
+        ("weight_decay", "0.1", r"`weight_decay` must be a finite number"),
+        ("n_docs", 0, r"`n_docs` must be >= 1"),
+        ("n_docs", "5", r"`n_docs` must be an integer or None"),
+        ("max_combined_length", 0, r"`max_combined_length` must be >= 1"),
+        ("max_steps", 0, r"`max_steps` must be >= 1"),
+        ("precision", "fp8", r"`precision` must be one of auto, fp32, bf16, fp16, got 'fp8'"),
+        ("resume", "yes", r"`resume` must be True or False, got 'yes'"),
+        ("output_dir", 5, r"`output_dir` must be a string"),
+        ("index_rebuild_steps", 0, r"`index_rebuild_steps` must be >= 1"),
+    ],
+)
+def test_every_field_is_checked_by_name(tmp_path, field, value, pattern):
+    values = {"output_dir": str(tmp_path), field: value}
+    with pytest.raises(RagInputError, match=pattern):
+        TrainingArguments(**values)
+
+
+def test_a_path_is_accepted_as_output_dir(tmp_path):
+    assert TrainingArguments(output_dir=tmp_path).output_dir == str(tmp_path)
+
+
+def test_cache_retrieval_needs_a_fixed_retriever(tmp_path):
+    with pytest.raises(RagInputError, match="freeze_question_encoder=True"):
+        TrainingArguments(output_dir=str(tmp_path), cache_retrieval=True)
+
+
+def test_the_finetune_flags_are_the_fields_with_their_defaults():
+    parser = _finetune_parser()
+    parsed = parser.parse_args(["--data_dir", "d", "--output_dir", "o"])
+    for f in dataclasses.fields(TrainingArguments):
+        if f.name in ("output_dir", "save_checkpoints"):
+            continue
+        assert getattr(parsed, f.name) == f.default, f.name
+    assert TrainingArguments(
+        **{
+            f.name: getattr(parsed, f.name)
+            for f in dataclasses.fields(TrainingArguments)
+            if hasattr(parsed, f.name)
+        }
+    ) == TrainingArguments(output_dir="o")
+    assert not hasattr(parsed, "save_checkpoints")  # not a flag: the command always writes its model
+
+
+def test_flags_take_both_spellings_and_help_shows_underscores():
+    parser = _finetune_parser()
+    underscores = parser.parse_args(
+        ["--data_dir", "d", "--output_dir", "o", "--max_combined_length", "64", "--label_smoothing", "0.1",
+         "--gradient_accumulation_steps", "2", "--no_progress", "--no_validation", "--cache_retrieval"]
+    )  # fmt: skip
+    dashes = parser.parse_args(
+        ["--data-dir", "d", "--output-dir", "o", "--max-combined-length", "64", "--label-smoothing", "0.1",
+         "--gradient-accumulation-steps", "2", "--no-progress", "--no-validation", "--cache-retrieval"]
+    )  # fmt: skip
+    assert vars(underscores) == vars(dashes)
+    assert underscores.max_combined_length == 64 and underscores.gradient_accumulation_steps == 2
+    assert underscores.show_progress is False and underscores.do_validation is False
+    assert underscores.cache_retrieval is True
+    text = parser.format_help()
+    assert isinstance(parser.formatter_class(prog="x"), UnderscoreHelpFormatter)
+    assert "--max_combined_length" in text and "--max-combined-length" not in text
+    assert "--label_smoothing LABEL_SMOOTHING" in text and "(default: 0.0)" in text
+    assert "--model_type {rag_sequence,rag_token}" in text
+
+
+def test_a_bad_flag_value_names_the_flag(capsys):
+    parser = _finetune_parser()
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--data_dir", "d", "--output_dir", "o", "--label_smoothing", "a lot"])
+    assert exit_info.value.code == 2
+    assert (
+        "argument --label_smoothing/--label-smoothing: invalid float value: 'a lot'"
+        in capsys.readouterr().err
+    )
+
+
+def test_finetune_refuses_a_bad_setting_before_loading_anything(tmp_path):
+    from ragkit.cli import main
+
+    # The model does not exist: the setting is reported first, naming the field.
+    with pytest.raises(RagInputError, match=r"`label_smoothing` must be in \[0, 1\), got 1\.5"):
+        main(["finetune", "--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "o"),
+              "--model_name_or_path", str(tmp_path / "missing"), "--label_smoothing", "1.5"])  # fmt: skip
+
+
+def test_consolidate_parser_is_its_own():
+    from ragkit.commands import consolidate
+
+    parser = argparse.ArgumentParser(prog="ragkit consolidate")
+    consolidate.configure_parser(parser)
+    parsed = parser.parse_args(
+        [
+            "--question-encoder-name-or-path",
+            "q",
+            "--generator_name_or_path",
+            "g",
+            "--dest",
+            "d",
+            "--n-docs",
+            "2",
+        ]
+    )
+    assert (parsed.question_encoder_name_or_path, parsed.generator_name_or_path, parsed.n_docs) == (
+        "q",
+        "g",
+        2,
+    )
+    assert not hasattr(parsed, "train_batch_size")
