@@ -127,6 +127,14 @@ def _normalize_install(words: list[str]) -> str:
     return "pip install " + " ".join(w for w in after if w not in {"-q", "--quiet"})
 
 
+def _words(command: str) -> list[str]:
+    """Shell words of one command (comments dropped)."""
+    try:
+        return shlex.split(command, comments=True)
+    except ValueError:  # an unbalanced quote or a trailing backslash: not an install line we can check
+        return command.split()
+
+
 def split_install_commands(code: str) -> tuple[list[str], str]:
     """Separate a bash block's ``pip install`` commands from the rest.
 
@@ -139,7 +147,7 @@ def split_install_commands(code: str) -> tuple[list[str], str]:
         parts = [p.strip() for p in line.split("&&")]
         rest = []
         for part in parts:
-            words = shlex.split(part, comments=True) if part and not part.startswith("#") else []
+            words = _words(part) if part.startswith(("pip ", "python -m pip ")) else []
             if words[:2] == ["pip", "install"] or words[:4] == ["python", "-m", "pip", "install"]:
                 installs.append(_normalize_install(words))
             else:
