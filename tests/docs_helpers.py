@@ -73,7 +73,9 @@ def doc_files() -> list[Path]:
 def _parse_marker(body: str, where: str) -> tuple[str, str]:
     kind, _, arg = body.partition(" ")
     if kind not in MARKER_KINDS:
-        raise ValueError(f"{where}: unknown doc-test marker {kind!r} (known: {', '.join(sorted(MARKER_KINDS))})")
+        raise ValueError(
+            f"{where}: unknown doc-test marker {kind!r} (known: {', '.join(sorted(MARKER_KINDS))})"
+        )
     if kind in {"skip", "setup", "needs", "expect"} and not arg.strip():
         raise ValueError(f"{where}: the doc-test marker {kind!r} needs an argument")
     return kind, arg.strip()
@@ -102,7 +104,9 @@ def read_blocks(path: Path) -> list[Block]:
         language = fence.group("info").strip().split(" ")[0].lower()
         body: list[str] = []
         j = i + 1
-        while j < len(lines) and not re.match(rf"^ {{0,3}}{re.escape(opening[0])}{{{len(opening)},}}\s*$", lines[j]):
+        while j < len(lines) and not re.match(
+            rf"^ {{0,3}}{re.escape(opening[0])}{{{len(opening)},}}\s*$", lines[j]
+        ):
             body.append(lines[j][indent:] if lines[j][:indent].isspace() else lines[j])
             j += 1
         blocks.append(Block(path, i + 1, language, "\n".join(body) + "\n", pending))

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from docs_helpers import REPO, Block, ci_install_commands, doc_files, read_blocks, split_install_commands
 
 # A Hub-only command may take this much longer than the same command's ``--help`` (its start-up) to fail.
@@ -58,7 +59,9 @@ def _bin_dir(tmp_root: Path) -> Path:
 def _environment(bin_dir: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), env.get("PATH", "")])
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.update(
+        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false"
+    )
     src = str(REPO / "src")
     env["PYTHONPATH"] = os.pathsep.join(p for p in [src, env.get("PYTHONPATH", "")] if p)
     env.pop("RAGKIT_DEBUG", None)
@@ -73,7 +76,9 @@ def _script(block: Block) -> str:
     return rest
 
 
-def _run(block: Block, cwd: Path, env: dict[str, str], timeout: float = BLOCK_TIMEOUT_S) -> subprocess.CompletedProcess:
+def _run(
+    block: Block, cwd: Path, env: dict[str, str], timeout: float = BLOCK_TIMEOUT_S
+) -> subprocess.CompletedProcess:
     if block.runner == "python":
         script = cwd / f"_doc_block_{block.line}.py"
         script.write_text(block.code, encoding="utf-8")
@@ -144,7 +149,9 @@ def test_every_fence_names_its_language(block):
 @pytest.mark.parametrize("block", ALL_BLOCKS, ids=lambda b: b.where)
 def test_markers_fit_their_block(block):
     if block.markers and not block.runner:
-        pytest.fail(f"{block.where}: doc-test markers on a {block.language or 'plain'} block, which never runs")
+        pytest.fail(
+            f"{block.where}: doc-test markers on a {block.language or 'plain'} block, which never runs"
+        )
     page = [b for b in ALL_BLOCKS if b.path == block.path]
     for name in block.names("needs"):
         setups = [b for b in page if name in b.names("setup") and b.line < block.line]
@@ -343,20 +350,32 @@ def _check_hub_only(block: Block, cwd: Path, env: dict[str, str]) -> None:
             f"{block.where}: offline, it should raise one of ragkit.errors' types:\n{_describe(result)}"
         )
         start = time.monotonic()
-        subprocess.run([sys.executable, "-c", "import ragkit"], cwd=cwd, env=env, capture_output=True, timeout=600)
+        subprocess.run(
+            [sys.executable, "-c", "import ragkit"], cwd=cwd, env=env, capture_output=True, timeout=600
+        )
         startup = time.monotonic() - start
-        assert elapsed < startup + 2 * HUB_FAIL_SECONDS, f"{block.where}: took {elapsed:.0f} s to fail offline"
+        assert elapsed < startup + 2 * HUB_FAIL_SECONDS, (
+            f"{block.where}: took {elapsed:.0f} s to fail offline"
+        )
         return
     for command in _commands(block.code):
         words = command.split()
-        assert words[0] == "ragkit", f"{block.where}: hub-only bash blocks hold ragkit commands only: {command}"
+        assert words[0] == "ragkit", (
+            f"{block.where}: hub-only bash blocks hold ragkit commands only: {command}"
+        )
         startup = _startup_seconds(words[1], env, cwd)
         start = time.monotonic()
-        result = subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+        result = subprocess.run(
+            ["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+        )
         elapsed = time.monotonic() - start
         output = result.stdout + result.stderr
-        assert result.returncode != 0, f"{block.where}: `{command}` needs the Hub but ran offline:\n{_describe(result)}"
-        assert "Traceback" not in output, f"{block.where}: `{command}` offline prints a traceback:\n{_describe(result)}"
+        assert result.returncode != 0, (
+            f"{block.where}: `{command}` needs the Hub but ran offline:\n{_describe(result)}"
+        )
+        assert "Traceback" not in output, (
+            f"{block.where}: `{command}` offline prints a traceback:\n{_describe(result)}"
+        )
         message = _message_lines(output)
         assert message and len(message) <= HUB_MESSAGE_LINES, (
             f"{block.where}: `{command}` offline should end in a short message:\n{_describe(result)}"
@@ -390,12 +409,16 @@ def test_block_runs_as_written(group, pages, doc_env, doc_run_root):
         result = _run(block, Path(tempfile.mkdtemp(dir=doc_run_root)), doc_env)
     assert result.returncode == 0, f"{block.where} failed as written:\n{_describe(result)}"
     for expected in (arg for kind, arg in block.markers if kind == "expect"):
-        assert expected in result.stdout + result.stderr, f"{block.where}: output lacks {expected!r}:\n{_describe(result)}"
+        assert expected in result.stdout + result.stderr, (
+            f"{block.where}: output lacks {expected!r}:\n{_describe(result)}"
+        )
 
 
 def test_skipped_blocks_say_why():
     # A skip hides a block from the tests: each names its reason (GPU, Ray cluster, download size).
-    bare = [b.where for b in RUNNABLE_BLOCKS if b.marker("skip") is not None and len(b.marker("skip").split()) < 2]
+    bare = [
+        b.where for b in RUNNABLE_BLOCKS if b.marker("skip") is not None and len(b.marker("skip").split()) < 2
+    ]
     assert not bare, bare
 
 
@@ -436,5 +459,9 @@ def test_marker_parser_reads_what_it_should(tmp_path):
     assert blocks[1].markers == []
     assert blocks[2].names("needs") == ["data"]
     assert blocks[3].code == "output\n"
-    installs, rest = split_install_commands('pip install torch==2.13.0 && pip install -e ".[test]" && ragkit demo\n')
-    assert installs == ["pip install torch==2.13.0", 'pip install -e .[test]'] and rest.strip() == "ragkit demo"
+    installs, rest = split_install_commands(
+        'pip install torch==2.13.0 && pip install -e ".[test]" && ragkit demo\n'
+    )
+    assert (
+        installs == ["pip install torch==2.13.0", "pip install -e .[test]"] and rest.strip() == "ragkit demo"
+    )
