@@ -379,9 +379,9 @@ def _check_hub_only(block: Block, cwd: Path, env: dict[str, str]) -> None:
         assert message and len(message) <= HUB_MESSAGE_LINES, (
             f"{block.where}: `{command}` offline should end in a short message:\n{_describe(result)}"
         )
-        assert re.search(r"offline|hub|network|connect|internet", "\n".join(message), flags=re.I), (
-            f"{block.where}: `{command}` offline should say the Hub is out of reach:\n{_describe(result)}"
-        )
+        assert re.search(
+            r"offline|HF_HUB_OFFLINE|network|connect|internet|reach", "\n".join(message), flags=re.I
+        ), f"{block.where}: `{command}` offline should say the Hub is out of reach:\n{_describe(result)}"
         assert any(f"ragkit {words[1]}: error:" in line for line in message), (
             f"{block.where}: `{command}` offline should say 'ragkit {words[1]}: error: ...':\n{_describe(result)}"
         )
