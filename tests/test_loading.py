@@ -31,9 +31,10 @@ def parts(tmp_path_factory, question_encoder_tokenizer, generator_tokenizer):
 
 
 def _consolidate(qe, gen, dest, *extra):
+    # --debug: the command re-raises the library error, so the tests see its type and message.
     return main(
         ["consolidate", "--question_encoder_name_or_path", str(qe), "--generator_name_or_path", str(gen),
-         "--dest", str(dest), "--index_name", "exact", *extra]
+         "--dest", str(dest), "--index_name", "exact", *extra, "--debug"]
     )  # fmt: skip
 
 

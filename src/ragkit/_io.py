@@ -53,26 +53,39 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _leftover_pattern(name: str) -> re.Pattern[str]:
-    """The names of the temporaries written for target ``name``, with the writer's pid as group 1."""
+    """The names of the temporaries written for target ``name``, with the writer's pid as group 1 or 2."""
     escaped = re.escape(name)
     return re.compile(rf"\.{escaped}\.(?:(\d+)-[^./]+\.tmp|old-(\d+)-[0-9a-f]+)")
 
 
-def _remove_stale_temporaries(path: Path) -> None:
+def _unmarked_leftover_pattern(name: str) -> re.Pattern[str]:
+    """Temporaries of target ``name`` without a writer's pid (written by other tools or older versions)."""
+    escaped = re.escape(name)
+    return re.compile(rf"\.{escaped}\.(?:[^./]+\.tmp|old-[^./]+)")
+
+
+def _remove_stale_temporaries(path: Path, started: float) -> None:
     """Delete the temporaries of ``path`` left by killed writes: their process is gone, or is this process
-    but they predate it (a recycled pid)."""
+    but they predate it (a recycled pid); unmarked ones when they predate the write that just finished."""
     pattern = _leftover_pattern(path.name)
+    unmarked = _unmarked_leftover_pattern(path.name)
     try:
         entries = list(path.parent.iterdir())
     except OSError:
         return
     for entry in entries:
         match = pattern.fullmatch(entry.name)
-        if match is None:
-            continue
-        pid = int(match.group(1) or match.group(2))
         try:
-            stale = not _pid_alive(pid) or (pid == os.getpid() and entry.lstat().st_mtime < _PROCESS_STARTED)
+            if match is not None:
+                pid = int(match.group(1) or match.group(2))
+                stale = not _pid_alive(pid) or (
+                    pid == os.getpid() and entry.lstat().st_mtime < _PROCESS_STARTED
+                )
+            elif unmarked.fullmatch(entry.name):
+                # No pid to ask: only what was last touched before this write began is surely abandoned.
+                stale = entry.lstat().st_mtime < started
+            else:
+                continue
         except OSError:
             continue
         if not stale:
@@ -98,6 +111,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     if path.is_dir():
         raise RagInputError(f"{os.fspath(path)!r} is a directory; give a file path to write.")
     path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.time()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
@@ -109,14 +123,14 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
-        _remove_stale_temporaries(path)
+        _remove_stale_temporaries(path, started)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
 
 
 def check_not_inside(output_dir: str | os.PathLike, source: str | os.PathLike, what: str) -> None:
-    """Raise ``ValueError`` when ``source`` is ``output_dir`` or lies inside it.
+    """Raise :class:`~ragkit.errors.RagInputError` when ``source`` is ``output_dir`` or lies inside it.
 
     :func:`atomic_directory` deletes the old ``output_dir`` once the new one is in place, which would
     delete an input read from there.
@@ -124,14 +138,14 @@ def check_not_inside(output_dir: str | os.PathLike, source: str | os.PathLike, w
     output = Path(output_dir).resolve()
     src = Path(source).resolve()
     if src == output or output in src.parents:
-        raise ValueError(
+        raise RagInputError(
             f"{what} {os.fspath(source)!r} is inside the output directory {os.fspath(output_dir)!r}, which is "
             "replaced as a whole (its old content deleted); write the output to another directory."
         )
 
 
 def check_replaceable(output_dir: str | os.PathLike, owned: Iterable[str], what: str) -> None:
-    """Raise ``ValueError`` when ``output_dir`` exists and holds entries other than ``owned``.
+    """Raise :class:`~ragkit.errors.RagInputError` when ``output_dir`` exists and holds entries other than ``owned``.
 
     :func:`atomic_directory` replaces the directory whole; an output directory that already holds
     the user's own files (a project folder given by mistake) must not be wiped.
@@ -142,7 +156,7 @@ def check_replaceable(output_dir: str | os.PathLike, owned: Iterable[str], what:
     foreign = sorted(entry.name for entry in output.iterdir() if entry.name not in set(owned))
     if foreign:
         shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
-        raise ValueError(
+        raise RagInputError(
             f"{what} {os.fspath(output_dir)!r} already holds files ragkit did not write ({shown}); it would be "
             "replaced as a whole. Give a new or empty directory, or one written earlier by the same command."
         )
@@ -163,6 +177,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
             "directory path."
         )
     path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.time()
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent))
     # mkdtemp creates the directory 0700; give it the mode os.mkdir would (0777 less the umask).
     os.chmod(tmp, 0o777 & ~_umask())
@@ -178,7 +193,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         _fsync_dir(path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        _remove_stale_temporaries(path)
+        _remove_stale_temporaries(path, started)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

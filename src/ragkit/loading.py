@@ -10,8 +10,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +29,6 @@ __all__ = [
     "consolidate_rag_checkpoint",
     "is_rag_checkpoint",
     "load_rag_for_training",
-    "remove_stale_temporaries",
     "resolve_device",
 ]
 
@@ -116,39 +113,6 @@ def check_safetensors_file(path: str | os.PathLike, advice: str | None = None) -
             f"{path} is damaged ({problem}): the file was truncated or overwritten, e.g. by an interrupted copy. "
             + (advice or "Copy or write the checkpoint again (rerun the command that wrote it).")
         )
-
-
-def remove_stale_temporaries(path: str | os.PathLike, started: float) -> None:
-    """Remove what interrupted atomic writes of ``path`` left beside it (``.<name>.*.tmp``, ``.<name>.old-*``).
-
-    Only entries last modified before ``started`` go: a write of the same path still running in another
-    process keeps touching its own temporary entry.
-
-    Args:
-        path: The file or directory just written.
-        started: ``time.time()`` before this write began.
-    """
-    path = Path(path)
-    if not path.parent.is_dir():
-        return
-    prefix = f".{path.name}."
-    for entry in path.parent.iterdir():
-        name = entry.name
-        if not name.startswith(prefix):
-            continue
-        rest = name[len(prefix) :]
-        if not (name.endswith(".tmp") or rest.startswith("old-")):
-            continue
-        try:
-            if entry.lstat().st_mtime >= started:
-                continue
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink()
-            logger.info("removed %s, left by an interrupted write of %s", entry, path)
-        except OSError:  # already gone, or not ours to remove
-            continue
 
 
 def is_rag_checkpoint(path: str | os.PathLike) -> bool:
@@ -350,7 +314,6 @@ def consolidate_rag_checkpoint(
             check_model_location(name, what)
     dest = Path(dest)
     _check_consolidate_destination(dest, inputs)
-    started = time.time()
 
     question_encoder_config = AutoConfig.from_pretrained(question_encoder_name_or_path)
     generator_config = AutoConfig.from_pretrained(generator_name_or_path)
@@ -380,6 +343,5 @@ def consolidate_rag_checkpoint(
     with atomic_directory(dest) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-    remove_stale_temporaries(dest, started)
     logger.info("RAG checkpoint (%s) written to %s", model_type, dest)
     return dest

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -103,8 +104,12 @@ def test_consolidate_finetune_resume_eval(tmp_path, components, data_dir, capita
     assert "stopped at step 4" in capsys.readouterr().out
     assert not (output / "final").exists()
     # A resume with another batch size would silently follow another schedule: refused, naming both values.
+    assert main([*finetune, "--resume", "--train_batch_size", "3"]) == 2
+    assert re.search(
+        r"ragkit finetune: error: .*train_batch_size: 4 in the checkpoint, 3 now", capsys.readouterr().err
+    )
     with pytest.raises(RagInputError, match=r"train_batch_size: 4 in the checkpoint, 3 now"):
-        main([*finetune, "--resume", "--train_batch_size", "3"])
+        main([*finetune, "--resume", "--train_batch_size", "3", "--debug"])
     assert main([*finetune, "--resume"]) == 0
     printed = capsys.readouterr().out
     assert "fine-tuned model written to" in printed

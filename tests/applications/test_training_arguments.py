@@ -106,13 +106,16 @@ def test_a_bad_flag_value_names_the_flag(capsys):
     )
 
 
-def test_finetune_refuses_a_bad_setting_before_loading_anything(tmp_path):
+def test_finetune_refuses_a_bad_setting_before_loading_anything(tmp_path, capsys):
     from ragkit.cli import main
 
     # The model does not exist: the setting is reported first, naming the field.
+    argv = ["finetune", "--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "o"),
+            "--model_name_or_path", str(tmp_path / "missing"), "--label_smoothing", "1.5"]  # fmt: skip
+    assert main(argv) == 2
+    assert "ragkit finetune: error: `label_smoothing` must be in [0, 1), got 1.5" in capsys.readouterr().err
     with pytest.raises(RagInputError, match=r"`label_smoothing` must be in \[0, 1\), got 1\.5"):
-        main(["finetune", "--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "o"),
-              "--model_name_or_path", str(tmp_path / "missing"), "--label_smoothing", "1.5"])  # fmt: skip
+        main([*argv, "--debug"])
 
 
 def test_consolidate_parser_is_its_own():

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from .._io import atomic_directory, atomic_file
 from ..errors import CheckpointError, CorruptFileError, MissingFileError, RagInputError
 from ..evaluation import evaluate_answers, generate_answers
-from ..loading import check_safetensors_file, remove_stale_temporaries
+from ..loading import check_safetensors_file
 from ..modeling_rag import trim_context_padding
 from .arguments import TrainingArguments
 from .data import QAExample, encode_qa_batch
@@ -424,7 +424,6 @@ class RagTrainer:
 
     def save_checkpoint(self) -> Path:
         """Write model, tokenizer and trainer state to ``checkpoint-last`` atomically (old one kept until done)."""
-        started = time.time()
         with atomic_directory(self.checkpoint_dir) as tmp:
             self.model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
@@ -444,7 +443,6 @@ class RagTrainer:
                 "num_train_examples": len(self.train_examples),
             }
             torch.save(state, tmp / TRAINER_STATE_FILE)
-        remove_stale_temporaries(self.checkpoint_dir, started)
         logger.info("checkpoint at step %d written to %s", self.global_step, self.checkpoint_dir)
         return self.checkpoint_dir
 
@@ -508,13 +506,11 @@ class RagTrainer:
     def save_final(self) -> Path:
         """Write the trained model and tokenizer (a plain RAG checkpoint) to ``<output_dir>/final``."""
         final_dir = self.output_dir / FINAL_DIRNAME
-        started = time.time()
         with atomic_directory(final_dir) as tmp:
             self.model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
             if self.context_encoder is not None:
                 self.context_encoder.save_pretrained(tmp / CONTEXT_ENCODER_DIRNAME)
-        remove_stale_temporaries(final_dir, started)
         return final_dir
 
     # -- the loop
@@ -724,7 +720,5 @@ class RagTrainer:
             "val_em": self.val_em,
             "seconds": seconds,
         }
-        started = time.time()
         with atomic_file(self.output_dir / "metrics.json") as tmp, open(tmp, "w", encoding="utf-8") as f:
             json.dump(metrics, f, indent=2)
-        remove_stale_temporaries(self.output_dir / "metrics.json", started)
