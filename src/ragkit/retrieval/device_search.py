@@ -144,7 +144,7 @@ def _not_supported_message(index: Any) -> str:
         f"Search on the GPU needs faiss with GPU support for this {_index_type_name(index)} index, and this "
         "faiss has none (faiss-cpu, or no GPU visible to faiss). Install faiss with GPU support (faiss-gpu, "
         "e.g. from conda's pytorch channel), or use an exact index (faiss.IndexFlatIP / IndexFlatL2, "
-        "`ragkit build-index --index-factory Flat`), which ragkit searches on the GPU with PyTorch, or keep "
+        "`ragkit build-index --index_factory Flat`), which ragkit searches on the GPU with PyTorch, or keep "
         "search_device='cpu'."
     )
 

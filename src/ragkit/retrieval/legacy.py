@@ -80,7 +80,7 @@ class _PlainDataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         raise pickle.UnpicklingError(
             f"the pickle refers to {module}.{name}, which plain DPR files never do; refusing to load it. "
-            "If you trust the file, pass allow_pickle=True (--allow-pickle on the command line)."
+            "If you trust the file, pass allow_pickle=True (--allow_pickle on the command line)."
         )
 
 
