@@ -168,6 +168,30 @@ MUTANTS: list[Mutant] = [
         [PARITY],
     ),
     _m(
+        "loss-label-shift-off-by-one",
+        "modeling_rag.py: _shift_left",
+        "targets shifted by two positions: each position is scored against the token after next",
+        [
+            (
+                "return torch.cat([target[:, 1:], target.new_full((target.shape[0], 1), pad_token_id)], 1)",
+                "return torch.cat([target[:, 2:], target.new_full((target.shape[0], 2), pad_token_id)], 1)",
+            )
+        ],
+        [PARITY],
+    ),
+    _m(
+        "seq-logsumexp-over-positions",
+        "modeling_rag.py: RagSequenceForGeneration.get_nll",
+        "sequence scores reduced with logsumexp over positions instead of a sum",
+        [
+            (
+                "ll = ll[:, :, 1:].sum(2) if exclude_bos_score and use_bos else ll.sum(2)",
+                "ll = ll[:, :, 1:].logsumexp(2) if exclude_bos_score and use_bos else ll.logsumexp(2)",
+            )
+        ],
+        [PARITY],
+    ),
+    _m(
         "loss-smoothing-weight",
         "modeling_rag.py: _smoothed_loss",
         "label smoothing's per-token weight is epsilon instead of epsilon / vocab_size",
