@@ -56,6 +56,10 @@ CUSTOM_INDEX = "tests/retrieval/test_custom_index.py"
 FINETUNING = "tests/applications/test_finetuning.py"
 COMMANDS_FINETUNE = "tests/applications/test_commands.py::test_consolidate_finetune_resume_eval"
 COMMANDS_END2END = "tests/applications/test_commands.py::test_finetune_from_encoder_and_generator_end2end"
+# Optional ("?"): run when the file exists, skipped without a word when it does not.
+LOSSES = "?tests/modeling/test_losses.py"
+LOSS_PARITY = "?tests/modeling/test_loss_parity.py"
+TRAINING_LOOP = "?tests/applications/test_training_loop.py"
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,8 @@ class Mutant:
         where: ``file: function`` the bug was written for, for the report; the snippet search decides
             where it is planted, so a function that moved to another module is still found.
         edits: ``(snippet, replacement)`` pairs; each snippet must occur exactly once under ``src/ragkit/``.
-        tests: Test files or node ids that should catch it (few and fast).
+        tests: Test files or node ids that should catch it (few and fast); a leading ``?`` marks one
+            that is run only when its file exists.
         reason: Why surviving is accepted; set only for mutants the tests cannot or need not kill.
     """
 
@@ -95,7 +100,7 @@ MUTANTS: list[Mutant] = [
                 "ll = ll.sum(2)",
             )
         ],
-        [PARITY, ERRORS],
+        [LOSS_PARITY, LOSSES, PARITY, ERRORS],
     ),
     _m(
         "seq-doc-prior-dropped",
@@ -107,7 +112,7 @@ MUTANTS: list[Mutant] = [
                 "ll = torch.cat([ll[:, :, :1], ll[:, :, 1:2], ll[:, :, 2:]], dim=2)",
             )
         ],
-        [PARITY],
+        [PARITY, LOSSES],
     ),
     _m(
         "seq-doc-softmax-axis",
@@ -119,7 +124,7 @@ MUTANTS: list[Mutant] = [
                 "doc_logprobs = nn.functional.log_softmax(doc_scores.float(), dim=0)  # (batch_size, n_docs)",
             )
         ],
-        [PARITY],
+        [PARITY, LOSSES],
     ),
     _m(
         "seq-n-docs-reshape-order",
@@ -133,14 +138,14 @@ MUTANTS: list[Mutant] = [
                 "        ).transpose(0, 1)  # (batch_size, n_docs, target_length, vocab_size)",
             )
         ],
-        [PARITY],
+        [PARITY, LOSSES],
     ),
     _m(
         "seq-max-instead-of-logsumexp",
         "modeling_rag.py: RagSequenceForGeneration.get_nll",
         "the best document only instead of the marginal over documents",
         [("nll_loss = -ll.logsumexp(1)  # over documents", "nll_loss = -ll.max(1).values  # over documents")],
-        [PARITY],
+        [PARITY, LOSSES],
     ),
     _m(
         "seq-padding-scored",
@@ -152,7 +157,7 @@ MUTANTS: list[Mutant] = [
                 "pad_mask = target.eq(pad_token_id).unsqueeze(1)",
             )
         ],
-        [PARITY],
+        [PARITY, LOSSES],
     ),
     # ------------------------------------------------------------------ shared loss helpers
     _m(
@@ -165,7 +170,7 @@ MUTANTS: list[Mutant] = [
                 "return target",
             )
         ],
-        [PARITY],
+        [PARITY, LOSSES],
     ),
     _m(
         "loss-label-shift-off-by-one",
@@ -177,7 +182,7 @@ MUTANTS: list[Mutant] = [
                 "return torch.cat([target[:, 2:], target.new_full((target.shape[0], 2), pad_token_id)], 1)",
             )
         ],
-        [PARITY],
+        [PARITY, LOSSES],
     ),
     _m(
         "seq-logsumexp-over-positions",
@@ -189,14 +194,14 @@ MUTANTS: list[Mutant] = [
                 "ll = ll[:, :, 1:].logsumexp(2) if exclude_bos_score and use_bos else ll.logsumexp(2)",
             )
         ],
-        [PARITY],
+        [PARITY, LOSSES],
     ),
     _m(
         "loss-smoothing-weight",
         "modeling_rag.py: _smoothed_loss",
         "label smoothing's per-token weight is epsilon instead of epsilon / vocab_size",
         [("eps_i = epsilon / vocab_size", "eps_i = epsilon")],
-        [PARITY],
+        [PARITY, LOSSES],
     ),
     _m(
         "loss-smoothing-nll-unweighted",
@@ -208,7 +213,7 @@ MUTANTS: list[Mutant] = [
                 "return nll_loss + eps_i * smooth_loss",
             )
         ],
-        [PARITY],
+        [PARITY, LOSSES],
     ),
     # ------------------------------------------------------------------ RAG-Token marginalization and loss
     _m(
@@ -221,7 +226,7 @@ MUTANTS: list[Mutant] = [
                 "if seq_logprobs.requires_grad:\n            seq_logprobs = seq_logprobs + doc_logprobs.detach()\n",
             )
         ],
-        [PARITY, TRAINING],
+        [LOSS_PARITY, LOSSES, PARITY, TRAINING],
     ),
     _m(
         "token-grad-branch-prior-as-probability",
@@ -233,14 +238,14 @@ MUTANTS: list[Mutant] = [
                 "if seq_logprobs.requires_grad:\n            seq_logprobs = seq_logprobs + doc_logprobs.exp()\n",
             )
         ],
-        [PARITY, TRAINING],
+        [LOSS_PARITY, LOSSES, PARITY, TRAINING],
     ),
     _m(
         "token-no-grad-prior-dropped",
         "modeling_rag.py: RagTokenForGeneration.marginalize",
         "without gradients, the document prior is not added",
         [("seq_logprobs.add_(doc_logprobs)", "seq_logprobs.add_(torch.zeros_like(doc_logprobs))")],
-        [PARITY],
+        [PARITY, LOSSES],
     ),
     _m(
         "token-doc-softmax-axis",
@@ -252,14 +257,14 @@ MUTANTS: list[Mutant] = [
                 "doc_logprobs = torch.log_softmax(doc_scores.float(), dim=0)[:, :, None, None]",
             )
         ],
-        [PARITY],
+        [PARITY, LOSSES],
     ),
     _m(
         "token-mean-instead-of-logsumexp",
         "modeling_rag.py: RagTokenForGeneration.marginalize",
         "documents averaged in log space instead of marginalized",
         [("return torch.logsumexp(seq_logprobs, dim=1)", "return seq_logprobs.mean(dim=1)")],
-        [PARITY],
+        [PARITY, LOSSES],
     ),
     _m(
         "token-decoding-mixture-unweighted",
@@ -278,7 +283,7 @@ MUTANTS: list[Mutant] = [
         "modeling_rag.py: RagTokenForGeneration.get_nll",
         "padding positions count in the RAG-Token log-likelihood",
         [("ll = ll.masked_fill(pad_mask, 0.0).sum(1)", "ll = ll.sum(1)")],
-        [PARITY],
+        [PARITY, LOSSES],
     ),
     # ------------------------------------------------------------------ retrieval post-processing
     _m(
@@ -354,7 +359,7 @@ MUTANTS: list[Mutant] = [
         "finetuning.py: RagTrainer._loss",
         "the batch loss is summed over questions instead of averaged",
         [("return outputs.loss.float().mean()", "return outputs.loss.float().sum()")],
-        [FINETUNING],
+        [TRAINING_LOOP, FINETUNING, COMMANDS_END2END],
     ),
     _m(
         "trainer-label-smoothing-ignored",
@@ -366,7 +371,7 @@ MUTANTS: list[Mutant] = [
                 "model.config.label_smoothing = model.config.label_smoothing",
             )
         ],
-        [FINETUNING, COMMANDS_FINETUNE],
+        [TRAINING_LOOP, FINETUNING, COMMANDS_FINETUNE],
     ),
     _m(
         "finetune-max-combined-length-ignored",
@@ -382,7 +387,7 @@ MUTANTS: list[Mutant] = [
                 "pass",
             ),
         ],
-        [COMMANDS_FINETUNE],
+        [TRAINING_LOOP, COMMANDS_FINETUNE],
     ),
 ]
 
@@ -479,8 +484,18 @@ def _environment(src: Path) -> dict[str, str]:
     return env
 
 
+def _exists(test: str) -> bool:
+    return (REPO / test.lstrip("?").split("::")[0]).is_file()
+
+
 def _missing_tests(tests: tuple[str, ...] | list[str]) -> list[str]:
-    return [t for t in tests if not (REPO / t.split("::")[0]).is_file()]
+    """Required tests whose file is gone (the table is stale)."""
+    return [t for t in tests if not t.startswith("?") and not _exists(t)]
+
+
+def _selected(tests: tuple[str, ...] | list[str]) -> list[str]:
+    """The tests to run: required ones and the optional ones whose file exists."""
+    return [t.lstrip("?") for t in tests if _exists(t)]
 
 
 def _first_failure(output: str) -> str:
@@ -648,7 +663,7 @@ def check_import_path(src: Path) -> str | None:
 
 def run_mutant(workdir: Path, mutant: Mutant, timeout: float, fork: bool = False) -> Result:
     """Plant ``mutant`` in a fresh copy of ``src/`` and run its tests."""
-    result = Result(mutant.name, "error", mutant.where, tests=list(mutant.tests))
+    result = Result(mutant.name, "error", mutant.where, tests=_selected(mutant.tests))
     missing = _missing_tests(mutant.tests)
     if missing:
         result.status, result.detail = "stale", f"test file(s) missing: {', '.join(missing)}"
@@ -659,7 +674,7 @@ def run_mutant(workdir: Path, mutant: Mutant, timeout: float, fork: bool = False
     if problem:
         result.status, result.detail = "stale", problem
         return result
-    outcome, result.seconds, result.detail = run_tests(src, list(mutant.tests), timeout, fork=fork)
+    outcome, result.seconds, result.detail = run_tests(src, _selected(mutant.tests), timeout, fork=fork)
     if outcome == "failed":
         result.status = "killed"
     elif outcome == "passed":
@@ -758,7 +773,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"setup: {problem}", file=sys.stderr)
             return 2
         if not args.no_baseline:
-            tests = _union([t for m in mutants for t in m.tests if not _missing_tests([t])])
+            tests = _union([t for m in mutants for t in _selected(m.tests)])
             print(f"baseline: {len(tests)} test selection(s) on the unmutated copy ...", flush=True)
             outcome, seconds, detail = run_tests(
                 src, tests, args.timeout * 2, stop_first=False, fork=args.fork

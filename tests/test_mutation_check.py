@@ -104,3 +104,10 @@ def test_table_is_well_formed(mc):
         "trainer-accumulation-divisor",
         "token-grad-branch-prior-detached",
     } <= names
+
+
+def test_optional_tests_run_only_when_their_file_exists(mc):
+    tests = ("?tests/no_such_file.py", "?tests/conftest.py", "tests/conftest.py::x")
+    assert mc._selected(tests) == ["tests/conftest.py", "tests/conftest.py::x"]
+    assert mc._missing_tests(tests) == []
+    assert mc._missing_tests(("tests/no_such_file.py",)) == ["tests/no_such_file.py"]
