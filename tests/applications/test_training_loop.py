@@ -195,7 +195,7 @@ def test_a_later_write_clears_temporaries_of_a_killed_one(tmp_path, make_model, 
     run = tmp_path / "run"
     run.mkdir()
     # What a run killed while writing leaves: temporary directories and files named after their target.
-    stale = [run / ".checkpoint-last.abc123.tmp", run / ".final.x9.tmp", run / ".checkpoint-last.old-1-ab"]
+    stale = [run / ".checkpoint-last.abc123.tmp", run / ".final.x9.tmp", run / ".checkpoint-last.old-ab12"]
     for path in stale:
         path.mkdir()
         (path / "model.safetensors").write_bytes(b"partial")
