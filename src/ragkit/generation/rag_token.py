@@ -122,6 +122,16 @@ def rag_token_generate(
     question_encoder_kwargs = pop_question_encoder_kwargs(model.rag.question_encoder, kwargs)
     check_count("n_docs", n_docs, 1)
     check_generation_kwargs(kwargs)
+    base_config = generation_config if generation_config is not None else model.generation_config
+    num_beams = kwargs.get("num_beams", getattr(base_config, "num_beams", None)) or 1
+    num_return_sequences = (
+        kwargs.get("num_return_sequences", getattr(base_config, "num_return_sequences", None)) or 1
+    )
+    if num_beams > 1 and num_return_sequences > num_beams:
+        raise RagInputError(
+            f"`num_return_sequences` ({num_return_sequences}) must be at most `num_beams` ({num_beams}) for "
+            "beam search; raise `num_beams`."
+        )
     logits_processor = logits_processor if logits_processor is not None else LogitsProcessorList()
     stopping_criteria = stopping_criteria if stopping_criteria is not None else StoppingCriteriaList()
     mode_kwargs = _compat.generation_mode_kwargs(model, kwargs)
