@@ -63,7 +63,9 @@ __all__ = [
 # True while RagTokenForGeneration.generate runs in this context (thread, task): marginalize() then mixes
 # probabilities (see _marginalize_probabilities). A context variable, so that a forward another thread runs
 # on the same model meanwhile keeps the log-space marginalization.
-_RAG_TOKEN_DECODING: contextvars.ContextVar[bool] = contextvars.ContextVar("ragkit_rag_token_decoding", default=False)
+_RAG_TOKEN_DECODING: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "ragkit_rag_token_decoding", default=False
+)
 
 
 # --------------------------------------------------------------------------------------------------
