@@ -36,6 +36,7 @@ __all__ = [
     "output_cache",
     "position_offset",
     "project",
+    "reorder_document_rows",
     "shareable_cross_attention_layers",
     "swapped_cross_attention",
 ]
@@ -334,6 +335,25 @@ def decoder_input_ids_of_call(kwargs: dict[str, Any]) -> torch.Tensor | None:
 
 
 # --- RAG-Token decoding: GenerationMixin's private steps ------------------------------------------------
+
+
+def reorder_document_rows(cache: Any, beam_idx: torch.LongTensor) -> Any:
+    """RAG-Token's ``_reorder_cache``: rows ``beam * n_docs + d`` move with their beam; cross-attention stays.
+
+    Relies on: beam search calling ``model._reorder_cache(cache, beam_idx)`` when the model defines it, and
+    ``DynamicCache.layers[i].{keys,values}`` (updated in place).
+    """
+    self_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+    for layer in self_cache.layers:
+        keys = getattr(layer, "keys", None)
+        if keys is None or keys.numel() == 0:
+            continue
+        n_docs = keys.shape[0] // beam_idx.shape[0]
+        beam_idx = beam_idx.to(keys.device)
+        rows = (beam_idx[:, None] * n_docs + torch.arange(n_docs, device=keys.device)).reshape(-1)
+        layer.keys = keys.index_select(0, rows)
+        layer.values = layer.values.index_select(0, rows)
+    return cache
 
 
 def generation_mode_kwargs(model: Any, kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
 )
-from transformers.cache_utils import Cache, EncoderDecoderCache
+from transformers.cache_utils import Cache
 from transformers.generation import LogitsProcessorList, StoppingCriteriaList
 from transformers.modeling_outputs import ModelOutput
 
@@ -44,6 +44,7 @@ from ._accelerators import (
     resolve_attn_implementation,
     to_device,
 )
+from ._compat import reorder_document_rows
 from ._io import atomic_directory
 from .configuration_rag import RagConfig
 from .pooling import pool_hidden_states
@@ -1496,17 +1497,7 @@ class RagTokenForGeneration(_RagHeadMixin, RagPreTrainedModel, GenerationMixin):
         Cross-attention states are left alone: they come from the encoder outputs, identical for all beams of
         a question, and beams are only ever reordered within a question.
         """
-        self_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
-        for layer in self_cache.layers:
-            keys = getattr(layer, "keys", None)
-            if keys is None or keys.numel() == 0:
-                continue
-            n_docs = keys.shape[0] // beam_idx.shape[0]
-            beam_idx = beam_idx.to(keys.device)
-            rows = (beam_idx[:, None] * n_docs + torch.arange(n_docs, device=keys.device)).reshape(-1)
-            layer.keys = keys.index_select(0, rows)
-            layer.values = layer.values.index_select(0, rows)
-        return cache
+        return reorder_document_rows(cache, beam_idx)
 
     @torch.no_grad()
     def generate(
