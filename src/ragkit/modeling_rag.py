@@ -11,6 +11,7 @@ belong to question ``i``).
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import functools
 import inspect
@@ -31,9 +32,8 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
 )
-from transformers.cache_utils import Cache, EncoderDecoderCache
-from transformers.generation import GenerationMode, LogitsProcessorList, StoppingCriteriaList
-from transformers.generation.utils import GENERATION_MODES_MAPPING
+from transformers.cache_utils import Cache
+from transformers.generation import LogitsProcessorList, StoppingCriteriaList
 from transformers.modeling_outputs import ModelOutput
 
 from ._accelerators import (
@@ -45,6 +45,7 @@ from ._accelerators import (
     resolve_attn_implementation,
     to_device,
 )
+from ._compat import reorder_document_rows
 from ._io import atomic_directory
 from .configuration_rag import RagConfig, check_local_location
 from .errors import CheckpointError, RagInputError
@@ -62,14 +63,12 @@ __all__ = [
     "RetrievedContexts",
 ]
 
-# Generation modes RAG-Token decoding supports: the ones whose step is "score the next token".
-_RAG_TOKEN_MODES = (
-    GenerationMode.SAMPLE,
-    GenerationMode.GREEDY_SEARCH,
-    GenerationMode.BEAM_SEARCH,
-    GenerationMode.BEAM_SAMPLE,
+# True while RagTokenForGeneration.generate runs in this context (thread, task): marginalize() then mixes
+# probabilities (see _marginalize_probabilities). A context variable, so that a forward another thread runs
+# on the same model meanwhile keeps the log-space marginalization.
+_RAG_TOKEN_DECODING: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "ragkit_rag_token_decoding", default=False
 )
-_BEAM_MODES = (GenerationMode.BEAM_SEARCH, GenerationMode.BEAM_SAMPLE)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1510,6 +1509,7 @@ class RagSequenceForGeneration(_RagHeadMixin, RagPreTrainedModel):
         num_beams: int | None = None,
         n_docs: int | None = None,
         decoding: str = "thorough",
+        decoding_options: Any = None,
         **model_kwargs: Any,
     ) -> torch.LongTensor:
         """RAG-Sequence decoding ("thorough" as the reference, or the paper's "fast"), batched.
@@ -1525,7 +1525,10 @@ class RagSequenceForGeneration(_RagHeadMixin, RagPreTrainedModel):
             num_beams: Beams per document.
             n_docs: Documents per question; defaults to ``config.n_docs``.
             decoding: ``"thorough"`` or ``"fast"``.
-            **model_kwargs: Generation options for the generator (``max_length``, ...).
+            decoding_options: A :class:`ragkit.generation.DecodingOptions` (paths, budgets; ``fast_path=False``
+                leaves the generator's modules untouched); defaults when None.
+            **model_kwargs: Generation options for the generator (``max_length``, ...); the question tokenizer's
+                further outputs (``token_type_ids``) go to the question encoder.
 
         Returns:
             `(batch_size * num_return_sequences, sequence_length)` token ids.
@@ -1550,20 +1553,9 @@ class RagSequenceForGeneration(_RagHeadMixin, RagPreTrainedModel):
             num_beams=num_beams,
             n_docs=n_docs,
             decoding=decoding,
+            decoding_options=decoding_options,
             **model_kwargs,
         )
-
-    @staticmethod
-    def _cat_and_pad(tensors: list[torch.Tensor], pad_token_id: int) -> torch.Tensor:
-        """Stack `(n_i, len_i)` tensors into `(sum n_i, max len_i)`, right-padded with ``pad_token_id``."""
-        output = tensors[0].new_full(
-            (sum(t.shape[0] for t in tensors), max(t.shape[1] for t in tensors)), pad_token_id
-        )
-        row = 0
-        for t in tensors:
-            output[row : row + t.shape[0], : t.shape[1]] = t
-            row += t.shape[0]
-        return output
 
 
 def _marginalize_probabilities(seq_logits: torch.Tensor, doc_logprobs: torch.Tensor) -> torch.Tensor:
@@ -1611,8 +1603,6 @@ class RagTokenForGeneration(_RagHeadMixin, RagPreTrainedModel, GenerationMixin):
     """
 
     _rag_head = "token"
-    # True while generate() runs: marginalize() then mixes probabilities (see _marginalize_probabilities).
-    _decoding = False
 
     def marginalize(
         self, seq_logits: torch.Tensor, doc_scores: torch.Tensor, n_docs: int | None = None
@@ -1629,7 +1619,7 @@ class RagTokenForGeneration(_RagHeadMixin, RagPreTrainedModel, GenerationMixin):
         """
         n_docs = n_docs if n_docs is not None else self.config.n_docs
         doc_scores = to_device(doc_scores, seq_logits.device, "doc_scores")
-        if self._decoding and not torch.is_grad_enabled():
+        if _RAG_TOKEN_DECODING.get() and not torch.is_grad_enabled():
             return _marginalize_probabilities(seq_logits, torch.log_softmax(doc_scores.float(), dim=1))
         seq_logprobs = nn.functional.log_softmax(seq_logits.float(), dim=-1).view(
             seq_logits.shape[0] // n_docs, n_docs, -1, seq_logits.shape[-1]
@@ -1802,17 +1792,7 @@ class RagTokenForGeneration(_RagHeadMixin, RagPreTrainedModel, GenerationMixin):
         Cross-attention states are left alone: they come from the encoder outputs, identical for all beams of
         a question, and beams are only ever reordered within a question.
         """
-        self_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
-        for layer in self_cache.layers:
-            keys = getattr(layer, "keys", None)
-            if keys is None or keys.numel() == 0:
-                continue
-            n_docs = keys.shape[0] // beam_idx.shape[0]
-            beam_idx = beam_idx.to(keys.device)
-            rows = (beam_idx[:, None] * n_docs + torch.arange(n_docs, device=keys.device)).reshape(-1)
-            layer.keys = keys.index_select(0, rows)
-            layer.values = layer.values.index_select(0, rows)
-        return cache
+        return reorder_document_rows(cache, beam_idx)
 
     @torch.no_grad()
     def generate(
@@ -1848,145 +1828,31 @@ class RagTokenForGeneration(_RagHeadMixin, RagPreTrainedModel, GenerationMixin):
             **kwargs: Generation options (``num_beams``, ``max_length``, ``max_new_tokens``, ``num_return_sequences``,
                 ...). ``max_length`` counts the decoder start token (default 20, as in Transformers' RAG-Token);
                 ``max_new_tokens`` (honoured here, ignored by Transformers' RAG-Token) counts the tokens after it
-                and takes precedence over ``max_length``.
+                and takes precedence over ``max_length``. The question tokenizer's further outputs
+                (``token_type_ids``) go to the question encoder. Counts out of range (``num_beams=0``,
+                ``max_length=0``, ``num_return_sequences`` above ``num_beams`` in beam search, ...) raise
+                :class:`ragkit.errors.RagInputError`.
 
         Returns:
             `(batch_size * num_return_sequences, sequence_length)` token ids (or a generate output object with
             ``return_dict_in_generate=True``).
         """
-        logits_processor = logits_processor if logits_processor is not None else LogitsProcessorList()
-        stopping_criteria = stopping_criteria if stopping_criteria is not None else StoppingCriteriaList()
-        generation_mode_kwargs = self._extract_generation_mode_kwargs(None, kwargs, False, None, None)
-        # As GenerationMixin.generate, before defaults are filled in: did the caller (or a generation config)
-        # set max_length / min_length? Decides whether `max_new_tokens` overriding them warns.
-        has_default_max_length = (
-            kwargs.get("max_length") is None
-            and (generation_config is None or generation_config.max_length is None)
-            and self.generation_config.max_length is None
-        )
-        has_default_min_length = (
-            kwargs.get("min_length") is None
-            and (generation_config is None or generation_config.min_length is None)
-            and self.generation_config.min_length is None
-        )
-        generation_config, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
-        generation_mode = generation_config.get_generation_mode()
-        if generation_mode not in _RAG_TOKEN_MODES:
-            raise ValueError(
-                f"RagTokenForGeneration.generate supports greedy, sampling and beam search, not {generation_mode}; "
-                "check `num_beam_groups`, `penalty_alpha`, `assistant_model` and similar options."
-            )
-        decoding_method = getattr(type(self), GENERATION_MODES_MAPPING[generation_mode])
-        self._validate_model_kwargs(model_kwargs.copy())
-        self._validate_generation_mode(generation_mode, generation_config, generation_mode_kwargs)
-        self._prepare_special_tokens(generation_config, model_kwargs.get("attention_mask") is not None)
+        from .generation import rag_token_generate
 
-        n_docs = n_docs if n_docs is not None else self.config.n_docs
-        if context_input_ids is None:
-            if self.retriever is None:
-                raise ValueError(
-                    "No retriever is set, so `context_input_ids`, `context_attention_mask` and `doc_scores` must "
-                    "be passed; or set one with `model.set_retriever(retriever)`."
-                )
-            if input_ids is None:
-                raise ValueError("Pass `input_ids` (the questions) or `context_input_ids` to generate from.")
-            question_vectors = self.rag.encode_questions(input_ids, attention_mask)
-            retrieved = self.rag.retrieve_contexts(input_ids, question_vectors, n_docs)
-            context_input_ids = retrieved.context_input_ids
-            context_attention_mask = retrieved.context_attention_mask
-            doc_scores = retrieved.doc_scores
-        elif context_attention_mask is None:
-            raise ValueError("`context_attention_mask` must be passed with `context_input_ids`.")
-        self.rag._check_contexts(doc_scores, context_input_ids, None, n_docs)
-        generator_device = module_device(self.rag.generator)
-        context_input_ids = to_device(context_input_ids, generator_device, "context_input_ids")
-        context_attention_mask = to_device(context_attention_mask, generator_device, "context_attention_mask")
-        doc_scores = to_device(doc_scores, generator_device, "doc_scores")
-
-        batch_size = context_input_ids.shape[0] // n_docs
-        encoder_outputs = self.rag.generator.get_encoder()(
-            input_ids=context_input_ids, attention_mask=context_attention_mask, return_dict=True
-        )
-        # Beam modes keep num_beams hypotheses per question; sampling draws num_return_sequences of them.
-        if generation_mode in _BEAM_MODES:
-            expand = generation_config.num_beams
-        elif generation_mode == GenerationMode.SAMPLE:
-            expand = generation_config.num_return_sequences or 1
-        else:
-            expand = 1
-
-        def _expand(tensor: torch.Tensor) -> torch.Tensor:
-            # (batch * n_docs, ...) -> (batch * expand * n_docs, ...): each hypothesis sees all its documents.
-            if expand == 1:
-                return tensor
-            tensor = tensor.reshape((batch_size, 1, n_docs, *tensor.shape[1:]))
-            tensor = tensor.expand((batch_size, expand, n_docs, *tensor.shape[3:]))
-            return tensor.reshape((batch_size * expand * n_docs, *tensor.shape[3:]))
-
-        encoder_outputs["last_hidden_state"] = _expand(encoder_outputs["last_hidden_state"])
-        model_kwargs["attention_mask"] = _expand(context_attention_mask)
-        model_kwargs["doc_scores"] = doc_scores.repeat_interleave(expand, dim=0)
-        model_kwargs["encoder_outputs"] = encoder_outputs
-        model_kwargs["n_docs"] = n_docs
-        model_kwargs["use_cache"] = generation_config.use_cache
-
-        decoder_input_ids = torch.full(
-            (batch_size * expand, 1),
-            generation_config.decoder_start_token_id,
-            dtype=torch.long,
-            device=context_input_ids.device,
-        )
-        if generation_config.max_new_tokens is not None:
-            # Transformers' RAG-Token generate ignores max_new_tokens (it decodes up to max_length, 20 by default).
-            # Here it counts the tokens after the decoder start token, as in a bare encoder-decoder's generate:
-            # max_length becomes max_new_tokens + 1 (min_new_tokens likewise), and max_new_tokens wins over an
-            # explicit max_length, with Transformers' warning. Without max_new_tokens the lengths stay the
-            # reference's: a default max_length is not extended by the start token as GenerationMixin.generate does.
-            generation_config = self._prepare_generated_length(
-                generation_config=generation_config,
-                has_default_max_length=has_default_max_length,
-                has_default_min_length=has_default_min_length,
-                model_input_name=self.main_input_name,
-                inputs_tensor=context_input_ids,
-                input_ids_length=decoder_input_ids.shape[-1],
-            )
-            self._validate_generated_length(
-                generation_config, decoder_input_ids.shape[-1], has_default_max_length
-            )
-        prepared_logits_processor = self._get_logits_processor(
+        return rag_token_generate(
+            self,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            context_input_ids=context_input_ids,
+            context_attention_mask=context_attention_mask,
+            doc_scores=doc_scores,
+            n_docs=n_docs,
             generation_config=generation_config,
-            input_ids_seq_length=decoder_input_ids.shape[-1],
-            encoder_input_ids=context_input_ids,
             prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
             logits_processor=logits_processor,
-            device=decoder_input_ids.device,
+            stopping_criteria=stopping_criteria,
+            **kwargs,
         )
-        prepared_stopping_criteria = self._get_stopping_criteria(
-            generation_config=generation_config, stopping_criteria=stopping_criteria
-        )
-        self._prepare_cache_for_generation(
-            generation_config,
-            model_kwargs,
-            generation_mode=None,
-            batch_size=decoder_input_ids.shape[0],
-            # max_length is final here (max_new_tokens already applied): the cache holds every decoder position.
-            max_cache_length=generation_config.max_length - 1,
-        )
-        # Restored, not reset: a generate() called from inside another (a logits processor, say) must not
-        # switch the outer decoding's marginalization.
-        decoding, self._decoding = self._decoding, True
-        try:
-            return decoding_method(
-                self,
-                decoder_input_ids,
-                logits_processor=prepared_logits_processor,
-                stopping_criteria=prepared_stopping_criteria,
-                generation_config=generation_config,
-                **generation_mode_kwargs,
-                **model_kwargs,
-            )
-        finally:
-            self._decoding = decoding
 
     # ---- embeddings -------------------------------------------------------------------------------
 

@@ -258,7 +258,8 @@ def test_shared_cross_attention_beam_search_on_cuda(mid_checkpoint, dtype):
     # Beams attending to their context's keys/values together (one query sequence per context) decode as
     # the generator's own beam search: identically in float32; in bf16 sdpa may pick other kernels for
     # the longer query sequence, so near ties may differ (agreement printed and bounded).
-    from ragkit import generation
+    from ragkit.generation.calls import decoding_call
+    from ragkit.generation.search import beam_shared_cross_attention
 
     model = _load(mid_checkpoint, RagSequenceForGeneration, dtype=dtype)
     generator = model.generator
@@ -270,14 +271,15 @@ def test_shared_cross_attention_beam_search_on_cuda(mid_checkpoint, dtype):
         plain = generator.generate(
             encoder_outputs=BaseModelOutput(last_hidden_state=states.clone()), **decode
         )
-        shared = generation._beam_shared_cross_attention(generator, states, mask, num_beams=4)
-        assert shared.decoder_layers is not None
-        with shared.installed():
-            got = generator.generate(
-                encoder_outputs=BaseModelOutput(last_hidden_state=states.clone()),
-                cache=shared.cache,
-                **decode,
-            )
+        with decoding_call():
+            shared = beam_shared_cross_attention(generator, states, mask, num_beams=4)
+            assert shared.decoder_layers is not None
+            with shared.installed():
+                got = generator.generate(
+                    encoder_outputs=BaseModelOutput(last_hidden_state=states.clone()),
+                    cache=shared.cache,
+                    **decode,
+                )
     width = max(got.shape[1], plain.shape[1])  # rows ending earlier are padded by generate
     pad = generator.config.pad_token_id
     got, plain = (torch.nn.functional.pad(x, (0, width - x.shape[1]), value=pad) for x in (got, plain))
@@ -289,13 +291,15 @@ def test_shared_cross_attention_beam_search_on_cuda(mid_checkpoint, dtype):
         assert same >= 0.9
 
 
-def test_bounded_scoring_on_cuda_returns_the_exhaustive_output(mid_checkpoint, monkeypatch):
+def test_bounded_scoring_on_cuda_returns_the_exhaustive_output(mid_checkpoint):
     # float32 on CUDA (rows path): bounds from 64 vocabulary ids leave work to the projection rounds.
-    from ragkit import generation
+    from ragkit.generation import DecodingOptions, fast_path_allowed
 
     model = _load(mid_checkpoint, RagSequenceForGeneration, dtype=torch.float32)
     kwargs = dict(**_sequence_inputs(model, seed=1), num_beams=4, num_return_sequences=2, max_length=16)
-    monkeypatch.setattr(generation, "_PROBE_TOKENS", 64)
-    pruned = model.generate(**kwargs)
-    monkeypatch.setattr(generation, "_PRUNE_SCORING", False)
-    assert torch.equal(pruned, model.generate(**kwargs))
+    options = DecodingOptions(probe_tokens=64)
+    assert fast_path_allowed(model.generator, options)  # the capability probe passes on CUDA
+    pruned = model.generate(**kwargs, decoding_options=options)
+    exhaustive = model.generate(**kwargs, decoding_options=options.replace(prune_scoring=False))
+    assert torch.equal(pruned, exhaustive)
+    assert torch.equal(pruned, model.generate(**kwargs, decoding_options=DecodingOptions(fast_path=False)))

@@ -13,6 +13,8 @@ from transformers import BartForConditionalGeneration, DPRQuestionEncoder, T5For
 from transformers.models.rag.retrieval_rag import CustomHFIndex
 
 import ragkit.modeling_rag as rk
+from ragkit.retrieval.custom import CustomHFIndex as RagkitCustomHFIndex
+from ragkit.retrieval_rag import RagRetriever
 from ragkit.testing import tiny_rag_config
 
 QUESTIONS = ["How many people live in Paris?", "Which river flows through London?"]
@@ -42,12 +44,7 @@ def reference_retriever(config, question_encoder_tokenizer, generator_tokenizer,
 
 
 def ragkit_retriever(config, question_encoder_tokenizer, generator_tokenizer, indexed_dataset):
-    """ragkit's RagRetriever over the same passages, or None while it does not exist yet."""
-    try:
-        from ragkit.retrieval.custom import CustomHFIndex as RagkitCustomHFIndex
-        from ragkit.retrieval_rag import RagRetriever
-    except ImportError:
-        return None
+    """ragkit's RagRetriever over the same passages, through ragkit's own index (never the reference's)."""
     return RagRetriever(
         config,
         question_encoder_tokenizer=question_encoder_tokenizer,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gc
 import threading
-import weakref
 
 import pytest
 import torch
@@ -17,8 +16,20 @@ from transformers import BartForConditionalGeneration, DPRQuestionEncoder, T5For
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.rag.retrieval_rag import CustomHFIndex
 
-from ragkit import RagSequenceForGeneration, generation
-from ragkit.generation import DECODING_MODES, rag_sequence_generate
+from ragkit import RagSequenceForGeneration, _compat
+from ragkit.generation import (
+    DECODING_MODES,
+    DecodingOptions,
+    DecodingTrace,
+    packing,
+    rag_sequence,
+    rag_sequence_generate,
+    scoring,
+    search,
+)
+from ragkit.generation.calls import decoding_call
+from ragkit.retrieval.custom import CustomHFIndex as RagkitCustomHFIndex
+from ragkit.retrieval_rag import RagRetriever as RagkitRetriever
 from ragkit.testing import tiny_rag_config
 
 MAX_LENGTH = 10
@@ -132,12 +143,11 @@ def test_thorough_matches_reference(kind, num_beams, num_return_sequences, do_de
 @pytest.mark.parametrize(
     "path,share", [("packed", None), ("rows", False), ("rows", True)], ids=["packed", "rows", "rows-shared"]
 )
-def test_every_scoring_path_matches_reference(path, share, bart_models, monkeypatch):
+def test_every_scoring_path_matches_reference(path, share, bart_models):
     # BART scores each question's prefix trie packed in one decoder row per document ("packed"); other
     # generators score one row per (candidate, document) ("rows"), where CPU shares each document's
     # cross-attention keys/values through the cache and CUDA recomputes them.
-    monkeypatch.setattr(generation, "_SCORING_PATH", path)
-    monkeypatch.setattr(generation, "_SHARE_CROSS_ATTENTION", share)
+    options = DecodingOptions(scoring_path=path, share_cross_attention=share)
     reference, ours = bart_models
     kwargs = dict(
         **_context_inputs(batch_size=3, n_docs=3, seed=23),
@@ -146,67 +156,65 @@ def test_every_scoring_path_matches_reference(path, share, bart_models, monkeypa
         max_length=MAX_LENGTH,
         forced_bos_token_id=0,
     )
-    assert torch.equal(ours.generate(**kwargs), reference.generate(**kwargs))
+    assert torch.equal(ours.generate(**kwargs, decoding_options=options), reference.generate(**kwargs))
 
 
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.3])
-def test_packed_and_per_candidate_scores_agree(label_smoothing, monkeypatch):
+def test_packed_and_per_candidate_scores_agree(label_smoothing):
     # Same scores from both paths, candidate by candidate (not just the same winners), with padded
     # contexts, hypotheses of different lengths, a tiny chunk budget (many chunks) and label smoothing.
     _, ours = _build("bart", seed=23, label_smoothing=label_smoothing)
     ids, mask, scores = _contexts(batch_size=3, n_docs=3, seed=13, pads=[0, 3, 0, 0, 5, 0, 1, 0, 0])
-    captured = []
-    real = generation._thorough_scores
-    monkeypatch.setattr(
-        generation, "_thorough_scores", lambda *a, **k: captured.append((a, k)) or real(*a, **k)
-    )
+    trace = DecodingTrace()
     ours.generate(
         context_input_ids=ids,
         context_attention_mask=mask,
         doc_scores=scores,
         num_beams=3,
         max_length=MAX_LENGTH,
+        decoding_options=DecodingOptions(trace=trace),
     )
-    ((args, kwargs),) = captured
+    ((args, kwargs),) = trace.scoring_calls
     candidates = args[4][args[5]]
     assert len({len(_strip(row, 1)) for row in candidates}) > 1  # some end early: pad targets are skipped
     results = {}
-    monkeypatch.setattr(generation, "_PRUNE_SCORING", False)  # every candidate's exact score
     for path in ("packed", "rows"):
-        monkeypatch.setattr(generation, "_SCORING_PATH", path)
-        monkeypatch.setattr(generation, "_SCORING_ELEMENTS_CPU", 1)  # one question per chunk
-        results[path] = real(*args, **kwargs)
+        # Every candidate's exact score; one question per chunk.
+        options = DecodingOptions(prune_scoring=False, scoring_path=path, scoring_elements_cpu=1)
+        results[path] = scoring.thorough_scores(*args, **kwargs, options=options)
     assert results["packed"].shape == (len(candidates),)
     assert bool(results["packed"].isfinite().all())
     torch.testing.assert_close(results["packed"], results["rows"], rtol=1e-5, atol=1e-5)
 
 
-def test_packed_path_is_refused_where_positions_are_relative(t5_models, monkeypatch):
+def test_packed_path_is_refused_where_positions_are_relative(t5_models):
     # T5's relative position buckets cannot express a trie's depths: auto picks the per-candidate path,
     # and asking for the packed one is an error rather than wrong scores.
     reference, ours = t5_models
     kwargs = dict(**_context_inputs(batch_size=2, n_docs=3, seed=17), num_beams=2, max_length=6)
-    assert generation._packed_positions_module(ours.generator) is None
+    assert _compat.learned_positions(ours.generator) is None
     assert torch.equal(ours.generate(**kwargs), reference.generate(**kwargs))
-    monkeypatch.setattr(generation, "_SCORING_PATH", "packed")
     with pytest.raises(ValueError, match="packed scoring path needs a BART-family generator"):
-        ours.generate(**kwargs)
+        ours.generate(**kwargs, decoding_options=DecodingOptions(scoring_path="packed"))
 
 
-def test_scoring_path_defaults_packed_on_cpu_rows_on_cuda(bart_models, t5_models, monkeypatch):
+def test_scoring_path_defaults_packed_on_cpu_rows_on_cuda(bart_models, t5_models):
     # Packed scoring measured slower on an H200 (cuDNN rebuilds its attention graph per packed shape).
     bart, t5 = bart_models[1].generator, t5_models[1].generator
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert generation._packed_scoring_positions(bart, cpu) is bart.get_decoder().embed_positions
-    assert generation._packed_scoring_positions(bart, cuda) is None
-    assert generation._packed_scoring_positions(t5, cpu) is None
-    monkeypatch.setattr(generation, "_SCORING_PATH", "packed")
-    assert generation._packed_scoring_positions(bart, cuda) is bart.get_decoder().embed_positions
-    monkeypatch.setattr(generation, "_SCORING_PATH", "rows")
-    assert generation._packed_scoring_positions(bart, cpu) is None
+    default, packed, rows = (
+        DecodingOptions(),
+        DecodingOptions(scoring_path="packed"),
+        DecodingOptions(scoring_path="rows"),
+    )
+    assert packing.packed_scoring_positions(bart, cpu, default) is bart.get_decoder().embed_positions
+    assert packing.packed_scoring_positions(bart, cuda, default) is None
+    assert packing.packed_scoring_positions(t5, cpu, default) is None
+    assert packing.packed_scoring_positions(bart, cuda, packed) is bart.get_decoder().embed_positions
+    assert packing.packed_scoring_positions(bart, cpu, rows) is None
 
 
-def test_wide_prefix_tries_take_the_rows_path(bart_models, monkeypatch):
+def test_wide_prefix_tries_take_the_rows_path(bart_models):
     # A trie wider than the position table (or _PACKED_MAX_WIDTH) cannot be packed: the hooked position
     # embedding still runs on the packed places. Such calls are scored per candidate, same output.
     reference, ours = bart_models
@@ -215,14 +223,10 @@ def test_wide_prefix_tries_take_the_rows_path(bart_models, monkeypatch):
         num_beams=3,
         max_length=MAX_LENGTH,
     )
-    results = []
-    real = generation._packed_thorough_scores
-    monkeypatch.setattr(
-        generation, "_packed_thorough_scores", lambda *a, **k: results.append(real(*a, **k)) or results[-1]
-    )
-    monkeypatch.setattr(generation, "_PACKED_MAX_WIDTH", 4)
-    assert torch.equal(ours.generate(**kwargs), reference.generate(**kwargs))
-    assert results == [None]
+    trace = DecodingTrace()
+    options = DecodingOptions(packed_max_width=4, trace=trace)
+    assert torch.equal(ours.generate(**kwargs, decoding_options=options), reference.generate(**kwargs))
+    assert trace.packed == [False]  # tried packed, scored by rows
 
 
 def test_packed_path_needs_real_position_weights():
@@ -232,13 +236,14 @@ def test_packed_path_needs_real_position_weights():
     with torch.device("meta"):
         generator = BartForConditionalGeneration(transformers.RagConfig(**config.to_dict()).generator)
     assert generator.get_decoder().embed_positions.weight.is_meta
-    assert generation._packed_positions_module(generator) is None
+    assert _compat.learned_positions(generator) is None
 
 
-def test_unknown_scoring_path_is_an_error(bart_models, monkeypatch):
-    monkeypatch.setattr(generation, "_SCORING_PATH", "Packed")
-    with pytest.raises(ValueError, match="_SCORING_PATH must be one of"):
-        generation._packed_scoring_positions(bart_models[1].generator, torch.device("cpu"))
+def test_unknown_scoring_path_is_an_error():
+    with pytest.raises(ValueError, match="scoring_path must be one of"):
+        DecodingOptions(scoring_path="Packed")
+    with pytest.raises(ValueError, match="decoding_options"):
+        rag_sequence_generate(None, decoding_options={"fast_path": False})
 
 
 def test_questions_per_call_estimate_matches_the_h200_measurement():
@@ -248,12 +253,13 @@ def test_questions_per_call_estimate_matches_the_h200_measurement():
     # (benchmarks/results/bench_generation_gpu_bf16_h200.json).
     with torch.device("meta"):
         generator = BartForConditionalGeneration(transformers.BartConfig()).to(torch.bfloat16)
-    fitting = generation._questions_fitting(generator, 5, 4, 300, {"max_length": 21}, 10716 * 2**20)
+    fitting = rag_sequence._questions_fitting(generator, 5, 4, 300, {"max_length": 21}, 10716 * 2**20)
     assert 29 <= fitting <= 35
     assert (
-        generation._questions_fitting(generator, 5, 4, 300, {"max_new_tokens": 20}, 10716 * 2**20) == fitting
+        rag_sequence._questions_fitting(generator, 5, 4, 300, {"max_new_tokens": 20}, 10716 * 2**20)
+        == fitting
     )
-    assert generation._questions_fitting(generator, 5, 4, 300, {}, 0) == 1  # always at least one question
+    assert rag_sequence._questions_fitting(generator, 5, 4, 300, {}, 0) == 1  # always at least one question
 
 
 def test_label_smoothing_is_part_of_the_score_as_in_reference():
@@ -269,20 +275,12 @@ def test_label_smoothing_is_part_of_the_score_as_in_reference():
 # --- pruned thorough scoring: exhaustive output, fewer projections -----------------------------------
 
 
-def _thorough_call(ours, monkeypatch, **kwargs):
-    """(output, arguments and keywords of the _thorough_scores call, projected rows) of one generate call."""
-    calls, projected = [], []
-    real_scores, real_project = generation._thorough_scores, generation._project
-    monkeypatch.setattr(
-        generation, "_thorough_scores", lambda *a, **k: calls.append((a, k)) or real_scores(*a, **k)
-    )
-    monkeypatch.setattr(
-        generation, "_project", lambda g, h: projected.append(h.shape[0]) or real_project(g, h)
-    )
-    output = ours.generate(**kwargs)
-    monkeypatch.setattr(generation, "_thorough_scores", real_scores)
-    monkeypatch.setattr(generation, "_project", real_project)
-    return output, calls[0], sum(projected)
+def _thorough_call(ours, options=None, **kwargs):
+    """(output, arguments and keywords of the thorough scoring call, projected rows) of one generate call."""
+    trace = DecodingTrace()
+    options = (options or DecodingOptions()).replace(trace=trace)
+    output = ours.generate(**kwargs, decoding_options=options)
+    return output, trace.scoring_calls[0], trace.projected_rows
 
 
 def _default_init_model(kind: str, seed: int) -> RagSequenceForGeneration:
@@ -313,16 +311,14 @@ def _default_init_model(kind: str, seed: int) -> RagSequenceForGeneration:
 @pytest.mark.parametrize("probe", [16, None], ids=["probe16", "probe-all"])
 @pytest.mark.parametrize("wide", [True, False], ids=["wide", "default-init"])
 def test_pruned_scoring_returns_the_exhaustive_output(
-    kind, path, num_beams, num_return_sequences, do_deduplication, pads, seed, wide, probe, monkeypatch
+    kind, path, num_beams, num_return_sequences, do_deduplication, pads, seed, wide, probe
 ):
     # Pruning skips projections that bounds prove cannot change the output: same hypotheses, same order,
     # as scoring every (document, prefix) pair, with wide random weights (hypotheses far apart) and with
     # the default initialisation (near ties). The tiny vocabulary fits in the default probe (tight bounds);
     # a probe of 16 ids leaves loose ones, so more rounds of projections run.
     ours = _build(kind, seed=seed)[1] if wide else _default_init_model(kind, seed)
-    if probe is not None:
-        monkeypatch.setattr(generation, "_PROBE_TOKENS", probe)
-    monkeypatch.setattr(generation, "_SCORING_PATH", path)
+    options = DecodingOptions(scoring_path=path, **({} if probe is None else {"probe_tokens": probe}))
     kwargs = dict(
         **_context_inputs(batch_size=3, n_docs=3, seed=seed, pads=pads),
         num_beams=num_beams,
@@ -330,10 +326,9 @@ def test_pruned_scoring_returns_the_exhaustive_output(
         do_deduplication=do_deduplication,
         max_length=MAX_LENGTH,
     )
-    pruned, (_, keywords), pruned_rows = _thorough_call(ours, monkeypatch, **kwargs)
+    pruned, (_, keywords), pruned_rows = _thorough_call(ours, options, **kwargs)
     assert keywords["known"] is not None  # generation handed its own (hypothesis, document) pairs over
-    monkeypatch.setattr(generation, "_PRUNE_SCORING", False)
-    exhaustive, _, exhaustive_rows = _thorough_call(ours, monkeypatch, **kwargs)
+    exhaustive, _, exhaustive_rows = _thorough_call(ours, options.replace(prune_scoring=False), **kwargs)
     assert torch.equal(pruned, exhaustive)
     assert pruned_rows <= exhaustive_rows
     if wide and num_beams > 1:
@@ -341,7 +336,7 @@ def test_pruned_scoring_returns_the_exhaustive_output(
 
 
 @pytest.mark.parametrize("kind", ["bart", "t5"])
-def test_generation_gives_each_hypothesis_its_own_document_log_likelihood(kind, request, monkeypatch):
+def test_generation_gives_each_hypothesis_its_own_document_log_likelihood(kind, request):
     # The log-likelihood generation hands over for (hypothesis, its own document) is the one teacher
     # forcing computes: the same targets (BOS left out, pads skipped), before any logits processor.
     _, ours = request.getfixturevalue(f"{kind}_models")
@@ -352,16 +347,15 @@ def test_generation_gives_each_hypothesis_its_own_document_log_likelihood(kind, 
         forced_eos_token_id=EOS,
         no_repeat_ngram_size=2,
     )
-    _, (args, keywords), _ = _thorough_call(ours, monkeypatch, **kwargs)
+    _, (args, keywords), _ = _thorough_call(ours, **kwargs)
     known = keywords["known"]
     assert known.shape[0] == args[5].shape[0] and bool((~known.isnan()).any(dim=1).all())
     # Exhaustive pair log-likelihoods, without the document prior: zero doc scores, one document at a time.
     model, encoder_states, mask, doc_logprobs, sequences, rows, questions, use_bos = args
-    monkeypatch.setattr(generation, "_PRUNE_SCORING", False)
     n_docs = doc_logprobs.shape[1]
     for doc in range(n_docs):
         contexts = torch.arange(doc, encoder_states.shape[0], n_docs)
-        per_doc = generation._thorough_scores(
+        per_doc = scoring.thorough_scores(
             model,
             encoder_states[contexts],
             None if mask is None else mask[contexts],
@@ -370,36 +364,35 @@ def test_generation_gives_each_hypothesis_its_own_document_log_likelihood(kind, 
             rows,
             questions,
             use_bos,
+            options=DecodingOptions(prune_scoring=False),
         )
         have = ~known[:, doc].isnan()
         torch.testing.assert_close(known[have, doc], per_doc[have], rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_log_prob_upper_bounds_hold(dtype, monkeypatch):
+def test_log_prob_upper_bounds_hold(dtype):
     # The bound from a slice of the vocabulary is never below the log-probability scoring computes.
     _, ours = _build("bart", seed=67)
     generator = ours.generator.to(dtype)
-    monkeypatch.setattr(generation, "_PROBE_TOKENS", 64)
     torch.manual_seed(0)
     hidden = torch.randn(50, generator.config.d_model).to(dtype)
     state = torch.randint(0, 50, (400,))
     target = torch.randint(0, generator.config.vocab_size, (400,))
     with torch.no_grad():
-        bounds = generation._log_prob_upper_bounds(generator, hidden, state, target, 1 << 12)
-        exact = torch.log_softmax(generation._project(generator, hidden), dim=-1, dtype=torch.float32)
+        bounds = scoring.log_prob_upper_bounds(generator, hidden, state, target, 1 << 12, probe_tokens=64)
+        exact = torch.log_softmax(_compat.project(generator, hidden), dim=-1, dtype=torch.float32)
     assert bool((bounds >= exact[state, target]).all())
     assert bool((bounds <= 0).all()) and float(bounds.min()) < -1  # not the trivial bound
 
 
-def test_pruned_scores_of_survivors_are_exact(monkeypatch):
+def test_pruned_scores_of_survivors_are_exact():
     # Candidates that are returned keep their exact score (up to pairs e^-30 below); the others are -inf.
     _, ours = _build("bart", seed=71)
     kwargs = dict(**_context_inputs(batch_size=3, n_docs=3, seed=71), num_beams=3, max_length=MAX_LENGTH)
-    _, (args, keywords), _ = _thorough_call(ours, monkeypatch, **kwargs)
-    pruned = generation._thorough_scores(*args, keep=2, known=keywords["known"])
-    monkeypatch.setattr(generation, "_PRUNE_SCORING", False)
-    exhaustive = generation._thorough_scores(*args)
+    _, (args, keywords), _ = _thorough_call(ours, **kwargs)
+    pruned = scoring.thorough_scores(*args, keep=2, known=keywords["known"])
+    exhaustive = scoring.thorough_scores(*args, options=DecodingOptions(prune_scoring=False))
     questions = args[6]
     kept = pruned.isfinite()
     for q in range(3):
@@ -418,14 +411,15 @@ def _generate_plain_and_shared(generator, ids, mask, **decode):
         plain = generator.generate(
             encoder_outputs=BaseModelOutput(last_hidden_state=states.clone()), attention_mask=mask, **decode
         )
-        shared = generation._beam_shared_cross_attention(generator, states, mask, num_beams=num_beams)
-        with shared.installed():
-            got = generator.generate(
-                encoder_outputs=BaseModelOutput(last_hidden_state=states.clone()),
-                attention_mask=mask,
-                cache=shared.cache,
-                **decode,
-            )
+        with decoding_call():
+            shared = search.beam_shared_cross_attention(generator, states, mask, num_beams=num_beams)
+            with shared.installed():
+                got = generator.generate(
+                    encoder_outputs=BaseModelOutput(last_hidden_state=states.clone()),
+                    attention_mask=mask,
+                    cache=shared.cache,
+                    **decode,
+                )
     return plain, got, shared
 
 
@@ -518,25 +512,24 @@ def test_only_known_cross_attention_classes_are_shared(t5_models):
             attention_window=[4],
         )
     )
-    assert generation._cross_attention_modules(mvp) is None
-    assert generation._cross_attention_modules(led) is None
-    assert generation._cross_attention_modules(t5_models[1].generator) is None
+    assert _compat.shareable_cross_attention_layers(mvp) is None
+    assert _compat.shareable_cross_attention_layers(led) is None
+    assert _compat.shareable_cross_attention_layers(t5_models[1].generator) is None
     bart = BartForConditionalGeneration(transformers.BartConfig(**mvp.config.to_dict()))
-    assert generation._cross_attention_modules(bart) is not None
+    assert _compat.shareable_cross_attention_layers(bart) is not None
 
 
-def test_pruned_scoring_under_autocast_returns_the_exhaustive_output(monkeypatch):
+def test_pruned_scoring_under_autocast_returns_the_exhaustive_output():
     # float32 weights, bf16 autocast: logits are rounded like half precision, so generation's values are
     # not taken and the output stays exhaustive scoring's.
     _, ours = _build("bart", seed=105)
-    monkeypatch.setattr(generation, "_PROBE_TOKENS", 16)
+    options = DecodingOptions(probe_tokens=16)
     kwargs = dict(
         **_context_inputs(batch_size=4, n_docs=3, seed=5), num_beams=2, num_return_sequences=2, max_length=10
     )
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        pruned, (_, keywords), _ = _thorough_call(ours, monkeypatch, **kwargs)
-        monkeypatch.setattr(generation, "_PRUNE_SCORING", False)
-        exhaustive = ours.generate(**kwargs)
+        pruned, (_, keywords), _ = _thorough_call(ours, options, **kwargs)
+        exhaustive = ours.generate(**kwargs, decoding_options=options.replace(prune_scoring=False))
     assert keywords["known"] is None
     assert torch.equal(pruned, exhaustive)
 
@@ -664,7 +657,7 @@ def test_allowlisted_families_share_cross_attention(model_class, config_class):
     assert torch.equal(got, plain)
 
 
-def test_expanded_prefixes_give_teacher_forced_log_probs(monkeypatch):
+def test_expanded_prefixes_give_teacher_forced_log_probs():
     # Where a candidate's prefix was expanded by beam search under another document, the log-probability
     # scoring reads from generation is the one teacher forcing that candidate under that document gives.
     ours = _default_init_model("bart", 5)
@@ -673,14 +666,14 @@ def test_expanded_prefixes_give_teacher_forced_log_probs(monkeypatch):
         for param in ours.generator.parameters():
             if param.dim() > 1:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.25)
-    monkeypatch.setattr(generation, "_PROBE_TOKENS", 16)
+    options = DecodingOptions(probe_tokens=16)
     kwargs = dict(**_context_inputs(batch_size=3, n_docs=3, seed=83), num_beams=3, max_length=MAX_LENGTH)
-    output, (args, keywords), pruned_rows = _thorough_call(ours, monkeypatch, **kwargs)
+    output, (args, keywords), pruned_rows = _thorough_call(ours, options, **kwargs)
     model, encoder_states, mask, _, sequences, rows, questions, _ = args
     candidates = sequences[rows]
     pad = model.config.generator.pad_token_id
     target = torch.cat([candidates[:, 1:], candidates.new_full((len(candidates), 1), pad)], dim=1)
-    expanded = generation._expanded_prefix_log_probs(
+    expanded = search.expanded_prefix_log_probs(
         keywords["search"], candidates, questions, target, target.ne(pad), 3
     )
     found = ~expanded.isnan()
@@ -697,14 +690,15 @@ def test_expanded_prefixes_give_teacher_forced_log_probs(monkeypatch):
             here = found[:, doc]
             torch.testing.assert_close(expanded[:, doc][here], exact[here], rtol=1e-5, atol=1e-4)
     # Scoring used them: fewer projections than without, same output.
-    monkeypatch.setattr(generation, "_expanded_prefix_log_probs", lambda *a, **k: None)
-    output_without, _, rows_without = _thorough_call(ours, monkeypatch, **kwargs)
+    output_without, _, rows_without = _thorough_call(
+        ours, options.replace(reuse_expanded_prefixes=False), **kwargs
+    )
     assert 0 < pruned_rows < rows_without
     assert torch.equal(output, output_without)
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])
-def test_pruned_scoring_with_a_decoder_prompt(num_beams, monkeypatch):
+def test_pruned_scoring_with_a_decoder_prompt(num_beams):
     # A decoder prompt shifts generation's steps against target positions: generation's own values are
     # not used then, and the output stays exhaustive scoring's.
     _, ours = _build("bart", seed=31)
@@ -714,10 +708,9 @@ def test_pruned_scoring_with_a_decoder_prompt(num_beams, monkeypatch):
         max_length=MAX_LENGTH,
         decoder_input_ids=torch.tensor([[2, 0]] * 9),
     )
-    pruned, (_, keywords), _ = _thorough_call(ours, monkeypatch, **kwargs)
+    pruned, (_, keywords), _ = _thorough_call(ours, **kwargs)
     assert keywords["known"] is None
-    monkeypatch.setattr(generation, "_PRUNE_SCORING", False)
-    assert torch.equal(pruned, ours.generate(**kwargs))
+    assert torch.equal(pruned, ours.generate(**kwargs, decoding_options=DecodingOptions(prune_scoring=False)))
 
 
 def test_generation_config_without_cache_is_respected():
@@ -732,41 +725,38 @@ def test_generation_config_without_cache_is_respected():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_pruned_scoring_in_half_precision_returns_the_exhaustive_output(dtype, monkeypatch):
+def test_pruned_scoring_in_half_precision_returns_the_exhaustive_output(dtype):
     # Generation's values are float32 dot products against normalisers of rounded logits: in half
     # precision they differ from teacher forcing by rounding, so scoring does not take them there.
     _, ours = _build("bart", seed=105)
     ours.generator.to(dtype)
-    monkeypatch.setattr(generation, "_PROBE_TOKENS", 16)
+    options = DecodingOptions(probe_tokens=16)
     kwargs = dict(
         **_context_inputs(batch_size=4, n_docs=3, seed=5), num_beams=1, num_return_sequences=2, max_length=10
     )
-    pruned, (_, keywords), _ = _thorough_call(ours, monkeypatch, **kwargs)
+    pruned, (_, keywords), _ = _thorough_call(ours, options, **kwargs)
     assert keywords["known"] is None
-    monkeypatch.setattr(generation, "_PRUNE_SCORING", False)
-    assert torch.equal(pruned, ours.generate(**kwargs))
+    assert torch.equal(pruned, ours.generate(**kwargs, decoding_options=options.replace(prune_scoring=False)))
 
 
-def test_beam_search_cache_is_released_before_scoring(bart_models, monkeypatch):
+def test_beam_search_cache_is_released_before_scoring(bart_models):
     # The beam search's keys/values (up to half the free GPU memory on CUDA) are gone while scoring runs.
     _, ours = bart_models
-    caches, alive = [], []
-    real_cache, real_scores = generation._beam_shared_cross_attention, generation._thorough_scores
+    alive = []
+    trace = DecodingTrace()
 
-    def remember(*args, **kwargs):
-        shared = real_cache(*args, **kwargs)
-        caches.append(weakref.ref(shared.cache))
-        return shared
-
-    def check(*args, **kwargs):
+    def check():
         gc.collect()
-        alive.append(caches[-1]() is not None)
-        return real_scores(*args, **kwargs)
+        alive.append(trace.beam_caches[-1]() is not None)
 
-    monkeypatch.setattr(generation, "_beam_shared_cross_attention", remember)
-    monkeypatch.setattr(generation, "_thorough_scores", check)
-    ours.generate(**_context_inputs(batch_size=2, n_docs=3, seed=3), num_beams=3, max_length=MAX_LENGTH)
-    assert alive == [False]
+    trace.before_scoring = check
+    ours.generate(
+        **_context_inputs(batch_size=2, n_docs=3, seed=3),
+        num_beams=3,
+        max_length=MAX_LENGTH,
+        decoding_options=DecodingOptions(trace=trace),
+    )
+    assert len(trace.beam_caches) == 1 and alive == [False]
 
 
 def test_questions_per_batch_does_not_change_output(bart_models):
@@ -803,7 +793,7 @@ def test_max_new_tokens_is_forwarded_to_the_generator(bart_models, decoding):
 
 
 def _retriever(flavour, config, question_encoder_tokenizer, generator_tokenizer, indexed_dataset):
-    """The reference RagRetriever, or ragkit's once it exists."""
+    """The reference RagRetriever over Transformers' index, or ragkit's over ragkit's own index (no fallback)."""
     if flavour == "reference":
         return transformers.RagRetriever(
             transformers.RagConfig(**config.to_dict()),
@@ -811,18 +801,12 @@ def _retriever(flavour, config, question_encoder_tokenizer, generator_tokenizer,
             generator_tokenizer=generator_tokenizer,
             index=CustomHFIndex(32, indexed_dataset),
         )
-    ragkit_retrieval = pytest.importorskip("ragkit.retrieval_rag")
-    try:
-        return ragkit_retrieval.RagRetriever(
-            config,
-            question_encoder_tokenizer=question_encoder_tokenizer,
-            generator_tokenizer=generator_tokenizer,
-            index=CustomHFIndex(32, indexed_dataset),
-        )
-    except (
-        Exception
-    ) as error:  # the retrieval engineer's constructor may differ; do not mask real failures here
-        pytest.skip(f"ragkit RagRetriever cannot be built this way yet: {error}")
+    return RagkitRetriever(
+        config,
+        question_encoder_tokenizer=question_encoder_tokenizer,
+        generator_tokenizer=generator_tokenizer,
+        index=RagkitCustomHFIndex(32, indexed_dataset),
+    )
 
 
 @pytest.mark.parametrize("flavour", ["reference", "ragkit"])
@@ -1028,7 +1012,7 @@ def test_padded_question_batch_matches_questions_one_at_a_time(
     # scoring alike, and masks the padded retrieved contexts, so batching changes nothing.
     _, ours = _build("bart", seed=4)
     ours.set_retriever(
-        _retriever("reference", ours.config, question_encoder_tokenizer, generator_tokenizer, indexed_dataset)
+        _retriever("ragkit", ours.config, question_encoder_tokenizer, generator_tokenizer, indexed_dataset)
     )
     texts = ["where is paris", "what is the capital of germany", "which river flows through london"]
     batch = question_encoder_tokenizer(texts, return_tensors="pt", padding=True)

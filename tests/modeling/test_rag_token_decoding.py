@@ -5,6 +5,8 @@ Both models share weights (redrawn so that outputs vary); every comparison is ex
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from rag_helpers import retrieved_contexts
@@ -15,6 +17,8 @@ from transformers import (
     StoppingCriteria,
     StoppingCriteriaList,
 )
+
+from ragkit.modeling_rag import _RAG_TOKEN_DECODING
 
 MAX_LENGTH = 9
 GENERATORS = ["bart", "t5"]
@@ -277,12 +281,24 @@ def test_default_length_is_still_the_reference_max_length(pairs, questions, gene
 
 
 def _marginalize_as_in_generate(model, logits, doc_scores, n_docs):
-    """``model.marginalize`` as generate() calls it (the decoding flag set)."""
-    model._decoding = True
+    """``model.marginalize`` as generate() calls it (the decoding state set in this context)."""
+    token = _RAG_TOKEN_DECODING.set(True)
     try:
         return model.marginalize(logits, doc_scores, n_docs)
     finally:
-        model._decoding = False
+        _RAG_TOKEN_DECODING.reset(token)
+
+
+class _OnFirstStep(LogitsProcessor):
+    """Runs ``action`` at the first decoding step (inside generate) and keeps its result."""
+
+    def __init__(self, action):
+        self.action, self.result = action, None
+
+    def __call__(self, input_ids, scores):
+        if self.result is None:
+            self.result = self.action()
+        return scores
 
 
 def test_decoding_marginalization_equals_the_log_space_one(pairs, questions):
@@ -301,23 +317,68 @@ def test_decoding_marginalization_equals_the_log_space_one(pairs, questions):
     torch.testing.assert_close(mixed, reference, rtol=0, atol=1e-5)
 
 
-def test_decoding_marginalization_is_only_used_inside_generate(pairs, questions, monkeypatch):
+def test_decoding_marginalization_is_only_used_inside_generate(pairs, questions):
     # Training and plain forward keep the log-space path (gradients, finite values for every token), also
     # after a generate call that failed half-way.
     pair = pairs("token", "bart")
     contexts = retrieved_contexts(pair, questions)
-    calls = []
-    monkeypatch.setattr("ragkit.modeling_rag._marginalize_probabilities", lambda *a: calls.append(1) or 1 / 0)
-    with pytest.raises(ZeroDivisionError):
-        pair.ours.generate(**contexts, num_beams=2, max_length=MAX_LENGTH)
-    assert calls and pair.ours._decoding is False
+
+    def fail():
+        raise RuntimeError("stopped half-way")
+
+    inside = _OnFirstStep(lambda: _RAG_TOKEN_DECODING.get())
+    pair.ours.generate(
+        **contexts, num_beams=2, max_length=MAX_LENGTH, logits_processor=LogitsProcessorList([inside])
+    )
+    assert inside.result is True and _RAG_TOKEN_DECODING.get() is False
+    with pytest.raises(RuntimeError, match="half-way"):
+        pair.ours.generate(
+            **contexts,
+            num_beams=2,
+            max_length=MAX_LENGTH,
+            logits_processor=LogitsProcessorList([_OnFirstStep(fail)]),
+        )
+    assert _RAG_TOKEN_DECODING.get() is False
     with torch.no_grad():
         outputs = pair.ours(
             **contexts,
             decoder_input_ids=torch.zeros(contexts["doc_scores"].shape[0], 2, dtype=torch.long),
             do_marginalize=True,
         )
-    assert torch.isfinite(outputs.logits).all() and len(calls) == 1
+    assert torch.isfinite(outputs.logits).all()
+
+
+def test_marginalization_in_another_thread_during_generate_is_log_space(pairs, questions):
+    # generate() switches marginalize() to the probability mixture for its own calls only: a marginalize
+    # another thread runs on the same model meanwhile gives the log-space numbers, bit for bit.
+    pair = pairs("token", "bart")
+    contexts = retrieved_contexts(pair, questions)
+    n_docs = pair.ours.config.n_docs
+    logits = 6 * torch.randn(
+        contexts["doc_scores"].shape[0] * n_docs, 4, 300, generator=torch.Generator().manual_seed(2)
+    )
+    with torch.no_grad():
+        log_space = pair.ours.marginalize(logits, contexts["doc_scores"], n_docs)
+        mixed = _marginalize_as_in_generate(pair.ours, logits, contexts["doc_scores"], n_docs)
+    assert not torch.equal(mixed, log_space)  # the two paths are told apart by their rounding
+
+    def other_thread():
+        seen = {}
+
+        def run():
+            with torch.no_grad():
+                seen["flag"] = _RAG_TOKEN_DECODING.get()
+                seen["result"] = pair.ours.marginalize(logits, contexts["doc_scores"], n_docs)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join()
+        return seen
+
+    during = _OnFirstStep(other_thread)
+    pair.ours.generate(**contexts, num_beams=2, max_length=4, logits_processor=LogitsProcessorList([during]))
+    assert during.result["flag"] is False
+    assert torch.equal(during.result["result"], log_space)
 
 
 def test_decoding_marginalization_stays_finite_where_probabilities_underflow(pairs, questions):
@@ -339,9 +400,10 @@ def test_decoding_marginalization_stays_finite_where_probabilities_underflow(pai
 def test_nested_generate_keeps_the_outer_decoding_state(pairs, questions):
     pair = pairs("token", "bart")
     contexts = retrieved_contexts(pair, questions)
-    pair.ours._decoding = True  # as inside an outer generate()
+    token = _RAG_TOKEN_DECODING.set(True)  # as inside an outer generate()
     try:
         pair.ours.generate(**contexts, num_beams=2, max_length=4)
-        assert pair.ours._decoding is True
+        assert _RAG_TOKEN_DECODING.get() is True
     finally:
-        pair.ours._decoding = False
+        _RAG_TOKEN_DECODING.reset(token)
+    assert _RAG_TOKEN_DECODING.get() is False

@@ -1,0 +1,118 @@
+"""Question -> contexts: what both heads' ``generate`` decode from, retrieved once when not given."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+
+from ..errors import RagInputError
+from ..modeling_rag import trim_context_padding
+
+__all__ = ["pop_question_encoder_kwargs", "resolve_contexts", "trimmed"]
+
+# Keywords of a question encoder's forward that generation passes itself (or that are not inputs).
+_NOT_QUESTION_INPUTS = frozenset(
+    {
+        "self",
+        "input_ids",
+        "attention_mask",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+        "kwargs",
+    }
+)
+
+
+def pop_question_encoder_kwargs(question_encoder: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Pops from ``kwargs`` the question tokenizer's further outputs the question encoder takes (``token_type_ids``).
+
+    ``model.generate(**question_tokenizer(questions, return_tensors="pt"))`` then works with a BERT/DPR
+    tokenizer: its ``token_type_ids`` reach the question encoder instead of the generator.
+    """
+    try:
+        accepted = set(inspect.signature(question_encoder.forward).parameters) - _NOT_QUESTION_INPUTS
+    except (TypeError, ValueError):  # a forward without a signature: take the tokenizer's usual output
+        accepted = {"token_type_ids"}
+    accepted.add("token_type_ids")  # a tokenizer output the generator never takes
+    return {name: kwargs.pop(name) for name in list(kwargs) if name in accepted}
+
+
+def trimmed(
+    context_input_ids: torch.Tensor, context_attention_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Contexts without their trailing all-padding columns: the generator's encoder and cross-attention
+    run on the longest real context, not on ``max_combined_length`` (same outputs at real positions)."""
+    if context_attention_mask is None:
+        return context_input_ids, None
+    return trim_context_padding(context_input_ids, context_attention_mask)
+
+
+def resolve_contexts(
+    model: Any,
+    input_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    context_input_ids: torch.Tensor | None,
+    context_attention_mask: torch.Tensor | None,
+    doc_scores: torch.Tensor | None,
+    n_docs: int,
+    question_encoder_kwargs: dict[str, Any] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Retrieve (once) when no contexts are given; check shapes; return contexts, mask and doc scores.
+
+    Args:
+        input_ids: `(batch_size, question_len)` questions, encoded and retrieved for without contexts.
+        attention_mask: `(batch_size, question_len)` their mask.
+        context_input_ids: `(batch_size * n_docs, context_len)` contexts, or None to retrieve.
+        context_attention_mask: `(batch_size * n_docs, context_len)` their mask, or None.
+        doc_scores: `(batch_size, n_docs)`; required with ``context_input_ids``.
+        question_encoder_kwargs: Further question encoder inputs (``token_type_ids``).
+
+    Returns:
+        Contexts, their mask (None where it is all ones) and the doc scores.
+    """
+    if context_input_ids is None:
+        if input_ids is None:
+            raise RagInputError(
+                "Pass `input_ids` (with a retriever set) or `context_input_ids` and `doc_scores`."
+            )
+        if model.retriever is None:
+            raise RagInputError(
+                "No retriever is set: pass `context_input_ids`, `context_attention_mask` and `doc_scores`, "
+                "or set one with `model.set_retriever(...)`."
+            )
+        # The model's own encoding and retrieval: same pooling, devices and float32 doc scores as forward.
+        question_vectors = model.rag.encode_questions(
+            input_ids, attention_mask, **(question_encoder_kwargs or {})
+        )
+        retrieved = model.rag.retrieve_contexts(input_ids, question_vectors, n_docs)
+        context_input_ids = retrieved.context_input_ids
+        context_attention_mask = retrieved.context_attention_mask
+        doc_scores = retrieved.doc_scores
+    elif doc_scores is None:
+        raise RagInputError(
+            "`doc_scores` of shape (batch_size, n_docs) is needed with `context_input_ids`: RAG-Sequence ranks "
+            "hypotheses with the document scores (the retriever's output gives them)."
+        )
+    if context_input_ids.shape[0] % n_docs != 0:
+        raise RagInputError(
+            f"`context_input_ids` has {context_input_ids.shape[0]} rows, not a multiple of n_docs={n_docs}; "
+            "pass the `n_docs` the contexts were retrieved with."
+        )
+    batch_size = context_input_ids.shape[0] // n_docs
+    if tuple(doc_scores.shape) != (batch_size, n_docs):
+        raise RagInputError(
+            f"`doc_scores` has shape {tuple(doc_scores.shape)}, expected (batch_size, n_docs) = "
+            f"({batch_size}, {n_docs}); pass the `n_docs` the contexts were retrieved with."
+        )
+    if context_attention_mask is not None and context_attention_mask.shape != context_input_ids.shape:
+        raise RagInputError(
+            f"`context_attention_mask` has shape {tuple(context_attention_mask.shape)}, expected the shape of "
+            f"`context_input_ids` {tuple(context_input_ids.shape)}."
+        )
+    # A mask of ones changes nothing but costs a mask in every attention call: drop it.
+    if context_attention_mask is not None and bool(context_attention_mask.bool().all()):
+        context_attention_mask = None
+    return context_input_ids, context_attention_mask, doc_scores

@@ -1,0 +1,349 @@
+"""RAG-Sequence decoding: batched "thorough" decoding and the RAG paper's "fast" decoding.
+
+Transformers' ``RagSequenceForGeneration.generate`` handles one question at a time, runs the generator
+without the context attention mask, and scores hypotheses by re-running the whole model (question encoder,
+retrieval and generator encoder). Here every question of the batch is decoded by one generator ``generate``
+call (:func:`ragkit.generation.search.generate_hypotheses`), the generator's encoder runs once on the
+contexts without their trailing padding and its outputs are reused to score hypotheses by teacher forcing
+(:mod:`.scoring`), the context attention mask is honoured throughout, and a non-default ``n_docs`` is used
+everywhere.
+
+Decoding modes:
+
+- ``"thorough"``: every (deduplicated) hypothesis of a question is scored against every document of that
+  question, exactly as Transformers' RAG-Sequence loss does (:func:`.scoring.sequence_target_rules`).
+- ``"fast"``: a hypothesis counts only under the documents whose beam produced it (:mod:`.fast`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from ..errors import RagInputError
+from .arguments import check_count, check_generation_kwargs
+from .calls import decoding_call, generator_lock
+from .contexts import pop_question_encoder_kwargs, resolve_contexts, trimmed
+from .fast import eos_ids, fast_scores, generated_log_likelihoods
+from .options import DecodingOptions, resolve_options
+from .probe import fast_path_allowed
+from .scoring import sequence_target_rules, thorough_scores
+from .search import (
+    candidate_groups,
+    generate_hypotheses,
+    generated_pair_log_likelihoods,
+    known_pairs,
+    producer_rows,
+)
+
+__all__ = ["DECODING_MODES", "rag_sequence_generate"]
+
+logger = logging.getLogger(__name__)
+
+#: Accepted values of ``decoding``.
+DECODING_MODES = ("thorough", "fast")
+
+
+def _resolve_decoding_settings(
+    model: Any,
+    do_deduplication: bool | None,
+    num_return_sequences: int | None,
+    num_beams: int | None,
+    n_docs: int | None,
+    decoding: str,
+) -> tuple[bool, int, int, int]:
+    """Fill defaults from the config (as Transformers does) and validate them."""
+    if decoding not in DECODING_MODES:
+        raise RagInputError(f"`decoding` must be one of {DECODING_MODES}, got {decoding!r}.")
+    config = model.config
+    n_docs = n_docs if n_docs is not None else config.n_docs
+    do_deduplication = do_deduplication if do_deduplication is not None else config.do_deduplication
+    num_return_sequences = (
+        num_return_sequences
+        if num_return_sequences is not None
+        else getattr(config, "num_return_sequences", 1)
+    )
+    num_beams = num_beams if num_beams is not None else getattr(config, "num_beams", 1)
+    check_count("n_docs", n_docs, 1)
+    check_count("num_beams", num_beams, 1)
+    check_count("num_return_sequences", num_return_sequences, 1)
+    if not 1 <= num_return_sequences <= n_docs * num_beams:
+        raise RagInputError(
+            f"`num_return_sequences` must be between 1 and n_docs * num_beams = {n_docs * num_beams}, "
+            f"got {num_return_sequences}; raise `num_beams` or `n_docs`."
+        )
+    return bool(do_deduplication), int(num_return_sequences), int(num_beams), int(n_docs)
+
+
+def _decode_questions(
+    model: Any,
+    context_input_ids: torch.Tensor,
+    context_attention_mask: torch.Tensor | None,
+    doc_scores: torch.Tensor,
+    deduplicate: bool,
+    num_return_sequences: int,
+    num_beams: int,
+    n_docs: int,
+    decoding: str,
+    model_kwargs: dict[str, Any],
+    options: DecodingOptions,
+    fast_path: bool,
+) -> torch.Tensor:
+    """`(batch_size, num_return_sequences, tgt_len)` best hypotheses (pad rows where fewer candidates exist)."""
+    generator = model.generator
+    pad = model.config.generator.pad_token_id
+    batch_size = doc_scores.shape[0]
+    # The encoder and cross-attention run on the longest real context, not on max_combined_length.
+    context_input_ids, context_attention_mask = trimmed(context_input_ids, context_attention_mask)
+    if context_attention_mask is not None and bool(context_attention_mask.bool().all()):
+        context_attention_mask = None
+
+    # The generator's encoder runs once; generation and scoring both read its outputs.
+    encoder_states = generator.get_encoder()(
+        input_ids=context_input_ids, attention_mask=context_attention_mask, return_dict=True
+    ).last_hidden_state
+
+    kwargs = dict(model_kwargs)
+    sequences, beam_indices, recorder, steps, cross_attention = generate_hypotheses(
+        model,
+        encoder_states,
+        context_input_ids,
+        context_attention_mask,
+        num_beams,
+        decoding,
+        kwargs,
+        options,
+        fast_path,
+    )
+    rows_per_question = n_docs * num_beams
+    groups = candidate_groups(sequences, rows_per_question, deduplicate)
+    candidate_rows = torch.tensor([r for g in groups for r in g], device=sequences.device)
+    candidate_question = torch.tensor([q for q, g in enumerate(groups) for _ in g], device=sequences.device)
+    doc_logprobs = torch.log_softmax(doc_scores.float(), dim=-1)
+
+    if recorder is None:
+        # As Transformers: the leading BOS target is left out of a question's scores when all its candidates have it.
+        # T5 configs have no bos_token_id attribute at all (Transformers' own scoring crashes there).
+        bos = getattr(model.config, "bos_token_id", None) or getattr(
+            model.config.generator, "bos_token_id", None
+        )
+        if bos is None or sequences.shape[1] < 2:
+            use_bos = torch.zeros(batch_size, dtype=torch.bool, device=sequences.device)
+        else:
+            not_bos = sequences[candidate_rows, 1].ne(bos).long()
+            use_bos = torch.zeros(batch_size, dtype=torch.long, device=sequences.device)
+            use_bos = use_bos.index_add_(0, candidate_question, not_bos).eq(0)
+        known = None
+        if steps is not None and (num_beams == 1 or beam_indices is not None):
+            _, scored, _ = sequence_target_rules(sequences, pad, use_bos.repeat_interleave(rows_per_question))
+            row_ll = generated_pair_log_likelihoods(
+                steps, sequences, beam_indices if num_beams > 1 else None, scored
+            )
+            known = known_pairs(
+                producer_rows(sequences, groups, rows_per_question), row_ll, n_docs, num_beams
+            )
+        args = (
+            model,
+            encoder_states,
+            context_attention_mask,
+            doc_logprobs,
+            sequences,
+            candidate_rows,
+            candidate_question,
+            use_bos,
+        )
+        keywords = dict(
+            keep=num_return_sequences,
+            known=known,
+            cross_attention=cross_attention,
+            search=steps if known is not None else None,
+            fast_path=fast_path,
+        )
+        if options.trace is not None:
+            options.trace.scoring_calls.append((args, dict(keywords)))
+            if options.trace.before_scoring is not None:
+                options.trace.before_scoring()
+        scores = thorough_scores(*args, **keywords, options=options)
+        del steps, args, keywords
+    else:
+        generated_ll = generated_log_likelihoods(
+            recorder, sequences, beam_indices, eos_ids(generator, kwargs)
+        )
+        producers = producer_rows(sequences, groups, rows_per_question)
+        scores = fast_scores(generated_ll, producers, doc_logprobs, num_beams)
+
+    best = sequences.new_full((batch_size, num_return_sequences, sequences.shape[1]), pad)
+    offset = 0
+    for q, group in enumerate(groups):
+        group_scores = scores[offset : offset + len(group)]
+        k = min(num_return_sequences, len(group))
+        if k < num_return_sequences:
+            logger.warning(
+                "Question %d has %d distinct hypotheses, fewer than num_return_sequences=%d: padding the rest.",
+                q,
+                len(group),
+                num_return_sequences,
+            )
+        top = group_scores.topk(k).indices
+        best[q, :k] = sequences[candidate_rows[offset + top]]
+        offset += len(group)
+    return best
+
+
+def _questions_fitting(
+    generator: Any,
+    n_docs: int,
+    num_beams: int,
+    context_length: int,
+    model_kwargs: dict[str, Any],
+    budget_bytes: int,
+) -> int:
+    """How many questions one generator call may decode within ``budget_bytes`` (at least 1).
+
+    Beam search keeps, per beam row, the cross-attention keys/values of its context and the
+    self-attention cache of every layer, plus float32 logits over the vocabulary: that dominates the
+    peak (about 14 MiB per row for BART-large at 300 tokens in bf16, so about 0.3 GiB per question at 5
+    documents x 4 beams), which is why an unbounded batch can exhaust a GPU that decodes question by
+    question comfortably.
+    """
+    config = generator.config
+    layers = getattr(config, "decoder_layers", None) or getattr(config, "num_decoder_layers", None) or 1
+    hidden = getattr(config, "d_model", None) or getattr(config, "hidden_size", None) or 1
+    vocab = getattr(config, "vocab_size", 1)
+    # The embeddings' dtype is the caches' (quantized linear layers would report their packed storage).
+    element = generator.get_input_embeddings().weight.element_size()
+    if "max_new_tokens" in model_kwargs:
+        length = int(model_kwargs["max_new_tokens"]) + 1
+    else:
+        length = int(model_kwargs.get("max_length") or generator.generation_config.max_length or 20)
+    rows = n_docs * max(num_beams, 1)
+    per_row = layers * 2 * (context_length + length) * hidden * element  # caches
+    per_row += context_length * hidden * element  # encoder states expanded to the beams
+    per_row += 3 * vocab * 4  # float32 logits, their log-softmax and the processed scores of one step
+    return max(1, int(budget_bytes // (rows * per_row)))
+
+
+@torch.no_grad()
+def rag_sequence_generate(
+    model: Any,
+    input_ids: torch.LongTensor | None = None,
+    attention_mask: torch.LongTensor | None = None,
+    context_input_ids: torch.LongTensor | None = None,
+    context_attention_mask: torch.LongTensor | None = None,
+    doc_scores: torch.FloatTensor | None = None,
+    do_deduplication: bool | None = None,
+    num_return_sequences: int | None = None,
+    num_beams: int | None = None,
+    n_docs: int | None = None,
+    decoding: str = "thorough",
+    decoding_options: DecodingOptions | None = None,
+    **model_kwargs: Any,
+) -> torch.LongTensor:
+    """RAG-Sequence generation for a whole batch at once (backs ``RagSequenceForGeneration.generate``).
+
+    Args:
+        model: A RAG-Sequence model: ``config``, ``generator``, ``question_encoder`` and ``retriever``.
+        input_ids: `(batch_size, question_len)` question ids; used to retrieve when no contexts are given.
+        attention_mask: `(batch_size, question_len)` question mask.
+        context_input_ids: `(batch_size * n_docs, context_len)` retrieved contexts (skips retrieval).
+        context_attention_mask: `(batch_size * n_docs, context_len)` their mask (None: no padding).
+        doc_scores: `(batch_size, n_docs)` question-document scores; required with ``context_input_ids``.
+        do_deduplication: Drop repeated hypotheses of a question (default ``config.do_deduplication``).
+        num_return_sequences: Hypotheses returned per question (default 1).
+        num_beams: Beams per (question, document) (default 1: greedy).
+        n_docs: Documents per question (default ``config.n_docs``).
+        decoding: ``"thorough"`` (score every hypothesis under every document) or ``"fast"`` (a
+            hypothesis counts only under the documents whose beam produced it; no extra forward pass).
+        decoding_options: Paths and budgets (:class:`~ragkit.generation.DecodingOptions`); defaults when None.
+            ``DecodingOptions(fast_path=False)`` leaves the generator's modules untouched.
+        **model_kwargs: Passed to the generator's ``generate`` (``max_length``, ``min_length``, ...), except
+            the question tokenizer's further outputs (``token_type_ids``), which go to the question encoder.
+            ``questions_per_batch`` (ragkit only) decodes that many questions per generator call to
+            cap memory; by default the whole batch goes at once, except on CUDA where as many questions
+            go together as fit in half the free GPU memory (same output either way).
+
+    Returns:
+        `(batch_size * num_return_sequences, tgt_len)` token ids, best first per question, padded
+        with the generator's pad token.
+    """
+    options = resolve_options(decoding_options)
+    do_deduplication, num_return_sequences, num_beams, n_docs = _resolve_decoding_settings(
+        model, do_deduplication, num_return_sequences, num_beams, n_docs, decoding
+    )
+    questions_per_batch = model_kwargs.pop("questions_per_batch", None)
+    question_encoder_kwargs = pop_question_encoder_kwargs(model.question_encoder, model_kwargs)
+    for key in ("num_return_sequences", "num_beams", "return_dict_in_generate", "output_scores"):
+        if key in model_kwargs:
+            raise RagInputError(f"`{key}` cannot be passed to RAG-Sequence generate through **kwargs here.")
+    check_generation_kwargs(model_kwargs)
+    model_kwargs.pop("attention_mask", None)  # the context mask is used instead
+    if decoding == "fast":
+        do_sample = model_kwargs.get("do_sample", model.generator.generation_config.do_sample)
+        if do_sample:
+            raise RagInputError(
+                "decoding='fast' needs greedy or beam search; pass do_sample=False or decoding='thorough'."
+            )
+
+    context_input_ids, context_attention_mask, doc_scores = resolve_contexts(
+        model,
+        input_ids,
+        attention_mask,
+        context_input_ids,
+        context_attention_mask,
+        doc_scores,
+        n_docs,
+        question_encoder_kwargs,
+    )
+    context_input_ids, context_attention_mask = trimmed(context_input_ids, context_attention_mask)
+    batch_size = doc_scores.shape[0]
+    if questions_per_batch is None:
+        step = batch_size
+        if context_input_ids.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(context_input_ids.device)
+            step = _questions_fitting(
+                model.generator, n_docs, num_beams, context_input_ids.shape[1], model_kwargs, free // 2
+            )
+            if step < batch_size:
+                logger.info(
+                    "Decoding %d questions per generator call (of %d) to stay within half the free GPU memory; "
+                    "pass questions_per_batch to choose.",
+                    step,
+                    batch_size,
+                )
+    else:
+        step = int(questions_per_batch)
+    if step < 1:
+        raise RagInputError(f"`questions_per_batch` must be a positive integer, got {questions_per_batch}.")
+
+    parts = []
+    for first in range(0, batch_size, step):
+        last = min(batch_size, first + step)
+        rows = slice(first * n_docs, last * n_docs)
+        with generator_lock(model.generator):
+            fast_path = fast_path_allowed(model.generator, options)
+            with decoding_call():
+                decoded = _decode_questions(
+                    model,
+                    context_input_ids[rows],
+                    None if context_attention_mask is None else context_attention_mask[rows],
+                    doc_scores[first:last],
+                    do_deduplication,
+                    num_return_sequences,
+                    num_beams,
+                    n_docs,
+                    decoding,
+                    model_kwargs,
+                    options,
+                    fast_path,
+                )
+        parts.append(decoded)
+    pad = model.config.generator.pad_token_id
+    width = max(part.shape[-1] for part in parts)
+    output = parts[0].new_full((batch_size, num_return_sequences, width), pad)
+    first = 0
+    for part in parts:
+        output[first : first + part.shape[0], :, : part.shape[-1]] = part
+        first += part.shape[0]
+    return output.view(batch_size * num_return_sequences, width)
