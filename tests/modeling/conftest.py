@@ -10,13 +10,13 @@ from ragkit.testing import tiny_rag_config
 
 @pytest.fixture(scope="session")
 def retrievers(question_encoder_tokenizer, generator_tokenizer, indexed_dataset):
-    """generator kind -> (reference retriever, retriever for ragkit models: ragkit's own once it exists)."""
+    """generator kind -> (reference retriever, ragkit's own retriever over the same passages and index)."""
     out = {}
     for kind in ("bart", "t5"):
         config = tiny_rag_config(kind, hidden_size=32)
         ref = reference_retriever(config, question_encoder_tokenizer, generator_tokenizer, indexed_dataset)
         ours = ragkit_retriever(config, question_encoder_tokenizer, generator_tokenizer, indexed_dataset)
-        out[kind] = (ref, ours if ours is not None else ref)
+        out[kind] = (ref, ours)
     return out
 
 

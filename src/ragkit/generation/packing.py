@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from transformers.modeling_outputs import BaseModelOutput
@@ -21,12 +21,23 @@ from ..errors import RagInputError
 from .calls import owned_by_this_call
 from .options import DecodingOptions
 
-if TYPE_CHECKING:
-    from .scoring import CandidateScores
-
 __all__ = ["PositionsByDepth", "packed_inputs", "packed_scoring_positions", "packed_thorough_scores"]
 
 logger = logging.getLogger(__name__)
+
+
+class _Scores(Protocol):
+    """What packing needs of :class:`ragkit.generation.scoring.CandidateScores` (which imports this module)."""
+
+    n_docs: int
+    complete: torch.Tensor
+    budget: int
+
+    def add(self, *args: Any) -> None: ...
+
+    def run(self) -> None: ...
+
+    def scores(self) -> torch.Tensor: ...
 
 
 def packed_scoring_positions(
@@ -175,7 +186,7 @@ def packed_thorough_scores(
     positions_module: torch.nn.Module,
     encoder_states: torch.Tensor,
     context_attention_mask: torch.Tensor | None,
-    scoring: CandidateScores,
+    scoring: _Scores,
     candidates: torch.Tensor,
     candidate_question: torch.Tensor,
     counted: torch.Tensor,
