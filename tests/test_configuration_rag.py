@@ -20,7 +20,7 @@ RAGKIT_ONLY_FIELDS = {
     "question_encoder_pooling",
     "question_encoder_normalize",
 }
-# In the seed's signature; transformers 5 moved it to the generation config, so its RagConfig lacks it.
+# In the documented RagConfig signature; transformers 5 moved it to the generation config, so its RagConfig lacks it.
 SEED_ONLY_FIELDS = {"forced_eos_token_id"}
 
 

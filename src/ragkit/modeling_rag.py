@@ -77,7 +77,7 @@ _RAG_TOKEN_DECODING: contextvars.ContextVar[bool] = contextvars.ContextVar(
 
 
 def _resolve_cache(past_key_values: Cache | None, cache: Cache | None) -> Cache | None:
-    """Merge the seed's ``past_key_values`` and transformers 5's ``cache`` argument into one."""
+    """Merge the documented ``past_key_values`` and transformers 5's ``cache`` argument into one."""
     if past_key_values is not None and cache is not None and past_key_values is not cache:
         raise RagInputError("Pass the decoder cache as either `past_key_values` or `cache`, not both.")
     return cache if cache is not None else past_key_values
@@ -298,7 +298,7 @@ def _restore_context_length(
 
 
 def _architecture_mismatch_warning(cls: type, config: PretrainedConfig) -> None:
-    """Log a warning when a RAG-Token checkpoint is loaded into the Sequence head or the reverse (issue 7831)."""
+    """Log a warning when a RAG-Token checkpoint is loaded into the Sequence head or the reverse (Transformers issue 7831)."""
     expected = getattr(cls, "_rag_head", None)
     if expected is None:
         return
@@ -458,7 +458,7 @@ def _part_devices(model: RagModel) -> tuple[torch.device, torch.device]:
 
 
 class _CacheAliasMixin:
-    """Expose the decoder cache under the seed's name ``past_key_values`` as well as ``cache``, silently."""
+    """Expose the decoder cache under the documented name ``past_key_values`` as well as ``cache``, silently."""
 
     @property
     def past_key_values(self) -> Cache | None:

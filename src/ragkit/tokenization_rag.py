@@ -182,7 +182,7 @@ class RagTokenizer:
         truncation: bool = True,
         **kwargs: Any,
     ) -> BatchEncoding:
-        """Tokenize questions (and optionally targets) into one batch, as the seed's first example uses it.
+        """Tokenize questions (and optionally targets) into one batch, as the API reference's first example uses it.
 
         Args:
             src_texts: Question(s), tokenized with the question encoder's tokenizer.

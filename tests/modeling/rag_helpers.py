@@ -91,7 +91,7 @@ def build_pair(head: str, generator_kind: str, retrievers: dict, seed: int = 0, 
 
 
 def retrieved_contexts(pair: Pair, questions, n_docs: int | None = None) -> dict:
-    """Contexts and doc scores computed outside the model, as in the seed's 'use retriever separately' example."""
+    """Contexts and doc scores computed outside the model, as in the API reference's 'use retriever separately' example."""
     n_docs = n_docs or pair.config.n_docs
     with torch.no_grad():
         question_hidden_states = pair.reference.question_encoder(

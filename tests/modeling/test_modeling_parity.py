@@ -2,7 +2,7 @@
 
 Tolerance: 1e-5 absolute on logits, doc scores, hidden states and losses (float32, CPU). The
 retriever paths run the full pipeline (question encoder -> retriever -> generator); the
-no-retriever paths pass contexts and doc scores computed outside, as in the seed's example.
+no-retriever paths pass contexts and doc scores computed outside, as in the API reference's example.
 """
 
 from __future__ import annotations
