@@ -25,6 +25,7 @@ __all__ = [
     "rag_sequence_nll",
     "rag_token_nll",
     "replace_ignore_index",
+    "sequence_target_rules",
     "shift_targets_left",
     "smoothed_loss",
 ]
@@ -69,6 +70,36 @@ def shift_targets_left(target: torch.Tensor, pad_token_id: int) -> torch.Tensor:
         `(batch_size, target_length)` targets of each position.
     """
     return torch.cat([target[:, 1:], target.new_full((target.shape[0], 1), pad_token_id)], 1)
+
+
+def sequence_target_rules(
+    sequences: torch.Tensor, pad: int, exclude_leading_bos: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The RAG-Sequence loss rules for decoder sequences, as Transformers' ``get_nll`` applies them.
+
+    A sequence ``y`` (decoder start token first) scores, under document ``d``,
+    ``log p(d|x) * [target 1 is not pad] + sum_t log p(target_t | y_<=t, d) * counted_t``, where
+    ``target_t = y_{t+1}``, ``counted_t`` is false for pad targets and, where ``exclude_leading_bos``, for
+    target 0 (the BOS after the decoder start). The document prior sits on the second target token and is
+    lost with it when that token is a pad. The score is ``logsumexp_d`` of those terms. With label
+    smoothing ``eps``, it is ``(1 - eps) * that + eps / vocab * logsumexp_d(vocab * log p(d|x) + sum over
+    non-pad targets (BOS included) of the sum over the vocabulary of the log-probabilities)``.
+
+    Args:
+        sequences: `(rows, tgt_len)` decoder sequences, decoder start token first, right-padded.
+        pad: The generator's pad token id.
+        exclude_leading_bos: `(rows,)` bool, whether each row's target 0 is left out.
+
+    Returns:
+        `(rows, tgt_len)` targets (pad after the end), `(rows, tgt_len)` bool counted targets, and
+        `(rows,)` bool whether the document prior is added.
+    """
+    target = shift_targets_left(sequences, pad)
+    nonpad = target.ne(pad)
+    counted = nonpad.clone()
+    counted[:, 0] &= ~exclude_leading_bos
+    has_prior = nonpad[:, 1] if target.shape[1] > 1 else torch.zeros_like(nonpad[:, 0])
+    return target, counted, has_prior
 
 
 def smoothed_loss(
@@ -300,23 +331,18 @@ def rag_sequence_nll(
     """
     batch_size = doc_scores.shape[0]
     n_docs = n_docs if n_docs is not None else seq_logits.shape[0] // batch_size
-    target = shift_targets_left(replace_ignore_index(target, pad_token_id), pad_token_id)
-    target = target.to(seq_logits.device)
+    decoder_inputs = replace_ignore_index(target, pad_token_id).to(seq_logits.device)
+    target = shift_targets_left(decoder_inputs, pad_token_id)
     vocab_size = seq_logits.shape[-1]
     use_bos = bos_token_id is not None and bool(target[:, 0].eq(bos_token_id).all())
     with_sum = epsilon != 0.0
 
-    length = target.shape[1]
     token_lp, sum_lp = _token_logprobs(seq_logits, target, n_docs, with_sum)
     doc_logprobs = torch.log_softmax(doc_scores.to(seq_logits.device).float(), dim=1)  # (batch_size, n_docs)
 
-    scored = target.ne(pad_token_id)  # (batch_size, length)
-    if exclude_bos_score and use_bos:
-        scored[:, 0] = False
-    # The prior enters once per sequence, at the second position, and only if that position is scored
-    # (as the reference adds it there before masking padding).
-    has_prior = target[:, 1:2].ne(pad_token_id) if length > 1 else torch.zeros_like(scored[:, :1])
-    prior = doc_logprobs * has_prior  # (batch_size, n_docs)
+    exclude = torch.full((target.shape[0],), exclude_bos_score and use_bos, device=target.device)
+    _, scored, has_prior = sequence_target_rules(decoder_inputs, pad_token_id, exclude)
+    prior = doc_logprobs * has_prior[:, None]  # (batch_size, n_docs)
     ll = (token_lp * scored[:, None, :].to(token_lp.dtype)).sum(dim=2) + prior
     # A row with nothing to score has probability 1, loss 0 (a log-sum-exp over n_docs zeros, as the
     # reference takes, would give -log(n_docs) and lower the batch's loss).
@@ -358,8 +384,8 @@ def rag_token_nll(
     """
     batch_size = doc_scores.shape[0]
     n_docs = n_docs if n_docs is not None else seq_logits.shape[0] // batch_size
-    target = shift_targets_left(replace_ignore_index(target, pad_token_id), pad_token_id)
-    target = target.to(seq_logits.device)
+    decoder_inputs = replace_ignore_index(target, pad_token_id).to(seq_logits.device)
+    target = shift_targets_left(decoder_inputs, pad_token_id)
     vocab_size = seq_logits.shape[-1]
     doc_logprobs = torch.log_softmax(doc_scores.to(seq_logits.device).float(), dim=1)
     if epsilon == 0.0:

@@ -11,7 +11,7 @@ everywhere.
 Decoding modes:
 
 - ``"thorough"``: every (deduplicated) hypothesis of a question is scored against every document of that
-  question, exactly as Transformers' RAG-Sequence loss does (:func:`.scoring.sequence_target_rules`).
+  question, exactly as Transformers' RAG-Sequence loss does (:func:`ragkit.losses.sequence_target_rules`).
 - ``"fast"``: a hypothesis counts only under the documents whose beam produced it (:mod:`.fast`).
 """
 
@@ -23,13 +23,14 @@ from typing import Any
 import torch
 
 from ..errors import RagInputError
+from ..losses import sequence_target_rules
 from .arguments import check_count, check_generation_kwargs
 from .calls import decoding_call, generator_lock
 from .contexts import pop_question_encoder_kwargs, resolve_contexts, trimmed
 from .fast import eos_ids, fast_scores, generated_log_likelihoods
 from .options import DecodingOptions, resolve_options
 from .probe import fast_path_allowed
-from .scoring import sequence_target_rules, thorough_scores
+from .scoring import thorough_scores
 from .search import (
     candidate_groups,
     generate_hypotheses,

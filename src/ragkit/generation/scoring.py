@@ -1,6 +1,6 @@
 """RAG-Sequence "thorough" scoring: every hypothesis of a question against every document of that question.
 
-Scores are minus Transformers' RAG-Sequence loss (:func:`sequence_target_rules`: the leading BOS left out,
+Scores are minus Transformers' RAG-Sequence loss (:func:`ragkit.losses.sequence_target_rules`: the leading BOS left out,
 the document prior at the second target token, label smoothing from the config), and each distinct
 (document, prefix) is computed at most once:
 
@@ -26,42 +26,13 @@ import torch
 from transformers.modeling_outputs import BaseModelOutput
 
 from .. import _compat
+from ..losses import sequence_target_rules
 from .calls import owned_by_this_call
 from .options import DecodingOptions
 from .packing import packed_scoring_positions, packed_thorough_scores
 from .search import StepStates, expanded_prefix_log_probs
 
-__all__ = ["CandidateScores", "log_prob_upper_bounds", "sequence_target_rules", "thorough_scores"]
-
-
-def sequence_target_rules(
-    sequences: torch.Tensor, pad: int, exclude_leading_bos: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The RAG-Sequence loss rules for decoder sequences, as Transformers' ``get_nll`` applies them.
-
-    A sequence ``y`` (decoder start token first) scores, under document ``d``,
-    ``log p(d|x) * [target 1 is not pad] + sum_t log p(target_t | y_<=t, d) * counted_t``, where
-    ``target_t = y_{t+1}``, ``counted_t`` is false for pad targets and, where ``exclude_leading_bos``, for
-    target 0 (the BOS after the decoder start). The document prior sits on the second target token and is
-    lost with it when that token is a pad. The score is ``logsumexp_d`` of those terms. With label
-    smoothing ``eps``, it is ``(1 - eps) * that + eps / vocab * logsumexp_d(vocab * log p(d|x) + sum over
-    non-pad targets (BOS included) of the sum over the vocabulary of the log-probabilities)``.
-
-    Args:
-        sequences: `(rows, tgt_len)` decoder sequences, decoder start token first, right-padded.
-        pad: The generator's pad token id.
-        exclude_leading_bos: `(rows,)` bool, whether each row's target 0 is left out.
-
-    Returns:
-        `(rows, tgt_len)` targets (pad after the end), `(rows, tgt_len)` bool counted targets, and
-        `(rows,)` bool whether the document prior is added.
-    """
-    target = torch.cat([sequences[:, 1:], sequences.new_full((sequences.shape[0], 1), pad)], dim=1)
-    nonpad = target.ne(pad)
-    counted = nonpad.clone()
-    counted[:, 0] &= ~exclude_leading_bos
-    has_prior = nonpad[:, 1] if target.shape[1] > 1 else torch.zeros_like(nonpad[:, 0])
-    return target, counted, has_prior
+__all__ = ["CandidateScores", "log_prob_upper_bounds", "thorough_scores"]
 
 
 def prefix_ids(candidates: list[list[int]], candidate_question: list[int]) -> torch.Tensor:
