@@ -60,6 +60,9 @@ CUSTOM_INDEX = "tests/retrieval/test_custom_index.py"
 TRAINING_LOOP = "tests/applications/test_training_loop.py"
 ACCUMULATION = "tests/applications/test_training_loop.py::test_accumulation_gives_the_unaccumulated_steps"
 TRAINING_ARGUMENTS = "tests/applications/test_training_arguments.py"
+PARTIAL_CHUNKS = "tests/modeling/test_mutation_kills_partial_chunks.py"
+RETRIEVAL_CHUNKS = "tests/modeling/test_mutation_kills_retrieval_chunks.py"
+MAX_COMBINED_FLAG = "tests/applications/test_mutation_kills_max_combined_length.py"
 
 
 @dataclass(frozen=True)
@@ -226,7 +229,7 @@ MUTANTS: list[Mutant] = [
                 "for start in range(0, max(1, total - step + 1), step)]",
             )
         ],
-        [LOSSES],
+        [PARTIAL_CHUNKS, LOSSES],
     ),
     # ------------------------------------------------------------------ shared loss helpers
     _m(
@@ -331,6 +334,18 @@ MUTANTS: list[Mutant] = [
         [TOKEN_DECODING],
     ),
     _m(
+        "token-beam-doc-scores-order",
+        "generation/rag_token.py: rag_token_generate",
+        "beam search gives each hypothesis the document scores of the question it is tiled with, not its own",
+        [
+            (
+                'model_kwargs["doc_scores"] = doc_scores.repeat_interleave(expand, dim=0)',
+                'model_kwargs["doc_scores"] = doc_scores.repeat(expand, 1)',
+            )
+        ],
+        [TOKEN_DECODING],
+    ),
+    _m(
         "token-loss-doc-softmax-axis",
         "losses.py: rag_token_nll",
         "the RAG-Token loss normalizes document scores over the batch instead of over documents",
@@ -413,7 +428,7 @@ MUTANTS: list[Mutant] = [
                 "return [t[i : i + chunk_size] for i in range(0, len(t) - chunk_size + 1, chunk_size)]",
             )
         ],
-        [CUSTOM_INDEX],
+        [RETRIEVAL_CHUNKS, CUSTOM_INDEX],
     ),
     _m(
         "retrieval-doc-question-order",
@@ -507,14 +522,14 @@ MUTANTS: list[Mutant] = [
                 "pass",
             )
         ],
-        [TRAINING_LOOP],
+        [MAX_COMBINED_FLAG, TRAINING_LOOP],
     ),
     _m(
         "finetune-max-combined-length-retriever-config",
         "finetuning/trainer.py: RagTrainer._set_max_combined_length",
         "--max_combined_length reaches the model config but not the retriever's own config",
         [("retriever_config.max_combined_length = length", "pass")],
-        [TRAINING_LOOP],
+        [MAX_COMBINED_FLAG, TRAINING_LOOP],
     ),
 ]
 
