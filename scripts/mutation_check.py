@@ -46,20 +46,23 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = "ragkit"
 
-# Test selections, named once: several mutants share them.
+# Test selections, named once: several mutants share them. Only fast unit tests: each mutant's
+# selection runs in well under a minute when nothing fails.
+LOSSES = "tests/modeling/test_losses.py"
+LOSS_PARITY = "tests/modeling/test_loss_parity.py"
+MARGINALIZE_GRADIENTS = (
+    "tests/modeling/test_loss_parity.py::test_marginalized_logits_have_the_reference_gradients"
+)
 PARITY = "tests/modeling/test_modeling_parity.py"
-ERRORS = "tests/modeling/test_errors.py"
-TRAINING = "tests/modeling/test_training.py"
 TOKEN_DECODING = "tests/modeling/test_rag_token_decoding.py"
 THOROUGH = "tests/modeling/test_generation.py::test_thorough_matches_reference"
 CUSTOM_INDEX = "tests/retrieval/test_custom_index.py"
-FINETUNING = "tests/applications/test_finetuning.py"
-COMMANDS_FINETUNE = "tests/applications/test_commands.py::test_consolidate_finetune_resume_eval"
-COMMANDS_END2END = "tests/applications/test_commands.py::test_finetune_from_encoder_and_generator_end2end"
-# Optional ("?"): run when the file exists, skipped without a word when it does not.
-LOSSES = "?tests/modeling/test_losses.py"
-LOSS_PARITY = "?tests/modeling/test_loss_parity.py"
-TRAINING_LOOP = "?tests/applications/test_training_loop.py"
+TRAINING_LOOP = "tests/applications/test_training_loop.py"
+ACCUMULATION = "tests/applications/test_training_loop.py::test_accumulation_gives_the_unaccumulated_steps"
+TRAINING_ARGUMENTS = "tests/applications/test_training_arguments.py"
+PARTIAL_CHUNKS = "tests/modeling/test_mutation_kills_partial_chunks.py"
+RETRIEVAL_CHUNKS = "tests/modeling/test_mutation_kills_retrieval_chunks.py"
+MAX_COMBINED_FLAG = "tests/applications/test_mutation_kills_max_combined_length.py"
 
 
 @dataclass(frozen=True)
@@ -92,77 +95,146 @@ MUTANTS: list[Mutant] = [
     # ------------------------------------------------------------------ RAG-Sequence loss
     _m(
         "seq-exclude-bos-ignored",
-        "modeling_rag.py: RagSequenceForGeneration.get_nll",
+        "losses.py: rag_sequence_nll",
         "exclude_bos_score has no effect: the BOS target is always scored",
+        [("if exclude_bos_score and use_bos:\n        scored[:, 0] = False", "if False:\n        pass")],
+        [LOSSES, LOSS_PARITY],
+    ),
+    _m(
+        "seq-exclude-bos-any-row",
+        "losses.py: rag_sequence_nll",
+        "exclude_bos_score drops the first position when any row (not every row) starts with BOS",
         [
             (
-                "ll = ll[:, :, 1:].sum(2) if exclude_bos_score and use_bos else ll.sum(2)",
-                "ll = ll.sum(2)",
+                "bool(target[:, 0].eq(bos_token_id).all())",
+                "bool(target[:, 0].eq(bos_token_id).any())",
             )
         ],
-        [LOSS_PARITY, LOSSES, PARITY, ERRORS],
+        [LOSSES, LOSS_PARITY],
     ),
     _m(
         "seq-doc-prior-dropped",
-        "modeling_rag.py: RagSequenceForGeneration.get_nll",
+        "losses.py: rag_sequence_nll",
         "the document prior is left out of the sequence log-likelihood",
         [
             (
-                "ll = torch.cat([ll[:, :, :1], ll[:, :, 1:2] + doc_logprobs.unsqueeze(-1), ll[:, :, 2:]], dim=2)",
-                "ll = torch.cat([ll[:, :, :1], ll[:, :, 1:2], ll[:, :, 2:]], dim=2)",
+                "ll = (token_lp * scored[:, None, :].to(token_lp.dtype)).sum(dim=2) + prior",
+                "ll = (token_lp * scored[:, None, :].to(token_lp.dtype)).sum(dim=2)",
             )
         ],
-        [PARITY, LOSSES],
+        [LOSSES, LOSS_PARITY, PARITY],
     ),
     _m(
         "seq-doc-softmax-axis",
-        "modeling_rag.py: RagSequenceForGeneration.get_nll",
+        "losses.py: rag_sequence_nll",
         "document scores normalized over the batch instead of over documents",
         [
             (
-                "doc_logprobs = nn.functional.log_softmax(doc_scores.float(), dim=1)  # (batch_size, n_docs)",
-                "doc_logprobs = nn.functional.log_softmax(doc_scores.float(), dim=0)  # (batch_size, n_docs)",
+                "doc_logprobs = torch.log_softmax(doc_scores.to(seq_logits.device).float(), dim=1)  # (batch_size, n_docs)",
+                "doc_logprobs = torch.log_softmax(doc_scores.to(seq_logits.device).float(), dim=0)  # (batch_size, n_docs)",
             )
         ],
-        [PARITY, LOSSES],
+        [LOSSES, LOSS_PARITY, PARITY],
     ),
     _m(
         "seq-n-docs-reshape-order",
-        "modeling_rag.py: RagSequenceForGeneration.get_nll",
+        "losses.py: _token_logprobs",
         "generator rows read as (n_docs, batch) instead of (batch, n_docs)",
         [
             (
-                "seq_logits.shape[0] // n_docs, n_docs, -1, vocab_size\n"
-                "        )  # (batch_size, n_docs, target_length, vocab_size)",
-                "n_docs, seq_logits.shape[0] // n_docs, -1, vocab_size\n"
-                "        ).transpose(0, 1)  # (batch_size, n_docs, target_length, vocab_size)",
+                "return token_lp.view(shape), sum_lp.view(shape)",
+                "return (\n        token_lp.view(n_docs, rows // n_docs, length).transpose(0, 1),\n"
+                "        sum_lp.view(n_docs, rows // n_docs, length).transpose(0, 1),\n    )",
             )
         ],
-        [PARITY, LOSSES],
+        [LOSSES, LOSS_PARITY, PARITY],
+    ),
+    _m(
+        "loss-target-row-order",
+        "losses.py: _token_logprobs",
+        "each question's target repeated batch-major, so a row is scored against another question's target",
+        [("rows_target = target.repeat_interleave(n_docs, dim=0)", "rows_target = target.repeat(n_docs, 1)")],
+        [LOSSES, LOSS_PARITY, PARITY],
     ),
     _m(
         "seq-max-instead-of-logsumexp",
-        "modeling_rag.py: RagSequenceForGeneration.get_nll",
+        "losses.py: rag_sequence_nll",
         "the best document only instead of the marginal over documents",
-        [("nll_loss = -ll.logsumexp(1)  # over documents", "nll_loss = -ll.max(1).values  # over documents")],
-        [PARITY, LOSSES],
+        [("nll_loss = (-ll.logsumexp(dim=1))", "nll_loss = (-ll.max(dim=1).values)")],
+        [LOSSES, LOSS_PARITY, PARITY],
     ),
     _m(
         "seq-padding-scored",
-        "modeling_rag.py: RagSequenceForGeneration.get_nll",
+        "losses.py: rag_sequence_nll",
         "padding positions count in the sequence log-likelihood",
         [
             (
-                "pad_mask = target.eq(pad_token_id).unsqueeze(1)\n        ll = ll.masked_fill(pad_mask, 0.0)",
-                "pad_mask = target.eq(pad_token_id).unsqueeze(1)",
+                "scored = target.ne(pad_token_id)  # (batch_size, length)",
+                "scored = torch.ones_like(target, dtype=torch.bool)  # (batch_size, length)",
             )
         ],
-        [PARITY, LOSSES],
+        [LOSSES, LOSS_PARITY, PARITY],
+    ),
+    _m(
+        "seq-logsumexp-over-positions",
+        "losses.py: rag_sequence_nll",
+        "sequence scores reduced with logsumexp over positions instead of a sum",
+        [
+            (
+                "ll = (token_lp * scored[:, None, :].to(token_lp.dtype)).sum(dim=2) + prior",
+                "ll = (token_lp * scored[:, None, :].to(token_lp.dtype)).logsumexp(dim=2) + prior",
+            )
+        ],
+        [LOSSES, LOSS_PARITY, PARITY],
+    ),
+    _m(
+        "seq-smoothing-prior-unscaled",
+        "losses.py: rag_sequence_nll",
+        "label smoothing's term adds the document prior once instead of vocab_size times",
+        [
+            (
+                "smooth = (sum_lp * not_pad[:, None, :].to(sum_lp.dtype)).sum(dim=2) + vocab_size * prior",
+                "smooth = (sum_lp * not_pad[:, None, :].to(sum_lp.dtype)).sum(dim=2) + prior",
+            )
+        ],
+        [LOSSES, LOSS_PARITY],
+    ),
+    # ------------------------------------------------------------------ fused gradients (RAG-Sequence)
+    _m(
+        "seq-grad-target-onehot-missing",
+        "losses.py: _TokenLogProbs.backward",
+        "the backward pass leaves out the target's one-hot term of the log-softmax gradient",
+        [
+            (
+                "out.scatter_add_(1, target[start:stop, None], grad_token[start:stop, None])",
+                "out.scatter_add_(1, target[start:stop, None], 0.0 * grad_token[start:stop, None])",
+            )
+        ],
+        [LOSSES, LOSS_PARITY],
+    ),
+    _m(
+        "seq-grad-smoothing-term-missing",
+        "losses.py: _TokenLogProbs.backward",
+        "with label smoothing, the gradient of the vocabulary sum misses its constant term",
+        [("out.add_(grad_sum[start:stop, None])", "out.add_(0.0 * grad_sum[start:stop, None])")],
+        [LOSSES, LOSS_PARITY],
+    ),
+    _m(
+        "loss-chunks-last-partial-dropped",
+        "losses.py: _chunks",
+        "the chunked log-normalizer and gradients skip the last, partial chunk of positions",
+        [
+            (
+                "for start in range(0, total, step)]",
+                "for start in range(0, max(1, total - step + 1), step)]",
+            )
+        ],
+        [PARTIAL_CHUNKS, LOSSES],
     ),
     # ------------------------------------------------------------------ shared loss helpers
     _m(
         "loss-label-shift-missing",
-        "modeling_rag.py: _shift_left",
+        "losses.py: shift_targets_left",
         "targets not shifted: position t is scored against its own input token",
         [
             (
@@ -170,11 +242,11 @@ MUTANTS: list[Mutant] = [
                 "return target",
             )
         ],
-        [PARITY, LOSSES],
+        [LOSSES, LOSS_PARITY, PARITY],
     ),
     _m(
         "loss-label-shift-off-by-one",
-        "modeling_rag.py: _shift_left",
+        "losses.py: shift_targets_left",
         "targets shifted by two positions: each position is scored against the token after next",
         [
             (
@@ -182,38 +254,21 @@ MUTANTS: list[Mutant] = [
                 "return torch.cat([target[:, 2:], target.new_full((target.shape[0], 2), pad_token_id)], 1)",
             )
         ],
-        [PARITY, LOSSES],
-    ),
-    _m(
-        "seq-logsumexp-over-positions",
-        "modeling_rag.py: RagSequenceForGeneration.get_nll",
-        "sequence scores reduced with logsumexp over positions instead of a sum",
-        [
-            (
-                "ll = ll[:, :, 1:].sum(2) if exclude_bos_score and use_bos else ll.sum(2)",
-                "ll = ll[:, :, 1:].logsumexp(2) if exclude_bos_score and use_bos else ll.logsumexp(2)",
-            )
-        ],
-        [PARITY, LOSSES],
+        [LOSSES, LOSS_PARITY, PARITY],
     ),
     _m(
         "loss-smoothing-weight",
-        "modeling_rag.py: _smoothed_loss",
+        "losses.py: smoothed_loss",
         "label smoothing's per-token weight is epsilon instead of epsilon / vocab_size",
-        [("eps_i = epsilon / vocab_size", "eps_i = epsilon")],
-        [PARITY, LOSSES],
+        [("+ (epsilon / vocab_size) * smooth_loss", "+ epsilon * smooth_loss")],
+        [LOSSES, LOSS_PARITY],
     ),
     _m(
         "loss-smoothing-nll-unweighted",
-        "modeling_rag.py: _smoothed_loss",
+        "losses.py: smoothed_loss",
         "the NLL term is not down-weighted by 1 - epsilon",
-        [
-            (
-                "return (1.0 - epsilon) * nll_loss + eps_i * smooth_loss",
-                "return nll_loss + eps_i * smooth_loss",
-            )
-        ],
-        [PARITY, LOSSES],
+        [("return (1.0 - epsilon) * nll_loss + ", "return nll_loss + ")],
+        [LOSSES, LOSS_PARITY],
     ),
     # ------------------------------------------------------------------ RAG-Token marginalization and loss
     _m(
@@ -226,7 +281,7 @@ MUTANTS: list[Mutant] = [
                 "if seq_logprobs.requires_grad:\n            seq_logprobs = seq_logprobs + doc_logprobs.detach()\n",
             )
         ],
-        [LOSS_PARITY, LOSSES, PARITY, TRAINING],
+        [MARGINALIZE_GRADIENTS],
     ),
     _m(
         "token-grad-branch-prior-as-probability",
@@ -238,14 +293,14 @@ MUTANTS: list[Mutant] = [
                 "if seq_logprobs.requires_grad:\n            seq_logprobs = seq_logprobs + doc_logprobs.exp()\n",
             )
         ],
-        [LOSS_PARITY, LOSSES, PARITY, TRAINING],
+        [MARGINALIZE_GRADIENTS],
     ),
     _m(
         "token-no-grad-prior-dropped",
         "modeling_rag.py: RagTokenForGeneration.marginalize",
         "without gradients, the document prior is not added",
         [("seq_logprobs.add_(doc_logprobs)", "seq_logprobs.add_(torch.zeros_like(doc_logprobs))")],
-        [PARITY, LOSSES],
+        [PARITY],
     ),
     _m(
         "token-doc-softmax-axis",
@@ -257,14 +312,14 @@ MUTANTS: list[Mutant] = [
                 "doc_logprobs = torch.log_softmax(doc_scores.float(), dim=0)[:, :, None, None]",
             )
         ],
-        [PARITY, LOSSES],
+        [MARGINALIZE_GRADIENTS, PARITY],
     ),
     _m(
         "token-mean-instead-of-logsumexp",
         "modeling_rag.py: RagTokenForGeneration.marginalize",
         "documents averaged in log space instead of marginalized",
         [("return torch.logsumexp(seq_logprobs, dim=1)", "return seq_logprobs.mean(dim=1)")],
-        [PARITY, LOSSES],
+        [MARGINALIZE_GRADIENTS, PARITY],
     ),
     _m(
         "token-decoding-mixture-unweighted",
@@ -279,11 +334,88 @@ MUTANTS: list[Mutant] = [
         [TOKEN_DECODING],
     ),
     _m(
+        "token-beam-doc-scores-order",
+        "generation/rag_token.py: rag_token_generate",
+        "beam search gives each hypothesis the document scores of the question it is tiled with, not its own",
+        [
+            (
+                'model_kwargs["doc_scores"] = doc_scores.repeat_interleave(expand, dim=0)',
+                'model_kwargs["doc_scores"] = doc_scores.repeat(expand, 1)',
+            )
+        ],
+        [TOKEN_DECODING],
+    ),
+    _m(
+        "token-loss-doc-softmax-axis",
+        "losses.py: rag_token_nll",
+        "the RAG-Token loss normalizes document scores over the batch instead of over documents",
+        [
+            (
+                "doc_logprobs = torch.log_softmax(doc_scores.to(seq_logits.device).float(), dim=1)\n    if epsilon",
+                "doc_logprobs = torch.log_softmax(doc_scores.to(seq_logits.device).float(), dim=0)\n    if epsilon",
+            )
+        ],
+        [LOSSES, LOSS_PARITY, PARITY],
+    ),
+    _m(
+        "token-loss-prior-detached",
+        "losses.py: rag_token_nll",
+        "without smoothing, the RAG-Token loss detaches the document prior: the question encoder gets no gradient",
+        [
+            (
+                "token_lp = torch.logsumexp(doc_token_lp + doc_logprobs[:, :, None], dim=1)",
+                "token_lp = torch.logsumexp(doc_token_lp + doc_logprobs[:, :, None].detach(), dim=1)",
+            )
+        ],
+        [LOSSES, LOSS_PARITY],
+    ),
+    _m(
         "token-padding-scored",
-        "modeling_rag.py: RagTokenForGeneration.get_nll",
+        "losses.py: rag_token_nll",
         "padding positions count in the RAG-Token log-likelihood",
-        [("ll = ll.masked_fill(pad_mask, 0.0).sum(1)", "ll = ll.sum(1)")],
-        [PARITY, LOSSES],
+        [
+            (
+                "scored = target.ne(pad_token_id).to(token_lp.dtype)",
+                "scored = torch.ones_like(token_lp)",
+            )
+        ],
+        [LOSSES, LOSS_PARITY, PARITY],
+    ),
+    _m(
+        "token-grad-prior-missing",
+        "losses.py: _MarginalLogProbs.backward",
+        "with label smoothing, the fused RAG-Token backward returns no gradient for the document prior",
+        [
+            (
+                "return grad_logits, grad_prior.to(doc_logprobs.dtype), None, None",
+                "return grad_logits, None, None, None",
+            )
+        ],
+        [LOSSES, LOSS_PARITY],
+    ),
+    _m(
+        "token-grad-posterior-unnormalized",
+        "losses.py: _MarginalLogProbs.backward",
+        "the fused RAG-Token backward weighs documents by the joint, not the posterior given the target",
+        [
+            (
+                "posterior = (token_joint - torch.logsumexp(token_joint, dim=1, keepdim=True)).exp()",
+                "posterior = token_joint.exp()",
+            )
+        ],
+        [LOSSES, LOSS_PARITY],
+    ),
+    _m(
+        "token-grad-smoothing-prior-term-missing",
+        "losses.py: _MarginalLogProbs.backward",
+        "the smoothing term's gradient never reaches the document prior",
+        [
+            (
+                "grad_prior += (g_sum * mass).sum(dim=(2, 3))",
+                "grad_prior += 0.0 * (g_sum * mass).sum(dim=(2, 3))",
+            )
+        ],
+        [LOSSES, LOSS_PARITY],
     ),
     # ------------------------------------------------------------------ retrieval post-processing
     _m(
@@ -296,7 +428,7 @@ MUTANTS: list[Mutant] = [
                 "return [t[i : i + chunk_size] for i in range(0, len(t) - chunk_size + 1, chunk_size)]",
             )
         ],
-        [CUSTOM_INDEX],
+        [RETRIEVAL_CHUNKS, CUSTOM_INDEX],
     ),
     _m(
         "retrieval-doc-question-order",
@@ -336,7 +468,7 @@ MUTANTS: list[Mutant] = [
     ),
     _m(
         "generation-dedup-off",
-        "generation.py: _candidate_groups",
+        "generation/search.py: candidate_groups",
         "do_deduplication=True keeps repeated hypotheses",
         [("    if not deduplicate:\n", "    if True:\n")],
         [THOROUGH],
@@ -344,26 +476,33 @@ MUTANTS: list[Mutant] = [
     # ------------------------------------------------------------------ training loop
     _m(
         "trainer-accumulation-divisor",
-        "finetuning.py: RagTrainer.train",
+        "finetuning/trainer.py: RagTrainer.train",
         "gradient accumulation divides by gradient_accumulation_steps, also for a partial last chunk",
         [
             (
-                "loss = self._loss(batch) / len(chunk)",
+                "loss = self._loss(batch) * (len(ids) / chunk_examples)",
                 "loss = self._loss(batch) / args.gradient_accumulation_steps",
             )
         ],
-        [FINETUNING, COMMANDS_END2END],
+        [ACCUMULATION],
+    ),
+    _m(
+        "trainer-accumulation-micro-batch-count",
+        "finetuning/trainer.py: RagTrainer.train",
+        "gradient accumulation weighs every micro-batch equally, also a smaller last one",
+        [("loss = self._loss(batch) * (len(ids) / chunk_examples)", "loss = self._loss(batch) / len(chunk)")],
+        [ACCUMULATION],
     ),
     _m(
         "trainer-loss-summed",
-        "finetuning.py: RagTrainer._loss",
+        "finetuning/trainer.py: RagTrainer._loss",
         "the batch loss is summed over questions instead of averaged",
         [("return outputs.loss.float().mean()", "return outputs.loss.float().sum()")],
-        [TRAINING_LOOP, FINETUNING, COMMANDS_END2END],
+        [ACCUMULATION],
     ),
     _m(
         "trainer-label-smoothing-ignored",
-        "finetuning.py: RagTrainer.__init__",
+        "finetuning/trainer.py: RagTrainer.__init__",
         "--label_smoothing / TrainingArguments.label_smoothing never reaches the loss",
         [
             (
@@ -371,23 +510,26 @@ MUTANTS: list[Mutant] = [
                 "model.config.label_smoothing = model.config.label_smoothing",
             )
         ],
-        [TRAINING_LOOP, FINETUNING, COMMANDS_FINETUNE],
+        [TRAINING_LOOP],
     ),
     _m(
         "finetune-max-combined-length-ignored",
-        "finetuning.py: _load_starting_model",
+        "finetuning/trainer.py: RagTrainer.__init__",
         "ragkit finetune --max_combined_length has no effect",
         [
             (
-                'overrides["max_combined_length"] = args.max_combined_length',
+                "self._set_max_combined_length(args.max_combined_length)",
                 "pass",
-            ),
-            (
-                'fields["max_combined_length"] = args.max_combined_length',
-                "pass",
-            ),
+            )
         ],
-        [TRAINING_LOOP, COMMANDS_FINETUNE],
+        [MAX_COMBINED_FLAG, TRAINING_LOOP],
+    ),
+    _m(
+        "finetune-max-combined-length-retriever-config",
+        "finetuning/trainer.py: RagTrainer._set_max_combined_length",
+        "--max_combined_length reaches the model config but not the retriever's own config",
+        [("retriever_config.max_combined_length = length", "pass")],
+        [MAX_COMBINED_FLAG, TRAINING_LOOP],
     ),
 ]
 

@@ -111,3 +111,13 @@ def test_optional_tests_run_only_when_their_file_exists(mc):
     assert mc._selected(tests) == ["tests/conftest.py", "tests/conftest.py::x"]
     assert mc._missing_tests(tests) == []
     assert mc._missing_tests(("tests/no_such_file.py",)) == ["tests/no_such_file.py"]
+
+
+def test_mutants_are_checked_by_fast_unit_tests_only(mc):
+    # The demo, the commands' end-to-end runs and the example scripts take minutes and catch a bug far
+    # from its cause: each mutant must be killed by a unit test of the function it breaks.
+    slow = ("test_demo.py", "test_commands.py", "test_examples.py", "test_finetuning.py", "test_gpu.py")
+    for mutant in mc.MUTANTS:
+        for test in mutant.tests:
+            assert not test.lstrip("?").split("::")[0].endswith(slow), f"{mutant.name}: {test}"
+            assert mc._exists(test), f"{mutant.name}: {test} does not exist"
