@@ -97,7 +97,7 @@ MUTANTS: list[Mutant] = [
         "seq-exclude-bos-ignored",
         "losses.py: rag_sequence_nll",
         "exclude_bos_score has no effect: the BOS target is always scored",
-        [("if exclude_bos_score and use_bos:\n        scored[:, 0] = False", "if False:\n        pass")],
+        [("exclude_bos_score and use_bos, device=target.device", "False, device=target.device")],
         [LOSSES, LOSS_PARITY],
     ),
     _m(
@@ -169,8 +169,8 @@ MUTANTS: list[Mutant] = [
         "padding positions count in the sequence log-likelihood",
         [
             (
-                "scored = target.ne(pad_token_id)  # (batch_size, length)",
-                "scored = torch.ones_like(target, dtype=torch.bool)  # (batch_size, length)",
+                "counted = nonpad.clone()",
+                "counted = torch.ones_like(nonpad)",
             )
         ],
         [LOSSES, LOSS_PARITY, PARITY],

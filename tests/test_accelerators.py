@@ -410,8 +410,15 @@ def device_spy(monkeypatch):
             moves.append((name, device))
         return real_to_device(tensor, device, name)
 
-    monkeypatch.setattr(modeling, "module_device", fake_module_device)
-    monkeypatch.setattr(modeling, "to_device", spy)
+    # Every module that places inputs imports the two helpers by name: spy on each copy.
+    import ragkit.generation.contexts
+    import ragkit.generation.rag_token
+
+    for module in (modeling, ragkit.generation.contexts, ragkit.generation.rag_token):
+        if hasattr(module, "module_device"):
+            monkeypatch.setattr(module, "module_device", fake_module_device)
+        if hasattr(module, "to_device"):
+            monkeypatch.setattr(module, "to_device", spy)
     return moves
 
 
