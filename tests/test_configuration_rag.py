@@ -242,3 +242,38 @@ def test_directory_without_config_json_is_a_missing_file_error(tmp_path):
     with pytest.raises(MissingFileError, match=r"config\.json does not exist") as raised:
         RagConfig.from_pretrained(tmp_path)
     assert str(tmp_path) in str(raised.value) and "RagConfig needs" not in str(raised.value)
+
+
+def test_a_hub_checkpoint_offline_is_a_ragkit_error(monkeypatch):
+    """Offline, a Hub id not in the cache is an OfflineFileError naming it, not transformers' OSError."""
+    from huggingface_hub import constants
+
+    from ragkit.errors import OfflineFileError
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(OfflineFileError, match=r"'no-such-user/no-such-rag'.*HF_HUB_OFFLINE=1"):
+        RagConfig.from_pretrained("no-such-user/no-such-rag")
+
+
+def test_a_hub_checkpoint_without_network_fails_fast_with_what_to_do(tmp_path):
+    """No connection (a closed local port as the endpoint): one quick probe, then HubUnreachableError."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))
+    code = (
+        "from ragkit import RagConfig\n"
+        "from ragkit.errors import HubUnreachableError\n"
+        "try:\n    RagConfig.from_pretrained('no-such-user/no-such-rag')\n"
+        "except HubUnreachableError as err:\n    print('unreachable:', err)\n"
+    )
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "unreachable:" in result.stdout and "HF_HUB_OFFLINE=1" in result.stdout
+    assert time.monotonic() - started < 60  # no five retries with back-off

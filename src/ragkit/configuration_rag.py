@@ -14,7 +14,13 @@ from typing import Any
 from transformers import AutoConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from .errors import LocationNotFoundError, MissingFileError, RagInputError
+from .errors import (
+    HubUnreachableError,
+    LocationNotFoundError,
+    MissingFileError,
+    OfflineFileError,
+    RagInputError,
+)
 from .pooling import POOLING_MODES
 
 logger = logging.getLogger(__name__)
@@ -91,6 +97,26 @@ def _sub_config(value: Any, field: str) -> PretrainedConfig:
         f"RagConfig: `{field}` must be a PretrainedConfig or a dict, got {type(value).__name__}. Build the "
         "config with RagConfig.from_question_encoder_generator_configs(question_encoder_config, generator_config)."
     )
+
+
+def _hub_error(repo_id: str, err: OSError, unreachable: str) -> OSError:
+    """The ragkit error for a Hub checkpoint whose config could not be had, or ``err`` itself if it is another
+    failure (a private repository, a missing file in the repository)."""
+    from huggingface_hub import constants
+
+    text = str(err)
+    if constants.HF_HUB_OFFLINE:
+        return OfflineFileError(
+            f"{repo_id!r} is not in the local Hugging Face cache and downloads are disabled (HF_HUB_OFFLINE=1). "
+            "Download it once with network access (unset HF_HUB_OFFLINE), or pass a local checkpoint directory."
+        )
+    if unreachable or "connect" in text.lower():
+        return HubUnreachableError(
+            f"{repo_id!r} could not be downloaded: the Hugging Face Hub cannot be reached (no network connection) "
+            "and it is not in the local cache. Connect to the network once, set HF_HUB_OFFLINE=1 to use only "
+            "cached files, or pass a local checkpoint directory."
+        )
+    return err
 
 
 class RagConfig(PretrainedConfig):
@@ -271,7 +297,18 @@ class RagConfig(PretrainedConfig):
                     "model.save_pretrained(directory), or build a model from two checkpoints with "
                     "from_pretrained_question_encoder_generator()."
                 )
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        if os.path.isdir(path):
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        from .retrieval._hub import _hub_offline, _unreachable_reason
+
+        unreachable = "" if _hub_offline() else _unreachable_reason()
+        if unreachable:
+            # One quick probe instead of five retries per file: only the local cache can answer.
+            kwargs = {**kwargs, "local_files_only": True}
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except OSError as err:
+            raise _hub_error(path, err, unreachable) from err
 
     @classmethod
     def from_question_encoder_generator_configs(
