@@ -119,7 +119,7 @@ def ci_install_commands() -> set[str]:
     """The ``pip install`` commands CI runs on a fresh virtual environment (``.ci/run``), normalized."""
     commands = set()
     for line in (REPO / ".ci" / "run").read_text(encoding="utf-8").splitlines():
-        words = shlex.split(line, comments=True)
+        words = _words(line)
         if "pip" in words and "install" in words:
             commands.add(_normalize_install(words))
     return commands
