@@ -53,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
                 load_kwargs["attn_implementation"] = "sdpa"
         if args.load_in_4bit:
             if not torch.cuda.is_available():
-                parser.error("--load_in_4bit needs a CUDA GPU and bitsandbytes (pip install 'ragkit-torch[cuda]').")
+                parser.error(
+                    "--load_in_4bit needs a CUDA GPU and bitsandbytes (pip install 'ragkit-torch[cuda]')."
+                )
             from transformers import BitsAndBytesConfig
 
             load_kwargs["quantization_config"] = BitsAndBytesConfig(
