@@ -11,7 +11,6 @@ belong to question ``i``).
 
 from __future__ import annotations
 
-import contextvars
 import copy
 import functools
 import inspect
@@ -49,6 +48,8 @@ from ._compat import reorder_document_rows
 from ._io import atomic_directory
 from .configuration_rag import RagConfig, check_local_location
 from .errors import CheckpointError, RagInputError
+from .generation.calls import RAG_TOKEN_DECODING as _RAG_TOKEN_DECODING
+from .generation.contexts import trim_context_padding
 from .pooling import pool_hidden_states
 
 logger = logging.getLogger(__name__)
@@ -62,13 +63,6 @@ __all__ = [
     "RetrievAugLMOutput",
     "RetrievedContexts",
 ]
-
-# True while RagTokenForGeneration.generate runs in this context (thread, task): marginalize() then mixes
-# probabilities (see _marginalize_probabilities). A context variable, so that a forward another thread runs
-# on the same model meanwhile keeps the log-space marginalization.
-_RAG_TOKEN_DECODING: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "ragkit_rag_token_decoding", default=False
-)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -596,24 +590,6 @@ def score_documents(question_vectors: torch.Tensor, doc_embeds: torch.Tensor) ->
     """Inner products `(batch_size, n_docs)` of question vectors `(batch_size, dim)` and documents
     `(batch_size, n_docs, dim)`, in float32 whatever the model's dtype: they feed a softmax over documents."""
     return torch.bmm(question_vectors.float().unsqueeze(1), doc_embeds.float().transpose(1, 2)).squeeze(1)
-
-
-def trim_context_padding(
-    context_input_ids: torch.Tensor, context_attention_mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drop the trailing columns of `(batch_size * n_docs, length)` contexts that are padding in every row.
-
-    The retriever pads every context to ``max_combined_length`` as the reference does; the generator only
-    needs the longest real context. Only trailing columns go, so positions of real tokens are unchanged and
-    the generator's outputs at real positions are the same (masked keys contribute nothing).
-    """
-    if context_attention_mask.dim() != 2 or context_attention_mask.shape[1] == 0:
-        return context_input_ids, context_attention_mask
-    used = context_attention_mask.bool().any(dim=0)
-    if bool(used[-1]):
-        return context_input_ids, context_attention_mask
-    length = int(used.nonzero().max()) + 1 if bool(used.any()) else 1
-    return context_input_ids[:, :length], context_attention_mask[:, :length]
 
 
 @dataclass

@@ -15,9 +15,15 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
-__all__ = ["decoding_call", "generator_lock", "owned_by_this_call"]
+__all__ = ["RAG_TOKEN_DECODING", "decoding_call", "generator_lock", "owned_by_this_call"]
 
 _DECODING: contextvars.ContextVar[object | None] = contextvars.ContextVar("ragkit_decoding", default=None)
+# True while RagTokenForGeneration.generate runs in this context (thread, task): marginalize() then mixes
+# probabilities. A context variable, so that a forward another thread runs on the same model meanwhile
+# keeps the log-space marginalization.
+RAG_TOKEN_DECODING: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "ragkit_rag_token_decoding", default=False
+)
 _GENERATOR_LOCKS: weakref.WeakKeyDictionary[Any, threading.RLock] = weakref.WeakKeyDictionary()
 _LOCKS_LOCK = threading.Lock()
 

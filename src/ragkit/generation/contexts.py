@@ -8,9 +8,8 @@ from typing import Any
 import torch
 
 from ..errors import RagInputError
-from ..modeling_rag import trim_context_padding
 
-__all__ = ["pop_question_encoder_kwargs", "resolve_contexts", "trimmed"]
+__all__ = ["pop_question_encoder_kwargs", "resolve_contexts", "trim_context_padding", "trimmed"]
 
 # Keywords of a question encoder's forward that generation passes itself (or that are not inputs).
 _NOT_QUESTION_INPUTS = frozenset(
@@ -24,6 +23,24 @@ _NOT_QUESTION_INPUTS = frozenset(
         "kwargs",
     }
 )
+
+
+def trim_context_padding(
+    context_input_ids: torch.Tensor, context_attention_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the trailing columns of `(batch_size * n_docs, length)` contexts that are padding in every row.
+
+    The retriever pads every context to ``max_combined_length`` as the reference does; the generator only
+    needs the longest real context. Only trailing columns go, so positions of real tokens are unchanged and
+    the generator's outputs at real positions are the same (masked keys contribute nothing).
+    """
+    if context_attention_mask.dim() != 2 or context_attention_mask.shape[1] == 0:
+        return context_input_ids, context_attention_mask
+    used = context_attention_mask.bool().any(dim=0)
+    if bool(used[-1]):
+        return context_input_ids, context_attention_mask
+    length = int(used.nonzero().max()) + 1 if bool(used.any()) else 1
+    return context_input_ids[:, :length], context_attention_mask[:, :length]
 
 
 def pop_question_encoder_kwargs(question_encoder: Any, kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -19,8 +19,8 @@ from transformers.generation import GenerationMode
 from .. import _compat
 from .._accelerators import module_device, to_device
 from ..errors import RagInputError
-from ..modeling_rag import _RAG_TOKEN_DECODING
 from .arguments import check_count, check_generation_kwargs
+from .calls import RAG_TOKEN_DECODING
 from .contexts import pop_question_encoder_kwargs, trimmed
 
 __all__ = ["rag_token_generate"]
@@ -232,7 +232,7 @@ def rag_token_generate(
     _compat.prepare_cache(model, generation_config, model_kwargs, decoder_input_ids.shape[0])
     # A context variable, not a model attribute: another thread's forward on this model meanwhile keeps the
     # log-space marginalization, and a generate nested in a callback restores the outer state on exit.
-    token = _RAG_TOKEN_DECODING.set(True)
+    token = RAG_TOKEN_DECODING.set(True)
     try:
         return decoding_method(
             model,
@@ -244,4 +244,4 @@ def rag_token_generate(
             **model_kwargs,
         )
     finally:
-        _RAG_TOKEN_DECODING.reset(token)
+        RAG_TOKEN_DECODING.reset(token)
