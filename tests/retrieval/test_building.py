@@ -234,3 +234,18 @@ def test_rebuilding_into_an_earlier_index_directory_replaces_it(encoder, sources
     second = build_index(sources / "docs.jsonl", out, encoder=encoder, show_progress=False)
     assert second.num_passages == first.num_passages
     assert (out / "index.faiss").is_file()
+
+
+def test_build_faiss_index_without_fill_is_trained_and_empty():
+    """The end2end refresh hands the unfilled index to ``Dataset.add_faiss_index``, which adds the rows."""
+    import numpy as np
+
+    from ragkit.retrieval.building import build_faiss_index, passages_dataset
+
+    vectors = np.random.default_rng(0).standard_normal((40, 8)).astype("float32")
+    assert build_faiss_index(vectors, "Flat").ntotal == 40
+    empty = build_faiss_index(vectors, "IVF2,Flat", fill=False)
+    assert empty.is_trained and empty.ntotal == 0
+    dataset = passages_dataset([f"t{i}" for i in range(40)], [f"x{i}" for i in range(40)], vectors)
+    dataset.add_faiss_index("embeddings", custom_index=empty)
+    assert dataset.get_index("embeddings").faiss_index.ntotal == 40

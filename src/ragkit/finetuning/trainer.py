@@ -242,8 +242,7 @@ def refresh_index(
         show_progress: Show a progress bar.
     """
     from ..encoders import TextEncoder
-    from ..retrieval._devices import import_faiss
-    from ..retrieval.building import passages_dataset
+    from ..retrieval.building import build_faiss_index, passages_dataset
     from ..retrieval.custom import CustomHFIndex
 
     dataset = getattr(retriever.index, "dataset", None)
@@ -261,13 +260,9 @@ def refresh_index(
     )
     titles, texts = dataset["title"], dataset["text"]
     embeddings = encoder.encode(titles, batch_size=batch_size, show_progress=show_progress, text_pairs=texts)
-    dim = embeddings.shape[1]
-    faiss = import_faiss()
     # Exact search for small corpora (the usual end2end scale), an HNSW graph beyond.
-    if len(embeddings) <= 50_000:
-        faiss_index = faiss.IndexFlatIP(dim)
-    else:
-        faiss_index = faiss.IndexHNSWFlat(dim, 64, faiss.METRIC_INNER_PRODUCT)
+    factory = "Flat" if len(embeddings) <= 50_000 else "HNSW64"
+    faiss_index = build_faiss_index(embeddings, factory, metric="ip", fill=False)
     refreshed = passages_dataset(titles, texts, embeddings)
     refreshed.add_faiss_index("embeddings", custom_index=faiss_index)  # fills the (empty) index
     retriever.index = CustomHFIndex(

@@ -254,6 +254,7 @@ def build_faiss_index(
     metric: str = "ip",
     train_size: int | None = None,
     seed: int = 0,
+    fill: bool = True,
 ) -> Any:
     """Create, train (if needed) and fill a faiss index from a factory string.
 
@@ -265,9 +266,11 @@ def build_faiss_index(
         metric: ``"ip"`` (inner product, as DPR and RAG score) or ``"l2"``.
         train_size: Vectors sampled (seeded, in row order) to train IVF/PQ indexes (default 262,144).
         seed: Seed of that sample.
+        fill: Add the rows; False returns the trained, empty index (for ``Dataset.add_faiss_index``,
+            which adds them itself).
 
     Returns:
-        faiss.Index: holding every row, in order (faiss id ``i`` is row ``i``).
+        faiss.Index: holding every row, in order (faiss id ``i`` is row ``i``), or empty without ``fill``.
     """
     from ._devices import import_faiss
 
@@ -299,7 +302,7 @@ def build_faiss_index(
             rows = np.sort(np.random.default_rng(seed).choice(num_rows, size, replace=False))
         logger.info("Training the %s index on %d vectors", index_factory, len(rows))
         index.train(np.ascontiguousarray(embeddings[rows], dtype=np.float32))
-    for start in range(0, num_rows, _ADD_CHUNK_ROWS):
+    for start in range(0, num_rows if fill else 0, _ADD_CHUNK_ROWS):
         index.add(np.ascontiguousarray(embeddings[start : start + _ADD_CHUNK_ROWS], dtype=np.float32))
     return index
 
