@@ -9,7 +9,13 @@ import torch
 
 from ..errors import RagInputError
 
-__all__ = ["pop_question_encoder_kwargs", "resolve_contexts", "trim_context_padding", "trimmed"]
+__all__ = [
+    "pop_question_encoder_kwargs",
+    "resolve_contexts",
+    "retrieve_for_generate",
+    "trim_context_padding",
+    "trimmed",
+]
 
 # Keywords of a question encoder's forward that generation passes itself (or that are not inputs).
 _NOT_QUESTION_INPUTS = frozenset(
@@ -67,6 +73,30 @@ def trimmed(
     return trim_context_padding(context_input_ids, context_attention_mask)
 
 
+def retrieve_for_generate(
+    model: Any,
+    input_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    n_docs: int,
+    question_encoder_kwargs: dict[str, Any] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Contexts `(batch_size * n_docs, length)`, their mask and doc scores `(batch_size, n_docs)` of questions
+    given without contexts: the model's own encoding and retrieval (same pooling, devices and float32 doc
+    scores as forward), for both heads' ``generate``."""
+    if model.retriever is None:
+        raise RagInputError(
+            "No retriever is set: pass `context_input_ids`, `context_attention_mask` and `doc_scores`, "
+            "or set one with `model.set_retriever(...)`."
+        )
+    if input_ids is None:
+        raise RagInputError("Pass `input_ids` (the questions) or `context_input_ids` and `doc_scores`.")
+    question_vectors = model.rag.encode_questions(
+        input_ids, attention_mask, **(question_encoder_kwargs or {})
+    )
+    retrieved = model.rag.retrieve_contexts(input_ids, question_vectors, n_docs)
+    return retrieved.context_input_ids, retrieved.context_attention_mask, retrieved.doc_scores
+
+
 def resolve_contexts(
     model: Any,
     input_ids: torch.Tensor | None,
@@ -91,23 +121,9 @@ def resolve_contexts(
         Contexts, their mask (None where it is all ones) and the doc scores.
     """
     if context_input_ids is None:
-        if input_ids is None:
-            raise RagInputError(
-                "Pass `input_ids` (with a retriever set) or `context_input_ids` and `doc_scores`."
-            )
-        if model.retriever is None:
-            raise RagInputError(
-                "No retriever is set: pass `context_input_ids`, `context_attention_mask` and `doc_scores`, "
-                "or set one with `model.set_retriever(...)`."
-            )
-        # The model's own encoding and retrieval: same pooling, devices and float32 doc scores as forward.
-        question_vectors = model.rag.encode_questions(
-            input_ids, attention_mask, **(question_encoder_kwargs or {})
+        context_input_ids, context_attention_mask, doc_scores = retrieve_for_generate(
+            model, input_ids, attention_mask, n_docs, question_encoder_kwargs
         )
-        retrieved = model.rag.retrieve_contexts(input_ids, question_vectors, n_docs)
-        context_input_ids = retrieved.context_input_ids
-        context_attention_mask = retrieved.context_attention_mask
-        doc_scores = retrieved.doc_scores
     elif doc_scores is None:
         raise RagInputError(
             "`doc_scores` of shape (batch_size, n_docs) is needed with `context_input_ids`: RAG-Sequence ranks "

@@ -21,7 +21,7 @@ from .._accelerators import module_device, to_device
 from ..errors import RagInputError
 from .arguments import check_count, check_generation_kwargs
 from .calls import RAG_TOKEN_DECODING
-from .contexts import pop_question_encoder_kwargs, trimmed
+from .contexts import pop_question_encoder_kwargs, retrieve_for_generate, trimmed
 
 __all__ = ["rag_token_generate"]
 
@@ -67,18 +67,9 @@ def _contexts(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Contexts, their mask and doc scores on the generator's device, retrieved when not given."""
     if context_input_ids is None:
-        if model.retriever is None:
-            raise RagInputError(
-                "No retriever is set, so `context_input_ids`, `context_attention_mask` and `doc_scores` must "
-                "be passed; or set one with `model.set_retriever(retriever)`."
-            )
-        if input_ids is None:
-            raise RagInputError("Pass `input_ids` (the questions) or `context_input_ids` to generate from.")
-        question_vectors = model.rag.encode_questions(input_ids, attention_mask, **question_encoder_kwargs)
-        retrieved = model.rag.retrieve_contexts(input_ids, question_vectors, n_docs)
-        context_input_ids = retrieved.context_input_ids
-        context_attention_mask = retrieved.context_attention_mask
-        doc_scores = retrieved.doc_scores
+        context_input_ids, context_attention_mask, doc_scores = retrieve_for_generate(
+            model, input_ids, attention_mask, n_docs, question_encoder_kwargs
+        )
     elif context_attention_mask is None:
         raise RagInputError("`context_attention_mask` must be passed with `context_input_ids`.")
     model.rag._check_contexts(doc_scores, context_input_ids, None, n_docs)
