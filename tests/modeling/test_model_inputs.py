@@ -287,3 +287,12 @@ def test_bad_n_docs_is_named(models, head, n_docs):
         _call(models, head, **_contexts(), decoder_input_ids=DECODER, n_docs=n_docs)
     with pytest.raises(RagInputError, match=r"`n_docs` must be an integer >= 1"):
         _call(models, head, input_ids=QUESTIONS, decoder_input_ids=DECODER, n_docs=n_docs)
+
+
+@pytest.mark.parametrize("head", ["sequence", "token"])
+def test_mismatched_context_mask_is_refused_by_generate(models, head):
+    """generate of either head must not decode with a mask of another shape (RAG-Token used to ignore it)."""
+    inputs = _contexts()
+    inputs["context_attention_mask"] = torch.ones(inputs["context_input_ids"].shape[0], 3, dtype=torch.long)
+    with pytest.raises(RagInputError, match="`context_attention_mask` has shape"):
+        models[head].generate(**inputs, max_length=4, num_beams=1)

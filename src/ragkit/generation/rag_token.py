@@ -72,7 +72,9 @@ def _contexts(
         )
     elif context_attention_mask is None:
         raise RagInputError("`context_attention_mask` must be passed with `context_input_ids`.")
-    model.rag._check_contexts(doc_scores, context_input_ids, None, n_docs)
+    model.rag._check_contexts(
+        doc_scores, context_input_ids, None, n_docs, context_attention_mask=context_attention_mask
+    )
     generator_device = module_device(model.rag.generator)
     context_input_ids = to_device(context_input_ids, generator_device, "context_input_ids")
     context_attention_mask = to_device(context_attention_mask, generator_device, "context_attention_mask")
