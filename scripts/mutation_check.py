@@ -63,6 +63,7 @@ TRAINING_ARGUMENTS = "tests/applications/test_training_arguments.py"
 PARTIAL_CHUNKS = "tests/modeling/test_mutation_kills_partial_chunks.py"
 RETRIEVAL_CHUNKS = "tests/modeling/test_mutation_kills_retrieval_chunks.py"
 MAX_COMBINED_FLAG = "tests/applications/test_mutation_kills_max_combined_length.py"
+PROBE_HOOKS = "tests/modeling/test_generation_probe_hooks.py"
 
 
 @dataclass(frozen=True)
@@ -472,6 +473,25 @@ MUTANTS: list[Mutant] = [
         "do_deduplication=True keeps repeated hypotheses",
         [("    if not deduplicate:\n", "    if True:\n")],
         [THOROUGH],
+    ),
+    _m(
+        "probe-step-hooks-unchecked",
+        "generation/probe.py: probe_fast_path",
+        "the capability probe leaves the generation-step hooks unchecked",
+        [("                or _probe_step_hooks(generator)\n", "")],
+        [PROBE_HOOKS],
+    ),
+    _m(
+        "probe-step-hooks-coverage-unchecked",
+        "generation/probe.py: _check_step_records",
+        "prefixes search expanded but the hooks did not record pass the probe",
+        [
+            (
+                '    if bool(missing.any()):\n        return f"{search} hooks miss',
+                '    if False:\n        return f"{search} hooks miss',
+            )
+        ],
+        [PROBE_HOOKS],
     ),
     # ------------------------------------------------------------------ training loop
     _m(

@@ -3,7 +3,8 @@
 pyproject allows a range of Transformers versions; these are the spots a new version may break. Decoding's
 fast path (shared cross-attention, packed scoring, generation-step hooks) is guarded by a capability probe
 (``ragkit.generation.probe``): at first use on a generator it compares one decoder step of the fast path
-with the plain one and falls back to the plain path, with one warning, on any difference or exception.
+with the plain one, and what the generation-step hooks record during a tiny beam search and greedy search
+with teacher forcing, and falls back to the plain path, with one warning, on any difference or exception.
 RAG-Token decoding drives ``GenerationMixin``'s private steps directly (bottom of this module).
 """
 
@@ -32,12 +33,16 @@ __all__ = [
     "decoder_input_ids_of_call",
     "encoder_decoder_cache",
     "gatherable_head",
+    "generated_beam_indices",
     "learned_positions",
     "output_cache",
     "position_offset",
+    "processor_scores_are_log_probs",
     "project",
     "reorder_document_rows",
     "shareable_cross_attention_layers",
+    "step_head_states",
+    "step_logits",
     "swapped_cross_attention",
 ]
 
@@ -203,9 +208,11 @@ def cross_attention_cache(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> En
 class BeamSharedCrossCache(EncoderDecoderCache):
     """Encoder-decoder cache whose cross-attention part beam search leaves alone.
 
-    Relies on: beam search calling ``cache.reorder_cache(beam_idx)`` (overridden here) after each step.
-    Every beam of a context holds the same cross-attention keys/values, so only the self-attention part
-    is reordered; ``beam_orders`` keeps each step's order.
+    Relies on: beam search calling ``cache.reorder_cache(beam_idx)`` (overridden here) once after each
+    step, before the next model call, with ``beam_idx[r]`` the running row (flattened over the batch)
+    that row ``r`` of the next step continues. Every beam of a context holds the same cross-attention
+    keys/values, so only the self-attention part is reordered; ``beam_orders`` keeps each step's order
+    (the generation-step hooks read it to know which prefix every row expanded; the probe checks it).
     """
 
     def __init__(self, *caches: Any) -> None:
@@ -329,9 +336,54 @@ def decoder_input_ids_of_call(kwargs: dict[str, Any]) -> torch.Tensor | None:
     """The decoder ids of a model call made by ``generate``.
 
     Relies on: ``generate`` calling the model with ``decoder_input_ids`` as a keyword (seen by a forward
-    pre-hook registered ``with_kwargs=True``).
+    pre-hook registered ``with_kwargs=True``). Relies on (generation-step hooks): greedy and beam search
+    calling the model exactly once per step (the first step included, no other call meanwhile), every
+    row's last decoder id being the token it reads at that step, and greedy search keeping each row in
+    its place (finished rows stay, padded).
     """
     return kwargs.get("decoder_input_ids")
+
+
+def step_head_states(args: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """`(rows, hidden)` decoder states of a generation step, as the output head gets them.
+
+    Relies on (generation-step hooks): the output head being called once per model call with the
+    `(rows, length, hidden)` final decoder states as its first argument, whatever the model does to them
+    before (T5's rescaling) included, the step's position last, and the head computing
+    ``states @ weight.T + bias`` there (plus ``final_logits_bias``: :func:`gatherable_head`).
+    """
+    return args[0][:, -1]
+
+
+def step_logits(output: Any) -> torch.Tensor:
+    """`(rows, vocab)` next-token logits of a generation step's model call.
+
+    Relies on (generation-step hooks): ``output.logits[:, -1]`` being the model's own logits of the step's
+    position (``final_logits_bias`` added, before any logits processor, also when ``generate`` passes
+    ``logits_to_keep``); their log-normaliser is the one teacher forcing gives.
+    """
+    return output.logits[:, -1]
+
+
+def generated_beam_indices(output: Any) -> torch.Tensor | None:
+    """`(rows, steps)` beam indices of a ``generate`` output, or None (greedy search, or not returned).
+
+    Relies on (generation-step hooks): beam search returning ``beam_indices`` with
+    ``return_dict_in_generate=True`` (no ``output_scores`` needed), ``beam_indices[r, t]`` being the
+    running row, flattened over the batch, whose step-``t`` distribution chose token ``t + 1`` of
+    returned row ``r``, and -1 past a row's end.
+    """
+    return getattr(output, "beam_indices", None)
+
+
+def processor_scores_are_log_probs(num_beams: int) -> bool:
+    """Whether ``generate``'s logits processors get log-probabilities (else raw logits).
+
+    Relies on (fast decoding's :class:`~ragkit.generation.fast.StepScoreRecorder`): beam search applying
+    ``log_softmax`` before the processors, greedy search handing them the raw logits, each once per step,
+    and beam search choosing among each row's top ``max(2, 1 + eos ids) * num_beams`` processed scores.
+    """
+    return num_beams > 1
 
 
 # --- RAG-Token decoding: GenerationMixin's private steps ------------------------------------------------

@@ -48,8 +48,10 @@ class DecodingOptions:
     Attributes:
         fast_path: Use the paths that reach into the generator's modules (each context's cross-attention
             computed once and shared by its beams, packed prefix-trie scoring, scores read from generation's
-            own steps). A capability probe checks them once per generator and falls back to the plain path
-            (with one warning) where they would differ; False always takes the plain path.
+            own steps). A capability probe checks them once per generator (one decoder step of each
+            swapped path, and the generation-step hooks on a tiny beam search and greedy search, against
+            teacher forcing) and falls back to the plain path (with one warning) where they would differ;
+            False always takes the plain path.
         scoring_path: ``"packed"`` (each question's prefix trie in one decoder sequence per document),
             ``"rows"`` (one decoder row per candidate and document) or None: packed on CPU where the
             generator supports it, rows on CUDA (packed measured slower there: cuDNN builds an attention

@@ -1,10 +1,15 @@
 """Capability probe: is the fast path exact on this generator? Checked once per generator, by running it.
 
 The fast path reaches into the generator's modules (:mod:`ragkit._compat`): a cross-attention swapped for
-one over per-context keys/values, and packed scoring (positions by trie depth, a 4D self-attention mask).
-At first use on a generator (and again if its dtype, device type or attention backend changes), one
-decoder step of each fast path runs next to the plain path on a tiny input; on any difference beyond
-float tolerance, or any exception, one warning names the reason and decoding takes the plain path.
+one over per-context keys/values, packed scoring (positions by trie depth, a 4D self-attention mask), and
+generation-step hooks (each step's decoder states, log-normalisers, decoder inputs and beam reordering,
+from which scoring takes every hypothesis's log-likelihood under its own document and the
+log-probabilities after the prefixes beam search expanded). At first use on a generator (and again if its
+dtype, device type or attention backend changes), one decoder step of each swapped path runs next to the
+plain path on a tiny input, and a tiny beam search and greedy search with the hooks attached, steered
+through reordered beams, a pruned beam and an early end, are checked against teacher forcing; on any
+difference beyond float tolerance, missing record, or exception, one warning names the reason and
+decoding takes the plain path (scoring then recomputes every pair exactly).
 """
 
 from __future__ import annotations
@@ -15,15 +20,24 @@ import weakref
 from typing import Any
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.modeling_outputs import BaseModelOutput
 
 from .. import _compat
 from .calls import decoding_call
+from .fast import eos_ids
 from .options import DecodingOptions
 from .packing import PositionsByDepth, packed_inputs
-from .search import beam_shared_cross_attention
+from .search import (
+    StepStates,
+    beam_shared_cross_attention,
+    expanded_prefix_log_probs,
+    generated_pair_log_likelihoods,
+    search_contexts,
+    step_states_for,
+)
 
-__all__ = ["fast_path_allowed", "probe_fast_path"]
+__all__ = ["fast_path_allowed", "probe_fast_path", "probe_step_hooks"]
 
 logger = logging.getLogger(__name__)
 
@@ -137,9 +151,191 @@ def _probe_packed(
     return None
 
 
+class _SteeredSearch(LogitsProcessor):
+    """Overrides generation's scores (never what the hooks record) to walk a search of a known shape.
+
+    Beam search (``num_beams > 1``): at each step one beam of each context gets the good continuations,
+    the first at even steps, the last at odd ones, so every beam continues the same one and which one
+    changes (rows reordered, beams pruned; a returned hypothesis's prefix sits in another row at each
+    step), and at the second step the second-best continuation is an end of sequence (a hypothesis that
+    ends early). Greedy search: the first row ends at the second step and then stays in place, padded.
+    """
+
+    def __init__(self, num_beams: int, tokens: tuple[int, int], eos: int | None) -> None:
+        self.num_beams, self.tokens, self.eos = num_beams, tokens, eos
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        step = input_ids.shape[1] - 1
+        steered = torch.full_like(scores, -1e4)
+        first, second = self.tokens
+        if self.num_beams == 1:
+            steered[:, first] = 0.0
+            if step == 1 and self.eos is not None:
+                steered[0, self.eos] = 1.0
+            return steered
+        winner = (self.num_beams - 1) * (step % 2)
+        wins = torch.arange(scores.shape[0], device=scores.device) % self.num_beams == winner
+        steered[:, first] = torch.where(wins, 0.0, -50.0)
+        steered[:, second] = torch.where(wins, -1.0, -51.0)
+        if step == 1 and self.eos is not None:
+            steered[wins, self.eos] = -0.5
+        return steered
+
+
+def _steering_tokens(generator: Any, vocab: int) -> tuple[tuple[int, int], int | None]:
+    """Two ordinary token ids (no start, pad, BOS or EOS) and the first EOS id (or None)."""
+    config = generator.config
+    ends = eos_ids(generator, {})
+    special = {*ends}
+    for name in ("decoder_start_token_id", "pad_token_id", "bos_token_id"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            special.add(value)
+    ordinary = [token for token in range(3, vocab) if token not in special][:2]
+    return (ordinary[0], ordinary[1]), (ends[0] if ends else None)
+
+
+def _check_step_records(
+    generator: Any,
+    steps: StepStates,
+    sequences: torch.Tensor,
+    beam_indices: torch.Tensor | None,
+    states: torch.Tensor,
+    mask: torch.Tensor,
+    num_beams: int,
+) -> str | None:
+    """Reason what the hooks recorded differs from teacher forcing (or is missing), or None.
+
+    Args:
+        sequences: `(contexts * num_beams, tgt_len)` what the search returned.
+        states: `(contexts, src_len, hidden)` encoder outputs; ``mask`` their `(contexts, src_len)` mask.
+    """
+    rows, length = sequences.shape
+    contexts = states.shape[0]
+    search = "beam search" if num_beams > 1 else "greedy search"
+    recorded = (len(steps.inputs), len(steps.states), len(steps.log_normalizers))
+    if recorded != (length - 1,) * 3 or any(
+        len(step) != rows
+        for records in (steps.inputs, steps.states, steps.log_normalizers)
+        for step in records
+    ):
+        return (
+            f"{search} hooks recorded {recorded[0]} decoder inputs, {recorded[1]} head inputs and "
+            f"{recorded[2]} logits for {length - 1} steps of {rows} rows"
+        )
+    if num_beams > 1 and beam_indices is None:
+        return "beam search returned no beam_indices"
+    if num_beams > 1 and len(steps.beam_orders or []) < length - 2:
+        return f"beam search reordered its cache {len(steps.beam_orders or [])} times in {length - 1} steps"
+    # Targets up to each row's first end of sequence (what search generated; the padding after it is
+    # whatever generate fills in).
+    target = torch.cat([sequences[:, 1:], sequences[:, :1]], dim=1)
+    ended = torch.zeros_like(target, dtype=torch.bool)
+    for eos in eos_ids(generator, {}):
+        ended |= target.eq(eos)
+    counted = (ended.long().cumsum(dim=1) - ended.long()).eq(0)
+    counted[:, -1] = False
+    # Teacher forcing: every returned sequence under every context, in one plain forward.
+    logits = generator(
+        encoder_outputs=BaseModelOutput(last_hidden_state=states.repeat_interleave(rows, dim=0)),
+        attention_mask=mask.repeat_interleave(rows, dim=0),
+        decoder_input_ids=sequences.repeat(contexts, 1),
+        use_cache=False,
+        return_dict=True,
+    ).logits
+    exact = torch.log_softmax(logits.float(), dim=-1).gather(-1, target.repeat(contexts, 1).unsqueeze(-1))
+    exact = exact.view(contexts, rows, length).transpose(0, 1)  # (rows, contexts, tgt_len)
+    own = torch.arange(rows, device=sequences.device) // num_beams
+    # Each hypothesis's log-likelihood under its own context (the pairs scoring takes as known).
+    pair = generated_pair_log_likelihoods(steps, sequences, beam_indices if num_beams > 1 else None, counted)
+    if bool(pair.isnan().any()):
+        return (
+            f"{search} hooks left {int(pair.isnan().sum())} of {rows} hypotheses without their log-likelihood"
+        )
+    expected = torch.where(counted, exact[torch.arange(rows), own], 0.0).sum(dim=-1)
+    difference = _differs(pair, expected)
+    if difference is not None:
+        return f"{search} hooks' hypothesis log-likelihoods differ from teacher forcing by {difference:.3g}"
+    # Log-probabilities after every prefix search expanded, under any context (pruned beams included).
+    expanded = expanded_prefix_log_probs(
+        steps,
+        sequences,
+        torch.zeros(rows, dtype=torch.long, device=sequences.device),
+        target,
+        counted,
+        contexts,
+    )
+    if expanded is None:
+        return f"{search} hooks gave no prefix log-probabilities"
+    found = ~expanded.isnan()
+    missing = counted & ~found[torch.arange(rows), own]
+    if bool(missing.any()):
+        return f"{search} hooks miss {int(missing.sum())} prefixes that search expanded"
+    difference = _differs(expanded[found], exact[found])
+    if difference is not None:
+        return f"{search} hooks' prefix log-probabilities differ from teacher forcing by {difference:.3g}"
+    return None
+
+
+def _probe_step_hooks(generator: Any) -> str | None:
+    """Reason the generation-step hooks' records differ from teacher forcing, or None (also where not used)."""
+    ids, mask, _, vocab = _tiny_inputs(generator)
+    tokens, eos = _steering_tokens(generator, vocab)
+    # Autocast off: decoding never hooks generation's steps under autocast.
+    with torch.autocast(ids.device.type, enabled=False):
+        states = generator.get_encoder()(
+            input_ids=ids, attention_mask=mask, return_dict=True
+        ).last_hidden_state
+        for num_beams in (2, 1):
+            steps = step_states_for(generator, num_beams, DecodingOptions())
+            if steps is None:
+                return None  # decoding never hooks this generator's steps
+            kwargs: dict[str, Any] = dict(
+                max_new_tokens=3,
+                min_length=0,
+                do_sample=False,
+                use_cache=True,
+                logits_processor=LogitsProcessorList([_SteeredSearch(num_beams, tokens, eos)]),
+            )
+            if num_beams > 1:  # raw sums: the hypothesis that ends early is among those returned
+                kwargs.update(length_penalty=0.0, early_stopping=False)
+            sequences, beam_indices, _ = search_contexts(
+                generator, states, ids, mask, num_beams, kwargs, DecodingOptions(), True, steps=steps
+            )
+            reason = _check_step_records(generator, steps, sequences, beam_indices, states, mask, num_beams)
+            if reason is not None:
+                return reason
+    return None
+
+
+@torch.no_grad()
+def probe_step_hooks(generator: Any) -> str | None:
+    """Checks the generation-step hooks on a tiny beam search and greedy search against teacher forcing.
+
+    Part of :func:`probe_fast_path`; on its own for diagnostics.
+
+    Args:
+        generator: The seq2seq generator (in eval mode for the probe; its mode is restored).
+
+    Returns:
+        None where the hooks' records give teacher forcing's log-probabilities (or decoding never hooks
+        this generator: not a float32 plain linear head), else why not (an exception's text included).
+    """
+    training = generator.training
+    generator.eval()
+    try:
+        with decoding_call():
+            return _probe_step_hooks(generator)
+    except Exception as error:  # any failure of the hooks means the plain path
+        return f"{type(error).__name__}: {error}"
+    finally:
+        generator.train(training)
+
+
 @torch.no_grad()
 def probe_fast_path(generator: Any) -> str | None:
-    """Runs one decoder step of each fast path and of the plain path; the reason they differ, or None.
+    """Runs one decoder step of each swapped path next to the plain path, and checks the generation-step
+    hooks (:func:`probe_step_hooks`); the reason the fast path differs, or None.
 
     Args:
         generator: The seq2seq generator (in eval mode for the probe; its mode is restored).
@@ -159,8 +355,10 @@ def probe_fast_path(generator: Any) -> str | None:
                 [[start, 5 % vocab], [start, 6 % vocab], [start, 7 % vocab], [start, 5 % vocab]],
                 device=ids.device,
             )
-            return _probe_shared_cross_attention(generator, states, mask, tokens) or _probe_packed(
-                generator, states, mask, start, vocab
+            return (
+                _probe_shared_cross_attention(generator, states, mask, tokens)
+                or _probe_packed(generator, states, mask, start, vocab)
+                or _probe_step_hooks(generator)
             )
     except Exception as error:  # any failure of the fast path means the plain path
         return f"{type(error).__name__}: {error}"
@@ -194,8 +392,8 @@ def fast_path_allowed(generator: Any, options: DecodingOptions) -> bool:
         if reason is not None:
             logger.warning(
                 "ragkit decoding takes the plain path on this %s: its fast path (shared cross-attention, packed "
-                "scoring) does not reproduce the model's own computation (%s). Outputs are unaffected; decoding "
-                "is slower.",
+                "scoring, generation-step hooks) does not reproduce the model's own computation (%s). Outputs "
+                "are unaffected; decoding is slower.",
                 type(generator).__name__,
                 reason,
             )

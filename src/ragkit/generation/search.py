@@ -5,7 +5,9 @@ swapped-in cross-attention over the per-context keys/values; other generators: c
 search does not reorder). Hooks keep each step's decoder states and log-normalisers, so every hypothesis's
 log-likelihood under the document that generated it, and the log-probability of any token after any prefix
 beam search expanded (pruned beams included), come out of generation without another forward pass.
-Everything here that touches the generator's internals goes through :mod:`ragkit._compat`.
+Everything here that touches the generator's internals goes through :mod:`ragkit._compat`; the capability
+probe (:mod:`.probe`) runs :func:`search_contexts` with the hooks on a tiny input and checks what they
+record against teacher forcing before decoding relies on them.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ __all__ = [
     "generated_pair_log_likelihoods",
     "known_pairs",
     "producer_rows",
+    "search_contexts",
+    "step_states_for",
 ]
 
 
@@ -159,6 +163,14 @@ class StepStates:
         self.states: list[torch.Tensor] = []
         self.log_normalizers: list[torch.Tensor] = []
 
+    def attach(self, generator: Any) -> list[Any]:
+        """Registers the three hooks on ``generator``; returns their handles (to remove after generation)."""
+        return [
+            generator.register_forward_pre_hook(self.before_model, with_kwargs=True),
+            generator.get_output_embeddings().register_forward_pre_hook(self.before_head),
+            generator.register_forward_hook(self.after_model),
+        ]
+
     def before_model(self, module: torch.nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
         ids = _compat.decoder_input_ids_of_call(kwargs)
         if ids is not None and self.mine():
@@ -166,12 +178,12 @@ class StepStates:
 
     def before_head(self, module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         if self.mine():
-            self.states.append(args[0][:, -1].detach())  # (search_rows, hidden)
+            self.states.append(_compat.step_head_states(args).detach())  # (search_rows, hidden)
 
     def after_model(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         if not self.mine():
             return
-        logits = output.logits[:, -1].detach().float()  # (search_rows, vocab)
+        logits = _compat.step_logits(output).detach().float()  # (search_rows, vocab)
         # logsumexp is several passes over the logits; one fused log-softmax pass gives the normaliser
         # too (logit minus log-probability, in any column), in half the time on CPU.
         self.log_normalizers.append(logits[:, 0] - torch.log_softmax(logits, dim=-1)[:, 0])
@@ -341,6 +353,90 @@ def known_pairs(
     return known
 
 
+def step_states_for(generator: Any, num_beams: int, options: DecodingOptions) -> StepStates | None:
+    """Fresh generation-step hooks for ``generator``, or None where its values would not be exact.
+
+    In half precision, generation's values (a float32 dot product against a normaliser of rounded logits)
+    differ from teacher forcing's by rounding, enough to swap near ties: float32 plain linear heads only.
+    """
+    head = _compat.gatherable_head(generator)
+    if head is None or head[0].dtype != torch.float32:
+        return None
+    return StepStates(head, num_beams, options.scoring_elements_cpu)
+
+
+def search_contexts(
+    generator: Any,
+    encoder_states: torch.Tensor,
+    context_input_ids: torch.Tensor,
+    context_attention_mask: torch.Tensor | None,
+    num_beams: int,
+    kwargs: dict[str, Any],
+    options: DecodingOptions,
+    fast_path: bool,
+    recorder: StepScoreRecorder | None = None,
+    steps: StepStates | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[torch.Tensor, torch.Tensor]] | None]:
+    """The generator's beam search (or greedy search) over every context, recording into ``recorder``/``steps``.
+
+    Args:
+        encoder_states: `(contexts, src_len, hidden)` generator encoder outputs.
+        context_input_ids: `(contexts, src_len)` the contexts.
+        context_attention_mask: `(contexts, src_len)` or None.
+        kwargs: Generation keyword arguments (a copy: keys are added, the cache given to generate is
+            popped again).
+        fast_path: Share each context's cross-attention among its beams.
+        recorder: A logits processor appended to generation's own (fast decoding), or None.
+        steps: Generation-step hooks to attach during generation (``beam_orders`` set after it), or None.
+
+    Returns:
+        `(contexts * num_beams, tgt_len)` sequences; `(rows, steps)` beam indices (or None); per decoder
+        layer, each context's cross-attention keys and values (CPU) or None.
+    """
+    shared = cross_attention = None  # per layer, each context's cross-attention keys and values
+    cache_key = _compat.cache_argument_name(generator)
+    use_cache = kwargs.get("use_cache")
+    if use_cache is None:
+        use_cache = getattr(kwargs.get("generation_config") or generator.generation_config, "use_cache", True)
+    if fast_path and num_beams > 1 and use_cache and not {"cache", "past_key_values"} & kwargs.keys():
+        # Before the hooks below: this first step is not one of generation's.
+        shared = beam_shared_cross_attention(generator, encoder_states, context_attention_mask, num_beams)
+        if shared is not None:
+            if options.trace is not None:
+                options.trace.beam_caches.append(weakref.ref(shared.cache))
+            kwargs[cache_key], cross_attention = shared.cache, shared.layers
+            if context_input_ids.device.type == "cuda":
+                cross_attention = None  # the rows path recomputes them on CUDA: less memory
+    if recorder is not None:
+        kwargs["logits_processor"] = LogitsProcessorList([*kwargs.get("logits_processor", []), recorder])
+    if recorder is not None or steps is not None:
+        kwargs["return_dict_in_generate"] = True
+    hooks = steps.attach(generator) if steps is not None else []
+    try:
+        with shared.installed() if shared is not None else contextlib.nullcontext():
+            output = generator.generate(
+                input_ids=context_input_ids,
+                attention_mask=context_attention_mask,
+                # A fresh output object: generate expands it for beams in place.
+                encoder_outputs=BaseModelOutput(last_hidden_state=encoder_states),
+                num_beams=num_beams,
+                num_return_sequences=num_beams,
+                **kwargs,
+            )
+    finally:
+        for hook in hooks:
+            hook.remove()
+    # (batch * n_docs * num_beams, tgt_len); the output object also holds the decoding cache: drop it.
+    sequences = output.sequences if kwargs.get("return_dict_in_generate") else output
+    beam_indices = _compat.generated_beam_indices(output) if kwargs.get("return_dict_in_generate") else None
+    del output
+    cache = kwargs.pop(cache_key, None)
+    if steps is not None and num_beams > 1:
+        steps.beam_orders = cache.beam_orders if isinstance(cache, _compat.BeamSharedCrossCache) else []
+    del cache, shared  # beam search's keys/values: not needed any more
+    return sequences, beam_indices, cross_attention
+
+
 def generate_hypotheses(
     model: Any,
     encoder_states: torch.Tensor,
@@ -373,67 +469,32 @@ def generate_hypotheses(
         per decoder layer, each context's cross-attention keys and values (CPU) or None.
     """
     generator = model.generator
-    shared = cross_attention = None  # per layer, each context's cross-attention keys and values
-    cache_key = _compat.cache_argument_name(generator)
-    use_cache = kwargs.get("use_cache")
-    if use_cache is None:
-        use_cache = getattr(kwargs.get("generation_config") or generator.generation_config, "use_cache", True)
-    if fast_path and num_beams > 1 and use_cache and not {"cache", "past_key_values"} & kwargs.keys():
-        # Before the hooks below: this first step is not one of generation's.
-        shared = beam_shared_cross_attention(generator, encoder_states, context_attention_mask, num_beams)
-        if shared is not None:
-            if options.trace is not None:
-                options.trace.beam_caches.append(weakref.ref(shared.cache))
-            kwargs[cache_key], cross_attention = shared.cache, shared.layers
-            if context_input_ids.device.type == "cuda":
-                cross_attention = None  # the rows path recomputes them on CUDA: less memory
-    recorder = steps = head = None
-    hooks = []
+    recorder = steps = None
     if decoding == "fast":
         # Beam search keeps a row's token only if it is among that row's top (eos + 1) * num_beams.
         k = max(2, (len(eos_ids(generator, kwargs)) + 1) * num_beams)
-        recorder = StepScoreRecorder(k, normalize=num_beams == 1)
-        kwargs["logits_processor"] = LogitsProcessorList([*kwargs.get("logits_processor", []), recorder])
-        kwargs["return_dict_in_generate"] = True
+        recorder = StepScoreRecorder(k, normalize=not _compat.processor_scores_are_log_probs(num_beams))
     elif (
         fast_path
         and options.prune_scoring
         and not float(getattr(model.config, "label_smoothing", 0.0) or 0.0)
         # A decoder prompt shifts steps against positions: not handled, scoring computes those pairs.
         and kwargs.get("decoder_input_ids") is None
-        # Under autocast the logits are rounded to half precision (see below).
+        # Under autocast the logits are rounded to half precision (see step_states_for).
         and not _compat.autocast_enabled(context_input_ids.device)
     ):
         # Each hypothesis's log-likelihood under its own document falls out of generation: keep what gives it.
-        head = _compat.gatherable_head(generator)
-        # In half precision, generation's values (a float32 dot product against a normaliser of rounded
-        # logits) differ from teacher forcing's by rounding, enough to swap near ties: float32 only.
-        if head is not None and head[0].dtype == torch.float32:
-            steps = StepStates(head, num_beams, options.scoring_elements_cpu)
-            hooks.append(generator.register_forward_pre_hook(steps.before_model, with_kwargs=True))
-            hooks.append(generator.get_output_embeddings().register_forward_pre_hook(steps.before_head))
-            hooks.append(generator.register_forward_hook(steps.after_model))
-            kwargs["return_dict_in_generate"] = True
-    try:
-        with shared.installed() if shared is not None else contextlib.nullcontext():
-            output = generator.generate(
-                input_ids=context_input_ids,
-                attention_mask=context_attention_mask,
-                # A fresh output object: generate expands it for beams in place.
-                encoder_outputs=BaseModelOutput(last_hidden_state=encoder_states),
-                num_beams=num_beams,
-                num_return_sequences=num_beams,
-                **kwargs,
-            )
-    finally:
-        for hook in hooks:
-            hook.remove()
-    # (batch * n_docs * num_beams, tgt_len); the output object also holds the decoding cache: drop it.
-    sequences = output.sequences if kwargs.get("return_dict_in_generate") else output
-    beam_indices = getattr(output, "beam_indices", None)
-    del output
-    cache = kwargs.pop(cache_key, None)
-    if steps is not None and num_beams > 1:
-        steps.beam_orders = cache.beam_orders if isinstance(cache, _compat.BeamSharedCrossCache) else []
-    del cache, shared  # beam search's keys/values: not needed any more
+        steps = step_states_for(generator, num_beams, options)
+    sequences, beam_indices, cross_attention = search_contexts(
+        generator,
+        encoder_states,
+        context_input_ids,
+        context_attention_mask,
+        num_beams,
+        kwargs,
+        options,
+        fast_path,
+        recorder=recorder,
+        steps=steps,
+    )
     return sequences, beam_indices, recorder, steps, cross_attention
