@@ -337,9 +337,10 @@ def decoder_input_ids_of_call(kwargs: dict[str, Any]) -> torch.Tensor | None:
 
     Relies on: ``generate`` calling the model with ``decoder_input_ids`` as a keyword (seen by a forward
     pre-hook registered ``with_kwargs=True``). Relies on (generation-step hooks): greedy and beam search
-    calling the model exactly once per step (the first step included, no other call meanwhile), every
-    row's last decoder id being the token it reads at that step, and greedy search keeping each row in
-    its place (finished rows stay, padded).
+    calling the model through its module call (module hooks run: no compiled or bypassing call) exactly
+    once per step (the first step included, no other call meanwhile), every row's last decoder id being
+    the token it reads at that step, and greedy search keeping each row in its place (finished rows
+    stay, padded).
     """
     return kwargs.get("decoder_input_ids")
 
