@@ -1,9 +1,11 @@
-"""Tiny, offline building blocks: tokenizers, configs and passages small enough for tests and demos.
+"""Tiny, offline building blocks: tokenizers, configs, passages, retrievers and random-weight models
+small enough for tests and demos.
 
 Nothing here downloads anything. Tokenizers are built from vocabularies written on the fly (as
 Transformers' own tests do): a WordPiece vocabulary for the DPR question encoder and a byte-level
 BPE trained on an embedded corpus for the BART generator, so every string tokenizes without
-unknown tokens.
+unknown tokens. Models are seeded, so every process builds the same weights; nothing here imports
+Transformers' RAG (a parity test builds its reference over a tiny model's own modules).
 """
 
 from __future__ import annotations
