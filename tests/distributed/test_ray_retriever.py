@@ -90,11 +90,11 @@ def test_ray_retriever_matches_single_process_and_trains(
 
 
 def _first_search_blocks(spec: ShardSpec, marker: str) -> ShardSpec:
-    """``spec`` whose shard, on the first search of any actor built from it, writes its pid to ``marker`` and blocks.
+    """``spec`` whose shard writes its pid to ``marker`` and blocks in the first search of all actors sharing ``marker``.
 
-    The marker file outlives the actor, so the restarted actor (rebuilt from the same spec) and every
-    other actor search normally: exactly one call blocks, in flight until the test kills its actor,
-    and never completes. The class is local so that Ray pickles it by value for the actors.
+    The marker outlives the actor, so the restarted actor (rebuilt from the same spec) and every other
+    actor search normally: exactly one call blocks, in flight until the test kills its actor, and
+    never completes. The class is local so that Ray pickles it by value for the actors.
     """
 
     class FirstSearchBlocks(ShardSpec):
