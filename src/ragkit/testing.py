@@ -1,9 +1,11 @@
-"""Tiny, offline building blocks: tokenizers, configs and passages small enough for tests and demos.
+"""Tiny, offline building blocks: tokenizers, configs, passages, retrievers and random-weight models
+small enough for tests and demos.
 
 Nothing here downloads anything. Tokenizers are built from vocabularies written on the fly (as
 Transformers' own tests do): a WordPiece vocabulary for the DPR question encoder and a byte-level
 BPE trained on an embedded corpus for the BART generator, so every string tokenizes without
-unknown tokens.
+unknown tokens. Models are seeded, so every process builds the same weights; nothing here imports
+Transformers' RAG (a parity test builds its reference over a tiny model's own modules).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ if TYPE_CHECKING:  # optional dependencies: imported inside the functions that n
 __all__ = [
     "TINY_PASSAGES",
     "assert_doc_dicts_equal",
+    "redraw_weights",
     "tiny_bart_config",
     "tiny_dpr_config",
     "tiny_indexed_dataset",
@@ -37,6 +40,7 @@ __all__ = [
     "tiny_rag_model",
     "tiny_retriever",
     "tiny_t5_config",
+    "train_bart_tokenizer",
     "write_tiny_custom_index",
     "write_tiny_generator_tokenizer",
     "write_tiny_question_encoder_tokenizer",
@@ -486,8 +490,36 @@ def write_tiny_retriever_dir(
     return directory
 
 
+def redraw_weights(module: Any, seed: int, std: float = 0.2) -> None:
+    """Redraw every weight matrix of ``module`` from ``N(0, std)``, seeded, in place.
+
+    Rows of embeddings and of the LM head (parameters named ``shared``, ``embed_tokens`` or
+    ``lm_head``) are then scaled to unit norm, so that no token outscores all others at every step:
+    greedy and beam decoding of a tiny model vary from token to token instead of repeating one
+    token, as they do with PyTorch's default initialization. Biases and norms are left as they are.
+
+    Args:
+        module: A ``torch.nn.Module`` (a question encoder, a generator).
+        seed: Seed of the ``torch.Generator`` that draws the weights, in ``named_parameters`` order.
+        std: Standard deviation of the redrawn weights.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if param.dim() > 1:
+                param.normal_(0.0, std, generator=generator)
+                if "shared" in name or "embed_tokens" in name or "lm_head" in name:
+                    param.div_(param.norm(dim=-1, keepdim=True))
+
+
 def tiny_rag_model(
-    config: RagConfig | None = None, retriever: Any = None, model_class: type | None = None, seed: int = 0
+    config: RagConfig | None = None,
+    retriever: Any = None,
+    model_class: type | None = None,
+    seed: int = 0,
+    weight_std: float | None = None,
 ) -> Any:
     """A random-weight tiny RAG model (DPR + the config's generator), seeded: the same weights in every process.
 
@@ -496,9 +528,14 @@ def tiny_rag_model(
         retriever: Attached to the model (None: pass contexts yourself).
         model_class: ``RagSequenceForGeneration`` (default), ``RagTokenForGeneration`` or ``RagModel``.
         seed: ``torch.manual_seed`` before the weights are drawn.
+        weight_std: When given, the weight matrices are redrawn with :func:`redraw_weights` (the
+            question encoder's with ``seed``, the generator's with ``seed + 1``) so that decoding
+            varies from token to token; ``None`` keeps PyTorch's initialization.
 
     Returns:
-        The model, in training mode as PyTorch creates it.
+        The model, in training mode as PyTorch creates it. Its ``question_encoder`` and ``generator``
+        are plain Transformers models: a reference RAG implementation built over the same two modules
+        computes with the very same weights.
     """
     import torch
     from transformers import AutoModel, AutoModelForSeq2SeqLM
@@ -509,6 +546,9 @@ def tiny_rag_model(
     torch.manual_seed(seed)
     question_encoder = AutoModel.from_config(config.question_encoder)
     generator = AutoModelForSeq2SeqLM.from_config(config.generator)
+    if weight_std is not None:
+        redraw_weights(question_encoder, seed, weight_std)
+        redraw_weights(generator, seed + 1, weight_std)
     return (model_class or RagSequenceForGeneration)(
         config=config, question_encoder=question_encoder, generator=generator, retriever=retriever
     )

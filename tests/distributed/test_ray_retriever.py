@@ -5,8 +5,10 @@ Few tests, each starting few actors: Ray's start-up dominates their time.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -87,42 +89,103 @@ def test_ray_retriever_matches_single_process_and_trains(
         retriever.close()
 
 
-def _shard_specs(dataset, layout):
+def _first_search_blocks(spec: ShardSpec, marker: str) -> ShardSpec:
+    """``spec`` whose shard writes its pid to ``marker`` and blocks in the first search of all actors sharing ``marker``.
+
+    The marker outlives the actor, so the restarted actor (rebuilt from the same spec) and every other
+    actor search normally: exactly one call blocks, in flight until the test kills its actor, and
+    never completes. The class is local so that Ray pickles it by value for the actors.
+    """
+
+    class FirstSearchBlocks(ShardSpec):
+        def build(self):
+            shard = super().build()
+            search = shard.search
+
+            def first_search_blocks(question_hidden_states, n_docs):
+                try:
+                    fd = os.open(marker + ".claimed", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                except FileExistsError:
+                    return search(question_hidden_states, n_docs)
+                os.close(fd)
+                with open(marker + ".tmp", "w") as f:
+                    f.write(str(os.getpid()))
+                os.replace(marker + ".tmp", marker)
+                threading.Event().wait()  # until the test kills this actor
+
+            shard.search = first_search_blocks
+            return shard
+
+    return FirstSearchBlocks(spec.passages, spec.start, spec.stop)
+
+
+def _shard_specs(dataset, layout, marker):
     if layout == "replicated":
-        return [ShardSpec(dataset)] * 2
-    return [ShardSpec(dataset, start, stop) for start, stop in shard_bounds(len(dataset), 2)]
+        return [_first_search_blocks(ShardSpec(dataset), marker)] * 2
+    bounds = shard_bounds(len(dataset), 2)
+    return [_first_search_blocks(ShardSpec(dataset, start, stop), marker) for start, stop in bounds]
+
+
+def _wait_for_file(path: Path, timeout_s: float = 120.0) -> str:
+    """The text of ``path`` once it exists (it is written atomically)."""
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} did not appear within {timeout_s} s"
+        time.sleep(0.01)
+    return path.read_text()
 
 
 @pytest.mark.parametrize("layout", ["replicated", "sharded"])
-def test_actor_killed_mid_call_every_query_answered_once(layout, indexed_dataset, single_process_retriever):
-    """An actor dies during a call: Ray restarts it, the call is sent once more, nothing is lost or doubled."""
+def test_actor_killed_mid_call_every_query_answered_once(
+    layout, tmp_path, indexed_dataset, single_process_retriever
+):
+    """An actor dies during a call: Ray restarts it, the call is sent once more, nothing is lost or doubled.
+
+    The victim is the actor that holds the first call: its search blocks until it is killed, so the
+    kill always lands inside that call and the call never completes on the dead actor.
+    """
+    marker = tmp_path / "blocked_search_pid"
     service = RayIndexService(
-        _shard_specs(indexed_dataset, layout), layout=layout, actor_options=ACTOR_OPTIONS, search_delay_s=0.3
+        _shard_specs(indexed_dataset, layout, str(marker)), layout=layout, actor_options=ACTOR_OPTIONS
     ).start()
     try:
-        victim = 0 if layout == "replicated" else 1  # replicated: the first call goes to actor 0
-        pid_before = service.actor_info()[victim]["pid"]
+        pids_before = [info["pid"] for info in service.actor_info()]
         queries = [query_vectors(2, seed) for seed in range(4)]
         answers = []
         worker = threading.Thread(target=lambda: answers.extend(service.search(q, 3) for q in queries))
         worker.start()
-        time.sleep(0.1)  # inside the first call's 0.3 s search
+        victim = pids_before.index(int(_wait_for_file(marker)))
+        assert not answers  # the first call is held by the victim
         ray.kill(service.actors[victim], no_restart=False)
-        worker.join(timeout=60)
+        worker.join(timeout=120)
         assert not worker.is_alive()
 
         assert len(answers) == len(queries)
         for q, answer in zip(queries, answers):
             np.testing.assert_array_equal(answer.doc_ids, single_process_retriever.retrieve(q, 3)[1])
+        # The victim may still be restarting here (replicated calls skip it): actor_info waits for it.
         infos = service.actor_info()
-        assert infos[victim]["pid"] != pid_before  # really killed and restarted
-        # Calls completed by the actors alive now: exactly one per query (per shard when sharded).
-        # Replicated calls may land on either replica (one that is still restarting is skipped).
+        assert infos[victim]["pid"] != pids_before[victim]  # really killed and restarted
+        # Calls completed by the actors alive now: exactly one per query (per shard when sharded), since the
+        # killed actor completed none. Replicated calls may land on either replica (a restarting one is skipped).
         served = [info["calls"] for info in infos]
         if layout == "sharded":
             assert served == [4, 4]
         else:
             assert sum(served) == 4
+    finally:
+        service.close()
+
+
+def test_actor_info_waits_for_a_restarting_actor(indexed_dataset):
+    """A health check right after an actor dies reports the restarted actor instead of an error."""
+    service = RayIndexService([ShardSpec(indexed_dataset)], actor_options=ACTOR_OPTIONS).start()
+    try:
+        pid_before = service.actor_info()[0]["pid"]
+        ray.kill(service.actors[0], no_restart=False)
+        (info,) = service.actor_info()
+        assert info["pid"] != pid_before and info["calls"] == 0
+        assert service.search(query_vectors(1, 0), 3).doc_ids.shape == (1, 3)
     finally:
         service.close()
 

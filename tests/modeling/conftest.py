@@ -1,11 +1,11 @@
-"""Session fixtures for the model tests (helpers live in rag_helpers.py)."""
+"""Session fixtures for the model tests, built through ``ragkit.testing`` (Transformers' reference side: rag_helpers.py)."""
 
 from __future__ import annotations
 
 import pytest
-from rag_helpers import ANSWERS, QUESTIONS, Pair, build_pair, ragkit_retriever, reference_retriever
+from rag_helpers import ANSWERS, QUESTIONS, Pair, build_pair, reference_retriever
 
-from ragkit.testing import tiny_rag_config
+from ragkit.testing import tiny_rag_config, tiny_retriever
 
 
 @pytest.fixture(scope="session")
@@ -15,7 +15,7 @@ def retrievers(question_encoder_tokenizer, generator_tokenizer, indexed_dataset)
     for kind in ("bart", "t5"):
         config = tiny_rag_config(kind, hidden_size=32)
         ref = reference_retriever(config, question_encoder_tokenizer, generator_tokenizer, indexed_dataset)
-        ours = ragkit_retriever(config, question_encoder_tokenizer, generator_tokenizer, indexed_dataset)
+        ours = tiny_retriever(config, question_encoder_tokenizer, generator_tokenizer, indexed_dataset)
         out[kind] = (ref, ours)
     return out
 

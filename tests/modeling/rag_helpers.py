@@ -1,36 +1,31 @@
 """Helpers for the model tests: reference/ragkit model pairs on shared tiny random weights.
 
-Each pair shares one question encoder and one generator (the same modules), so any difference
-between the two outputs comes from the RAG code itself. Weights are redrawn (seeded) so that
-decoding varies from token to token instead of repeating one token.
+ragkit's side comes from :mod:`ragkit.testing` (``tiny_rag_model``, ``tiny_retriever``); this module
+adds only Transformers' side, the reference, over the very same modules. Each pair shares one question
+encoder and one generator, so any difference between the two outputs comes from the RAG code itself.
+Weights are redrawn (seeded, :func:`ragkit.testing.redraw_weights`) so that decoding varies from token
+to token instead of repeating one token.
 """
 
 from __future__ import annotations
 
 import torch
 import transformers
-from transformers import BartForConditionalGeneration, DPRQuestionEncoder, T5ForConditionalGeneration
 from transformers.models.rag.retrieval_rag import CustomHFIndex
 
 import ragkit.modeling_rag as rk
-from ragkit.retrieval.custom import CustomHFIndex as RagkitCustomHFIndex
-from ragkit.retrieval_rag import RagRetriever
-from ragkit.testing import tiny_rag_config
+from ragkit.testing import redraw_weights, tiny_rag_config, tiny_rag_model, tiny_retriever
 
 QUESTIONS = ["How many people live in Paris?", "Which river flows through London?"]
 ANSWERS = ["about 2 million", "the Thames"]
 HEADS = {"model": "RagModel", "sequence": "RagSequenceForGeneration", "token": "RagTokenForGeneration"}
+#: Standard deviation of the redrawn weights of every pair.
+WEIGHT_STD = 0.2
 
 
-def perturb(module: torch.nn.Module, seed: int, std: float = 0.2) -> None:
+def perturb(module: torch.nn.Module, seed: int, std: float = WEIGHT_STD) -> None:
     """Redraw weight matrices (seeded); unit-norm embedding rows so no token wins every step."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if param.dim() > 1:
-                param.normal_(0.0, std, generator=generator)
-                if "shared" in name or "embed_tokens" in name or "lm_head" in name:
-                    param.div_(param.norm(dim=-1, keepdim=True))
+    redraw_weights(module, seed, std)
 
 
 def reference_retriever(config, question_encoder_tokenizer, generator_tokenizer, indexed_dataset):
@@ -45,12 +40,21 @@ def reference_retriever(config, question_encoder_tokenizer, generator_tokenizer,
 
 def ragkit_retriever(config, question_encoder_tokenizer, generator_tokenizer, indexed_dataset):
     """ragkit's RagRetriever over the same passages, through ragkit's own index (never the reference's)."""
-    return RagRetriever(
-        config,
-        question_encoder_tokenizer=question_encoder_tokenizer,
-        generator_tokenizer=generator_tokenizer,
-        index=RagkitCustomHFIndex(config.retrieval_vector_size, indexed_dataset),
-    )
+    return tiny_retriever(config, question_encoder_tokenizer, generator_tokenizer, indexed_dataset)
+
+
+def reference_model(head: str, ours, retriever=None):
+    """Transformers' RAG model of ``head`` over ``ours``' own question encoder and generator (shared modules)."""
+    reference = getattr(transformers, HEADS[head])(
+        config=transformers.RagConfig(**ours.config.to_dict()),
+        question_encoder=ours.question_encoder,
+        generator=ours.generator,
+        retriever=retriever,
+    ).eval()
+    if ours.config.generator.model_type == "t5":
+        # The reference reads config.generator.bos_token_id, which T5Config lacks in Transformers 5.
+        reference.config.generator.bos_token_id = None
+    return reference
 
 
 class Pair:
@@ -65,28 +69,16 @@ class Pair:
 
 
 def build_pair(head: str, generator_kind: str, retrievers: dict, seed: int = 0, **rag_fields) -> Pair:
-    """Build (reference, ragkit) models of ``head`` ("model"/"sequence"/"token") over shared modules."""
+    """Build (reference, ragkit) models of ``head`` ("model"/"sequence"/"token") over shared modules.
+
+    ``retrievers[generator_kind]`` is the (reference, ragkit) retriever pair the two models use.
+    """
     config = tiny_rag_config(generator_kind, hidden_size=32, **rag_fields)
-    reference_config = transformers.RagConfig(**config.to_dict())
-    torch.manual_seed(seed)
-    question_encoder = DPRQuestionEncoder(reference_config.question_encoder).eval()
-    generator_cls = BartForConditionalGeneration if generator_kind == "bart" else T5ForConditionalGeneration
-    generator = generator_cls(reference_config.generator).eval()
-    perturb(question_encoder, seed)
-    perturb(generator, seed + 1)
     ref_retriever, our_retriever = retrievers[generator_kind]
-    reference = getattr(transformers, HEADS[head])(
-        config=reference_config,
-        question_encoder=question_encoder,
-        generator=generator,
-        retriever=ref_retriever,
+    ours = tiny_rag_model(
+        config, our_retriever, getattr(rk, HEADS[head]), seed=seed, weight_std=WEIGHT_STD
     ).eval()
-    if generator_kind == "t5":
-        # The reference reads config.generator.bos_token_id, which T5Config lacks in Transformers 5.
-        reference.config.generator.bos_token_id = None
-    ours = getattr(rk, HEADS[head])(
-        config=config, question_encoder=question_encoder, generator=generator, retriever=our_retriever
-    ).eval()
+    reference = reference_model(head, ours, ref_retriever)
     return Pair(reference, ours, config, ref_retriever, our_retriever)
 
 

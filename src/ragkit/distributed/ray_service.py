@@ -234,7 +234,7 @@ class RayIndexService:
                     get_if_exists=True,
                 )
             self.actors.append(actor_class.options(**actor_options).remote(spec_ref, self.search_delay_s))
-        infos = self._get_all([actor.info.remote() for actor in self.actors], self.init_timeout_s, "start")
+        infos = self._info_all(self.init_timeout_s, "start")
         for shard, (spec, info) in enumerate(zip(self.specs, infos)):
             if isinstance(spec, ShardSpec) and info["start"] != spec.start:
                 raise RuntimeError(
@@ -271,8 +271,12 @@ class RayIndexService:
         self.close()
 
     def actor_info(self) -> list[dict[str, Any]]:
-        """``info()`` of every actor (pid, slice, calls served), waiting at most ``call_timeout_s``."""
-        return self._get_all([actor.info.remote() for actor in self.actors], self.call_timeout_s, "info")
+        """``info()`` of every actor (pid, slice, calls served), waiting at most ``call_timeout_s``.
+
+        An actor that Ray is restarting is waited for (within the same timeout), so a health check
+        right after a failure reports the restarted actor instead of an error.
+        """
+        return self._info_all(self.call_timeout_s, "answer info()")
 
     # -- calls -----------------------------------------------------------------------------------
 
@@ -342,20 +346,30 @@ class RayIndexService:
         Ray refuses calls to an actor while it restarts (``ActorUnavailableError``) rather than
         queueing them, so the retried search is sent only once the actor is back: it runs once.
         """
+        try:
+            self._get_info(ray, actor, self.actors[actor].info.remote(), deadline)
+        except ray.exceptions.GetTimeoutError as err:
+            raise RetrievalTimeoutError(
+                f"Retrieval actor {actor} did not come back within {self.init_timeout_s:.0f} s after dying: "
+                "check `ray status` and its log; raise init_timeout_s if its index takes longer to load."
+            ) from err
+
+    def _get_info(self, ray: Any, actor: int, ref: Any, deadline: float) -> dict[str, Any]:
+        """``info()`` of one actor by ``deadline``, asked again while Ray restarts it (``info`` changes nothing).
+
+        Raises Ray's ``GetTimeoutError`` at the deadline and its ``RayActorError`` for an actor that is gone.
+        """
         while True:
-            timeout = deadline - time.monotonic()
-            if timeout <= 0:
-                raise RetrievalTimeoutError(
-                    f"Retrieval actor {actor} did not come back within {self.init_timeout_s:.0f} s after dying: "
-                    "check `ray status` and its log; raise init_timeout_s if its index takes longer to load."
-                )
             try:
-                ray.get(self.actors[actor].info.remote(), timeout=timeout)
-                return
+                return ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
             except ray.exceptions.ActorUnavailableError:
+                # Restarting (or its call was cut by the restart): it answers once its shard is rebuilt.
+                if time.monotonic() >= deadline:
+                    raise ray.exceptions.GetTimeoutError(
+                        f"Retrieval actor {actor} was still restarting at the deadline."
+                    ) from None
                 time.sleep(0.1)
-            except ray.exceptions.GetTimeoutError:
-                continue
+                ref = self.actors[actor].info.remote()
 
     def _submit(self, actor: int, queries_ref: Any, n_docs: int) -> tuple[str, Any]:
         """Start a search on one actor; returns the request id and the result's object ref."""
@@ -385,11 +399,13 @@ class RayIndexService:
             )
         return result
 
-    def _get_all(self, refs: list[Any], timeout_s: float, what: str) -> list[Any]:
-        """``ray.get`` with a timeout that names what was waited for."""
+    def _info_all(self, timeout_s: float, what: str) -> list[dict[str, Any]]:
+        """``info()`` of every actor within ``timeout_s``, waiting through restarts; ``what`` ("start") names the wait in errors."""
         ray = _import_ray()
+        deadline = time.monotonic() + timeout_s
+        refs = [actor.info.remote() for actor in self.actors]  # all at once: actors build in parallel
         try:
-            return ray.get(refs, timeout=timeout_s)
+            return [self._get_info(ray, actor, ref, deadline) for actor, ref in enumerate(refs)]
         except ray.exceptions.GetTimeoutError as err:
             raise RetrievalTimeoutError(
                 f"Retrieval actors did not {what} within {timeout_s:.0f} s: the cluster may lack the CPUs or "
@@ -398,6 +414,6 @@ class RayIndexService:
             ) from err
         except ray.exceptions.RayActorError as err:
             raise RetrievalUnavailableError(
-                f"A retrieval actor died during {what} ({err}); its log (in /tmp/ray/session_latest/logs) says "
+                f"A retrieval actor died while waiting for it to {what} ({err}); its log (in /tmp/ray/session_latest/logs) says "
                 "why, often a missing file or too little memory for its shard."
             ) from err
