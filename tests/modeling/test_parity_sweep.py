@@ -16,7 +16,8 @@ other classes, ``decoder_attention_mask``, ``encoder_outputs``, every output fie
 more generation options on both heads, embeddings accessors and resizing, checkpoint file keys,
 ``RagConfig.to_dict()``, the tokenizer's decode side and the retriever's call options.
 
-Tolerances: 1e-5 absolute on float tensors (float32, CPU); token ids, doc ids and file keys exactly.
+Tolerances: 1e-5 absolute on float tensors (float32, CPU), plus 1e-6 relative where ``get_nll`` sums
+losses of random logits; token ids, doc ids, file keys and config values exactly.
 """
 
 from __future__ import annotations
@@ -47,6 +48,11 @@ def _close(a, b, what: str) -> None:
     assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} != {tuple(b.shape)}"
     diff = (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
     assert diff <= ATOL, f"{what}: max abs difference {diff}"
+
+
+def _close_relative(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    """Within ATOL plus 1e-6 relative: random logits give losses in the hundreds, summed in float32."""
+    torch.testing.assert_close(b, a, atol=ATOL, rtol=1e-6, msg=what)
 
 
 def _call_both(pair, **kwargs):
@@ -722,3 +728,142 @@ def test_retriever_reads_the_context_fields_of_its_config(retrievers, questions,
         default[k].shape == got[k].shape and torch.equal(default[k], got[k])
         for k in ("context_input_ids", "doc_ids")
     ), "the config change had no effect"
+
+
+# --- forward: inputs given in other combinations -----------------------------------------------------
+
+
+@pytest.mark.parametrize("generator_kind", GENERATORS)
+@pytest.mark.parametrize("head", ["sequence", "token"])
+def test_labels_with_their_own_decoder_input_ids(pairs, questions, labels, head, generator_kind):
+    # Teacher forcing on decoder_input_ids while the loss reads labels, as the reference does.
+    pair = pairs(head, generator_kind)
+    contexts = retrieved_contexts(pair, questions)
+    shifted = pair.ours.rag.generator.config.decoder_start_token_id * torch.ones_like(labels)
+    shifted[:, 1:] = labels[:, :-1]
+    for decoder_input_ids in (labels, shifted):
+        ref, ours = _call_both(pair, **contexts, labels=labels, decoder_input_ids=decoder_input_ids)
+        _close(ref.loss, ours.loss, "loss")
+        _close(ref.logits, ours.logits, "logits")
+
+
+@pytest.mark.parametrize("generator_kind", GENERATORS)
+@pytest.mark.parametrize("head", list(HEADS))
+def test_encoder_outputs_as_a_plain_tuple(pairs, questions, labels, head, generator_kind):
+    pair = pairs(head, generator_kind)
+    contexts = retrieved_contexts(pair, questions)
+    with torch.no_grad():
+        hidden = pair.ours.generator.get_encoder()(
+            input_ids=contexts["context_input_ids"], attention_mask=contexts["context_attention_mask"]
+        ).last_hidden_state
+    kwargs = {
+        "encoder_outputs": (hidden,),
+        "doc_scores": contexts["doc_scores"],
+        "context_attention_mask": contexts["context_attention_mask"],
+        "attention_mask": contexts["context_attention_mask"],
+        "decoder_input_ids": labels,
+    }
+    ref, ours = _call_both(pair, **kwargs)
+    _close(ref.logits, ours.logits, "logits from a tuple of encoder outputs")
+
+
+@pytest.mark.parametrize("head", list(HEADS))
+def test_given_contexts_win_over_input_ids(pairs, questions, labels, head):
+    # With all three of context ids, mask and doc scores, nothing is retrieved and input_ids are not encoded.
+    pair = pairs(head, "bart")
+    contexts = retrieved_contexts(pair, questions, n_docs=2)
+    target = {"decoder_input_ids": labels} if head == "model" else {"labels": labels}
+    ref, ours = _call_both(pair, input_ids=questions.input_ids, **contexts, n_docs=2, **target)
+    _close(ref.logits, ours.logits, "logits")
+    _close(contexts["doc_scores"], ours.doc_scores, "doc_scores are the given ones")
+    assert ours.question_encoder_last_hidden_state is None is ref.question_encoder_last_hidden_state
+    if head != "model":
+        _close(ref.loss, ours.loss, "loss")
+
+
+# --- public helpers of the heads ---------------------------------------------------------------------
+
+
+def _random_logits(pair, n_docs: int, length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    vocab = pair.config.generator.vocab_size
+    return torch.randn(2 * n_docs, length, vocab, generator=generator), torch.randn(2, n_docs, generator=generator)
+
+
+@pytest.mark.parametrize("n_docs", [None, 2])
+def test_sequence_get_nll_equals_the_references(pairs, labels, n_docs):
+    pair = pairs("sequence", "bart")
+    seq_logits, doc_scores = _random_logits(pair, n_docs or pair.config.n_docs, labels.shape[1], seed=11)
+    for options in (
+        {},
+        {"reduce_loss": True},
+        {"epsilon": 0.1},
+        {"exclude_bos_score": True, "epsilon": 0.2, "reduce_loss": True},
+    ):
+        theirs = pair.reference.get_nll(seq_logits, doc_scores, labels, n_docs=n_docs, **options)
+        ours = pair.ours.get_nll(seq_logits, doc_scores, labels, n_docs=n_docs, **options)
+        _close_relative(theirs, ours, f"get_nll {options} n_docs={n_docs}")
+
+
+@pytest.mark.parametrize("n_docs", [None, 2])
+def test_token_helpers_equal_the_references(pairs, labels, n_docs):
+    pair = pairs("token", "bart")
+    seq_logits, doc_scores = _random_logits(pair, n_docs or pair.config.n_docs, labels.shape[1], seed=12)
+    _close(
+        pair.reference.marginalize(seq_logits, doc_scores, n_docs=n_docs),
+        pair.ours.marginalize(seq_logits, doc_scores, n_docs=n_docs),
+        "marginalize",
+    )
+    for options in ({}, {"reduce_loss": True}, {"epsilon": 0.1}, {"epsilon": 0.3, "reduce_loss": True}):
+        theirs = pair.reference.get_nll(seq_logits, doc_scores, labels, n_docs=n_docs, **options)
+        ours = pair.ours.get_nll(seq_logits, doc_scores, labels, n_docs=n_docs, **options)
+        _close_relative(theirs, ours, f"get_nll {options} n_docs={n_docs}")
+    for start in (None, 7):
+        assert torch.equal(pair.ours.shift_tokens_right(labels, start), pair.reference.shift_tokens_right(labels, start))
+
+
+# --- generate: more input combinations ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("generator_kind", GENERATORS)
+@pytest.mark.parametrize("head", ["sequence", "token"])
+def test_generate_without_cache_and_with_overridden_special_tokens(pairs, questions, head, generator_kind):
+    pair = pairs(head, generator_kind)
+    contexts = _unpadded_contexts(pair, questions)
+    for options in (
+        {"use_cache": False, "num_beams": 2},
+        {"decoder_start_token_id": 3, "eos_token_id": 5},
+        {"pad_token_id": 4, "num_beams": 2, "num_return_sequences": 2},
+    ):
+        ref, ours = _generate_both(pair, **contexts, max_length=MAX_LENGTH, **options)
+        _same_ids(ref, ours)
+        if "decoder_start_token_id" in options:
+            assert ours[:, 0].eq(3).all()
+
+
+def test_token_generate_prefers_given_contexts_to_input_ids(pairs, questions):
+    pair = pairs("token", "bart")
+    contexts = retrieved_contexts(pair, questions, n_docs=2)
+    kwargs = dict(**contexts, n_docs=2, num_beams=2, max_length=MAX_LENGTH)
+    ref, ours = _generate_both(pair, input_ids=questions.input_ids, attention_mask=questions.attention_mask, **kwargs)
+    _same_ids(ref, ours)
+    _same_ids(ours, pair.ours.generate(**kwargs))
+
+
+@pytest.mark.parametrize("generator_kind", GENERATORS)
+def test_sequence_generate_scores_the_given_contexts_even_with_input_ids(pairs, questions, generator_kind):
+    # The reference decodes the given contexts but, when input_ids are passed too, scores the hypotheses
+    # against documents it retrieves again for those input_ids (and their doc scores), ignoring the given
+    # ones. ragkit scores against the contexts and doc scores it was given, so input_ids change nothing.
+    pair = pairs("sequence", generator_kind)
+    contexts = _unpadded_contexts(pair, questions)
+    contexts["doc_scores"] = contexts["doc_scores"].flip(1)  # scores the retriever would not give
+    kwargs = dict(**contexts, num_beams=2, num_return_sequences=2, max_length=MAX_LENGTH)
+    with torch.no_grad():
+        ours = pair.ours.generate(input_ids=questions.input_ids, attention_mask=questions.attention_mask, **kwargs)
+        context_only = pair.ours.generate(**kwargs)
+        reference_context_only = pair.reference.generate(**kwargs)
+        reference = pair.reference.generate(input_ids=questions.input_ids, **kwargs)
+    _same_ids(reference_context_only, context_only)
+    _same_ids(context_only, ours)
+    assert not torch.equal(reference, reference_context_only), "the reference re-retrieves to score"
