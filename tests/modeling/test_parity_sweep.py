@@ -739,7 +739,7 @@ def test_labels_with_their_own_decoder_input_ids(pairs, questions, labels, head,
     # Teacher forcing on decoder_input_ids while the loss reads labels, as the reference does.
     pair = pairs(head, generator_kind)
     contexts = retrieved_contexts(pair, questions)
-    shifted = pair.ours.rag.generator.config.decoder_start_token_id * torch.ones_like(labels)
+    shifted = pair.ours.generator.config.decoder_start_token_id * torch.ones_like(labels)
     shifted[:, 1:] = labels[:, :-1]
     for decoder_input_ids in (labels, shifted):
         ref, ours = _call_both(pair, **contexts, labels=labels, decoder_input_ids=decoder_input_ids)
@@ -867,3 +867,90 @@ def test_sequence_generate_scores_the_given_contexts_even_with_input_ids(pairs, 
     _same_ids(reference_context_only, context_only)
     _same_ids(context_only, ours)
     assert not torch.equal(reference, reference_context_only), "the reference re-retrieves to score"
+
+
+@pytest.mark.parametrize("generator_kind", GENERATORS)
+def test_sequence_generate_returns_more_answers_than_beams(pairs, questions, generator_kind):
+    # The candidates are num_beams per document, so num_return_sequences may exceed num_beams.
+    pair = pairs("sequence", generator_kind)
+    contexts = _unpadded_contexts(pair, questions)
+    for options in (
+        {"num_beams": 1, "num_return_sequences": 2},
+        {"num_beams": 2, "num_return_sequences": 3},
+        {"num_beams": 1, "num_return_sequences": 3, "do_deduplication": False},
+    ):
+        ref, ours = _generate_both(pair, **contexts, max_length=MAX_LENGTH, **options)
+        _same_ids(ref, ours)
+        assert ours.shape[0] == 2 * options["num_return_sequences"]
+
+
+@pytest.mark.parametrize("generator_kind", GENERATORS)
+def test_token_generate_refuses_what_the_reference_refuses(pairs, questions, generator_kind):
+    pair = pairs("token", generator_kind)
+    contexts = retrieved_contexts(pair, questions)
+    for options in ({"num_beams": 1, "num_return_sequences": 2}, {"num_beams": 2, "num_return_sequences": 3}):
+        with pytest.raises(ValueError):
+            pair.reference.generate(**contexts, max_length=MAX_LENGTH, **options)
+        with pytest.raises(ValueError, match="num_return_sequences"):
+            pair.ours.generate(**contexts, max_length=MAX_LENGTH, **options)
+
+
+@pytest.mark.parametrize("generator_kind", GENERATORS)
+@pytest.mark.parametrize(
+    "options",
+    [{"num_beams": 2}, {"temperature": 0.7, "top_p": 0.9}, {"top_k": 3, "temperature": 1.5}],
+    ids=str,
+)
+def test_token_sampling_variants_draw_the_reference_samples(pairs, questions, generator_kind, options):
+    pair = pairs("token", generator_kind)
+    contexts = retrieved_contexts(pair, questions)
+    with torch.no_grad():
+        torch.manual_seed(21)
+        ref = pair.reference.generate(**contexts, do_sample=True, max_length=MAX_LENGTH, **options)
+        torch.manual_seed(21)
+        ours = pair.ours.generate(**contexts, do_sample=True, max_length=MAX_LENGTH, **options)
+    _same_ids(ref, ours)
+
+
+@pytest.mark.parametrize("generator_kind", GENERATORS)
+@pytest.mark.parametrize("head", list(HEADS))
+def test_generator_prefix_reaches_the_retrieved_contexts(pairs, questions, labels, head, generator_kind):
+    # T5-style task prefixes: the generator config's `prefix` is put before each question in the contexts.
+    pair = pairs(head, generator_kind)
+    generator_config = pair.ours.generator.config
+    assert generator_config is pair.reference.generator.config
+    saved = getattr(generator_config, "prefix", None)
+    generator_config.prefix = "answer the question: "
+    try:
+        ref, ours = _call_both(pair, input_ids=questions.input_ids, decoder_input_ids=labels, output_retrieved=True)
+    finally:
+        generator_config.prefix = saved
+    _, plain = _call_both(pair, input_ids=questions.input_ids, decoder_input_ids=labels, output_retrieved=True)
+    assert torch.equal(ref.context_input_ids, ours.context_input_ids)
+    assert ours.context_input_ids.shape != plain.context_input_ids.shape or not torch.equal(
+        ours.context_input_ids, plain.context_input_ids
+    )
+    _close(ref.logits, ours.logits, "logits with a generator prefix")
+
+
+@pytest.mark.parametrize("generator_kind", GENERATORS)
+@pytest.mark.parametrize("head", list(HEADS))
+def test_decoding_step_by_step_with_the_cache(pairs, questions, head, generator_kind):
+    # Each step feeds one token and the previous cache; the reference takes it as `cache`, ragkit as either name.
+    pair = pairs(head, generator_kind)
+    contexts = retrieved_contexts(pair, questions)
+    start = torch.full((2, 1), pair.ours.generator.config.decoder_start_token_id)
+    steps = [start, torch.tensor([[7], [9]]), torch.tensor([[11], [13]])]
+    with torch.no_grad():
+        ref = pair.reference(**contexts, decoder_input_ids=steps[0], use_cache=True)
+        ours = pair.ours(**contexts, decoder_input_ids=steps[0], use_cache=True)
+        ref_cache, our_cache = ref.cache, ours.cache
+        for step in steps[1:]:
+            ref = pair.reference(**contexts, decoder_input_ids=step, cache=ref_cache, use_cache=True)
+            ours = pair.ours(**contexts, decoder_input_ids=step, past_key_values=our_cache, use_cache=True)
+            _close(ref.logits, ours.logits, "cached step logits")
+            _close(ref.doc_scores, ours.doc_scores, "cached step doc_scores")
+            ref_cache, our_cache = ref.cache, ours.cache
+        assert our_cache.get_seq_length() == ref_cache.get_seq_length() == len(steps)
+        full = pair.ours(**contexts, decoder_input_ids=torch.cat(steps, 1), use_cache=False)
+    _close(full.logits[:, -1:], ours.logits, "cached steps vs one full pass")
