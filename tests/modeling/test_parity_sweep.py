@@ -787,7 +787,9 @@ def test_given_contexts_win_over_input_ids(pairs, questions, labels, head):
 def _random_logits(pair, n_docs: int, length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     vocab = pair.config.generator.vocab_size
-    return torch.randn(2 * n_docs, length, vocab, generator=generator), torch.randn(2, n_docs, generator=generator)
+    return torch.randn(2 * n_docs, length, vocab, generator=generator), torch.randn(
+        2, n_docs, generator=generator
+    )
 
 
 @pytest.mark.parametrize("n_docs", [None, 2])
@@ -819,7 +821,9 @@ def test_token_helpers_equal_the_references(pairs, labels, n_docs):
         ours = pair.ours.get_nll(seq_logits, doc_scores, labels, n_docs=n_docs, **options)
         _close_relative(theirs, ours, f"get_nll {options} n_docs={n_docs}")
     for start in (None, 7):
-        assert torch.equal(pair.ours.shift_tokens_right(labels, start), pair.reference.shift_tokens_right(labels, start))
+        assert torch.equal(
+            pair.ours.shift_tokens_right(labels, start), pair.reference.shift_tokens_right(labels, start)
+        )
 
 
 # --- generate: more input combinations ---------------------------------------------------------------
@@ -845,7 +849,9 @@ def test_token_generate_prefers_given_contexts_to_input_ids(pairs, questions):
     pair = pairs("token", "bart")
     contexts = retrieved_contexts(pair, questions, n_docs=2)
     kwargs = dict(**contexts, n_docs=2, num_beams=2, max_length=MAX_LENGTH)
-    ref, ours = _generate_both(pair, input_ids=questions.input_ids, attention_mask=questions.attention_mask, **kwargs)
+    ref, ours = _generate_both(
+        pair, input_ids=questions.input_ids, attention_mask=questions.attention_mask, **kwargs
+    )
     _same_ids(ref, ours)
     _same_ids(ours, pair.ours.generate(**kwargs))
 
@@ -860,7 +866,9 @@ def test_sequence_generate_scores_the_given_contexts_even_with_input_ids(pairs, 
     contexts["doc_scores"] = contexts["doc_scores"].flip(1)  # scores the retriever would not give
     kwargs = dict(**contexts, num_beams=2, num_return_sequences=2, max_length=MAX_LENGTH)
     with torch.no_grad():
-        ours = pair.ours.generate(input_ids=questions.input_ids, attention_mask=questions.attention_mask, **kwargs)
+        ours = pair.ours.generate(
+            input_ids=questions.input_ids, attention_mask=questions.attention_mask, **kwargs
+        )
         context_only = pair.ours.generate(**kwargs)
         reference_context_only = pair.reference.generate(**kwargs)
         reference = pair.reference.generate(input_ids=questions.input_ids, **kwargs)
@@ -922,10 +930,14 @@ def test_generator_prefix_reaches_the_retrieved_contexts(pairs, questions, label
     saved = getattr(generator_config, "prefix", None)
     generator_config.prefix = "answer the question: "
     try:
-        ref, ours = _call_both(pair, input_ids=questions.input_ids, decoder_input_ids=labels, output_retrieved=True)
+        ref, ours = _call_both(
+            pair, input_ids=questions.input_ids, decoder_input_ids=labels, output_retrieved=True
+        )
     finally:
         generator_config.prefix = saved
-    _, plain = _call_both(pair, input_ids=questions.input_ids, decoder_input_ids=labels, output_retrieved=True)
+    _, plain = _call_both(
+        pair, input_ids=questions.input_ids, decoder_input_ids=labels, output_retrieved=True
+    )
     assert torch.equal(ref.context_input_ids, ours.context_input_ids)
     assert ours.context_input_ids.shape != plain.context_input_ids.shape or not torch.equal(
         ours.context_input_ids, plain.context_input_ids
@@ -954,3 +966,39 @@ def test_decoding_step_by_step_with_the_cache(pairs, questions, head, generator_
         assert our_cache.get_seq_length() == ref_cache.get_seq_length() == len(steps)
         full = pair.ours(**contexts, decoder_input_ids=torch.cat(steps, 1), use_cache=False)
     _close(full.logits[:, -1:], ours.logits, "cached steps vs one full pass")
+
+
+@pytest.mark.parametrize("generator_kind", GENERATORS)
+@pytest.mark.parametrize("head", list(HEADS))
+def test_generation_config_and_config_built_from_the_parts(pairs, head, generator_kind):
+    pair = pairs(head, generator_kind)
+    theirs = getattr(pair.reference, "generation_config", None)
+    mine = getattr(pair.ours, "generation_config", None)
+    assert (theirs is None) == (mine is None)
+    if theirs is not None:
+        assert mine.to_dict() == theirs.to_dict()
+    # Built from a question encoder and a generator alone, the config is the reference's.
+    reference = getattr(transformers, HEADS[head])(
+        question_encoder=pair.reference.question_encoder, generator=pair.reference.generator
+    )
+    ours = getattr(ragkit, HEADS[head])(
+        question_encoder=pair.ours.question_encoder, generator=pair.ours.generator
+    )
+    expected = reference.config.to_dict()
+    got = {k: v for k, v in ours.config.to_dict().items() if k not in _RAGKIT_ONLY_FIELDS}
+    for key in ("question_encoder", "generator", "transformers_version"):
+        expected.pop(key), got.pop(key)
+    assert got == expected
+
+
+def test_sequence_generate_honours_n_docs_with_the_retriever(pairs, questions):
+    # Documented fix (Transformers issue 14394): retrieval and scoring both use the n_docs of the call, so
+    # generating with the retriever equals generating on the contexts it retrieves for that n_docs.
+    pair = pairs("sequence", "bart")
+    question = {"input_ids": questions.input_ids[:1], "attention_mask": questions.attention_mask[:1]}
+    contexts = retrieved_contexts(pair, type(questions)(question), n_docs=2)
+    kwargs = dict(n_docs=2, num_beams=2, num_return_sequences=2, max_length=MAX_LENGTH)
+    with torch.no_grad():
+        with_retriever = pair.ours.generate(**question, **kwargs)
+        from_contexts = pair.ours.generate(**contexts, **kwargs)
+    _same_ids(with_retriever, from_contexts)
