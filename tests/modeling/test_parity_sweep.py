@@ -1002,3 +1002,23 @@ def test_sequence_generate_honours_n_docs_with_the_retriever(pairs, questions):
         with_retriever = pair.ours.generate(**question, **kwargs)
         from_contexts = pair.ours.generate(**contexts, **kwargs)
     _same_ids(with_retriever, from_contexts)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"max_length": 5},
+        {"max_new_tokens": 3, "num_beams": 2},
+        {"max_length": 8, "min_length": 6, "forced_bos_token_id": 0, "eos_token_id": 2, "decoder_start_token_id": 2},
+        # As in the reference, RAG-Sequence takes num_beams and num_return_sequences from its own
+        # arguments (default 1), not from a generation_config.
+        {"max_length": MAX_LENGTH, "num_beams": 3, "num_return_sequences": 2},
+    ],
+    ids=str,
+)
+def test_sequence_generate_with_a_generation_config(pairs, questions, settings):
+    pair = pairs("sequence", "bart")
+    contexts = _unpadded_contexts(pair, questions)
+    config = transformers.GenerationConfig(**settings)
+    ref, ours = _generate_both(pair, **contexts, generation_config=config)
+    _same_ids(ref, ours)
