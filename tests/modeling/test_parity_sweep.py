@@ -1009,7 +1009,13 @@ def test_sequence_generate_honours_n_docs_with_the_retriever(pairs, questions):
     [
         {"max_length": 5},
         {"max_new_tokens": 3, "num_beams": 2},
-        {"max_length": 8, "min_length": 6, "forced_bos_token_id": 0, "eos_token_id": 2, "decoder_start_token_id": 2},
+        {
+            "max_length": 8,
+            "min_length": 6,
+            "forced_bos_token_id": 0,
+            "eos_token_id": 2,
+            "decoder_start_token_id": 2,
+        },
         # As in the reference, RAG-Sequence takes num_beams and num_return_sequences from its own
         # arguments (default 1), not from a generation_config.
         {"max_length": MAX_LENGTH, "num_beams": 3, "num_return_sequences": 2},
@@ -1022,3 +1028,48 @@ def test_sequence_generate_with_a_generation_config(pairs, questions, settings):
     config = transformers.GenerationConfig(**settings)
     ref, ours = _generate_both(pair, **contexts, generation_config=config)
     _same_ids(ref, ours)
+
+
+@pytest.mark.parametrize("head", list(HEADS))
+def test_module_tree_and_attributes_are_the_references(pairs, head):
+    pair = pairs(head, "bart")
+    assert [n for n, _ in pair.ours.named_children()] == [n for n, _ in pair.reference.named_children()]
+    public = {k for k in vars(pair.ours) if not k.startswith("_")}
+    assert public == {k for k in vars(pair.reference) if not k.startswith("_")}
+    assert pair.ours.question_encoder is pair.reference.question_encoder
+    assert pair.ours.generator is pair.reference.generator
+    rag = pair.ours if head == "model" else pair.ours.rag
+    assert rag.context_encoder_training is False and rag.ctx_encoder is None
+    assert pair.ours.retriever is pair.our_retriever
+    for name in ("n_docs", "batch_size", "return_tokenized_docs"):
+        assert getattr(pair.our_retriever, name) == getattr(pair.ref_retriever, name), name
+
+
+@pytest.mark.parametrize("head", ["sequence", "token"])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(retrievers, questions, labels, head):
+    # Transformers' RAG heads refuse gradient_checkpointing_enable() (ValueError); ragkit's checkpoint
+    # both parts, with the loss and gradients of a run without checkpointing (dropout off).
+    plain = build_pair(head, "bart", retrievers, seed=9)
+    with pytest.raises(ValueError, match="checkpointing"):
+        plain.reference.gradient_checkpointing_enable()
+    checkpointed = copy.deepcopy(plain.ours)
+    checkpointed.gradient_checkpointing_enable()
+    assert checkpointed.generator.is_gradient_checkpointing
+    assert checkpointed.question_encoder.is_gradient_checkpointing
+    results = []
+    for model in (plain.ours, checkpointed):
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        model.config.generator.dropout = 0.0
+        model.train()
+        loss = model(**questions, labels=labels, reduce_loss=True, use_cache=False).loss
+        loss.backward()
+        results.append(
+            (loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+        )
+    (loss, grads), (loss_checkpointed, grads_checkpointed) = results
+    _close(loss, loss_checkpointed, "loss with gradient checkpointing")
+    assert grads.keys() == grads_checkpointed.keys() and grads
+    for name in grads:
+        _close(grads[name], grads_checkpointed[name], f"gradient of {name}")
