@@ -1073,3 +1073,36 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(retrievers, qu
     assert grads.keys() == grads_checkpointed.keys() and grads
     for name in grads:
         _close(grads[name], grads_checkpointed[name], f"gradient of {name}")
+
+
+@pytest.mark.parametrize(
+    "options,named",
+    [
+        ({"encoder_repetition_penalty": 1.3}, "encoder_repetition_penalty"),
+        ({"encoder_no_repeat_ngram_size": 2}, "encoder_no_repeat_ngram_size"),
+        ({"output_attentions": True, "return_dict_in_generate": True}, "output_attentions"),
+        (
+            {"output_hidden_states": True, "return_dict_in_generate": True, "num_beams": 2},
+            "output_hidden_states",
+        ),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_token_generate_refuses_options_the_reference_crashes_on(pairs, questions, options, named):
+    # The reference fails deep in the search loop (a shape RuntimeError, a ZeroDivisionError, an
+    # AttributeError on its output class); ragkit refuses before any model runs, naming the option.
+    pair = pairs("token", "bart")
+    contexts = retrieved_contexts(pair, questions)
+    with pytest.raises((RuntimeError, ZeroDivisionError, AttributeError)):
+        pair.reference.generate(**contexts, max_length=MAX_LENGTH, **options)
+    with pytest.raises(ragkit.errors.RagInputError, match=named):
+        pair.ours.generate(**contexts, max_length=MAX_LENGTH, **options)
+    # The same options through a generation config.
+    config = transformers.GenerationConfig(max_length=MAX_LENGTH, **options)
+    with pytest.raises(ragkit.errors.RagInputError, match=named):
+        pair.ours.generate(**contexts, generation_config=config)
+    # Attentions and hidden states without return_dict_in_generate are ignored, as in the reference.
+    if "return_dict_in_generate" in options:
+        plain = {k: v for k, v in options.items() if k != "return_dict_in_generate"}
+        ref, ours = _generate_both(pair, **contexts, max_length=MAX_LENGTH, **plain)
+        _same_ids(ref, ours)
