@@ -203,6 +203,8 @@ def test_every_output_field_is_none_where_the_reference_has_none(
     ]
     if head != "model":
         calls.append({"labels": labels})
+    contexts = retrieved_contexts(pair, questions)
+    calls.append({"decoder_input_ids": labels, "output_retrieved": True, **contexts})  # nothing retrieved
     filled_by_ragkit_only = {
         "question_enc_hidden_states",
         "generator_enc_hidden_states",
@@ -1106,3 +1108,24 @@ def test_token_generate_refuses_options_the_reference_crashes_on(pairs, question
         plain = {k: v for k, v in options.items() if k != "return_dict_in_generate"}
         ref, ours = _generate_both(pair, **contexts, max_length=MAX_LENGTH, **plain)
         _same_ids(ref, ours)
+
+
+@pytest.mark.parametrize("generator_kind", GENERATORS)
+def test_index_and_postprocessing_return_the_reference_types(retrievers, generator_kind):
+    ref, ours = retrievers[generator_kind]
+    vectors = np.random.default_rng(5).standard_normal((3, 32)).astype(np.float32)
+    for n_docs in (1, 4):
+        theirs, mine = ref.index.get_top_docs(vectors, n_docs), ours.index.get_top_docs(vectors, n_docs)
+        for a, b in zip(theirs, mine):
+            assert type(a) is type(b) and a.dtype == b.dtype and a.shape == b.shape
+            np.testing.assert_array_equal(a, b)
+    theirs, mine = ref.retrieve(vectors, 2), ours.retrieve(vectors, 2)
+    assert [type(x) for x in theirs] == [type(x) for x in mine]
+    questions = ["q one", "q two", "q three"]
+    for prefix, return_tensors in ((None, None), ("pre ", None), (None, "pt"), ("pre ", "np")):
+        a = ref.postprocess_docs(theirs[2], questions, prefix, 2, return_tensors=return_tensors)
+        b = ours.postprocess_docs(mine[2], questions, prefix, 2, return_tensors=return_tensors)
+        assert type(a) is type(b) and len(a) == len(b)
+        for x, y in zip(a, b):
+            assert type(x) is type(y)
+            assert _as_lists(x) == _as_lists(y), (prefix, return_tensors)
