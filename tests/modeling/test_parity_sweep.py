@@ -35,6 +35,7 @@ from rag_helpers import build_pair, retrieved_contexts
 from safetensors.torch import load_file
 
 import ragkit
+import ragkit.modeling_rag as rk
 
 ATOL = 1e-5
 GENERATORS = ["bart", "t5"]
@@ -1129,3 +1130,48 @@ def test_index_and_postprocessing_return_the_reference_types(retrievers, generat
         for x, y in zip(a, b):
             assert type(x) is type(y)
             assert _as_lists(x) == _as_lists(y), (prefix, return_tensors)
+
+
+@pytest.mark.parametrize("head", ["sequence", "token"])
+def test_transformers_4_checkpoint_with_generation_settings_in_config_json(tmp_path, head):
+    # The facebook/rag-* configs carry generation settings (forced_eos_token_id at the top, beams, lengths
+    # and n-gram blocking in the generator's config) and no generation_config.json: both libraries must
+    # derive the same generation settings from them and decode alike.
+    from ragkit.testing import write_tiny_rag_checkpoint
+
+    checkpoint = write_tiny_rag_checkpoint(tmp_path / "checkpoint", getattr(rk, HEADS[head]), seed=3)
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["forced_eos_token_id"] = 2
+    config["generator"].update(
+        {"forced_bos_token_id": 0, "forced_eos_token_id": 2, "no_repeat_ngram_size": 3, "num_beams": 4}
+    )
+    config["generator"].update({"max_length": 12, "min_length": 3, "early_stopping": True})
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    (checkpoint / "generation_config.json").unlink(missing_ok=True)
+    reference = getattr(transformers, HEADS[head]).from_pretrained(checkpoint).eval()
+    ours = getattr(rk, HEADS[head]).from_pretrained(checkpoint).eval()
+    for model_theirs, model_ours in ((reference, ours), (reference.generator, ours.generator)):
+        theirs, mine = (
+            getattr(model_theirs, "generation_config", None),
+            getattr(model_ours, "generation_config", None),
+        )
+        assert (theirs is None) == (mine is None)
+        if theirs is not None:
+            assert mine.to_diff_dict() == theirs.to_diff_dict()
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 300, (6, 10), generator=generator)
+    contexts = {
+        "context_input_ids": ids,
+        "context_attention_mask": torch.ones_like(ids),
+        "doc_scores": torch.randn(2, 3, generator=generator),
+    }
+    with torch.no_grad():
+        _same_ids(reference.generate(**contexts), ours.generate(**contexts))
+    reference.save_pretrained(tmp_path / "theirs")
+    ours.save_pretrained(tmp_path / "ours")
+    names = sorted(p.name for p in (tmp_path / "ours").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "theirs").iterdir())
+    if "generation_config.json" in names:
+        assert json.loads((tmp_path / "ours" / "generation_config.json").read_text()) == json.loads(
+            (tmp_path / "theirs" / "generation_config.json").read_text()
+        )
