@@ -1175,3 +1175,17 @@ def test_transformers_4_checkpoint_with_generation_settings_in_config_json(tmp_p
         assert json.loads((tmp_path / "ours" / "generation_config.json").read_text()) == json.loads(
             (tmp_path / "theirs" / "generation_config.json").read_text()
         )
+
+
+@pytest.mark.parametrize("generator_kind", GENERATORS)
+@pytest.mark.parametrize("head", ["sequence", "token"])
+def test_one_question_and_one_document(pairs, questions, labels, head, generator_kind):
+    # Size-1 batch and n_docs=1: no dimension may be squeezed away.
+    pair = pairs(head, generator_kind)
+    question = {"input_ids": questions.input_ids[:1], "attention_mask": questions.attention_mask[:1]}
+    ref, ours = _call_both(pair, **question, labels=labels[:1], n_docs=1)
+    assert ours.loss.shape == ref.loss.shape == (1,) and ours.doc_scores.shape == (1, 1)
+    _close(ref.loss, ours.loss, "loss")
+    _close(ref.logits, ours.logits, "logits")
+    generated = _generate_both(pair, **question, n_docs=1, num_beams=2, max_length=6)
+    _same_ids(*generated)
