@@ -113,6 +113,23 @@ def test_config_json_round_trips_with_transformers(tmp_path):
     assert back.index_nprobe == 64  # transformers keeps fields it does not know
 
 
+@pytest.mark.parametrize("generator", [tiny_bart_config(), tiny_t5_config()], ids=["bart", "t5"])
+def test_config_json_holds_both_parts_in_full_as_transformers_writes_them(tmp_path, generator):
+    # A checkpoint must not depend on the sub-config defaults of the library version that reads it.
+    ours = RagConfig.from_question_encoder_generator_configs(tiny_dpr_config(), generator, n_docs=4)
+    theirs = transformers.RagConfig.from_question_encoder_generator_configs(
+        tiny_dpr_config(), generator, n_docs=4
+    )
+    ours.save_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    saved = json.loads((tmp_path / "ours" / "config.json").read_text())
+    expected = json.loads((tmp_path / "theirs" / "config.json").read_text())
+    for part in ("question_encoder", "generator"):
+        assert saved[part] == expected[part], part
+        assert {"architectures", "dtype", "id2label", "return_dict"} <= set(saved[part])
+    assert saved["n_docs"] == 4
+
+
 def test_ragkit_fields_survive_a_transformers_round_trip(tmp_path):
     ours = RagConfig.from_question_encoder_generator_configs(
         tiny_dpr_config(), tiny_bart_config(), index_ef_search=128, question_encoder_pooling="mean"

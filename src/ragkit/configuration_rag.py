@@ -276,6 +276,21 @@ class RagConfig(PretrainedConfig):
                 f"got {self.question_encoder_pooling!r}."
             )
 
+    def to_diff_dict(self) -> dict[str, Any]:
+        """The fields ``config.json`` holds: those that differ from the defaults, and both parts in full.
+
+        Returns:
+            dict: as ``PretrainedConfig.to_diff_dict``, with ``question_encoder`` and ``generator`` complete
+            (as Transformers' RagConfig and the facebook/rag-* checkpoints write them), so a checkpoint does not
+            depend on the sub-config defaults of the library version that reads it.
+        """
+        diff = super().to_diff_dict()
+        full = self.to_dict()
+        for field in ("question_encoder", "generator"):
+            if field in diff:
+                diff[field] = full[field]
+        return diff
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> RagConfig:
         """Load the config of a RAG checkpoint (Hub id or local directory), as ``PretrainedConfig.from_pretrained``.

@@ -55,6 +55,30 @@ def _check_generation_config(generation_config: GenerationConfig, generation_mod
         )
 
 
+def _check_supported_options(generation_config: GenerationConfig) -> None:
+    """Refuse the options RAG-Token decoding cannot honour, naming them (Transformers fails deep in its loop)."""
+    # Each step's inputs hold n_docs contexts per hypothesis, so "the encoder input" of a hypothesis is not
+    # one sequence: the processors that compare generated tokens with it cannot line rows up.
+    if getattr(generation_config, "encoder_repetition_penalty", None) not in (None, 1.0):
+        raise RagInputError(
+            "`encoder_repetition_penalty` is not supported by RagTokenForGeneration.generate: each hypothesis "
+            "reads n_docs contexts, not one encoder input. Leave it at 1.0 (use `repetition_penalty` instead)."
+        )
+    if getattr(generation_config, "encoder_no_repeat_ngram_size", None):
+        raise RagInputError(
+            "`encoder_no_repeat_ngram_size` is not supported by RagTokenForGeneration.generate: each hypothesis "
+            "reads n_docs contexts, not one encoder input. Leave it at 0 (use `no_repeat_ngram_size` instead)."
+        )
+    if getattr(generation_config, "return_dict_in_generate", False):
+        for name in ("output_attentions", "output_hidden_states"):
+            if getattr(generation_config, name, False):
+                raise RagInputError(
+                    f"`{name}=True` with `return_dict_in_generate=True` is not supported by "
+                    "RagTokenForGeneration.generate (its steps mix n_docs generator rows per hypothesis). Call "
+                    f"the model's forward on the generated ids with `{name}=True` to inspect them."
+                )
+
+
 def _contexts(
     model: Any,
     input_ids: torch.Tensor | None,
@@ -148,6 +172,7 @@ def rag_token_generate(
             "check `num_beam_groups`, `penalty_alpha`, `assistant_model` and similar options."
         )
     _check_generation_config(generation_config, generation_mode)
+    _check_supported_options(generation_config)
     decoding_method = _compat.decoding_method(model, generation_mode)
     _compat.validate_generation(model, model_kwargs, generation_mode, generation_config, mode_kwargs)
 
