@@ -385,6 +385,7 @@ def peak_memory(
     extra = [
         f"--threads={torch.get_num_threads()}",
         f"--batch-size={size.batch_size}",
+        f"--train-batch-size={size.train_batch_size}",
         f"--dtype={size.dtype}",
         f"--contexts={size.contexts}",
     ]
@@ -508,6 +509,12 @@ def main() -> None:
     )
     parser.add_argument("--batch-size", type=int, default=None, help="override the size's batch size")
     parser.add_argument(
+        "--train-batch-size",
+        type=int,
+        default=None,
+        help="override the size's training batch size (at most the batch size: its contexts are the first ones)",
+    )
+    parser.add_argument(
         "--dtype", default=None, help="override the size's dtype (float32 makes the identity check exact)"
     )
     parser.add_argument(
@@ -540,6 +547,13 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.batch_size:
         SIZES[args.size].batch_size = args.batch_size
+    if args.train_batch_size:
+        SIZES[args.size].train_batch_size = args.train_batch_size
+    if SIZES[args.size].train_batch_size > SIZES[args.size].batch_size:
+        parser.error(
+            f"--train-batch-size ({SIZES[args.size].train_batch_size}) must be at most the batch size "
+            f"({SIZES[args.size].batch_size}): the training step reuses the first decoding contexts"
+        )
     if args.dtype:
         SIZES[args.size].dtype = args.dtype
     if args.contexts == "padded":
