@@ -32,7 +32,7 @@
 # needed by these targets), PYTHON (python3). For a dry run on a CPU: WHEELS=0 (use the installed packages),
 # GENERATION_SIZE=cpu, OUT/STAGE/SITE/FA4_SITE (folders).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit
 OUT=${OUT:-$PWD/gpu_checks_out}
 mkdir -p "$OUT"
 PYTHON=${PYTHON:-python3}
@@ -270,8 +270,8 @@ phase_main() {
     run_tests "$OUT/gpu_tests.log" "$STAGE/gpu_tests.xml" "${TEST_TIMEOUT:-120}" tests/gpu -k "not flash_attention_4"
     local tests_rc=$?
     if [ "${BENCH_GPU:-0}" = 1 ]; then
-        timeout 260 "$PYTHON" benchmarks/bench_gpu.py --budget-s 170 --out "$STAGE/bench_gpu.json" \
-            --markdown "$STAGE/bench_gpu.md" 2>&1
+        timeout 260 "$PYTHON" benchmarks/bench_gpu.py --budget-s 170 --out "$OUT/bench_gpu.json" \
+            --markdown "$OUT/bench_gpu.md" 2>&1
     fi
     rm -f "$OUT/bench_generation.json"
     # shellcheck disable=SC2086  # GENERATION_ARGS is a list of arguments

@@ -45,6 +45,7 @@ fetch() {  # fetch NAME==VERSION...: wheels for the image's CPython 3.12 on x86-
         "${platforms[@]}" -d .whl/download "$@"
 }
 wheel() {  # wheel PATTERN: the one downloaded wheel matching PATTERN
+    # shellcheck disable=SC2206  # $1 is a glob pattern, expanded on purpose
     local matches=(.whl/download/$1)
     [ ${#matches[@]} -eq 1 ] && [ -f "${matches[0]}" ] || { echo "expected one wheel $1, found: ${matches[*]}" >&2; exit 1; }
     echo "${matches[0]}"
