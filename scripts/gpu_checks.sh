@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks of ragkit, on the device machine (one H200, CUDA 13 image, no network), in two calls of the
-# device tool. Prepare the wheels here first, in the repository root of the checkout the session runs from:
+# device tool. Prepare the wheels here first, in the repository root of the checkout the device tool sends:
 #
 #   bash scripts/prepare_gpu_wheels.sh      # .whl/base (39 MiB), .whl/fa4a (21 MiB), .whl/fa4b (49 MiB)
 #
@@ -8,7 +8,7 @@
 # machine: it stays warm only 30 s after a call; issue call 2 at once):
 #
 #   run(command="PHASE=main bash scripts/gpu_checks.sh", carry=[".whl/base", ".whl/fa4a"], timeout_s=400)
-#   run(command="PHASE=fa4 bash scripts/gpu_checks.sh", carry=[".whl/fa4b"], timeout_s=300)
+#   run(command="PHASE=fa4 bash scripts/gpu_checks.sh", carry=[".whl/fa4b"], timeout_s=330)
 #
 # PHASE=main (call 1; about 4 minutes, at most 370 s by the timeouts below): installs .whl/base into /tmp/site,
 #   stages .whl/fa4a in /tmp/ragkit_stage, records the environment (and whether CUDA 12 cuBLAS exists, which
@@ -17,8 +17,8 @@
 #   filled 50-70% of max_combined_length=300, RAG-Sequence/RAG-Token generate at batch 32 and the training
 #   step at batch 8, ragkit against Transformers, with peak memory (GENERATION_TIMEOUT, 200 s; about 2-2.5
 #   minutes, scaled from the full-context run of 2026-11-26).
-# PHASE=fa4 (call 2; about 1.5-3 minutes, at most 270 s): joins the cutlass payload, installs flash-attn-4 into
-#   /tmp/fa4site and runs the flash_attention_4 test of tests/gpu (FA4_TEST_TIMEOUT, 200 s: its kernels are
+# PHASE=fa4 (call 2; about 1.5-3 minutes, at most 300 s): joins the cutlass payload, installs flash-attn-4 into
+#   /tmp/fa4site and runs the flash_attention_4 test of tests/gpu (FA4_TEST_TIMEOUT, 240 s: its kernels are
 #   compiled at first use, tens of seconds each).
 # PHASE=all runs both in one call where one call can carry everything (another machine, or a local GPU).
 # PHASE=faissgpu (optional, only if call 1's env.txt shows libcublas.so.12): carry=[".whl/faissgpu"].
@@ -107,14 +107,16 @@ with tarfile.open(fileobj=sys.stdin.buffer, mode="r|xz") as archive:
     return 0
 }
 
-record_env() {  # record_env FILE
+record_env() {  # record_env FILE [cuda12]: versions; with cuda12, also the CUDA 12 libraries faiss-gpu needs
     {
         nvidia-smi
-        echo "CUDA 12 libraries (faiss-gpu-cu12 and faiss-gpu need libcublas.so.12, libcublasLt.so.12, libcudart.so.12):"
-        { ldconfig -p 2>/dev/null | grep -E 'lib(cublas|cublasLt|cudart)\.so\.12' ;
-          find / -xdev \( -name 'libcublas.so.12*' -o -name 'libcublasLt.so.12*' -o -name 'libcudart.so.12*' \) \
-              -not -path '/proc/*' 2>/dev/null | head -20; } | sort -u | sed 's/^/  /'
-        echo "(end of CUDA 12 libraries)"
+        if [ "${2:-}" = cuda12 ]; then
+            echo "CUDA 12 libraries (faiss-gpu-cu12 and faiss-gpu need libcublas.so.12, libcublasLt.so.12, libcudart.so.12):"
+            { ldconfig -p 2>/dev/null | grep -E 'lib(cublas|cublasLt|cudart)\.so\.12';
+              timeout 30 find /usr /opt /lib /lib64 "$SITE" \( -name 'libcublas.so.12*' -o -name 'libcublasLt.so.12*' \
+                  -o -name 'libcudart.so.12*' \) 2>/dev/null | head -20; } | sort -u | sed 's/^/  /'
+            echo "(end of CUDA 12 libraries)"
+        fi
         "$PYTHON" - <<'PY'
 import importlib, sys
 print("python", sys.version.split()[0])
@@ -265,7 +267,7 @@ phase_main() {
     if compgen -G ".whl/fa4a/*" >/dev/null; then
         cp .whl/fa4a/* "$STAGE/"  # for call 2, which cannot carry both parts
     fi
-    record_env "$OUT/env.txt"
+    record_env "$OUT/env.txt" cuda12
     rm -f "$STAGE/gpu_tests.xml"
     run_tests "$OUT/gpu_tests.log" "$STAGE/gpu_tests.xml" "${TEST_TIMEOUT:-120}" tests/gpu -k "not flash_attention_4"
     local tests_rc=$?
@@ -296,7 +298,7 @@ phase_fa4() {
     if [ -z "$FA4_MISSING" ]; then
         record_env "$OUT/fa4_env.txt"
         rm -f "$STAGE/fa4_tests.xml"
-        run_tests "$OUT/fa4_tests.log" "$STAGE/fa4_tests.xml" "${FA4_TEST_TIMEOUT:-200}" tests/gpu -k "flash_attention_4" -s
+        run_tests "$OUT/fa4_tests.log" "$STAGE/fa4_tests.xml" "${FA4_TEST_TIMEOUT:-240}" tests/gpu -k "flash_attention_4" -s
         rc=$?
     fi
     summarize fa4
