@@ -593,10 +593,19 @@ def main() -> None:
     results["context_fill"] = float(mask.float().mean())
     if size.contexts == "padded":
         print(f"contexts: {results['context_fill']:.0%} of {size.context_length} columns are real tokens")
+
+    def save() -> None:
+        # After each stage, so that a run stopped by a time limit keeps what it measured.
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
+
     if not args.skip_decoding:
         results.update(time_decoding(size, built, runners, decoding_names, repeats, args.warmup, chunked))
+        save()
     if not args.skip_training:
         results.update(time_training(size, runners, args.train_repeats or repeats, max(1, args.warmup)))
+        save()
     if args.memory:
         peaks = peak_memory(args.size, memory_names, chunked, runners)
         unit = "MiB allocated" if size.device == "cuda" else "MiB peak RSS growth"
@@ -610,9 +619,8 @@ def main() -> None:
                 relative = peaks[ours] / peaks[reference]
                 print(f"ragkit / Transformers, RAG-{head.capitalize()} training peak memory: {relative:.2f}")
                 results[f"training_{head}_memory_ragkit_over_reference"] = relative
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    results["complete"] = True
+    save()
 
 
 if __name__ == "__main__":

@@ -219,6 +219,8 @@ if "generation" in kinds:
     else:
         result = json.load(open(path))
         shapes = result["shapes"]
+        if not result.get("complete"):
+            print("generation benchmark: stopped early (time limit?); the lines below are what it measured")
         fill = result.get("context_fill")
         where = f"{shapes.get('dtype', '?')}, {result.get('contexts', 'full')} contexts of {shapes['context_length']}"
         if fill is not None:
@@ -242,8 +244,10 @@ if "generation" in kinds:
                   f"{verdict(ours <= theirs)}")
         token = result.get("ratios", {}).get("token_speedup")
         if token is not None:
-            print(f"(RAG-Token generate, batch {shapes['batch_size']}: {token:.1f}x faster than Transformers; "
-                  f"peak {peaks.get('ragkit_token', float('nan')):.0f} vs {peaks.get('reference_token', float('nan')):.0f} MiB)")
+            memory = ""
+            if "ragkit_token" in peaks and "reference_token" in peaks:
+                memory = f"; peak {peaks['ragkit_token']:.0f} vs {peaks['reference_token']:.0f} MiB"
+            print(f"(RAG-Token generate, batch {shapes['batch_size']}: {token:.1f}x faster than Transformers{memory})")
 
 if "fa4" in kinds:
     missing = os.environ.get("FA4_MISSING") or None
