@@ -385,6 +385,7 @@ def peak_memory(
     extra = [
         f"--threads={torch.get_num_threads()}",
         f"--batch-size={size.batch_size}",
+        f"--train-batch-size={size.train_batch_size}",
         f"--dtype={size.dtype}",
         f"--contexts={size.contexts}",
     ]
@@ -508,6 +509,12 @@ def main() -> None:
     )
     parser.add_argument("--batch-size", type=int, default=None, help="override the size's batch size")
     parser.add_argument(
+        "--train-batch-size",
+        type=int,
+        default=None,
+        help="override the size's training batch size (at most the batch size: its contexts are the first ones)",
+    )
+    parser.add_argument(
         "--dtype", default=None, help="override the size's dtype (float32 makes the identity check exact)"
     )
     parser.add_argument(
@@ -540,6 +547,13 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.batch_size:
         SIZES[args.size].batch_size = args.batch_size
+    if args.train_batch_size:
+        SIZES[args.size].train_batch_size = args.train_batch_size
+    if SIZES[args.size].train_batch_size > SIZES[args.size].batch_size:
+        parser.error(
+            f"--train-batch-size ({SIZES[args.size].train_batch_size}) must be at most the batch size "
+            f"({SIZES[args.size].batch_size}): the training step reuses the first decoding contexts"
+        )
     if args.dtype:
         SIZES[args.size].dtype = args.dtype
     if args.contexts == "padded":
@@ -579,10 +593,19 @@ def main() -> None:
     results["context_fill"] = float(mask.float().mean())
     if size.contexts == "padded":
         print(f"contexts: {results['context_fill']:.0%} of {size.context_length} columns are real tokens")
+
+    def save() -> None:
+        # After each stage, so that a run stopped by a time limit keeps what it measured.
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
+
     if not args.skip_decoding:
         results.update(time_decoding(size, built, runners, decoding_names, repeats, args.warmup, chunked))
+        save()
     if not args.skip_training:
         results.update(time_training(size, runners, args.train_repeats or repeats, max(1, args.warmup)))
+        save()
     if args.memory:
         peaks = peak_memory(args.size, memory_names, chunked, runners)
         unit = "MiB allocated" if size.device == "cuda" else "MiB peak RSS growth"
@@ -596,9 +619,8 @@ def main() -> None:
                 relative = peaks[ours] / peaks[reference]
                 print(f"ragkit / Transformers, RAG-{head.capitalize()} training peak memory: {relative:.2f}")
                 results[f"training_{head}_memory_ragkit_over_reference"] = relative
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    results["complete"] = True
+    save()
 
 
 if __name__ == "__main__":

@@ -71,6 +71,14 @@ def cuda_env(monkeypatch):
     monkeypatch.setattr(acc, "_cuda_available", lambda: True)
     monkeypatch.setattr(acc, "_cuda_capability", lambda: (9, 0))
     monkeypatch.setattr(acc, "_package_available", lambda name: name in ("flash_attn", "bitsandbytes"))
+    _installed_flash_distributions(monkeypatch, "flash-attn")
+
+
+def _installed_flash_distributions(monkeypatch, *distributions: str) -> None:
+    """Pretend ``distributions`` (``flash-attn``, ``flash-attn-4``) are what provide the ``flash_attn`` module."""
+    monkeypatch.setattr(
+        acc, "_module_distributions", lambda module: list(distributions) if module == "flash_attn" else []
+    )
     monkeypatch.setattr(acc, "_bitsandbytes_devices", lambda: {"cuda"})
 
 
@@ -200,6 +208,67 @@ def test_flash_attention_on_an_old_gpu_suggests_sdpa(cuda_env, monkeypatch):
 def test_flash_attention_with_the_kernels_package_is_left_to_transformers(cuda_env, monkeypatch):
     monkeypatch.setattr(acc, "_package_available", lambda name: name == "kernels")
     check_flash_attention("flash_attention_2")  # no error: transformers loads a Hub kernel
+    check_flash_attention("flash_attention_4")
+
+
+# flash-attention 4 (the flash-attn-4 distribution's ``flash_attn.cute``; Hopper or newer)
+
+
+def test_flash_attention_4_on_the_generator_and_sdpa_on_dpr(cuda_env, monkeypatch, caplog):
+    _installed_flash_distributions(monkeypatch, "flash-attn-4")
+    with caplog.at_level(logging.WARNING, logger="ragkit._accelerators"):
+        resolved = resolve_attn_implementation(
+            "flash_attention_4", tiny_rag_config("bart"), RagTokenForGeneration
+        )
+    assert resolved == {"question_encoder": "sdpa", "generator": "flash_attention_4", "": "flash_attention_4"}
+    assert "DPRQuestionEncoder" in caplog.text
+
+
+def test_flash_attention_4_without_cuda_names_its_package(checkpoints, monkeypatch):
+    monkeypatch.setattr(acc, "_cuda_available", lambda: False)
+    with pytest.raises(
+        AcceleratorUnavailableError, match=r"needs a CUDA GPU.*pip install --pre flash-attn-4.*sdpa"
+    ) as error:
+        RagSequenceForGeneration.from_pretrained(
+            checkpoints["token"], attn_implementation="flash_attention_4"
+        )
+    # The cuda extra installs flash-attn 2, which does not provide flash_attention_4.
+    assert "ragkit-torch[cuda]" not in str(error.value)
+
+
+def test_flash_attention_4_needs_hopper(cuda_env, monkeypatch):
+    _installed_flash_distributions(monkeypatch, "flash-attn-4")
+    monkeypatch.setattr(acc, "_cuda_capability", lambda: (8, 0))
+    with pytest.raises(AcceleratorUnavailableError, match=r"compute capability 9\.0.*8\.0.*sdpa"):
+        check_flash_attention("flash_attention_4")
+    monkeypatch.setattr(acc, "_cuda_capability", lambda: (10, 0))
+    check_flash_attention("flash_attention_4")  # Blackwell is newer: no error
+
+
+@pytest.mark.parametrize(
+    ("asked", "installed", "missing"),
+    [
+        ("flash_attention_4", "flash-attn", "flash-attn-4"),
+        ("flash_attention_2", "flash-attn-4", "flash-attn"),
+    ],
+)
+def test_flash_attn_module_of_the_other_version_does_not_count(
+    cuda_env, monkeypatch, asked, installed, missing
+):
+    # Both distributions install the module flash_attn; transformers accepts only the one it asked for.
+    _installed_flash_distributions(monkeypatch, installed)
+    with pytest.raises(
+        AcceleratorUnavailableError, match=rf"needs the {missing} package, which is not installed"
+    ):
+        check_flash_attention(asked)
+    _installed_flash_distributions(monkeypatch, installed, missing)
+    check_flash_attention(asked)
+
+
+def test_module_distributions_reads_the_installed_metadata():
+    # A distribution whose name differs from its module in "-"/"_" (typing-extensions -> typing_extensions).
+    assert acc._module_distributions("typing_extensions") == ["typing-extensions"]
+    assert acc._module_distributions("no_such_module_anywhere") == []
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -282,20 +351,24 @@ def test_user_skip_list_is_extended_not_replaced():
     assert quantization.llm_int8_skip_modules == ["fc1", "question_encoder"]
 
 
-def test_from_pretrained_hands_transformers_the_adapted_options(checkpoints, cuda_env, spy_loader):
+@pytest.mark.parametrize("flash", ["flash_attention_2", "flash_attention_4"])
+def test_from_pretrained_hands_transformers_the_adapted_options(
+    checkpoints, cuda_env, spy_loader, flash, monkeypatch
+):
+    _installed_flash_distributions(monkeypatch, "flash-attn", "flash-attn-4")
     bnb = {"quant_method": "bitsandbytes", "load_in_4bit": True}
     RagTokenForGeneration.from_pretrained(
         checkpoints["token"],
         quantization_config=bnb,
         device_map="auto",
-        attn_implementation="flash_attention_2",
+        attn_implementation=flash,
     )
     kwargs = spy_loader.kwargs
     assert "quantize_question_encoder" not in kwargs
     assert isinstance(kwargs["quantization_config"], BitsAndBytesConfig)
     assert "rag.question_encoder" in kwargs["quantization_config"].llm_int8_skip_modules
     assert kwargs["attn_implementation"]["question_encoder"] == "sdpa"
-    assert kwargs["attn_implementation"]["generator"] == "flash_attention_2"
+    assert kwargs["attn_implementation"]["generator"] == flash
     assert kwargs["device_map"] == "auto"
 
     RagTokenForGeneration.from_pretrained(

@@ -8,6 +8,7 @@ failing deep inside transformers or inside a CUDA kernel. See ``docs/gpu.md``.
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import importlib.util
 import logging
 from collections.abc import Mapping
@@ -45,10 +46,23 @@ RAG_PARTS = ("question_encoder", "generator")
 #: Keys a per-part ``attn_implementation`` dict may hold ("" is the RAG wrapper and the default for parts
 #: not named).
 _ATTN_DICT_KEYS = ("", *RAG_PARTS)
-#: Flash-attention implementations transformers knows by name -> the package each needs.
-_FLASH_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
-#: Lowest CUDA compute capability (major) each flash-attention version runs on (Ampere, Hopper).
-_FLASH_MIN_CAPABILITY = {"flash_attention_2": 8, "flash_attention_3": 9}
+#: Flash-attention implementations transformers knows by name -> (the top-level module transformers imports,
+#: the distribution that must provide it). flash-attn (2) and flash-attn-4 both install ``flash_attn``
+#: (4 as ``flash_attn.cute``), so transformers, and ragkit, tell them apart by the distribution's name.
+_FLASH_PACKAGES = {
+    "flash_attention_2": ("flash_attn", "flash-attn"),
+    "flash_attention_3": ("flash_attn_interface", "flash-attn-3"),
+    "flash_attention_4": ("flash_attn", "flash-attn-4"),
+}
+#: How to install each version, for messages (flash-attn-4 is a pre-release on PyPI, with a CUDA 13 extra).
+_FLASH_PIP_NAMES = {
+    "flash_attention_2": "flash-attn",
+    "flash_attention_3": "flash-attn 3 (flash_attn_interface, built from source)",
+    "flash_attention_4": "flash-attn-4 (pip install --pre flash-attn-4, or --pre 'flash-attn-4[cu13]' for CUDA 13)",
+}
+#: Lowest CUDA compute capability (major) each flash-attention version runs on with transformers (Ampere,
+#: Hopper, Hopper: transformers refuses flash_attention_4 below 9.0).
+_FLASH_MIN_CAPABILITY = {"flash_attention_2": 8, "flash_attention_3": 9, "flash_attention_4": 9}
 #: Used in place of an implementation a part cannot run, first supported wins.
 _FALLBACK_ORDER = ("sdpa", "eager")
 
@@ -76,6 +90,15 @@ def _package_available(name: str) -> bool:
         return False
 
 
+def _module_distributions(module: str) -> list[str]:
+    """Normalized names (``flash-attn-4``) of the installed distributions that provide top-level ``module``."""
+    try:
+        mapping = importlib.metadata.packages_distributions()
+    except Exception:  # a broken metadata entry must not hide the module: report no distribution
+        return []
+    return [name.lower().replace("_", "-") for name in mapping.get(module, [])]
+
+
 def _bitsandbytes_devices() -> set[str]:
     """Device types the installed bitsandbytes can run on (recent versions also support CPU)."""
     import bitsandbytes
@@ -88,27 +111,33 @@ def _bitsandbytes_devices() -> set[str]:
 # --------------------------------------------------------------------------------------------------
 
 
+def _flash_package_installed(implementation: str) -> bool:
+    """Whether the package of ``implementation`` is installed under the distribution transformers accepts."""
+    module, distribution = _FLASH_PACKAGES[implementation]
+    return _package_available(module) and distribution in _module_distributions(module)
+
+
 def check_flash_attention(implementation: str) -> None:
     """Raise :class:`AcceleratorUnavailableError` when ``implementation`` (a flash-attention name) cannot run here.
 
     Args:
-        implementation: ``"flash_attention_2"`` or ``"flash_attention_3"``; other names are not checked.
+        implementation: ``"flash_attention_2"``, ``"flash_attention_3"`` or ``"flash_attention_4"``; other
+            names are not checked.
 
     Raises:
         AcceleratorUnavailableError: No CUDA device, a device older than the version needs, or the
             package missing (unless the ``kernels`` package is installed: transformers then loads a Hub kernel).
     """
-    package = _FLASH_PACKAGES.get(implementation)
-    if package is None:
+    if implementation not in _FLASH_PACKAGES:
         return
-    pip_name = (
-        "flash-attn" if package == "flash_attn" else "flash-attn 3 (flash_attn_interface, built from source)"
-    )
+    pip_name = _FLASH_PIP_NAMES[implementation]
+    # The cuda extra installs flash-attn (2); for the other versions it would not help.
+    install = f"{CUDA_EXTRA_HINT} (or {pip_name})" if implementation == "flash_attention_2" else pip_name
     if not _cuda_available():
         raise AcceleratorUnavailableError(
             f"attn_implementation='{implementation}' needs a CUDA GPU, and PyTorch sees none "
-            "(torch.cuda.is_available() is False). On a CUDA machine: "
-            f"{CUDA_EXTRA_HINT} (or {pip_name}); here, use attn_implementation='sdpa'."
+            f"(torch.cuda.is_available() is False). On a CUDA machine: {install}; here, use "
+            "attn_implementation='sdpa'."
         )
     major, minor = _cuda_capability()
     needed = _FLASH_MIN_CAPABILITY[implementation]
@@ -117,10 +146,10 @@ def check_flash_attention(implementation: str) -> None:
             f"attn_implementation='{implementation}' needs a GPU of compute capability {needed}.0 or newer; "
             f"this one is {major}.{minor}. Use attn_implementation='sdpa'."
         )
-    if not _package_available(package) and not _package_available("kernels"):
+    if not _flash_package_installed(implementation) and not _package_available("kernels"):
         raise AcceleratorUnavailableError(
-            f"attn_implementation='{implementation}' needs the {pip_name} package, which is not installed: "
-            f"{CUDA_EXTRA_HINT} (or {pip_name}) on this CUDA machine, or use attn_implementation='sdpa'."
+            f"attn_implementation='{implementation}' needs the {_FLASH_PACKAGES[implementation][1]} package, which is not "
+            f"installed: {install} on this CUDA machine, or use attn_implementation='sdpa'."
         )
 
 

@@ -34,8 +34,24 @@ TOLERANCES = {torch.bfloat16: (0.1, 0.97), torch.float16: (0.02, 0.99)}
 needs_bitsandbytes = pytest.mark.skipif(
     importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed (docs/gpu.md)"
 )
+
+
+def _flash_distribution_installed(distribution: str) -> bool:
+    """Whether ``distribution`` (flash-attn, flash-attn-4) provides the module flash_attn, as transformers checks."""
+    from ragkit._accelerators import _module_distributions
+
+    return importlib.util.find_spec("flash_attn") is not None and distribution in _module_distributions(
+        "flash_attn"
+    )
+
+
+# flash-attn and flash-attn-4 both install the module flash_attn: each test asks for its own distribution.
 needs_flash_attn = pytest.mark.skipif(
-    importlib.util.find_spec("flash_attn") is None, reason="flash-attn not installed (no wheel on PyPI)"
+    not _flash_distribution_installed("flash-attn"), reason="flash-attn not installed (no wheel on PyPI)"
+)
+needs_flash_attn_4 = pytest.mark.skipif(
+    not _flash_distribution_installed("flash-attn-4"),
+    reason="flash-attn-4 not installed (scripts/prepare_gpu_wheels.sh, the fa4 wheel set)",
 )
 
 
@@ -117,6 +133,61 @@ def test_flash_attention_2_on_the_generator(mid_checkpoint, caplog):
     assert model.question_encoder.config._attn_implementation == "sdpa"  # DPR has no flash-attention
     assert "DPRQuestionEncoder" in caplog.text
     assert (_marginalized(model, model.config) - reference).abs().max() < TOLERANCES[torch.bfloat16][0]
+
+
+def _padded_contexts(config, batch_size: int, length: int, seed: int = 0) -> dict:
+    """:func:`random_contexts` on CUDA with each row right-padded after 50-100% of ``length``."""
+    inputs = random_contexts(config, batch_size=batch_size, length=length, seed=seed, device=CUDA)
+    rows = inputs["context_input_ids"].shape[0]
+    fills = torch.randint(length // 2, length + 1, (rows,), generator=torch.Generator().manual_seed(seed))
+    mask = (torch.arange(length).unsqueeze(0) < fills.unsqueeze(1)).long().to(CUDA)
+    inputs["context_input_ids"] = inputs["context_input_ids"].masked_fill(
+        mask == 0, config.generator.pad_token_id
+    )
+    inputs["context_attention_mask"] = mask
+    return inputs
+
+
+@needs_flash_attn_4
+def test_flash_attention_4_on_the_generator(mid_checkpoint, caplog):
+    """flash-attn-4 (CuTe DSL kernels, compiled at first use) against sdpa, on padded contexts (varlen path)."""
+    sdpa = _load(mid_checkpoint, dtype=torch.bfloat16, attn_implementation="sdpa")
+    with caplog.at_level(logging.WARNING, logger="ragkit._accelerators"):
+        model = _load(mid_checkpoint, dtype=torch.bfloat16, attn_implementation="flash_attention_4")
+    assert model.generator.config._attn_implementation == "flash_attention_4"
+    assert model.question_encoder.config._attn_implementation == "sdpa"  # DPR has no flash-attention
+    assert "DPRQuestionEncoder" in caplog.text
+
+    # Full contexts (flash_attn_func), then padded ones (flash_attn_varlen_func after unpadding).
+    reference = _marginalized(sdpa, sdpa.config)
+    assert (_marginalized(model, model.config) - reference).abs().max() < TOLERANCES[torch.bfloat16][0]
+    inputs = _padded_contexts(model.config, batch_size=4, length=64, seed=1)
+    targets = torch.randint(
+        4, model.config.generator.vocab_size, (4, 12), generator=torch.Generator().manual_seed(1)
+    )
+    targets[:, 0] = model.config.generator.decoder_start_token_id
+    with torch.no_grad():
+        flash, exact = (
+            m(**inputs, decoder_input_ids=targets.to(CUDA), do_marginalize=True).logits for m in (model, sdpa)
+        )
+    tolerance, same_top = TOLERANCES[torch.bfloat16]
+    assert (flash - exact).abs().max() < tolerance
+    assert (flash.argmax(-1) == exact.argmax(-1)).float().mean() >= same_top
+
+    # Generation (the decoder's cached steps: one query row against the cache) for both heads.
+    for head in (RagTokenForGeneration, RagSequenceForGeneration):
+        sequences = {}
+        for name, implementation in (("flash", "flash_attention_4"), ("sdpa", "sdpa")):
+            loaded = _load(mid_checkpoint, head, dtype=torch.bfloat16, attn_implementation=implementation)
+            sequences[name] = loaded.generate(**inputs, num_beams=2, max_length=10)
+        assert sequences["flash"].shape[0] == 4 and sequences["flash"].device.type == CUDA
+        width = min(sequences["flash"].shape[1], sequences["sdpa"].shape[1])
+        same_rows = (sequences["flash"][:, :width] == sequences["sdpa"][:, :width]).all(dim=1).float().mean()
+        # bf16 kernels round differently, so a near tie may go the other way and the row diverges after it.
+        print(
+            f"{head.__name__}: flash_attention_4 and sdpa generate the same sequence for {same_rows:.0%} of rows"
+        )
+        assert same_rows >= 0.5
 
 
 # --------------------------------------------------------------------------------------------------

@@ -108,3 +108,43 @@ def test_large_exact_index_matches_faiss_cpu():
         assert ids[row, position] in expected_ids[row]
         assert abs(scores[row, position] - expected_scores[row, position]) < 1e-3
     assert (ids == expected_ids[:, :k]).mean() > 0.99
+
+
+def _faiss_gpus() -> int:
+    """GPUs faiss can use (0 without faiss, or with faiss-cpu)."""
+    try:
+        from ragkit.retrieval._devices import faiss_gpu_count
+
+        return faiss_gpu_count()
+    except ImportError:
+        return 0
+
+
+@pytest.mark.skipif(
+    _faiss_gpus() == 0, reason="faiss-gpu not installed (faiss-cpu has no GPU support; docs/gpu.md)"
+)
+@pytest.mark.parametrize("kind", ["IndexFlatIP", "IVF64,Flat"])
+def test_faiss_gpu_index_finds_what_faiss_cpu_finds(kind):
+    import faiss
+
+    from ragkit.retrieval.device_search import DeviceSearch
+
+    rows, dim, k = 50_000, 128, 10
+    generator = torch.Generator().manual_seed(1)
+    vectors = torch.randn(rows, dim, generator=generator).numpy()
+    queries = torch.randn(64, dim, generator=generator).numpy()
+    if kind == "IndexFlatIP":
+        index = faiss.IndexFlatIP(dim)
+    else:
+        index = faiss.index_factory(dim, kind, faiss.METRIC_INNER_PRODUCT)
+        index.train(vectors)
+        faiss.extract_index_ivf(index).nprobe = 8
+    index.add(vectors)
+    expected_scores, expected_ids = index.search(queries, k + 1)
+    search = DeviceSearch(index, torch.device(CUDA))
+    assert search.backend == "faiss-gpu"
+    for questions in (queries, torch.from_numpy(queries).to(CUDA)):
+        scores, ids = search.search(questions, k)
+        np.testing.assert_allclose(scores, expected_scores[:, :k], atol=1e-3, rtol=1e-4)
+        # The GPU copy keeps nprobe (else IVF would probe 1 list and find other documents).
+        assert (ids == expected_ids[:, :k]).mean() > 0.99
