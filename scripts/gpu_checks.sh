@@ -28,7 +28,8 @@
 # one line per target: the measured value, the target, met / NOT met / NOT verified; call 2's repeats call 1's.
 #
 # Environment: PHASE (main), TEST_TIMEOUT, GENERATION_TIMEOUT, FA4_TEST_TIMEOUT (s), GENERATION_ARGS (extra
-# arguments of the decoding benchmark), BENCH_GPU=1 (also benchmarks/bench_gpu.py: 4-bit, 170 s more; not
+# arguments of the decoding benchmark; default "--questions-per-batch 8 16", the speed/memory trade-off of
+# RAG-Sequence generate; GENERATION_ARGS= for none), BENCH_GPU=1 (also benchmarks/bench_gpu.py: 4-bit, 170 s more; not
 # needed by these targets), PYTHON (python3). For a dry run on a CPU: WHEELS=0 (use the installed packages),
 # GENERATION_SIZE=cpu, OUT/STAGE/SITE/FA4_SITE (folders).
 set -uo pipefail
@@ -248,6 +249,14 @@ if "generation" in kinds:
             if "ragkit_token" in peaks and "reference_token" in peaks:
                 memory = f"; peak {peaks['ragkit_token']:.0f} vs {peaks['reference_token']:.0f} MiB"
             print(f"(RAG-Token generate, batch {shapes['batch_size']}: {token:.1f}x faster than Transformers{memory})")
+        # The speed/memory trade-off at the default settings: the same decoding k questions per call.
+        reference = medians.get("reference_sequence")
+        for name in sorted(medians):
+            if name.startswith("ragkit_sequence_qpb") and reference:
+                k = name[len("ragkit_sequence_qpb"):]
+                peak = f", peak {peaks[name]:.0f} MiB" if name in peaks else ""
+                print(f"(RAG-Sequence generate, questions_per_batch={k}: {reference / medians[name]:.1f}x faster "
+                      f"than Transformers{peak})")
 
 if "fa4" in kinds:
     missing = os.environ.get("FA4_MISSING") or None
@@ -282,7 +291,7 @@ phase_main() {
     rm -f "$OUT/bench_generation.json"
     # shellcheck disable=SC2086  # GENERATION_ARGS is a list of arguments
     timeout "${GENERATION_TIMEOUT:-200}" "$PYTHON" benchmarks/bench_generation.py --size "${GENERATION_SIZE:-gpu}" --contexts padded \
-        --repeats 3 --train-repeats 10 --memory ${GENERATION_ARGS:-} --json "$OUT/bench_generation.json" 2>&1 \
+        --repeats 3 --train-repeats 10 --memory ${GENERATION_ARGS---questions-per-batch 8 16} --json "$OUT/bench_generation.json" 2>&1 \
         | tee "$OUT/bench_generation.log"
     local generation_rc=${PIPESTATUS[0]}
     echo "tests exit $tests_rc, generation benchmark exit $generation_rc"
