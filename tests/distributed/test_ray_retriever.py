@@ -177,12 +177,27 @@ def test_actor_killed_mid_call_every_query_answered_once(
         service.close()
 
 
+def _wait_until_gone(pid: int, timeout_s: float = 60.0) -> None:
+    """Wait until process ``pid`` has exited (gone, or a zombie waiting to be reaped)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return
+        if state in ("Z", "X"):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"process {pid} still running {timeout_s} s after ray.kill")
+
+
 def test_actor_info_waits_for_a_restarting_actor(indexed_dataset):
     """A health check right after an actor dies reports the restarted actor instead of an error."""
     service = RayIndexService([ShardSpec(indexed_dataset)], actor_options=ACTOR_OPTIONS).start()
     try:
         pid_before = service.actor_info()[0]["pid"]
         ray.kill(service.actors[0], no_restart=False)
+        _wait_until_gone(pid_before)  # ray.kill returns before the kill lands
         (info,) = service.actor_info()
         assert info["pid"] != pid_before and info["calls"] == 0
         assert service.search(query_vectors(1, 0), 3).doc_ids.shape == (1, 3)
