@@ -71,6 +71,7 @@ def cuda_env(monkeypatch):
     monkeypatch.setattr(acc, "_cuda_available", lambda: True)
     monkeypatch.setattr(acc, "_cuda_capability", lambda: (9, 0))
     monkeypatch.setattr(acc, "_package_available", lambda name: name in ("flash_attn", "bitsandbytes"))
+    monkeypatch.setattr(acc, "_bitsandbytes_devices", lambda: {"cuda"})
     _installed_flash_distributions(monkeypatch, "flash-attn")
 
 
@@ -79,7 +80,6 @@ def _installed_flash_distributions(monkeypatch, *distributions: str) -> None:
     monkeypatch.setattr(
         acc, "_module_distributions", lambda module: list(distributions) if module == "flash_attn" else []
     )
-    monkeypatch.setattr(acc, "_bitsandbytes_devices", lambda: {"cuda"})
 
 
 class _SpyLoader:
@@ -566,3 +566,14 @@ def test_module_device_skips_offloaded_embeddings():
             return self.embed
 
     assert module_device(_Offloaded()) == torch.device("cpu")
+
+
+def test_flash_attention_3_needs_no_more_than_transformers_does(cuda_env, monkeypatch):
+    # transformers accepts flash_attention_3 from compute capability 8.0 (Ampere); ragkit must not refuse an A100.
+    monkeypatch.setattr(acc, "_package_available", lambda name: name == "flash_attn_interface")
+    monkeypatch.setattr(acc, "_module_distributions", lambda module: ["flash-attn-3"])
+    monkeypatch.setattr(acc, "_cuda_capability", lambda: (8, 0))
+    acc.check_flash_attention("flash_attention_3")
+    monkeypatch.setattr(acc, "_cuda_capability", lambda: (7, 5))
+    with pytest.raises(AcceleratorUnavailableError, match=r"compute capability 8\.0.*7\.5"):
+        acc.check_flash_attention("flash_attention_3")

@@ -8,6 +8,7 @@ failing deep inside transformers or inside a CUDA kernel. See ``docs/gpu.md``.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.metadata
 import importlib.util
 import logging
@@ -60,9 +61,9 @@ _FLASH_PIP_NAMES = {
     "flash_attention_3": "flash-attn 3 (flash_attn_interface, built from source)",
     "flash_attention_4": "flash-attn-4 (pip install --pre flash-attn-4, or --pre 'flash-attn-4[cu13]' for CUDA 13)",
 }
-#: Lowest CUDA compute capability (major) each flash-attention version runs on with transformers (Ampere,
-#: Hopper, Hopper: transformers refuses flash_attention_4 below 9.0).
-_FLASH_MIN_CAPABILITY = {"flash_attention_2": 8, "flash_attention_3": 9, "flash_attention_4": 9}
+#: Lowest CUDA compute capability (major) transformers accepts for each flash-attention version (Ampere,
+#: Ampere, Hopper); ragkit asks no more than transformers does.
+_FLASH_MIN_CAPABILITY = {"flash_attention_2": 8, "flash_attention_3": 8, "flash_attention_4": 9}
 #: Used in place of an implementation a part cannot run, first supported wins.
 _FALLBACK_ORDER = ("sdpa", "eager")
 
@@ -90,13 +91,18 @@ def _package_available(name: str) -> bool:
         return False
 
 
+@functools.cache
+def _distributions_by_module() -> dict[str, list[str]]:
+    """Top-level module -> installed distributions, read once (a scan of every installed package)."""
+    try:
+        return importlib.metadata.packages_distributions()
+    except Exception:  # a broken metadata entry must not hide the module: report no distribution
+        return {}
+
+
 def _module_distributions(module: str) -> list[str]:
     """Normalized names (``flash-attn-4``) of the installed distributions that provide top-level ``module``."""
-    try:
-        mapping = importlib.metadata.packages_distributions()
-    except Exception:  # a broken metadata entry must not hide the module: report no distribution
-        return []
-    return [name.lower().replace("_", "-") for name in mapping.get(module, [])]
+    return [name.replace("_", "-") for name in _distributions_by_module().get(module, [])]
 
 
 def _bitsandbytes_devices() -> set[str]:
