@@ -476,9 +476,38 @@ MUTANTS: list[Mutant] = [
     ),
     _m(
         "probe-step-hooks-unchecked",
-        "generation/probe.py: probe_fast_path",
+        "generation/probe.py: FastPathVerdicts.step_hooks",
         "the capability probe leaves the generation-step hooks unchecked",
-        [("                or _probe_step_hooks(generator)\n", "")],
+        [
+            (
+                "reason = probe_step_hooks(generator, share_cross_attention=self.shared_cross_attention)",
+                "reason = None",
+            )
+        ],
+        [PROBE_HOOKS],
+    ),
+    _m(
+        "probe-step-hooks-unlocked",
+        "generation/probe.py: probe_step_hooks",
+        "the hook check swaps and hooks the shared generator without holding its lock",
+        [
+            (
+                "    with generator_lock(generator):\n        training = generator.training\n",
+                "    with contextlib.nullcontext():\n        training = generator.training\n",
+            )
+        ],
+        [PROBE_HOOKS],
+    ),
+    _m(
+        "probe-step-hooks-user-settings",
+        "generation/probe.py: _probe_step_hooks",
+        "the hook check's search runs under the generator's own generation settings",
+        [
+            (
+                "            with _generation_config(generator, config):\n",
+                "            with contextlib.nullcontext():\n",
+            )
+        ],
         [PROBE_HOOKS],
     ),
     _m(

@@ -2,7 +2,8 @@
 
 Every allowlisted cross-attention class decodes, with shared cross-attention, exactly as its own model; a
 module that passes the allowlist but computes differently is caught by the probe (one warning, the plain
-path, the plain output); ``DecodingOptions(fast_path=False)`` turns the fast path off.
+cross-attention, the plain output; packed scoring and the generation-step hooks, whose own checks pass, stay
+on); ``DecodingOptions(fast_path=False)`` turns the fast path off.
 """
 
 from __future__ import annotations
@@ -197,7 +198,9 @@ def test_probe_falls_back_to_the_plain_path_with_one_warning(attention_class, re
         again = model.generate(**_inputs())
     warnings = [r for r in caplog.records if r.name == "ragkit.generation.probe"]
     assert len(warnings) == 1 and reason in warnings[0].getMessage()  # once per generator, naming the reason
-    assert trace.fast_path_fallbacks and trace.beam_caches == [] and trace.packed == []
+    assert trace.fast_path_fallbacks and trace.beam_caches == []  # the plain cross-attention
+    # Only shared cross-attention is off: packed scoring and the hooks passed their own checks.
+    assert trace.packed == [True] and trace.scoring_calls[0][1]["known"] is not None
     assert torch.equal(got, plain) and torch.equal(again, plain)
     if attention_class is BartAttention:  # the swap, unguarded, would have decoded otherwise
         ids, mask = _inputs()["context_input_ids"], _inputs()["context_attention_mask"]

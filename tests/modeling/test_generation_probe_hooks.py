@@ -2,13 +2,17 @@
 
 Each test plants one breakage of a hook's reliance on Transformers (through the ``ragkit._compat`` function
 the hook goes through, or the cache's ``reorder_cache``) and checks that decoding notices: one warning
-naming the reason, the plain path's output, and the plain path taken. Without a breakage the probe passes,
-runs the hooks on its tiny searches, and decoding takes the fast path with them.
+naming the reason, the plain path's output, and the hooks not attached, while shared cross-attention and
+packed scoring (their own checks pass) stay on. Without a breakage the probe passes, runs the hooks on its
+tiny searches, and decoding takes the fast path with them. The hook check runs only where decoding would
+attach the hooks, holds the generator's lock, and sees none of the generator's own generation settings.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import warnings
 
 import pytest
 import torch
@@ -16,8 +20,15 @@ import transformers
 from transformers import BartForConditionalGeneration, DPRQuestionEncoder, T5ForConditionalGeneration
 
 from ragkit import RagSequenceForGeneration, _compat
-from ragkit.generation import DecodingOptions, DecodingTrace, probe_fast_path
-from ragkit.generation.probe import probe_step_hooks
+from ragkit.generation import (
+    DecodingOptions,
+    DecodingTrace,
+    fast_path_allowed,
+    probe_fast_path,
+    probe_step_hooks,
+    search,
+)
+from ragkit.generation.calls import generator_lock
 from ragkit.testing import tiny_rag_config
 
 PROBE = "ragkit.generation.probe"
@@ -147,9 +158,10 @@ def test_broken_step_hooks_fall_back_with_one_warning(plant, reason, monkeypatch
     assert len(warnings) == 1 and reason in warnings[0], warnings  # once per generator, naming the reason
     assert "generation-step hooks" in warnings[0]
     assert len(trace.fast_path_fallbacks) == 1 and reason in trace.fast_path_fallbacks[0]
-    # The plain path: no shared cross-attention, no packed scoring, nothing taken from generation.
-    assert trace.beam_caches == [] and trace.packed == []
+    # Only the hooks are off: nothing taken from generation, but shared cross-attention and packed scoring
+    # (their own checks pass) still run.
     assert trace.scoring_calls[0][1]["known"] is None and trace.scoring_calls[0][1]["search"] is None
+    assert len(trace.beam_caches) == 1 and trace.packed == [True]
     assert torch.equal(got, plain) and torch.equal(again, plain)
 
 
@@ -201,3 +213,115 @@ def test_sound_hooks_pass_the_probe_and_decoding_uses_them(kind, monkeypatch, ca
     assert keywords["search"] is not None and keywords["known"] is not None
     assert bool((~keywords["known"].isnan()).any())
     assert torch.equal(got, plain) and torch.equal(again, plain)
+
+
+def test_a_hook_failure_leaves_the_other_fast_paths_on(monkeypatch):
+    # The verdicts are separate: stale logits fail only the hook check.
+    model = _tiny_rag()
+    _stale_logits(monkeypatch)
+    assert probe_fast_path(model.generator).startswith("beam search hooks")
+    trace = DecodingTrace()
+    model.generate(**_inputs(), decoding_options=DecodingOptions(trace=trace))
+    assert len(trace.beam_caches) == 1  # shared cross-attention still used
+    assert trace.packed == [True] and trace.scoring_calls[0][1]["fast_path"] is True
+    assert trace.scoring_calls[0][1]["search"] is None  # the hooks were not attached
+    assert fast_path_allowed(model.generator, DecodingOptions()) is False  # not every path passes
+
+
+def test_the_hook_check_runs_only_where_decoding_attaches_the_hooks(monkeypatch, caplog):
+    model = _tiny_rag()
+    checks = []
+    original = search.step_states_for
+
+    def counting(*args, **kwargs):
+        checks.append(args[1])
+        return original(*args, **kwargs)
+
+    # The probe builds its hooks through its own import of step_states_for: count those.
+    monkeypatch.setattr("ragkit.generation.probe.step_states_for", counting)
+    _stale_logits(monkeypatch)  # a hook check, were it run, would warn
+    with caplog.at_level(logging.WARNING, logger=PROBE):
+        fast = model.generate(**_inputs(), decoding="fast")
+        model.generate(**_inputs(), decoding_options=DecodingOptions(prune_scoring=False))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model.generate(**_inputs())
+    assert checks == [] and not caplog.records  # fast decoding and the others never attach the hooks
+    assert fast.shape[0] == 4
+    with caplog.at_level(logging.WARNING, logger=PROBE):
+        model.generate(**_inputs())
+    assert checks == [2]  # at their first use: the beam search (whose failure ends the check)
+    assert len(caplog.records) == 1 and "generation-step hooks" in caplog.records[0].getMessage()
+
+
+def test_beam_search_without_a_shared_cache_still_passes_the_hook_check(monkeypatch, caplog):
+    # A generator whose cache is not an encoder-decoder one gets no shared cross-attention; beam search
+    # then records no reordering and scoring recomputes the expanded prefixes, but the hypotheses'
+    # own log-likelihoods still come from the hooks.
+    model = _tiny_rag()
+    plain = model.generate(**_inputs(), decoding_options=DecodingOptions(fast_path=False))
+    monkeypatch.setattr(search, "beam_shared_cross_attention", lambda *args: None)
+    assert probe_step_hooks(model.generator) is None
+    trace = DecodingTrace()
+    with caplog.at_level(logging.WARNING, logger=PROBE):
+        got = model.generate(**_inputs(), decoding_options=DecodingOptions(trace=trace))
+    assert not caplog.records and trace.fast_path_fallbacks == []
+    assert trace.beam_caches == [] and trace.scoring_calls[0][1]["search"] is not None
+    assert bool((~trace.scoring_calls[0][1]["known"].isnan()).any())
+    assert torch.equal(got, plain)
+
+
+def test_the_probes_hold_the_generator_lock():
+    generator = _tiny_rag().generator
+    lock = generator_lock(generator)
+    free_elsewhere = []
+
+    def lock_free_in_another_thread() -> bool:
+        got = []
+
+        def try_lock() -> None:
+            got.append(lock.acquire(blocking=False))
+            if got[0]:
+                lock.release()
+
+        thread = threading.Thread(target=try_lock)
+        thread.start()
+        thread.join()
+        return got[0]
+
+    handle = generator.register_forward_pre_hook(
+        lambda module, args: free_elsewhere.append(lock_free_in_another_thread())
+    )
+    try:
+        assert probe_step_hooks(generator) is None
+        hooks_forwards = len(free_elsewhere)
+        assert probe_fast_path(generator) is None
+    finally:
+        handle.remove()
+    assert hooks_forwards > 0 and len(free_elsewhere) > hooks_forwards
+    assert not any(free_elsewhere)  # every forward of either probe ran with the lock held
+    assert lock_free_in_another_thread()  # and released after
+
+
+def test_the_probe_ignores_the_generators_own_generation_settings(caplog):
+    model = _tiny_rag()
+    config = model.generator.generation_config
+    config.max_length, config.repetition_penalty, config.min_new_tokens = 20, 2.0, 5
+    config.renormalize_logits = True
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        assert probe_step_hooks(model.generator) is None
+    assert [record.getMessage() for record in caplog.records] == []  # no "Both `max_new_tokens` ..."
+    assert [str(warning.message) for warning in caught] == []
+    assert model.generator.generation_config is config and config.repetition_penalty == 2.0  # restored
+
+
+def test_the_hook_check_runs_where_autocast_does_not_know_the_device(monkeypatch):
+    generator = _tiny_rag().generator
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # called under autocast: turned off for the check
+        assert probe_step_hooks(generator) is None
+
+    def unsupported(device_type, *args, **kwargs):
+        raise RuntimeError(f"autocast does not support device type {device_type}")
+
+    monkeypatch.setattr(torch, "autocast", unsupported)
+    assert probe_step_hooks(generator) is None

@@ -28,7 +28,8 @@ class DecodingTrace:
             trie was too wide and the rows path scored).
         beam_caches: Weak references to the caches beam search ran with (shared cross-attention).
         before_scoring: Called (no arguments) right before each thorough scoring call.
-        fast_path_fallbacks: Reasons the capability probe gave for falling back to the plain path.
+        fast_path_fallbacks: Reasons the capability probe gave for turning a fast path off (one per
+            failed check consulted).
     """
 
     scoring_calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = dataclasses.field(default_factory=list)
@@ -48,10 +49,10 @@ class DecodingOptions:
     Attributes:
         fast_path: Use the paths that reach into the generator's modules (each context's cross-attention
             computed once and shared by its beams, packed prefix-trie scoring, scores read from generation's
-            own steps). A capability probe checks them once per generator (one decoder step of each
-            swapped path, and the generation-step hooks on a tiny beam search and greedy search, against
-            teacher forcing) and falls back to the plain path (with one warning) where they would differ;
-            False always takes the plain path.
+            own steps). A capability probe checks each once per generator (one decoder step of each
+            swapped path; the generation-step hooks, on a tiny beam search and greedy search against
+            teacher forcing, only when decoding is first about to attach them) and turns off, with one
+            warning, only a path that would differ; False always takes the plain path.
         scoring_path: ``"packed"`` (each question's prefix trie in one decoder sequence per document),
             ``"rows"`` (one decoder row per candidate and document) or None: packed on CPU where the
             generator supports it, rows on CUDA (packed measured slower there: cuDNN builds an attention

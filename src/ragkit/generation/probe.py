@@ -4,29 +4,34 @@ The fast path reaches into the generator's modules (:mod:`ragkit._compat`): a cr
 one over per-context keys/values, packed scoring (positions by trie depth, a 4D self-attention mask), and
 generation-step hooks (each step's decoder states, log-normalisers, decoder inputs and beam reordering,
 from which scoring takes every hypothesis's log-likelihood under its own document and the
-log-probabilities after the prefixes beam search expanded). At first use on a generator (and again if its
-dtype, device type or attention backend changes), one decoder step of each swapped path runs next to the
-plain path on a tiny input, and a tiny beam search and greedy search with the hooks attached, steered
-through reordered beams, a pruned beam and an early end, are checked against teacher forcing; on any
-difference beyond float tolerance, missing record, or exception, one warning names the reason and
-decoding takes the plain path (scoring then recomputes every pair exactly).
+log-probabilities after the prefixes beam search expanded). Each has its own verdict, kept per generator
+(and again if its dtype, device type or attention backend changes). At first use, one decoder step of each
+swapped path runs next to the plain path on a tiny input; the hooks are checked only when decoding is about
+to attach them (thorough decoding with pruned scoring, float32 plain linear head, no autocast), on a tiny
+beam search and greedy search steered through reordered beams, a pruned beam and an early end, against
+teacher forcing. On any difference beyond float tolerance, missing record, or exception, one warning names
+the reason and only that path is turned off: the plain cross-attention, rows scoring, or scoring
+recomputing every pair exactly instead of reading the hooks.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import threading
 import weakref
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.modeling_outputs import BaseModelOutput
 
 from .. import _compat
-from .calls import decoding_call
+from .calls import decoding_call, generator_lock
 from .fast import eos_ids
-from .options import DecodingOptions
+from .options import DecodingOptions, DecodingTrace
 from .packing import PositionsByDepth, packed_inputs
 from .search import (
     StepStates,
@@ -37,11 +42,28 @@ from .search import (
     step_states_for,
 )
 
-__all__ = ["fast_path_allowed", "probe_fast_path", "probe_step_hooks"]
+__all__ = [
+    "FastPathVerdicts",
+    "fast_path_allowed",
+    "fast_path_verdicts",
+    "probe_fast_path",
+    "probe_step_hooks",
+]
 
 logger = logging.getLogger(__name__)
 
-_VERDICTS: weakref.WeakKeyDictionary[Any, dict[tuple[str, ...], str | None]] = weakref.WeakKeyDictionary()
+
+@dataclasses.dataclass
+class _Reasons:
+    """Why each fast path is off on one generator (None: exact), as the probe found."""
+
+    shared_cross_attention: str | None
+    packed_scoring: str | None
+    hooks_probed: bool = False  # the hook check runs at first use
+    step_hooks: str | None = None
+
+
+_VERDICTS: weakref.WeakKeyDictionary[Any, dict[tuple[str, ...], _Reasons]] = weakref.WeakKeyDictionary()
 _VERDICTS_LOCK = threading.Lock()
 
 
@@ -203,12 +225,16 @@ def _check_step_records(
     states: torch.Tensor,
     mask: torch.Tensor,
     num_beams: int,
+    reorders_recorded: bool,
 ) -> str | None:
     """Reason what the hooks recorded differs from teacher forcing (or is missing), or None.
 
     Args:
         sequences: `(contexts * num_beams, tgt_len)` what the search returned.
         states: `(contexts, src_len, hidden)` encoder outputs; ``mask`` their `(contexts, src_len)` mask.
+        reorders_recorded: Beam search ran with the cache that records its reordering (shared
+            cross-attention): the prefixes it expanded must come out of the hooks. Else only the
+            hypotheses' own log-likelihoods are checked (scoring recomputes the rest).
     """
     rows, length = sequences.shape
     contexts = states.shape[0]
@@ -225,7 +251,7 @@ def _check_step_records(
         )
     if num_beams > 1 and beam_indices is None:
         return "beam search returned no beam_indices"
-    if num_beams > 1 and len(steps.beam_orders or []) < length - 2:
+    if num_beams > 1 and reorders_recorded and len(steps.beam_orders or []) < length - 2:
         return f"beam search reordered its cache {len(steps.beam_orders or [])} times in {length - 1} steps"
     # Targets up to each row's first end of sequence (what search generated; the padding after it is
     # whatever generate fills in).
@@ -256,6 +282,8 @@ def _check_step_records(
     difference = _differs(pair, expected)
     if difference is not None:
         return f"{search} hooks' hypothesis log-likelihoods differ from teacher forcing by {difference:.3g}"
+    if num_beams > 1 and not reorders_recorded:
+        return None
     # Log-probabilities after every prefix search expanded, under any context (pruned beams included).
     expanded = expanded_prefix_log_probs(
         steps,
@@ -277,12 +305,53 @@ def _check_step_records(
     return None
 
 
-def _probe_step_hooks(generator: Any) -> str | None:
+def _probe_generation_config(generator: Any, num_beams: int) -> GenerationConfig:
+    """The probe's own generation settings: the generator's special ids, nothing else of its settings."""
+    own = generator.generation_config
+    special: dict[str, Any] = {}
+    for name in ("decoder_start_token_id", "bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(own, name, None)
+        if value is None:
+            value = getattr(generator.config, name, None)
+        if value is not None:
+            special[name] = value
+    settings: dict[str, Any] = dict(
+        max_new_tokens=3, min_length=0, do_sample=False, num_beams=num_beams, use_cache=True
+    )
+    if num_beams > 1:  # raw sums: the hypothesis that ends early is among those returned
+        settings.update(length_penalty=0.0, early_stopping=False)
+    return GenerationConfig(**special, **settings)
+
+
+@contextlib.contextmanager
+def _generation_config(generator: Any, config: GenerationConfig) -> Iterator[None]:
+    """Within the block, ``generator.generation_config`` is ``config``.
+
+    ``generate`` fills every setting a ``generation_config`` argument leaves unset from the generator's own
+    (and warns where its ``max_length`` meets the probe's ``max_new_tokens``, or where that argument comes
+    with keywords such as ``num_beams``): the probe's search must see none of the user's settings. The
+    generator lock is held, so no decoding call of ragkit sees this config.
+    """
+    own = generator.generation_config
+    generator.generation_config = config
+    try:
+        yield
+    finally:
+        generator.generation_config = own
+
+
+def _probe_step_hooks(generator: Any, share_cross_attention: bool) -> str | None:
     """Reason the generation-step hooks' records differ from teacher forcing, or None (also where not used)."""
     ids, mask, _, vocab = _tiny_inputs(generator)
     tokens, eos = _steering_tokens(generator, vocab)
-    # Autocast off: decoding never hooks generation's steps under autocast.
-    with torch.autocast(ids.device.type, enabled=False):
+    # Decoding never hooks generation's steps under autocast: turned off where it is on (autocast(...,
+    # enabled=False) raises on device types autocast does not know).
+    no_autocast = (
+        torch.autocast(ids.device.type, enabled=False)
+        if _compat.autocast_enabled(ids.device)
+        else contextlib.nullcontext()
+    )
+    with no_autocast:
         states = generator.get_encoder()(
             input_ids=ids, attention_mask=mask, return_dict=True
         ).last_hidden_state
@@ -290,59 +359,72 @@ def _probe_step_hooks(generator: Any) -> str | None:
             steps = step_states_for(generator, num_beams, DecodingOptions())
             if steps is None:
                 return None  # decoding never hooks this generator's steps
+            config = _probe_generation_config(generator, num_beams)
             kwargs: dict[str, Any] = dict(
-                max_new_tokens=3,
-                min_length=0,
-                do_sample=False,
-                use_cache=True,
-                logits_processor=LogitsProcessorList([_SteeredSearch(num_beams, tokens, eos)]),
+                logits_processor=LogitsProcessorList([_SteeredSearch(num_beams, tokens, eos)])
             )
-            if num_beams > 1:  # raw sums: the hypothesis that ends early is among those returned
-                kwargs.update(length_penalty=0.0, early_stopping=False)
-            sequences, beam_indices, _ = search_contexts(
-                generator, states, ids, mask, num_beams, kwargs, DecodingOptions(), True, steps=steps
+            trace = DecodingTrace()
+            with _generation_config(generator, config):
+                sequences, beam_indices, _ = search_contexts(
+                    generator,
+                    states,
+                    ids,
+                    mask,
+                    num_beams,
+                    kwargs,
+                    DecodingOptions(trace=trace),
+                    share_cross_attention,
+                    steps=steps,
+                )
+            # Beam search records its reordering only through the shared cross-attention's cache; without
+            # it (not shared, or no encoder-decoder cache) scoring recomputes the prefixes it would give.
+            reorders_recorded = bool(trace.beam_caches)
+            reason = _check_step_records(
+                generator, steps, sequences, beam_indices, states, mask, num_beams, reorders_recorded
             )
-            reason = _check_step_records(generator, steps, sequences, beam_indices, states, mask, num_beams)
             if reason is not None:
                 return reason
     return None
 
 
 @torch.no_grad()
-def probe_step_hooks(generator: Any) -> str | None:
+def probe_step_hooks(generator: Any, share_cross_attention: bool = True) -> str | None:
     """Checks the generation-step hooks on a tiny beam search and greedy search against teacher forcing.
 
-    Part of :func:`probe_fast_path`; on its own for diagnostics.
+    Decoding runs it (through :class:`FastPathVerdicts`) only when it is about to attach the hooks; on its
+    own for diagnostics. Holds the generator's lock (:func:`ragkit.generation.calls.generator_lock`).
 
     Args:
         generator: The seq2seq generator (in eval mode for the probe; its mode is restored).
+        share_cross_attention: Run the beam search with each context's cross-attention shared among its
+            beams (as decoding does where that path's own check passes).
 
     Returns:
         None where the hooks' records give teacher forcing's log-probabilities (or decoding never hooks
         this generator: not a float32 plain linear head), else why not (an exception's text included).
     """
-    training = generator.training
-    generator.eval()
+    with generator_lock(generator):
+        training = generator.training
+        generator.eval()
+        try:
+            with decoding_call():
+                return _probe_step_hooks(generator, share_cross_attention)
+        except Exception as error:  # any failure of the hooks means scoring recomputes every pair
+            return f"{type(error).__name__}: {error}"
+        finally:
+            generator.train(training)
+
+
+def _guarded(check: Callable[..., str | None], *args: Any) -> str | None:
+    """``check(*args)``, or the text of the exception it raised."""
     try:
-        with decoding_call():
-            return _probe_step_hooks(generator)
-    except Exception as error:  # any failure of the hooks means the plain path
+        return check(*args)
+    except Exception as error:  # any failure of a fast path means its plain path
         return f"{type(error).__name__}: {error}"
-    finally:
-        generator.train(training)
 
 
-@torch.no_grad()
-def probe_fast_path(generator: Any) -> str | None:
-    """Runs one decoder step of each swapped path next to the plain path, and checks the generation-step
-    hooks (:func:`probe_step_hooks`); the reason the fast path differs, or None.
-
-    Args:
-        generator: The seq2seq generator (in eval mode for the probe; its mode is restored).
-
-    Returns:
-        None where the fast path gives the plain path's numbers, else why not (an exception's text included).
-    """
+def _probe_modules(generator: Any) -> tuple[str | None, str | None]:
+    """Reasons shared cross-attention and packed scoring differ from the plain path (each None if exact)."""
     training = generator.training
     generator.eval()
     try:
@@ -356,14 +438,33 @@ def probe_fast_path(generator: Any) -> str | None:
                 device=ids.device,
             )
             return (
-                _probe_shared_cross_attention(generator, states, mask, tokens)
-                or _probe_packed(generator, states, mask, start, vocab)
-                or _probe_step_hooks(generator)
+                _guarded(_probe_shared_cross_attention, generator, states, mask, tokens),
+                _guarded(_probe_packed, generator, states, mask, start, vocab),
             )
-    except Exception as error:  # any failure of the fast path means the plain path
-        return f"{type(error).__name__}: {error}"
+    except Exception as error:  # the tiny input itself failed: neither path is checked
+        reason = f"{type(error).__name__}: {error}"
+        return reason, reason
     finally:
         generator.train(training)
+
+
+@torch.no_grad()
+def probe_fast_path(generator: Any) -> str | None:
+    """Runs one decoder step of each swapped path next to the plain path, and checks the generation-step
+    hooks (:func:`probe_step_hooks`); the first reason the fast path differs, or None.
+
+    For diagnostics (decoding keeps a verdict per path: :func:`fast_path_verdicts`). Holds the generator's
+    lock (:func:`ragkit.generation.calls.generator_lock`).
+
+    Args:
+        generator: The seq2seq generator (in eval mode for the probe; its mode is restored).
+
+    Returns:
+        None where the fast path gives the plain path's numbers, else why not (an exception's text included).
+    """
+    with generator_lock(generator):
+        shared, packed = _probe_modules(generator)
+        return shared or packed or probe_step_hooks(generator, share_cross_attention=shared is None)
 
 
 def _verdict_key(generator: Any) -> tuple[str, ...]:
@@ -372,31 +473,109 @@ def _verdict_key(generator: Any) -> tuple[str, ...]:
     return (str(weight.dtype), weight.device.type, str(_compat.attn_implementation(generator.config)))
 
 
-def fast_path_allowed(generator: Any, options: DecodingOptions) -> bool:
-    """Whether decoding may take the fast path on ``generator``: on in ``options`` and the probe agrees.
+class FastPathVerdicts:
+    """Which fast paths decoding may take on one generator, as the capability probe found.
 
-    The probe runs once per generator (and dtype, device type, attention backend); a failing probe logs
-    one warning naming the reason.
+    Attributes:
+        shared_cross_attention: Each context's cross-attention computed once and shared by its beams.
+        packed_scoring: Packed prefix-trie scoring.
+    """
+
+    def __init__(self, generator: Any, options: DecodingOptions, reasons: _Reasons | None) -> None:
+        self._generator, self._options, self._reasons = generator, options, reasons
+        self.shared_cross_attention = reasons is not None and reasons.shared_cross_attention is None
+        self.packed_scoring = reasons is not None and reasons.packed_scoring is None
+
+    def step_hooks(self) -> bool:
+        """Whether decoding may attach the generation-step hooks; runs their check at its first use.
+
+        Returns:
+            False where the fast path is off or the hook check failed (one warning per generator, naming
+            the reason: scoring then recomputes every pair exactly).
+        """
+        reasons = self._reasons
+        if reasons is None:
+            return False
+        generator = self._generator
+        with generator_lock(generator):
+            if not reasons.hooks_probed:
+                reason = probe_step_hooks(generator, share_cross_attention=self.shared_cross_attention)
+                reasons.step_hooks, reasons.hooks_probed = reason, True
+                if reason is not None:
+                    logger.warning(
+                        "ragkit decoding does not read hypothesis log-likelihoods from generation on this %s: "
+                        "its generation-step hooks do not reproduce teacher forcing (%s). Outputs are "
+                        "unaffected; scoring recomputes every pair (slower).",
+                        type(generator).__name__,
+                        reason,
+                    )
+        if reasons.step_hooks is not None and self._options.trace is not None:
+            self._options.trace.fast_path_fallbacks.append(reasons.step_hooks)
+        return reasons.step_hooks is None
+
+
+def fast_path_verdicts(generator: Any, options: DecodingOptions) -> FastPathVerdicts:
+    """Which fast paths decoding may take on ``generator``: each on in ``options`` and passing its check.
+
+    Shared cross-attention and packed scoring are checked here, once per generator (and dtype, device type,
+    attention backend); the generation-step hooks at :meth:`FastPathVerdicts.step_hooks`. A failing check
+    logs one warning naming the reason and turns off only its own path.
+
+    Args:
+        generator: The seq2seq generator.
+        options: Decoding options (``fast_path=False``: every path off, nothing probed; a ``trace`` gets the
+            reasons of failed checks).
+
+    Returns:
+        The verdicts.
     """
     if not options.fast_path:
-        return False
+        return FastPathVerdicts(generator, options, None)
     key = _verdict_key(generator)
-    with _VERDICTS_LOCK:
-        known = _VERDICTS.setdefault(generator, {})
-        probed = key in known
-        reason = known.get(key)
-    if not probed:
-        reason = probe_fast_path(generator)
+    with generator_lock(generator):
         with _VERDICTS_LOCK:
-            _VERDICTS.setdefault(generator, {})[key] = reason
-        if reason is not None:
-            logger.warning(
-                "ragkit decoding takes the plain path on this %s: its fast path (shared cross-attention, packed "
-                "scoring, generation-step hooks) does not reproduce the model's own computation (%s). Outputs "
-                "are unaffected; decoding is slower.",
-                type(generator).__name__,
-                reason,
-            )
-    if reason is not None and options.trace is not None:
-        options.trace.fast_path_fallbacks.append(reason)
-    return reason is None
+            reasons = _VERDICTS.setdefault(generator, {}).get(key)
+        if reasons is None:
+            reasons = _Reasons(*_probe_modules(generator))
+            with _VERDICTS_LOCK:
+                _VERDICTS.setdefault(generator, {})[key] = reasons
+            failed = [
+                f"{path} ({reason})"
+                for path, reason in (
+                    ("shared cross-attention", reasons.shared_cross_attention),
+                    ("packed scoring", reasons.packed_scoring),
+                )
+                if reason is not None
+            ]
+            if failed:
+                logger.warning(
+                    "ragkit decoding turns off %s on this %s: the fast path does not reproduce the model's "
+                    "own computation there, the plain path runs instead. Outputs are unaffected; decoding is "
+                    "slower.",
+                    "; ".join(failed),
+                    type(generator).__name__,
+                )
+    if options.trace is not None:
+        for reason in (reasons.shared_cross_attention, reasons.packed_scoring):
+            if reason is not None:
+                options.trace.fast_path_fallbacks.append(reason)
+    return FastPathVerdicts(generator, options, reasons)
+
+
+def fast_path_allowed(generator: Any, options: DecodingOptions) -> bool:
+    """Whether every fast path passes its check on ``generator`` (and ``options`` turns it on).
+
+    Runs the probe where it has not run (the hook check included), once per generator; each failing check
+    logs one warning naming the reason. Decoding itself consults each path's verdict on its own
+    (:func:`fast_path_verdicts`).
+
+    Args:
+        generator: The seq2seq generator.
+        options: Decoding options.
+
+    Returns:
+        True where shared cross-attention, packed scoring and the generation-step hooks all reproduce the
+        plain path.
+    """
+    verdicts = fast_path_verdicts(generator, options)
+    return verdicts.shared_cross_attention and verdicts.packed_scoring and verdicts.step_hooks()

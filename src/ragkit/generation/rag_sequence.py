@@ -29,7 +29,7 @@ from .calls import decoding_call, generator_lock
 from .contexts import pop_question_encoder_kwargs, resolve_contexts, trimmed
 from .fast import eos_ids, fast_scores, generated_log_likelihoods
 from .options import DecodingOptions, resolve_options
-from .probe import fast_path_allowed
+from .probe import FastPathVerdicts, fast_path_verdicts
 from .scoring import thorough_scores
 from .search import (
     candidate_groups,
@@ -90,7 +90,7 @@ def _decode_questions(
     decoding: str,
     model_kwargs: dict[str, Any],
     options: DecodingOptions,
-    fast_path: bool,
+    verdicts: FastPathVerdicts,
 ) -> torch.Tensor:
     """`(batch_size, num_return_sequences, tgt_len)` best hypotheses (pad rows where fewer candidates exist)."""
     generator = model.generator
@@ -116,7 +116,8 @@ def _decode_questions(
         decoding,
         kwargs,
         options,
-        fast_path,
+        verdicts.shared_cross_attention,
+        step_hooks=verdicts.step_hooks,
     )
     rows_per_question = n_docs * num_beams
     groups = candidate_groups(sequences, rows_per_question, deduplicate)
@@ -160,7 +161,7 @@ def _decode_questions(
             known=known,
             cross_attention=cross_attention,
             search=steps if known is not None else None,
-            fast_path=fast_path,
+            fast_path=verdicts.packed_scoring,
         )
         if options.trace is not None:
             options.trace.scoring_calls.append((args, dict(keywords)))
@@ -323,7 +324,7 @@ def rag_sequence_generate(
         last = min(batch_size, first + step)
         rows = slice(first * n_docs, last * n_docs)
         with generator_lock(model.generator):
-            fast_path = fast_path_allowed(model.generator, options)
+            verdicts = fast_path_verdicts(model.generator, options)
             with decoding_call():
                 decoded = _decode_questions(
                     model,
@@ -337,7 +338,7 @@ def rag_sequence_generate(
                     decoding,
                     model_kwargs,
                     options,
-                    fast_path,
+                    verdicts,
                 )
         parts.append(decoded)
     pad = model.config.generator.pad_token_id

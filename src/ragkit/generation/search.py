@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -358,6 +358,14 @@ def step_states_for(generator: Any, num_beams: int, options: DecodingOptions) ->
 
     In half precision, generation's values (a float32 dot product against a normaliser of rounded logits)
     differ from teacher forcing's by rounding, enough to swap near ties: float32 plain linear heads only.
+
+    Args:
+        generator: The seq2seq generator.
+        num_beams: Search rows per context (1: greedy search).
+        options: Decoding options (``scoring_elements_cpu`` bounds the rows the hooks' readers gather at once).
+
+    Returns:
+        Hooks to pass to :func:`search_contexts` as ``steps`` (not attached yet), or None.
     """
     head = _compat.gatherable_head(generator)
     if head is None or head[0].dtype != torch.float32:
@@ -380,12 +388,15 @@ def search_contexts(
     """The generator's beam search (or greedy search) over every context, recording into ``recorder``/``steps``.
 
     Args:
+        generator: The seq2seq generator.
         encoder_states: `(contexts, src_len, hidden)` generator encoder outputs.
         context_input_ids: `(contexts, src_len)` the contexts.
         context_attention_mask: `(contexts, src_len)` or None.
+        num_beams: Beams per context (1: greedy search); each context returns all of them.
         kwargs: Generation keyword arguments (a copy: keys are added, the cache given to generate is
             popped again).
-        fast_path: Share each context's cross-attention among its beams.
+        options: Decoding options (a ``trace`` records the shared cross-attention's cache).
+        fast_path: Share each context's cross-attention among its beams (beam search with a cache only).
         recorder: A logits processor appended to generation's own (fast decoding), or None.
         steps: Generation-step hooks to attach during generation (``beam_orders`` set after it), or None.
 
@@ -447,6 +458,7 @@ def generate_hypotheses(
     kwargs: dict[str, Any],
     options: DecodingOptions,
     fast_path: bool,
+    step_hooks: Callable[[], bool] | None = None,
 ) -> tuple[
     torch.Tensor,
     torch.Tensor | None,
@@ -460,8 +472,11 @@ def generate_hypotheses(
         encoder_states: `(contexts, src_len, hidden)` generator encoder outputs.
         kwargs: Generation keyword arguments (a copy: keys are added, the cache given to generate is
             popped again).
-        fast_path: Share cross-attention and hook generation's steps (the probe's verdict for the
-            generator); False: the generator's own beam search, untouched.
+        fast_path: Share each context's cross-attention among its beams (the probe's verdict for that
+            path); False: the generator's own cross-attention.
+        step_hooks: Asked right before generation-step hooks would be attached (thorough decoding with
+            pruned scoring, no label smoothing, decoder prompt or autocast, a float32 plain linear head):
+            whether they may be (the probe's verdict, checked at its first use). None: never attached.
 
     Returns:
         `(contexts * num_beams, tgt_len)` sequences; `(rows, steps)` beam indices (or None); the step
@@ -475,7 +490,7 @@ def generate_hypotheses(
         k = max(2, (len(eos_ids(generator, kwargs)) + 1) * num_beams)
         recorder = StepScoreRecorder(k, normalize=not _compat.processor_scores_are_log_probs(num_beams))
     elif (
-        fast_path
+        step_hooks is not None
         and options.prune_scoring
         and not float(getattr(model.config, "label_smoothing", 0.0) or 0.0)
         # A decoder prompt shifts steps against positions: not handled, scoring computes those pairs.
@@ -485,6 +500,8 @@ def generate_hypotheses(
     ):
         # Each hypothesis's log-likelihood under its own document falls out of generation: keep what gives it.
         steps = step_states_for(generator, num_beams, options)
+        if steps is not None and not step_hooks():  # the hook check runs here, at its first use
+            steps = None
     sequences, beam_indices, cross_attention = search_contexts(
         generator,
         encoder_states,
