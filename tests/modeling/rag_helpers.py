@@ -104,3 +104,19 @@ def retrieved_contexts(pair: Pair, questions, n_docs: int | None = None) -> dict
         "context_attention_mask": docs["context_attention_mask"],
         "doc_scores": doc_scores,
     }
+
+
+def padded_context_inputs(num_beams: int = 3, seed: int = 5, max_length: int = 8) -> dict:
+    """RAG-Sequence generate arguments for 2 questions x 3 given contexts (one row padded), seeded."""
+    draw = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 400, (6, 9), generator=draw)
+    mask = torch.ones_like(ids)
+    mask[2, -3:] = 0
+    return dict(
+        context_input_ids=ids,
+        context_attention_mask=mask,
+        doc_scores=torch.randn(2, 3, generator=draw),
+        num_beams=num_beams,
+        num_return_sequences=2,
+        max_length=max_length,
+    )

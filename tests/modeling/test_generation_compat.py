@@ -13,6 +13,7 @@ import logging
 import pytest
 import torch
 import transformers
+from rag_helpers import padded_context_inputs
 from transformers import BartForConditionalGeneration, DPRQuestionEncoder
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.bart import modeling_bart
@@ -170,18 +171,7 @@ def _rag_with_cross_attention(attention_class) -> RagSequenceForGeneration:
 
 
 def _inputs(seed: int = 5):
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, 400, (6, 9), generator=generator)
-    mask = torch.ones_like(ids)
-    mask[2, -3:] = 0
-    return dict(
-        context_input_ids=ids,
-        context_attention_mask=mask,
-        doc_scores=torch.randn(2, 3, generator=generator),
-        num_beams=3,
-        num_return_sequences=2,
-        max_length=MAX_LENGTH,
-    )
+    return padded_context_inputs(seed=seed, max_length=MAX_LENGTH)
 
 
 @pytest.mark.parametrize("attention_class,reason", [(BartAttention, "differs"), (_Fragile, "RuntimeError")])

@@ -17,6 +17,7 @@ import warnings
 import pytest
 import torch
 import transformers
+from rag_helpers import padded_context_inputs
 from transformers import BartForConditionalGeneration, DPRQuestionEncoder, T5ForConditionalGeneration
 
 from ragkit import RagSequenceForGeneration, _compat
@@ -56,18 +57,7 @@ def _tiny_rag(kind: str = "bart", seed: int = 3) -> RagSequenceForGeneration:
 
 
 def _inputs(num_beams: int = 3, seed: int = 5) -> dict:
-    draw = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, 400, (6, 9), generator=draw)
-    mask = torch.ones_like(ids)
-    mask[2, -3:] = 0
-    return dict(
-        context_input_ids=ids,
-        context_attention_mask=mask,
-        doc_scores=torch.randn(2, 3, generator=draw),
-        num_beams=num_beams,
-        num_return_sequences=2,
-        max_length=8,
-    )
+    return padded_context_inputs(num_beams=num_beams, seed=seed)
 
 
 # --- planted breakages: each a change of Transformers the hooks rely on ----------------------------
