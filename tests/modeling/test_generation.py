@@ -250,16 +250,23 @@ def test_questions_per_call_estimate_matches_the_h200_measurement():
     # On CUDA, without questions_per_batch, generate decodes as many questions per call as fit in half the
     # free memory. The estimate per question, for BART-large in bf16 with 5 docs x 4 beams, contexts of 300
     # tokens and max_length 21, should match the H200 run: 10716 MiB peak for 32 questions at once
-    # (benchmarks/results/bench_generation_gpu_bf16_h200.json).
+    # (benchmarks/results/bench_generation_gpu_bf16_h200.json), a run whose beam search held the
+    # cross-attention keys/values once per beam row: sharing off. Measured on CPU against live tensors:
+    # tests/modeling/test_generation_memory.py.
     with torch.device("meta"):
         generator = BartForConditionalGeneration(transformers.BartConfig()).to(torch.bfloat16)
-    fitting = rag_sequence._questions_fitting(generator, 5, 4, 300, {"max_length": 21}, 10716 * 2**20)
-    assert 29 <= fitting <= 35
-    assert (
-        rag_sequence._questions_fitting(generator, 5, 4, 300, {"max_new_tokens": 20}, 10716 * 2**20)
-        == fitting
-    )
-    assert rag_sequence._questions_fitting(generator, 5, 4, 300, {}, 0) == 1  # always at least one question
+
+    def fitting(kwargs, budget, shared=False):
+        return rag_sequence._questions_fitting(
+            generator, 5, 4, 300, kwargs, budget, shared_cross_attention=shared
+        )
+
+    per_beam = fitting({"max_length": 21}, 10716 * 2**20)
+    assert 29 <= per_beam <= 35
+    assert fitting({"max_new_tokens": 20}, 10716 * 2**20) == per_beam
+    # Keys/values once per context (14 MiB each) instead of per beam row: about 2.9 times the questions.
+    assert 2.6 <= fitting({"max_length": 21}, 10716 * 2**20, shared=True) / per_beam <= 3.2
+    assert fitting({}, 0) == fitting({}, 0, shared=True) == 1  # always at least one question
 
 
 def test_label_smoothing_is_part_of_the_score_as_in_reference():

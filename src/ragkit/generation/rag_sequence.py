@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from .. import _compat
 from ..errors import RagInputError
 from ..losses import sequence_target_rules
 from .arguments import check_count, check_generation_kwargs
@@ -194,6 +195,27 @@ def _decode_questions(
     return best
 
 
+def _shared_cross_attention(
+    generator: Any, num_beams: int, model_kwargs: dict[str, Any], options: DecodingOptions
+) -> bool:
+    """Whether beam search will compute each context's cross-attention keys/values once (the shared path).
+
+    Decided as :func:`~ragkit.generation.search.search_contexts` decides it: the shared path's verdict and
+    beam search with a cache of its own. The verdict is kept per generator; it is looked up here without
+    the trace, which records decoding's own look-ups.
+    """
+    use_cache = model_kwargs.get("use_cache")
+    if use_cache is None:
+        config = model_kwargs.get("generation_config") or generator.generation_config
+        use_cache = getattr(config, "use_cache", True)
+    return bool(
+        num_beams > 1
+        and use_cache
+        and not {"cache", "past_key_values"} & model_kwargs.keys()
+        and fast_path_verdicts(generator, options.replace(trace=None)).shared_cross_attention
+    )
+
+
 def _questions_fitting(
     generator: Any,
     n_docs: int,
@@ -201,14 +223,31 @@ def _questions_fitting(
     context_length: int,
     model_kwargs: dict[str, Any],
     budget_bytes: int,
+    *,
+    shared_cross_attention: bool,
 ) -> int:
     """How many questions one generator call may decode within ``budget_bytes`` (at least 1).
 
-    Beam search keeps, per beam row, the cross-attention keys/values of its context and the
-    self-attention cache of every layer, plus float32 logits over the vocabulary: that dominates the
-    peak (about 14 MiB per row for BART-large at 300 tokens in bf16, so about 0.3 GiB per question at 5
-    documents x 4 beams), which is why an unbounded batch can exhaust a GPU that decodes question by
-    question comfortably.
+    Budgets what beam search holds at once, per question: with ``D`` documents, ``B`` beams, ``R = D * B``
+    beam rows, ``L`` decoder layers of width ``h``, ``e`` bytes per element, ``S`` context tokens, ``T``
+    generated tokens and a vocabulary of ``V``::
+
+          D * L * 2 * S * h * e          cross-attention keys/values on the shared path (BART family:
+                                         each context's, read by all its beams; other decoders
+                                         also get copies per beam row, never reordered: R * L more)
+      (or R * (L + 1) * 2 * S * h * e    a copy per beam row, ``shared_cross_attention=False``)
+        + R * (L + 1) * 2 * T * h * e    self-attention cache
+        + (D + R) * S * h * e            encoder states: the contexts', and generate's copy for the beams
+        + R * V * (e + 4 * 4)            one step's logits: the model's, then a float32 copy, its
+                                         log-softmax and the logits processors' outputs
+        + R * T * h * e                  decoder states the generation-step hooks keep (thorough decoding)
+
+    A cache search extends or reorders counts one layer more than the model has: the new tensor of a
+    layer is made before the old one is freed (the shared keys/values are made once, before the search).
+    The cross-attention keys/values dominate (14 MiB per context for BART-large at 300 tokens in bf16):
+    a copy per beam row instead of per context makes a question 2.9 times bigger at 4 beams, and an
+    unbounded batch can exhaust a GPU that decodes question by question comfortably. The transients do
+    not all peak at the same step: the sum errs high, by under 10% at the shapes measured.
     """
     config = generator.config
     layers = getattr(config, "decoder_layers", None) or getattr(config, "num_decoder_layers", None) or 1
@@ -221,10 +260,18 @@ def _questions_fitting(
     else:
         length = int(model_kwargs.get("max_length") or generator.generation_config.max_length or 20)
     rows = n_docs * max(num_beams, 1)
-    per_row = layers * 2 * (context_length + length) * hidden * element  # caches
-    per_row += context_length * hidden * element  # encoder states expanded to the beams
-    per_row += 3 * vocab * 4  # float32 logits, their log-softmax and the processed scores of one step
-    return max(1, int(budget_bytes // (rows * per_row)))
+    if not shared_cross_attention:  # Transformers' cache: a copy per row, reordered at each step
+        cross_layers = rows * (layers + 1)
+    elif _compat.shareable_cross_attention_layers(generator) is not None:
+        cross_layers = n_docs * layers
+    else:
+        cross_layers = (n_docs + rows) * layers
+    question = cross_layers * 2 * context_length * hidden * element
+    question += rows * (layers + 1) * 2 * length * hidden * element
+    question += (n_docs + rows) * context_length * hidden * element
+    question += rows * vocab * (element + 4 * 4)
+    question += rows * length * hidden * element
+    return max(1, int(budget_bytes // question))
 
 
 @torch.no_grad()
@@ -305,7 +352,15 @@ def rag_sequence_generate(
         if context_input_ids.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(context_input_ids.device)
             step = _questions_fitting(
-                model.generator, n_docs, num_beams, context_input_ids.shape[1], model_kwargs, free // 2
+                model.generator,
+                n_docs,
+                num_beams,
+                context_input_ids.shape[1],
+                model_kwargs,
+                free // 2,
+                shared_cross_attention=_shared_cross_attention(
+                    model.generator, num_beams, model_kwargs, options
+                ),
             )
             if step < batch_size:
                 logger.info(

@@ -1,0 +1,175 @@
+"""RAG-Sequence generate's questions-per-call estimate against the memory a real generate holds.
+
+On CUDA, without ``questions_per_batch``, generate decodes as many questions per generator call as
+``_questions_fitting`` estimates fit in half the free GPU memory. Here the estimate is checked on CPU
+against the peak bytes of tensors alive at once during a ragkit generate (:class:`LiveTensorBytes`), on
+the shared cross-attention path (BART: each context's keys/values read by all its beams; T5: copies per
+beam next to them) and off it (``DecodingOptions(fast_path=False)``: a copy per beam row), at shapes where
+those keys/values dominate as they do for BART-large at 300-token contexts.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ragkit.generation import DecodingOptions, DecodingTrace, rag_sequence
+from ragkit.testing import tiny_bart_config, tiny_rag_config, tiny_rag_model, tiny_t5_config
+
+N_DOCS, NUM_BEAMS, CONTEXT_LENGTH, QUESTIONS, MAX_LENGTH = 3, 4, 256, 2, 12
+#: The estimate must lie within this factor of the measured peak, either way.
+FACTOR = 4 / 3
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Counts the bytes of tensor storages that operators allocate inside the mode, alive now and at most.
+
+    A storage counts from the operator call that returns it (outputs the schema marks as aliasing an
+    input, such as views and in-place results, allocate nothing) until it is freed (a finalizer on the
+    storage tells). Storages allocated before the mode (weights, inputs) are not counted, so
+    ``peak`` is the peak above that baseline.
+
+    Attributes:
+        live: Bytes of the counted storages alive now.
+        peak: Largest ``live`` so far.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._counted: set[int] = set()  # the storages alive, by their C++ object
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        outputs = out if isinstance(out, (tuple, list)) else (out,)
+        for returned, tensor in zip(func._schema.returns, outputs):
+            if returned.alias_info is None and isinstance(tensor, torch.Tensor):
+                self._count(tensor.untyped_storage())
+        return out
+
+    def _count(self, storage: torch.UntypedStorage) -> None:
+        key = storage._cdata
+        if key in self._counted:
+            return
+        size = storage.nbytes()
+        self._counted.add(key)
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._freed, key, size)
+
+    def _freed(self, key: int, size: int) -> None:
+        self._counted.discard(key)
+        self.live -= size
+
+
+def test_live_tensor_bytes_counts_allocations_until_freed():
+    before = torch.ones(1000)
+    with LiveTensorBytes() as tracker:
+        doubled = before * 2  # 4000 bytes
+        view = doubled[:10]
+        doubled.add_(1)
+        assert tracker.live == tracker.peak == 4000  # neither the view, the in-place result nor `before`
+        del doubled
+        assert tracker.live == 4000  # the view keeps the storage
+        del view
+        assert tracker.live == 0
+        joined = torch.cat([before, before])
+        assert (tracker.live, tracker.peak) == (8000, 8000)
+        del joined
+    assert tracker.live == 0
+
+
+@pytest.fixture(scope="module", params=["bart", "t5"])
+def model(request):
+    """A RAG-Sequence model whose generator has 4 decoder layers of width 128 (fast path on).
+
+    BART's beams read each context's cross-attention keys/values on the shared path; T5's get copies per
+    beam next to them.
+    """
+    config = tiny_rag_config(request.param, n_docs=N_DOCS)
+    if request.param == "bart":
+        config.generator = tiny_bart_config(
+            vocab_size=1000,
+            d_model=128,
+            encoder_layers=1,
+            decoder_layers=4,
+            encoder_ffn_dim=128,
+            decoder_ffn_dim=128,
+        )
+    else:  # as many encoder layers: Transformers sizes T5's generation cache by them
+        config.generator = tiny_t5_config(
+            vocab_size=1000, d_model=128, d_kv=32, num_layers=4, num_decoder_layers=4, d_ff=128
+        )
+    return tiny_rag_model(config).eval()
+
+
+def _generate_kwargs(decoding: str, options: DecodingOptions) -> dict[str, Any]:
+    draw = torch.Generator().manual_seed(0)
+    return dict(
+        context_input_ids=torch.randint(5, 1000, (QUESTIONS * N_DOCS, CONTEXT_LENGTH), generator=draw),
+        doc_scores=torch.randn(QUESTIONS, N_DOCS, generator=draw),
+        num_beams=NUM_BEAMS,
+        max_length=MAX_LENGTH,
+        min_length=MAX_LENGTH,  # every beam runs to max_length, as the estimate assumes
+        decoding=decoding,
+        decoding_options=options,
+    )
+
+
+def _estimated_bytes(generator: Any, shared: bool) -> float:
+    """What ``_questions_fitting`` budgets for QUESTIONS questions."""
+    budget = 2**62
+    fitting = rag_sequence._questions_fitting(
+        generator,
+        N_DOCS,
+        NUM_BEAMS,
+        CONTEXT_LENGTH,
+        {"max_length": MAX_LENGTH},
+        budget,
+        shared_cross_attention=shared,
+    )
+    return QUESTIONS * budget / fitting
+
+
+@pytest.mark.parametrize("decoding", ["fast", "thorough"])
+@pytest.mark.parametrize("fast_path", [True, False], ids=["shared", "per_beam"])
+def test_questions_per_call_estimate_matches_the_measured_peak(model, decoding, fast_path):
+    # Fast decoding has no pass after the search: its peak is the search's. Thorough decoding is measured up
+    # to its scoring pass, which DecodingOptions.scoring_elements_* bounds, not the questions per call.
+    search_peaks = []
+    tracker = LiveTensorBytes()
+    trace = DecodingTrace(before_scoring=lambda: search_peaks.append(tracker.peak))
+    options = DecodingOptions(fast_path=fast_path, trace=trace)
+    kwargs = _generate_kwargs(decoding, options)
+    model.generate(**_generate_kwargs(decoding, DecodingOptions(fast_path=fast_path)))  # probe, warm-up
+    with tracker:
+        model.generate(**kwargs)
+    assert tracker.live < tracker.peak
+    measured = search_peaks[0] if decoding == "thorough" else tracker.peak
+    assert len(search_peaks) == (decoding == "thorough")
+
+    # The search took the path the estimate is told of.
+    shared = rag_sequence._shared_cross_attention(model.generator, NUM_BEAMS, {}, options)
+    assert shared == fast_path == bool(trace.beam_caches)
+    if decoding == "thorough" and fast_path:  # the generation-step hooks' states were kept
+        assert trace.scoring_calls[0][1]["search"] is not None
+
+    estimated = _estimated_bytes(model.generator, shared)
+    assert 1 / FACTOR <= estimated / measured <= FACTOR, (estimated / 2**20, measured / 2**20)
+    if shared and model.config.generator.model_type == "bart":  # copies per beam row: well over twice as much
+        assert _estimated_bytes(model.generator, False) > 2 * measured
+
+
+def test_shared_cross_attention_as_the_search_decides(model):
+    generator, options = model.generator, DecodingOptions()
+    assert rag_sequence._shared_cross_attention(generator, NUM_BEAMS, {}, options)
+    assert not rag_sequence._shared_cross_attention(generator, 1, {}, options)  # greedy search
+    assert not rag_sequence._shared_cross_attention(generator, NUM_BEAMS, {"use_cache": False}, options)
+    assert not rag_sequence._shared_cross_attention(
+        generator, NUM_BEAMS, {}, DecodingOptions(fast_path=False)
+    )
