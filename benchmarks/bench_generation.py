@@ -59,6 +59,7 @@ class Size:
     dtype: str
     repeats: int
     contexts: str = "full"
+    label_smoothing: float = 0.0
 
 
 SIZES = {
@@ -147,8 +148,14 @@ def build(size: Size, seed: int = 0) -> dict[str, Any]:
     dtype = getattr(torch, size.dtype)
     question_encoder.to(size.device, dtype)
     generator.to(size.device, dtype)
+    # Label smoothing goes in the config: both libraries' training losses read it there (the reference only there).
     config = ragkit.RagConfig.from_question_encoder_generator_configs(
-        dpr, bart, n_docs=size.n_docs, max_combined_length=size.context_length, index_name="custom"
+        dpr,
+        bart,
+        n_docs=size.n_docs,
+        max_combined_length=size.context_length,
+        index_name="custom",
+        label_smoothing=size.label_smoothing,
     )
     reference_config = transformers.RagConfig(**config.to_dict())
     models = {
@@ -388,6 +395,7 @@ def peak_memory(
         f"--train-batch-size={size.train_batch_size}",
         f"--dtype={size.dtype}",
         f"--contexts={size.contexts}",
+        f"--label-smoothing={size.label_smoothing}",
     ]
     return memory_table(size_name, names, extra)
 
@@ -523,6 +531,13 @@ def main() -> None:
         default="full",
         help="full: no padding; padded: 50-70%% of max_combined_length=300 filled, right-padded (realistic)",
     )
+    parser.add_argument(
+        "--label-smoothing",
+        type=float,
+        default=0.0,
+        metavar="EPS",
+        help="label smoothing of the training step's loss, in both libraries' configs (default 0)",
+    )
     parser.add_argument("--skip-training", action="store_true")
     parser.add_argument("--skip-decoding", action="store_true", help="time only the training step")
     parser.add_argument(
@@ -558,6 +573,7 @@ def main() -> None:
         SIZES[args.size].dtype = args.dtype
     if args.contexts == "padded":
         use_padded_contexts(SIZES[args.size])
+    SIZES[args.size].label_smoothing = args.label_smoothing
     transformers.logging.set_verbosity_error()
     if args.memory_of:
         print(measure_memory(args.size, args.memory_of))

@@ -376,8 +376,8 @@ MUTANTS: list[Mutant] = [
         "padding positions count in the RAG-Token log-likelihood",
         [
             (
-                "scored = target.ne(pad_token_id).to(token_lp.dtype)",
-                "scored = torch.ones_like(token_lp)",
+                "scored = target.ne(pad_token_id)",
+                "scored = torch.ones_like(target, dtype=torch.bool)",
             )
         ],
         [LOSSES, LOSS_PARITY, PARITY],
@@ -412,11 +412,71 @@ MUTANTS: list[Mutant] = [
         "the smoothing term's gradient never reaches the document prior",
         [
             (
-                "grad_prior += (g_sum * mass).sum(dim=(2, 3))",
-                "grad_prior += 0.0 * (g_sum * mass).sum(dim=(2, 3))",
+                "grad_prior = weight_token.sum(dim=2) + (grad_sum[:, None, :] * mass).sum(dim=2)",
+                "grad_prior = weight_token.sum(dim=2) + 0.0 * (grad_sum[:, None, :] * mass).sum(dim=2)",
             )
         ],
         [LOSSES, LOSS_PARITY],
+    ),
+    _m(
+        "token-grad-responsibility-mass-missing",
+        "losses.py: _MarginalLogProbs.backward",
+        "the smoothing term's gradient of the logits leaves out -p_d(v) sum_v' r_d(v')",
+        [
+            (
+                "probs.mul_(factor.sub_((w_token + g_sum * chunk_mass).unsqueeze(-1)))",
+                "probs.mul_(factor.sub_(w_token.unsqueeze(-1)))",
+            )
+        ],
+        [LOSSES, LOSS_PARITY],
+    ),
+    _m(
+        "token-mixture-prior-unnormalized",
+        "losses.py: _MarginalLogProbs.forward",
+        "the smoothing term mixes the exponentials with weights p(d), not p(d) / S_d (unnormalized p_d)",
+        [
+            (
+                "weight = (prior[row, :, None] - log_norm).exp_()",
+                "weight = prior[row, :, None].exp().expand_as(log_norm)",
+            )
+        ],
+        [LOSSES, LOSS_PARITY],
+    ),
+    _m(
+        "token-fallback-zero-only",
+        "losses.py: _MarginalLogProbs.forward",
+        "the forward pass recomputes only positions whose mixture is 0, not subnormal ones (imprecise logs)",
+        [
+            (
+                "for row, position in (lowest < _FLOAT32_TINY).nonzero().tolist():\n            total[row, position]",
+                "for row, position in (lowest <= 0.0).nonzero().tolist():\n            total[row, position]",
+            )
+        ],
+        [LOSSES],
+    ),
+    _m(
+        "token-fallback-backward-missing",
+        "losses.py: _MarginalLogProbs.backward",
+        "the backward pass never recomputes a position whose mixture underflows (infinite responsibilities)",
+        [
+            (
+                "for row, position in (lowest < _FLOAT32_TINY).nonzero().tolist():\n            grad, mass",
+                "for row, position in (lowest < 0.0).nonzero().tolist():\n            grad, mass",
+            )
+        ],
+        [LOSSES],
+    ),
+    _m(
+        "token-fallback-grad-mass-missing",
+        "losses.py: _exact_mixture_grad",
+        "the log-sum-exp fallback's logits gradient leaves out the smoothing term's -p_d(v) sum_v' r_d(v')",
+        [
+            (
+                "softmax.mul_((weight_token + grad_sum * mass)[:, None])",
+                "softmax.mul_(weight_token[:, None])",
+            )
+        ],
+        [LOSSES],
     ),
     # ------------------------------------------------------------------ retrieval post-processing
     _m(

@@ -2,7 +2,11 @@
 
 Tolerances (float32, CPU): losses 1e-5 absolute (1e-6 relative), gradients 2e-6 absolute. The
 reference runs on the same tensors through its own ``get_nll`` (called on a stand-in holding only the
-config fields it reads), with gradients enabled.
+config fields it reads), with gradients enabled. bf16 logits are compared with the reference on the same
+logits in float32: losses as above, logit gradients also 2**-8 relative (bf16 rounding of the gradient).
+RAG-Token logits hundreds apart (the smoothing term's document mixture underflows in float32) are
+compared with the reference in float32 and in float64: losses as above, gradients 1e-5 absolute and
+relative (the float32 reference is itself up to 6e-6 from float64 there).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ PAD, BOS, EOS, START = 1, 0, 2, 2
 BATCH, N_DOCS, VOCAB = 3, 4, 97
 LOSS_TOL = {"atol": 1e-5, "rtol": 1e-6}
 GRAD_TOL = {"atol": 2e-6, "rtol": 0}
+BF16_GRAD_TOL = {"atol": 2e-6, "rtol": 2**-8}
+EXTREME_GRAD_TOL = {"atol": 1e-5, "rtol": 1e-5}
 
 
 def _reference(head: str):
@@ -74,11 +80,12 @@ def chunking(request, monkeypatch):
     """Run with the default chunk sizes, or with tiny ones so every loop runs many times."""
     if request.param:
         monkeypatch.setattr(losses, "_CHUNK_ELEMENTS", 2 * N_DOCS * VOCAB + 1)
+        # Also 3 positions per RAG-Token chunk (4 cache-sized buffers of 4 documents): partial chunks.
         monkeypatch.setattr(losses, "_CACHE_ELEMENTS", 3 * VOCAB)
     return request.param
 
 
-@pytest.mark.parametrize("epsilon", [0.0, 0.1])
+@pytest.mark.parametrize("epsilon", [0.0, 0.1, 0.5])
 @pytest.mark.parametrize("head", ["sequence", "token"])
 def test_loss_and_gradients_match_reference(head, epsilon, chunking):
     target = _targets()
@@ -146,15 +153,41 @@ def test_row_with_all_labels_ignored_contributes_nothing(head, epsilon, ignored)
     torch.testing.assert_close(reduced, expected[keep].sum(), **LOSS_TOL)
 
 
+@pytest.mark.parametrize("epsilon", [0.1, 0.5])
 @pytest.mark.parametrize("head", ["sequence", "token"])
-def test_half_precision_logits_are_scored_in_float32(head):
+def test_half_precision_logits_are_scored_in_float32(head, epsilon, chunking):
     target = _targets()
     logits, doc_scores, weights = _inputs(3, target.shape[1], dtype=torch.bfloat16)
-    half = _loss_and_grads(_ours(head), logits, doc_scores, weights, target, epsilon=0.1)
-    upcast = _loss_and_grads(_ours(head), logits.float(), doc_scores, weights, target, epsilon=0.1)
+    half = _loss_and_grads(_ours(head), logits, doc_scores, weights, target, epsilon=epsilon)
+    upcast = _loss_and_grads(_ours(head), logits.float(), doc_scores, weights, target, epsilon=epsilon)
     assert half[0].dtype == torch.float32 and half[1].dtype == torch.bfloat16
     torch.testing.assert_close(half[0], upcast[0], atol=0, rtol=0)
     torch.testing.assert_close(half[1], upcast[1].to(torch.bfloat16), atol=0, rtol=0)
+    # The reference would take its log-softmax in bf16: it runs on the same logits in float32.
+    expected = _loss_and_grads(_reference(head), logits.float(), doc_scores, weights, target, epsilon=epsilon)
+    torch.testing.assert_close(half[0], expected[0], **LOSS_TOL)
+    torch.testing.assert_close(half[1].float(), expected[1], **BF16_GRAD_TOL)
+    torch.testing.assert_close(half[2], expected[2], **GRAD_TOL)
+
+
+@pytest.mark.parametrize("epsilon", [0.1, 0.5])
+@pytest.mark.parametrize("drop", [101.0, 150.0], ids=["subnormal-mixture", "zero-mixture"])
+def test_token_smoothing_is_exact_where_the_document_mixture_underflows(drop, epsilon, chunking):
+    """Most of the vocabulary ``drop`` below every document's top logit at one position: the mixture
+    ``sum_d p(d) p_d(v)`` there is subnormal (101) or 0 (150) in float32; the loss stays finite and exact."""
+    target = _targets()
+    logits, doc_scores, weights = _inputs(5, target.shape[1])
+    position = logits.view(BATCH, N_DOCS, -1, VOCAB)[1, :, 1]  # question 1, position 1: scored
+    position[:, 8:] = position.amax(dim=-1, keepdim=True) - drop
+    actual = _loss_and_grads(_ours("token"), logits, doc_scores, weights, target, epsilon=epsilon)
+    assert all(bool(torch.isfinite(tensor).all()) for tensor in actual)
+    reference = _reference("token")
+    expected = _loss_and_grads(reference, logits, doc_scores, weights, target, epsilon=epsilon)
+    exact = _loss_and_grads(reference, logits.double(), doc_scores.double(), weights, target, epsilon=epsilon)
+    for wanted in (expected, exact):
+        torch.testing.assert_close(actual[0].double(), wanted[0].double(), **LOSS_TOL)
+        torch.testing.assert_close(actual[1].double(), wanted[1].double(), **EXTREME_GRAD_TOL)
+        torch.testing.assert_close(actual[2].double(), wanted[2].double(), **EXTREME_GRAD_TOL)
 
 
 def test_logits_are_not_modified():
