@@ -13,6 +13,7 @@ Transformers do); otherwise it reads wiki_dpr's parquet and faiss files itself. 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import shutil
@@ -88,6 +89,23 @@ def _same_file(path: str | None, other: str) -> bool:
     return (
         path is not None and os.path.exists(path) and os.path.exists(other) and os.path.samefile(path, other)
     )
+
+
+def _paths_changed_from_saved(config: RagConfig, directory: str) -> set[str]:
+    """The custom index fields of a caller's ``config`` whose values differ from ``directory``'s config.json.
+
+    A config passed to ``from_pretrained`` with ``index_path``/``passages_path`` set to other files says
+    which files to use, as transformers takes them; unchanged fields may still follow the saved files.
+    Without a readable config.json to compare with, every field counts as chosen by the caller.
+    """
+    try:
+        with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
+            stored = json.load(f)
+    except (OSError, ValueError):
+        return set(_SAVED_NAMES)
+    if not isinstance(stored, dict):
+        return set(_SAVED_NAMES)
+    return {field for field in _SAVED_NAMES if getattr(config, field, None) != stored.get(field)}
 
 
 def _resolve_custom_paths(
@@ -254,7 +272,8 @@ class RagRetriever:
                 index on ``embeddings``; sets ``index_name="custom"``.
             **kwargs: Config overrides (``index_name``, ``passages_path``, ``index_path``,
                 ``use_dummy_dataset``, ``dataset``, ``n_docs``, ``index_nprobe``, ``index_ef_search``, ...),
-                ``config`` (a ready :class:`RagConfig`), ``allow_pickle`` (legacy files),
+                ``config`` (a ready :class:`RagConfig`; its ``passages_path``/``index_path``, when they differ
+                from the directory's config.json, are used as given), ``allow_pickle`` (legacy files),
                 ``embeddings_name`` (``"nq"`` or ``"multiset"`` for wiki_dpr), ``init_retrieval``,
                 ``search_device`` (``"cuda"``: search on the GPU, see :meth:`to_search_device`; not saved
                 with the retriever) and Hub options (``revision``, ``cache_dir``, ``token``, ...).
@@ -268,9 +287,13 @@ class RagRetriever:
         init_retrieval = kwargs.pop("init_retrieval", True)
         hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
         config = kwargs.pop("config", None)
+        # Fields the caller chose: keyword overrides, and paths a given config sets to other files.
+        overridden = set(kwargs)
         if config is None:
             config = RagConfig.from_pretrained(retriever_name_or_path, **kwargs)
             config.validate_rag_fields()  # overrides are set after the constructor's checks
+        else:
+            overridden |= _paths_changed_from_saved(config, os.fspath(retriever_name_or_path))
         # Only meaningful next to the config.json it was saved in: not kept on the loaded config.
         saved_files = getattr(config, SAVED_FILES_KEY, None)
         if hasattr(config, SAVED_FILES_KEY):
@@ -292,7 +315,7 @@ class RagRetriever:
         else:
             if config.index_name == "custom":
                 owned_files = _resolve_custom_paths(
-                    config, os.fspath(retriever_name_or_path), saved_files, overridden=kwargs
+                    config, os.fspath(retriever_name_or_path), saved_files, overridden=overridden
                 )
             index = cls._build_index(
                 config,
@@ -326,7 +349,15 @@ class RagRetriever:
 
         Args:
             save_directory: Directory to write to (created if needed).
+
+        Raises:
+            RagInputError: ``save_directory`` is an existing file (left untouched), as transformers refuses it.
         """
+        if os.path.isfile(save_directory):
+            raise RagInputError(
+                f"`save_directory` {os.fspath(save_directory)!r} is an existing file, not a directory; it is left "
+                "untouched. Give a directory path to save the retriever to."
+            )
         os.makedirs(save_directory, exist_ok=True)
         config = copy.deepcopy(self.config)
         if hasattr(config, SAVED_FILES_KEY):
@@ -515,6 +546,7 @@ class RagRetriever:
             `(batch_size, n_docs)` int64 (-1 where the index had fewer hits) and ``doc_dicts``, one dict per
             question mapping each column of the passages (``title``, ``text``, ``id``, ...) to its ``n_docs``
             values and ``embeddings`` to an `(n_docs, vector_size)` float32 array, as Transformers returns them.
+            With no question (batch_size 0) the arrays are empty, of those shapes, and ``doc_dicts`` is ``[]``.
 
         Raises:
             RagInputError: The vectors are not `(batch_size, vector_size)`, or hold NaN or infinity.
@@ -570,12 +602,18 @@ class RagRetriever:
             :meth:`set_ctx_encoder_tokenizer`.
 
         Raises:
-            RagInputError: ``question_input_ids`` and ``question_hidden_states`` have different numbers of rows,
-                or the vectors are malformed or not finite.
+            RagInputError: ``question_input_ids`` is empty, or it and ``question_hidden_states`` have different
+                numbers of rows, or the vectors are malformed or not finite.
         """
         n_docs = n_docs if n_docs is not None else self.n_docs
         prefix = prefix if prefix is not None else getattr(self.config.generator, "prefix", None)
         id_lists = _as_id_lists(question_input_ids)
+        if not id_lists:
+            # The generator's tokenizer cannot encode an empty batch; the models refuse one as well.
+            raise RagInputError(
+                "`question_input_ids` holds no question (batch size 0): pass at least one question, or skip the "
+                "call for an empty batch (`retrieve` accepts one and returns empty arrays)."
+            )
         _check_same_rows(len(id_lists), question_hidden_states)
         retrieved_doc_embeds, doc_ids, docs = self.retrieve(question_hidden_states, n_docs)
         input_strings = self.question_encoder_tokenizer.decode(id_lists, skip_special_tokens=True)

@@ -10,6 +10,7 @@ from retrieval_helpers import DIM, make_indexed_dataset
 
 from ragkit import RagRetriever
 from ragkit.retrieval import CustomHFIndex
+from ragkit.retrieval.building import passages_dataset
 
 
 def _from_custom_files(retriever_dir, passages_path, index_path):
@@ -119,3 +120,29 @@ def test_search_before_init(fresh_config, saved_custom_index):
         retriever.retrieve(np.zeros((1, DIM), dtype="float32"), 2)
     retriever.init_retrieval()
     assert retriever.retrieve(np.zeros((1, DIM), dtype="float32"), 2)[1].shape == (1, 2)
+
+
+def test_numpy_integer_n_docs_is_searched_like_an_int(retriever):
+    queries = np.random.RandomState(2).randn(3, DIM).astype("float32")
+    expected = retriever.retrieve(queries, 2)[1]
+    np.testing.assert_array_equal(retriever.retrieve(queries, np.int64(2))[1], expected)
+
+
+def test_an_empty_batch_of_questions(retriever, question_ids):
+    embeds, doc_ids, doc_dicts = retriever.retrieve(np.zeros((0, DIM), dtype="float32"), 2)
+    assert embeds.shape == (0, 2, DIM) and embeds.dtype == np.float32
+    assert doc_ids.shape == (0, 2) and doc_dicts == []
+    assert retriever.retrieve(torch.zeros(0, DIM), 2)[1].shape == (0, 2)
+    with pytest.raises(ValueError, match=r"`question_input_ids` holds no question \(batch size 0\)"):
+        retriever(question_ids[:0], np.zeros((0, DIM), dtype="float32"), return_tensors="pt")
+
+
+def test_passages_without_any_row_are_refused(passage_embeddings):
+    written = passages_dataset([], [], np.zeros((0, DIM), dtype="float32"))
+    selected = make_indexed_dataset(passage_embeddings)
+    selected.drop_index("embeddings")
+    selected = selected.select([])  # filtered down to nothing
+    for empty in (written, selected):
+        empty.add_faiss_index("embeddings", custom_index=faiss.IndexFlatIP(DIM))
+        with pytest.raises(ValueError, match="holds no passages"):
+            CustomHFIndex(DIM, empty)

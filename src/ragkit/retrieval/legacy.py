@@ -284,7 +284,7 @@ class LegacyIndex(Index):
         # DPR's phi trick: passage vectors carry an extra component, queries a 0 there.
         padded = np.zeros((queries.shape[0], self.vector_size + 1), dtype=np.float32)
         padded[:, :-1] = queries
-        _, positions = self.index.search(padded, n_docs)
+        _, positions = self.index.search(padded, int(n_docs))  # faiss takes a Python int, not np.int64
         flat = positions.reshape(-1)
         valid = flat >= 0
         vectors = np.zeros((flat.size, self.vector_size), dtype=np.float32)
