@@ -136,3 +136,15 @@ def test_atomic_directory_refuses_to_replace_a_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
     with pytest.raises(ValueError, match="is a directory"), atomic_file(tmp_path) as tmp:
         tmp.write_text("x")
+
+
+def test_check_replaceable_refuses_a_file_and_a_path_under_a_file(tmp_path):
+    # Checked before a command's long work: atomic_directory would refuse them only at the end.
+    target = tmp_path / "notes.txt"
+    target.write_text("mine")
+    with pytest.raises(ValueError, match="existing file, not a directory"):
+        check_replaceable(target, ("index.faiss",), "`output_dir`")
+    for under in (target / "index", target / "a" / "b"):
+        with pytest.raises(ValueError, match=r"cannot be created: '.*notes\.txt' is a file"):
+            check_replaceable(under, ("index.faiss",), "`output_dir`")
+    assert target.read_text() == "mine"

@@ -145,12 +145,27 @@ def check_not_inside(output_dir: str | os.PathLike, source: str | os.PathLike, w
 
 
 def check_replaceable(output_dir: str | os.PathLike, owned: Iterable[str], what: str) -> None:
-    """Raise :class:`~ragkit.errors.RagInputError` when ``output_dir`` exists and holds entries other than ``owned``.
+    """Raise :class:`~ragkit.errors.RagInputError` when ``output_dir`` cannot be written as a directory of its own.
 
     :func:`atomic_directory` replaces the directory whole; an output directory that already holds
-    the user's own files (a project folder given by mistake) must not be wiped.
+    the user's own files (a project folder given by mistake) must not be wiped. An output that is an
+    existing file, or lies under one, is refused too: commands call this before their long work, so
+    such a path fails at once rather than when the result is written.
     """
     output = Path(output_dir)
+    if output.exists() and not output.is_dir():
+        raise RagInputError(
+            f"{what} {os.fspath(output_dir)!r} is an existing file, not a directory; it is not replaced. Give a "
+            "new or empty directory path."
+        )
+    for parent in output.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise RagInputError(
+                    f"{what} {os.fspath(output_dir)!r} cannot be created: {os.fspath(parent)!r} is a file, not a "
+                    "directory. Give a directory path."
+                )
+            break
     if not output.is_dir():
         return
     foreign = sorted(entry.name for entry in output.iterdir() if entry.name not in set(owned))

@@ -248,6 +248,37 @@ def _split_documents(
     return titles, texts
 
 
+def _new_faiss_index(dim: int, index_factory: str, metric: str) -> Any:
+    """An empty faiss index of width ``dim`` from a factory string, with errors naming the argument."""
+    from ._devices import import_faiss
+
+    faiss = import_faiss()
+    if metric not in _METRICS:
+        raise RagInputError(f"`metric` must be one of {_METRICS}, got {metric!r}.")
+    if index_factory == "Flat":
+        return faiss.IndexFlatIP(dim) if metric == "ip" else faiss.IndexFlatL2(dim)
+    faiss_metric = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
+    try:
+        return faiss.index_factory(dim, index_factory, faiss_metric)
+    except RuntimeError as err:
+        raise RagInputError(
+            f"faiss cannot build `index_factory`={index_factory!r} for dimension {dim}: "
+            f"{str(err).strip().splitlines()[-1]}. Try 'Flat', 'HNSW64' or 'IVF1024,PQ64'."
+        ) from err
+
+
+def _check_trainable(index: Any, index_factory: str, num_rows: int) -> None:
+    """Refuse an IVF index with more lists than there are vectors to train it on."""
+    from ._devices import import_faiss
+
+    ivf = None if index.is_trained else import_faiss().try_extract_index_ivf(index)
+    if ivf is not None and num_rows < ivf.nlist:
+        raise RagInputError(
+            f"`index_factory`={index_factory!r} has {ivf.nlist} IVF lists but only {num_rows} passages "
+            "to train on; use fewer lists (about sqrt(n_passages)) or 'HNSW64'/'Flat'."
+        )
+
+
 def build_faiss_index(
     embeddings: Any,
     index_factory: str = "Flat",
@@ -272,30 +303,10 @@ def build_faiss_index(
     Returns:
         faiss.Index: holding every row, in order (faiss id ``i`` is row ``i``), or empty without ``fill``.
     """
-    from ._devices import import_faiss
-
-    faiss = import_faiss()
-    if metric not in _METRICS:
-        raise RagInputError(f"`metric` must be one of {_METRICS}, got {metric!r}.")
-    faiss_metric = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
     num_rows, dim = int(embeddings.shape[0]), int(embeddings.shape[1])
-    if index_factory == "Flat":
-        index = faiss.IndexFlatIP(dim) if metric == "ip" else faiss.IndexFlatL2(dim)
-    else:
-        try:
-            index = faiss.index_factory(dim, index_factory, faiss_metric)
-        except RuntimeError as err:
-            raise RagInputError(
-                f"faiss cannot build `index_factory`={index_factory!r} for dimension {dim}: "
-                f"{str(err).strip().splitlines()[-1]}. Try 'Flat', 'HNSW64' or 'IVF1024,PQ64'."
-            ) from err
+    index = _new_faiss_index(dim, index_factory, metric)
     if not index.is_trained:
-        ivf = faiss.try_extract_index_ivf(index)
-        if ivf is not None and num_rows < ivf.nlist:
-            raise RagInputError(
-                f"`index_factory`={index_factory!r} has {ivf.nlist} IVF lists but only {num_rows} passages "
-                "to train on; use fewer lists (about sqrt(n_passages)) or 'HNSW64'/'Flat'."
-            )
+        _check_trainable(index, index_factory, num_rows)
         size = min(num_rows, train_size or _DEFAULT_TRAIN_SIZE)
         rows = np.arange(num_rows)
         if size < num_rows:
@@ -304,6 +315,10 @@ def build_faiss_index(
         index.train(np.ascontiguousarray(embeddings[rows], dtype=np.float32))
     for start in range(0, num_rows if fill else 0, _ADD_CHUNK_ROWS):
         index.add(np.ascontiguousarray(embeddings[start : start + _ADD_CHUNK_ROWS], dtype=np.float32))
+        if num_rows > _ADD_CHUNK_ROWS:  # adding millions of vectors to a graph index takes a while
+            logger.info(
+                "Added %d of %d vectors to the index", min(start + _ADD_CHUNK_ROWS, num_rows), num_rows
+            )
     return index
 
 
@@ -455,6 +470,8 @@ def build_index(
         )
     else:
         encoder_name = getattr(encoder.model, "name_or_path", type(encoder.model).__name__)
+    # A mistyped factory or metric, or too few passages for its IVF lists, fails now, not after the embedding.
+    _check_trainable(_new_faiss_index(encoder.dim, index_factory, metric), index_factory, len(texts))
     logger.info("Embedding %d passages with %s", len(texts), encoder_name)
     embeddings = encoder.encode(titles, batch_size=batch_size, show_progress=show_progress, text_pairs=texts)
     manifest = {
