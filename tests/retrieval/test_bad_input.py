@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import faiss
 import numpy as np
 import pytest
@@ -95,6 +97,17 @@ def test_missing_and_corrupt_files(retriever_dir, saved_custom_index, tmp_path):
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(FileNotFoundError, match="save_to_disk"):
         _from_custom_files(retriever_dir, tmp_path / "empty_dir", index_path)
+
+
+def test_the_index_directory_given_for_a_path_names_the_file_in_it(retriever_dir, saved_custom_index):
+    # `ragkit build-index out` writes out/passages and out/index.faiss; passing `out` is a common slip.
+    passages_path, index_path = saved_custom_index
+    with pytest.raises(
+        FileNotFoundError, match=rf"is a directory.*give index_path='{re.escape(str(index_path))}'"
+    ):
+        _from_custom_files(retriever_dir, passages_path, index_path.parent)
+    with pytest.raises(FileNotFoundError, match=rf"give passages_path='{re.escape(str(passages_path))}'"):
+        _from_custom_files(retriever_dir, passages_path.parent, index_path)
 
 
 def test_index_of_other_passages(retriever_dir, saved_custom_index, tmp_path, passage_embeddings):
