@@ -168,6 +168,25 @@ def test_converter_refuses_pickles_with_code(legacy_dir, tmp_path):
     assert (tmp_path / "out" / CONVERTED_MANIFEST).is_file()
 
 
+def test_converter_refuses_passages_missing_ids_of_the_index(legacy_dir, tmp_path):
+    # Converted anyway, the index would return a passage id whose text is not there: a KeyError at search time.
+    source = tmp_path / "src"
+    source.mkdir()
+    for path in legacy_dir.iterdir():
+        (source / path.name).write_bytes(path.read_bytes())
+    with open(source / PASSAGE_FILENAME, "rb") as f:
+        passages = pickle.load(f)
+    dropped = sorted(passages, key=int)[3]
+    del passages[dropped]
+    with open(source / PASSAGE_FILENAME, "wb") as f:
+        pickle.dump(passages, f)
+    with pytest.raises(
+        ValueError, match=rf"names 1 passage id\(s\) .* \(for example {dropped}\); .* do not belong"
+    ):
+        convert_legacy_index(source, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_interrupted_conversion_leaves_nothing(legacy_dir, tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise KeyboardInterrupt
