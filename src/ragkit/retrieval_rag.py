@@ -28,7 +28,7 @@ from transformers import BatchEncoding, PreTrainedTokenizerBase
 from ._io import atomic_directory, atomic_file
 from .configuration_rag import RagConfig
 from .errors import RagInputError
-from .retrieval.base import Index, as_query_matrix
+from .retrieval.base import Index, as_query_matrix, check_query_shape
 from .retrieval.canonical import CanonicalHFIndex
 from .retrieval.custom import CustomHFIndex
 from .retrieval.legacy import LEGACY_INDEX_PATH, LegacyIndex
@@ -156,6 +156,9 @@ def _as_id_lists(question_input_ids: Any) -> list[list[int]]:
 def _check_same_rows(n_questions: int, question_hidden_states: Any) -> None:
     """Raise ``RagInputError`` unless there is one question vector per row of question token ids."""
     shape = getattr(question_hidden_states, "shape", None)
+    if shape is not None:
+        # A single vector or a 3-D array: its first axis is not the batch, so name the shape, not the rows.
+        check_query_shape(tuple(shape))
     n_vectors = shape[0] if shape is not None and len(shape) else None
     if n_vectors is None and isinstance(question_hidden_states, (list, tuple)):
         n_vectors = len(question_hidden_states)

@@ -71,6 +71,10 @@ def test_question_vectors_of_the_wrong_shape(retriever, question_ids):
         retriever.retrieve(np.zeros(DIM, dtype="float32"), 3)
     with pytest.raises(ValueError, match="retrieval_vector_size"):
         retriever(question_ids[:1], torch.zeros(1, 64), return_tensors="pt")
+    # One vector without its batch axis, or an extra axis: the shape is named, not a row-count mismatch.
+    for vectors in (torch.zeros(DIM), torch.zeros(1, len(question_ids), DIM)):
+        with pytest.raises(ValueError, match=r"must have shape \(batch_size, vector_size\), got"):
+            retriever(question_ids, vectors)
 
 
 def test_n_docs_larger_than_the_index(retriever):
