@@ -347,9 +347,30 @@ def passages_dataset(titles: list[str], texts: list[str], embeddings: np.ndarray
         pa.array(embeddings.reshape(-1), pa.float32()), embeddings.shape[1]
     )
     table = pa.table(
-        {"title": pa.array(titles, pa.string()), "text": pa.array(texts, pa.string()), "embeddings": vectors}
+        {
+            "title": _string_column(titles, "titles"),
+            "text": _string_column(texts, "texts"),
+            "embeddings": vectors,
+        }
     )
     return Dataset(InMemoryTable(table))
+
+
+def _string_column(values: Any, name: str) -> Any:
+    """``values`` as an Arrow string array; None or a non-string is refused (the retriever could not load it)."""
+    import pyarrow as pa
+
+    try:
+        array = pa.array(values, pa.string())
+    except (pa.ArrowTypeError, pa.ArrowInvalid) as err:
+        raise RagInputError(f"`{name}` must all be strings: {err}. Convert them with str() first.") from err
+    if array.null_count:
+        first = int(np.flatnonzero(array.is_null().to_numpy(zero_copy_only=False))[0])
+        raise RagInputError(
+            f"`{name}` holds {array.null_count} None value(s) (the first at position {first}); every passage "
+            "needs one, use '' for none."
+        )
+    return array
 
 
 def build_passages_index(
@@ -386,6 +407,10 @@ def build_passages_index(
     from ._devices import import_faiss
 
     check_replaceable(output_dir, (PASSAGES_DIRNAME, INDEX_FILENAME, MANIFEST_FILENAME), "`output_dir`")
+    if not len(texts):
+        raise RagInputError(
+            "No passages to index (`texts` is empty): a retriever cannot load an empty index."
+        )
     dataset = passages_dataset(titles, texts, embeddings)
     embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
     index = build_faiss_index(embeddings, index_factory, metric, train_size)
