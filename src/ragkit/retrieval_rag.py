@@ -12,6 +12,7 @@ Transformers do); otherwise it reads wiki_dpr's parquet and faiss files itself. 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -367,12 +368,15 @@ class RagRetriever:
             delattr(config, SAVED_FILES_KEY)
         if isinstance(self.index, CustomHFIndex):
             written = {}
-            if self._owns_file("index_path"):
-                config.index_path = self._write_faiss_index(save_directory)
-                written["index_path"] = SAVED_INDEX_NAME
-            if self._owns_file("passages_path"):
-                config.passages_path = self._write_passages(save_directory)
-                written["passages_path"] = SAVED_PASSAGES_NAME
+            # Both are complete before either replaces its previous version: an interrupted save leaves the
+            # previous pair, not a new index beside old passages of the same size (silently mismatched).
+            with contextlib.ExitStack() as commit:
+                if self._owns_file("index_path"):
+                    config.index_path = self._write_faiss_index(save_directory, commit)
+                    written["index_path"] = SAVED_INDEX_NAME
+                if self._owns_file("passages_path"):
+                    config.passages_path = self._write_passages(save_directory, commit)
+                    written["passages_path"] = SAVED_PASSAGES_NAME
             if written:
                 setattr(config, SAVED_FILES_KEY, written)
         config.save_pretrained(save_directory)
@@ -385,8 +389,11 @@ class RagRetriever:
         path = getattr(self.config, field)
         return path is None or path == self._owned_files.get(field)
 
-    def _write_faiss_index(self, save_directory: str | os.PathLike) -> str:
-        """Write the faiss index to ``save_directory`` (unless it is that file already); its absolute path."""
+    def _write_faiss_index(self, save_directory: str | os.PathLike, commit: contextlib.ExitStack) -> str:
+        """Write the faiss index to ``save_directory`` (unless it is that file already); its absolute path.
+
+        The file is written under a temporary name, renamed into place when ``commit`` closes.
+        """
         target = os.path.abspath(os.path.join(save_directory, SAVED_INDEX_NAME))
         source = self.index.index_path
         if _same_file(source, target):
@@ -394,17 +401,20 @@ class RagRetriever:
         copy_source = not self.index.is_initialized() and source is not None and os.path.isfile(source)
         if not copy_source:
             self.index.init_index()  # no-op when loaded; else raises, naming the missing file
-        with atomic_file(target) as tmp:
-            if copy_source:
-                shutil.copyfile(source, tmp)  # not loaded yet: copy the file it would load
-            else:
-                import faiss
+        tmp = commit.enter_context(atomic_file(target))
+        if copy_source:
+            shutil.copyfile(source, tmp)  # not loaded yet: copy the file it would load
+        else:
+            import faiss
 
-                faiss.write_index(self.index.faiss_index, os.fspath(tmp))
+            faiss.write_index(self.index.faiss_index, os.fspath(tmp))
         return target
 
-    def _write_passages(self, save_directory: str | os.PathLike) -> str:
-        """Write the passages to ``save_directory`` (unless they were loaded from there); their absolute path."""
+    def _write_passages(self, save_directory: str | os.PathLike, commit: contextlib.ExitStack) -> str:
+        """Write the passages to ``save_directory`` (unless they were loaded from there); their absolute path.
+
+        The directory is written under a temporary name, renamed into place when ``commit`` closes.
+        """
         target = os.path.abspath(os.path.join(save_directory, SAVED_PASSAGES_NAME))
         source = self.config.passages_path
         if _same_file(source, target):
@@ -414,8 +424,8 @@ class RagRetriever:
         attached = dict(dataset._indexes)
         dataset._indexes.clear()
         try:
-            with atomic_directory(target) as tmp:
-                dataset.save_to_disk(os.fspath(tmp))
+            tmp = commit.enter_context(atomic_directory(target))
+            dataset.save_to_disk(os.fspath(tmp))
         finally:
             dataset._indexes.update(attached)
         return target

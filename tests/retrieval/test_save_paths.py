@@ -11,6 +11,7 @@ import json
 import logging
 import shutil
 
+import datasets
 import numpy as np
 import pytest
 import transformers
@@ -242,3 +243,30 @@ def test_saving_onto_an_existing_file_is_refused(make_retriever, tmp_path):
         make_retriever().save_pretrained(target)
     assert target.read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_an_interrupted_save_keeps_the_previous_index_and_passages_together(
+    make_retriever, tmp_path, queries, monkeypatch
+):
+    first, second = make_retriever(), make_retriever(seed=1)  # same size: a mix would load silently
+    first.save_pretrained(tmp_path / "saved")
+    save_to_disk = datasets.Dataset.save_to_disk
+
+    def killed_after_writing(self, path, *args, **kwargs):
+        save_to_disk(self, path, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", killed_after_writing)
+    with pytest.raises(KeyboardInterrupt):
+        second.save_pretrained(tmp_path / "saved")
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == [
+        "config.json", "generator_tokenizer", PASSAGES_DIR, INDEX_FILE, "question_encoder_tokenizer"
+    ]  # fmt: skip
+    loaded = RagRetriever.from_pretrained(tmp_path / "saved")
+    np.testing.assert_array_equal(_doc_ids(loaded, queries), _doc_ids(first, queries))
+    doc_ids = _doc_ids(loaded, queries)
+    np.testing.assert_array_equal(
+        loaded.retrieve(queries, 4)[0],
+        first.index.passages.embeddings(doc_ids.reshape(-1)).reshape(-1, 4, DIM),
+    )
