@@ -126,6 +126,18 @@ def test_a_truncated_model_safetensors_is_named_on_load(tmp_path, parts):
         load_rag_for_training(dest, init_retrieval=False)
 
 
+def test_a_truncated_config_json_is_named_as_damaged(tmp_path):
+    # Not "a config.json whose model_type is not 'rag'": the file is there but cut off.
+    checkpoint = tmp_path / "rag"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text('{"model_type": "rag", "n_do')
+    with pytest.raises(CorruptFileError, match=r"config\.json cannot be read .*truncated or damaged"):
+        load_rag_for_training(checkpoint, init_retrieval=False)
+    (checkpoint / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(ValueError, match="model_type is not 'rag'"):
+        load_rag_for_training(checkpoint, init_retrieval=False)
+
+
 def test_finetune_is_loading_free_of_evaluation():
     """ragkit.loading imports neither evaluation nor finetuning (the cycle between them is gone)."""
     import subprocess
