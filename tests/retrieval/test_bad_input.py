@@ -121,6 +121,19 @@ def test_index_of_other_passages(retriever_dir, saved_custom_index, tmp_path, pa
         _from_custom_files(retriever_dir, passages_path, tmp_path / "other.faiss")
 
 
+def test_index_numbering_its_vectors_with_other_ids(
+    retriever_dir, saved_custom_index, tmp_path, passage_embeddings
+):
+    # Same size as the passages, so it loads; its ids (1000...) are not row numbers: named at the search.
+    passages_path, _ = saved_custom_index
+    index = faiss.IndexIDMap(faiss.IndexFlatIP(DIM))
+    index.add_with_ids(passage_embeddings, np.arange(len(passage_embeddings)) + 1000)
+    faiss.write_index(index, str(tmp_path / "idmap.faiss"))
+    retriever = _from_custom_files(retriever_dir, passages_path, tmp_path / "idmap.faiss")
+    with pytest.raises(ValueError, match=r"returned doc id 10\d\d but the dataset has 16 passages"):
+        retriever.retrieve(passage_embeddings[:2], 2)
+
+
 def test_unknown_index_name(retriever_dir, fresh_config):
     with pytest.raises(ValueError, match="index_name"):
         RagRetriever.from_pretrained(retriever_dir, index_name="bogus")

@@ -576,6 +576,12 @@ class HFIndexBase(Index):
         """`(batch_size, n_docs, dim)` float32 embeddings of `(batch_size, n_docs)` ids (zeros for -1)."""
         batch_size, n_docs = ids.shape
         flat = ids.reshape(-1)
+        if flat.size and flat.max() >= self.passages.num_rows:
+            raise RagInputError(
+                f"The faiss index returned doc id {int(flat.max())} but the dataset has {self.passages.num_rows} "
+                "passages: its ids must be the row numbers of the passages (faiss id i is passage i), not other "
+                "ids (an IndexIDMap with add_with_ids). Rebuild the index from these passages in their order."
+            )
         valid = flat >= 0
         if valid.all():
             # The width is explicit: with no question (batch_size 0) there is nothing to infer it from.
