@@ -267,16 +267,27 @@ def _new_faiss_index(dim: int, index_factory: str, metric: str) -> Any:
         ) from err
 
 
-def _check_trainable(index: Any, index_factory: str, num_rows: int) -> None:
-    """Refuse an IVF index with more lists than there are vectors to train it on."""
+def _check_trainable(index: Any, index_factory: str, num_train: int) -> None:
+    """Refuse an index that needs more training vectors than ``num_train`` (IVF lists, PQ centroids)."""
     from ._devices import import_faiss
 
-    ivf = None if index.is_trained else import_faiss().try_extract_index_ivf(index)
-    if ivf is not None and num_rows < ivf.nlist:
+    if index.is_trained:
+        return
+    faiss = import_faiss()
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None and num_train < ivf.nlist:
         raise RagInputError(
-            f"`index_factory`={index_factory!r} has {ivf.nlist} IVF lists but only {num_rows} passages "
-            "to train on; use fewer lists (about sqrt(n_passages)) or 'HNSW64'/'Flat'."
+            f"`index_factory`={index_factory!r} has {ivf.nlist} IVF lists but only {num_train} passages "
+            "to train on (at most `train_size`); use fewer lists (about sqrt(n_passages)) or 'HNSW64'/'Flat'."
         )
+    for part in (index, ivf):
+        pq = None if part is None else getattr(faiss.downcast_index(part), "pq", None)
+        if pq is not None and num_train < pq.ksub:
+            raise RagInputError(
+                f"`index_factory`={index_factory!r} trains {pq.ksub} centroids per product-quantizer code but has "
+                f"only {num_train} passages to train on (at most `train_size`); use 'HNSW64' or 'Flat' for a "
+                "corpus this small (or fewer bits per code, e.g. 'PQ8x4')."
+            )
 
 
 def build_faiss_index(
@@ -306,13 +317,19 @@ def build_faiss_index(
     num_rows, dim = int(embeddings.shape[0]), int(embeddings.shape[1])
     index = _new_faiss_index(dim, index_factory, metric)
     if not index.is_trained:
-        _check_trainable(index, index_factory, num_rows)
         size = min(num_rows, train_size or _DEFAULT_TRAIN_SIZE)
+        _check_trainable(index, index_factory, size)
         rows = np.arange(num_rows)
         if size < num_rows:
             rows = np.sort(np.random.default_rng(seed).choice(num_rows, size, replace=False))
         logger.info("Training the %s index on %d vectors", index_factory, len(rows))
-        index.train(np.ascontiguousarray(embeddings[rows], dtype=np.float32))
+        try:
+            index.train(np.ascontiguousarray(embeddings[rows], dtype=np.float32))
+        except RuntimeError as err:  # faiss's own checks of the training set
+            raise RagInputError(
+                f"faiss cannot train `index_factory`={index_factory!r} on {len(rows)} vectors: "
+                f"{str(err).strip().splitlines()[-1]}. Use 'HNSW64' or 'Flat', or index more passages."
+            ) from err
     for start in range(0, num_rows if fill else 0, _ADD_CHUNK_ROWS):
         index.add(np.ascontiguousarray(embeddings[start : start + _ADD_CHUNK_ROWS], dtype=np.float32))
         if num_rows > _ADD_CHUNK_ROWS:  # adding millions of vectors to a graph index takes a while
@@ -496,7 +513,8 @@ def build_index(
     else:
         encoder_name = getattr(encoder.model, "name_or_path", type(encoder.model).__name__)
     # A mistyped factory or metric, or too few passages for its IVF lists, fails now, not after the embedding.
-    _check_trainable(_new_faiss_index(encoder.dim, index_factory, metric), index_factory, len(texts))
+    num_train = min(len(texts), train_size or _DEFAULT_TRAIN_SIZE)
+    _check_trainable(_new_faiss_index(encoder.dim, index_factory, metric), index_factory, num_train)
     logger.info("Embedding %d passages with %s", len(texts), encoder_name)
     embeddings = encoder.encode(titles, batch_size=batch_size, show_progress=show_progress, text_pairs=texts)
     manifest = {
