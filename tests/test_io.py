@@ -136,3 +136,40 @@ def test_atomic_directory_refuses_to_replace_a_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
     with pytest.raises(ValueError, match="is a directory"), atomic_file(tmp_path) as tmp:
         tmp.write_text("x")
+
+
+def test_check_replaceable_refuses_a_file_and_a_path_under_a_file(tmp_path):
+    # Checked before a command's long work: atomic_directory would refuse them only at the end.
+    target = tmp_path / "notes.txt"
+    target.write_text("mine")
+    with pytest.raises(ValueError, match="existing file, not a directory"):
+        check_replaceable(target, ("index.faiss",), "`output_dir`")
+    for under in (target / "index", target / "a" / "b"):
+        with pytest.raises(ValueError, match=r"cannot be created: '.*notes\.txt' is a file"):
+            check_replaceable(under, ("index.faiss",), "`output_dir`")
+    assert target.read_text() == "mine"
+
+
+@pytest.mark.parametrize("kind", ["file", "directory"])
+def test_a_symlinked_output_is_written_where_it_points(tmp_path, kind):
+    # An index kept on another disk through a link: written there, the link kept (not replaced by a copy).
+    (tmp_path / "big").mkdir()
+    (tmp_path / "small").mkdir()
+    target, link = tmp_path / "big" / "index", tmp_path / "small" / "index"
+    if kind == "file":
+        target.write_text("old")
+    else:
+        target.mkdir()
+        (target / "v").write_text("old")
+    link.symlink_to(target)
+    if kind == "file":
+        with atomic_file(link) as tmp:
+            tmp.write_text("new")
+        assert target.read_text() == "new"
+    else:
+        with atomic_directory(link) as tmp:
+            (tmp / "v").write_text("new")
+        assert (target / "v").read_text() == "new"
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    assert [p.name for p in (tmp_path / "small").iterdir()] == ["index"]
+    assert [p.name for p in (tmp_path / "big").iterdir()] == ["index"]

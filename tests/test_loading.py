@@ -126,6 +126,18 @@ def test_a_truncated_model_safetensors_is_named_on_load(tmp_path, parts):
         load_rag_for_training(dest, init_retrieval=False)
 
 
+def test_a_truncated_config_json_is_named_as_damaged(tmp_path):
+    # Not "a config.json whose model_type is not 'rag'": the file is there but cut off.
+    checkpoint = tmp_path / "rag"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text('{"model_type": "rag", "n_do')
+    with pytest.raises(CorruptFileError, match=r"config\.json cannot be read .*truncated or damaged"):
+        load_rag_for_training(checkpoint, init_retrieval=False)
+    (checkpoint / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(ValueError, match="model_type is not 'rag'"):
+        load_rag_for_training(checkpoint, init_retrieval=False)
+
+
 def test_finetune_is_loading_free_of_evaluation():
     """ragkit.loading imports neither evaluation nor finetuning (the cycle between them is gone)."""
     import subprocess
@@ -137,3 +149,27 @@ def test_finetune_is_loading_free_of_evaluation():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_index_paths_given_to_load_rag_for_training_win_over_a_retriever_saved_in_the_checkpoint(tmp_path):
+    # `ragkit eval --index_path/--passages_path` on a checkpoint that also holds a saved retriever.
+    from ragkit import RagRetriever
+    from ragkit.testing import (
+        tiny_indexed_dataset,
+        tiny_passage_embeddings,
+        write_tiny_custom_index,
+        write_tiny_rag_checkpoint,
+    )
+
+    checkpoint = write_tiny_rag_checkpoint(tmp_path / "checkpoint")
+    RagRetriever.from_pretrained(checkpoint, indexed_dataset=tiny_indexed_dataset()).save_pretrained(
+        checkpoint
+    )
+    passages_path, index_path = write_tiny_custom_index(tmp_path / "other", tiny_passage_embeddings(seed=5))
+    model, _ = load_rag_for_training(
+        checkpoint, passages_path=str(passages_path), index_path=str(index_path), device="cpu"
+    )
+    assert model.retriever.index.index_path == str(index_path)
+    assert model.retriever.config.passages_path == str(passages_path)
+    model, _ = load_rag_for_training(checkpoint, device="cpu")  # no override: the checkpoint's own files
+    assert model.retriever.index.index_path == str(checkpoint / "hf_dataset_index.faiss")

@@ -104,10 +104,19 @@ def _umask() -> int:
     return mask
 
 
+def _followed(path: str | os.PathLike) -> Path:
+    """``path``, or where it points when it is a symbolic link: the temporaries go beside the real target."""
+    path = Path(path)
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it is renamed over ``path``, on error removed."""
-    path = Path(path)
+    """Yield a temporary path beside ``path``; on success it is renamed over ``path``, on error removed.
+
+    A symbolic link at ``path`` is followed: the file it points to is replaced and the link is kept.
+    """
+    path = _followed(path)
     if path.is_dir():
         raise RagInputError(f"{os.fspath(path)!r} is a directory; give a file path to write.")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -145,12 +154,27 @@ def check_not_inside(output_dir: str | os.PathLike, source: str | os.PathLike, w
 
 
 def check_replaceable(output_dir: str | os.PathLike, owned: Iterable[str], what: str) -> None:
-    """Raise :class:`~ragkit.errors.RagInputError` when ``output_dir`` exists and holds entries other than ``owned``.
+    """Raise :class:`~ragkit.errors.RagInputError` when ``output_dir`` cannot be written as a directory of its own.
 
     :func:`atomic_directory` replaces the directory whole; an output directory that already holds
-    the user's own files (a project folder given by mistake) must not be wiped.
+    the user's own files (a project folder given by mistake) must not be wiped. An output that is an
+    existing file, or lies under one, is refused too: commands call this before their long work, so
+    such a path fails at once rather than when the result is written.
     """
     output = Path(output_dir)
+    if output.exists() and not output.is_dir():
+        raise RagInputError(
+            f"{what} {os.fspath(output_dir)!r} is an existing file, not a directory; it is not replaced. Give a "
+            "new or empty directory path."
+        )
+    for parent in output.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise RagInputError(
+                    f"{what} {os.fspath(output_dir)!r} cannot be created: {os.fspath(parent)!r} is a file, not a "
+                    "directory. Give a directory path."
+                )
+            break
     if not output.is_dir():
         return
     foreign = sorted(entry.name for entry in output.iterdir() if entry.name not in set(owned))
@@ -167,9 +191,10 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory beside ``path``; on success it replaces ``path`` whole, on error it is removed.
 
     An existing ``path`` is moved aside first and deleted only once the new one is in place, so an
-    interruption at any point leaves either the old directory or the new one under ``path``.
+    interruption at any point leaves either the old directory or the new one under ``path``. A symbolic
+    link at ``path`` is followed (an index kept on another disk stays there, and so does the link).
     """
-    path = Path(path)
+    path = _followed(path)
     if path.exists() and not path.is_dir():
         # Replacing it would move the user's file aside to a hidden name and put a directory in its place.
         raise RagInputError(

@@ -138,10 +138,18 @@ def _check_rag_checkpoint(path: str | os.PathLike) -> None:
             )
         return  # a Hub id: from_pretrained downloads it (or finds it in the cache)
     if not is_rag_checkpoint(path):
+        config_file = path / "config.json"
+        if config_file.is_file():
+            try:
+                with open(config_file, encoding="utf-8") as f:
+                    json.load(f)
+            except (OSError, ValueError) as err:  # ValueError: bad JSON or not UTF-8
+                raise CorruptFileError(
+                    f"{config_file} cannot be read ({type(err).__name__}: {err}): the file is truncated or damaged. "
+                    "Copy or write the checkpoint again (rerun the command that wrote it)."
+                ) from err
         found = (
-            "no config.json"
-            if not (path / "config.json").is_file()
-            else "a config.json whose model_type is not 'rag'"
+            "no config.json" if not config_file.is_file() else "a config.json whose model_type is not 'rag'"
         )
         raise RagInputError(
             f"{path} is not a RAG checkpoint ({found}). Build one from a question encoder and a generator with "

@@ -12,7 +12,9 @@ Transformers do); otherwise it reads wiki_dpr's parquet and faiss files itself. 
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import json
 import logging
 import os
 import shutil
@@ -27,7 +29,7 @@ from transformers import BatchEncoding, PreTrainedTokenizerBase
 from ._io import atomic_directory, atomic_file
 from .configuration_rag import RagConfig
 from .errors import RagInputError
-from .retrieval.base import Index, as_query_matrix
+from .retrieval.base import Index, as_query_matrix, check_query_shape
 from .retrieval.canonical import CanonicalHFIndex
 from .retrieval.custom import CustomHFIndex
 from .retrieval.legacy import LEGACY_INDEX_PATH, LegacyIndex
@@ -90,6 +92,23 @@ def _same_file(path: str | None, other: str) -> bool:
     )
 
 
+def _paths_changed_from_saved(config: RagConfig, directory: str) -> set[str]:
+    """The custom index fields of a caller's ``config`` whose values differ from ``directory``'s config.json.
+
+    A config passed to ``from_pretrained`` with ``index_path``/``passages_path`` set to other files says
+    which files to use, as transformers takes them; unchanged fields may still follow the saved files.
+    Without a readable config.json to compare with, every field counts as chosen by the caller.
+    """
+    try:
+        with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
+            stored = json.load(f)
+    except (OSError, ValueError):
+        return set(_SAVED_NAMES)
+    if not isinstance(stored, dict):
+        return set(_SAVED_NAMES)
+    return {field for field in _SAVED_NAMES if getattr(config, field, None) != stored.get(field)}
+
+
 def _resolve_custom_paths(
     config: RagConfig, directory: str, saved_files: Any, overridden: Iterable[str]
 ) -> dict[str, str]:
@@ -138,6 +157,9 @@ def _as_id_lists(question_input_ids: Any) -> list[list[int]]:
 def _check_same_rows(n_questions: int, question_hidden_states: Any) -> None:
     """Raise ``RagInputError`` unless there is one question vector per row of question token ids."""
     shape = getattr(question_hidden_states, "shape", None)
+    if shape is not None:
+        # A single vector or a 3-D array: its first axis is not the batch, so name the shape, not the rows.
+        check_query_shape(tuple(shape))
     n_vectors = shape[0] if shape is not None and len(shape) else None
     if n_vectors is None and isinstance(question_hidden_states, (list, tuple)):
         n_vectors = len(question_hidden_states)
@@ -254,7 +276,8 @@ class RagRetriever:
                 index on ``embeddings``; sets ``index_name="custom"``.
             **kwargs: Config overrides (``index_name``, ``passages_path``, ``index_path``,
                 ``use_dummy_dataset``, ``dataset``, ``n_docs``, ``index_nprobe``, ``index_ef_search``, ...),
-                ``config`` (a ready :class:`RagConfig`), ``allow_pickle`` (legacy files),
+                ``config`` (a ready :class:`RagConfig`; its ``passages_path``/``index_path``, when they differ
+                from the directory's config.json, are used as given), ``allow_pickle`` (legacy files),
                 ``embeddings_name`` (``"nq"`` or ``"multiset"`` for wiki_dpr), ``init_retrieval``,
                 ``search_device`` (``"cuda"``: search on the GPU, see :meth:`to_search_device`; not saved
                 with the retriever) and Hub options (``revision``, ``cache_dir``, ``token``, ...).
@@ -268,9 +291,13 @@ class RagRetriever:
         init_retrieval = kwargs.pop("init_retrieval", True)
         hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
         config = kwargs.pop("config", None)
+        # Fields the caller chose: keyword overrides, and paths a given config sets to other files.
+        overridden = set(kwargs)
         if config is None:
             config = RagConfig.from_pretrained(retriever_name_or_path, **kwargs)
             config.validate_rag_fields()  # overrides are set after the constructor's checks
+        else:
+            overridden |= _paths_changed_from_saved(config, os.fspath(retriever_name_or_path))
         # Only meaningful next to the config.json it was saved in: not kept on the loaded config.
         saved_files = getattr(config, SAVED_FILES_KEY, None)
         if hasattr(config, SAVED_FILES_KEY):
@@ -292,7 +319,7 @@ class RagRetriever:
         else:
             if config.index_name == "custom":
                 owned_files = _resolve_custom_paths(
-                    config, os.fspath(retriever_name_or_path), saved_files, overridden=kwargs
+                    config, os.fspath(retriever_name_or_path), saved_files, overridden=overridden
                 )
             index = cls._build_index(
                 config,
@@ -326,19 +353,30 @@ class RagRetriever:
 
         Args:
             save_directory: Directory to write to (created if needed).
+
+        Raises:
+            RagInputError: ``save_directory`` is an existing file (left untouched), as transformers refuses it.
         """
+        if os.path.isfile(save_directory):
+            raise RagInputError(
+                f"`save_directory` {os.fspath(save_directory)!r} is an existing file, not a directory; it is left "
+                "untouched. Give a directory path to save the retriever to."
+            )
         os.makedirs(save_directory, exist_ok=True)
         config = copy.deepcopy(self.config)
         if hasattr(config, SAVED_FILES_KEY):
             delattr(config, SAVED_FILES_KEY)
         if isinstance(self.index, CustomHFIndex):
             written = {}
-            if self._owns_file("index_path"):
-                config.index_path = self._write_faiss_index(save_directory)
-                written["index_path"] = SAVED_INDEX_NAME
-            if self._owns_file("passages_path"):
-                config.passages_path = self._write_passages(save_directory)
-                written["passages_path"] = SAVED_PASSAGES_NAME
+            # Both are complete before either replaces its previous version: an interrupted save leaves the
+            # previous pair, not a new index beside old passages of the same size (silently mismatched).
+            with contextlib.ExitStack() as commit:
+                if self._owns_file("index_path"):
+                    config.index_path = self._write_faiss_index(save_directory, commit)
+                    written["index_path"] = SAVED_INDEX_NAME
+                if self._owns_file("passages_path"):
+                    config.passages_path = self._write_passages(save_directory, commit)
+                    written["passages_path"] = SAVED_PASSAGES_NAME
             if written:
                 setattr(config, SAVED_FILES_KEY, written)
         config.save_pretrained(save_directory)
@@ -351,8 +389,11 @@ class RagRetriever:
         path = getattr(self.config, field)
         return path is None or path == self._owned_files.get(field)
 
-    def _write_faiss_index(self, save_directory: str | os.PathLike) -> str:
-        """Write the faiss index to ``save_directory`` (unless it is that file already); its absolute path."""
+    def _write_faiss_index(self, save_directory: str | os.PathLike, commit: contextlib.ExitStack) -> str:
+        """Write the faiss index to ``save_directory`` (unless it is that file already); its absolute path.
+
+        The file is written under a temporary name, renamed into place when ``commit`` closes.
+        """
         target = os.path.abspath(os.path.join(save_directory, SAVED_INDEX_NAME))
         source = self.index.index_path
         if _same_file(source, target):
@@ -360,17 +401,20 @@ class RagRetriever:
         copy_source = not self.index.is_initialized() and source is not None and os.path.isfile(source)
         if not copy_source:
             self.index.init_index()  # no-op when loaded; else raises, naming the missing file
-        with atomic_file(target) as tmp:
-            if copy_source:
-                shutil.copyfile(source, tmp)  # not loaded yet: copy the file it would load
-            else:
-                import faiss
+        tmp = commit.enter_context(atomic_file(target))
+        if copy_source:
+            shutil.copyfile(source, tmp)  # not loaded yet: copy the file it would load
+        else:
+            import faiss
 
-                faiss.write_index(self.index.faiss_index, os.fspath(tmp))
+            faiss.write_index(self.index.faiss_index, os.fspath(tmp))
         return target
 
-    def _write_passages(self, save_directory: str | os.PathLike) -> str:
-        """Write the passages to ``save_directory`` (unless they were loaded from there); their absolute path."""
+    def _write_passages(self, save_directory: str | os.PathLike, commit: contextlib.ExitStack) -> str:
+        """Write the passages to ``save_directory`` (unless they were loaded from there); their absolute path.
+
+        The directory is written under a temporary name, renamed into place when ``commit`` closes.
+        """
         target = os.path.abspath(os.path.join(save_directory, SAVED_PASSAGES_NAME))
         source = self.config.passages_path
         if _same_file(source, target):
@@ -380,8 +424,8 @@ class RagRetriever:
         attached = dict(dataset._indexes)
         dataset._indexes.clear()
         try:
-            with atomic_directory(target) as tmp:
-                dataset.save_to_disk(os.fspath(tmp))
+            tmp = commit.enter_context(atomic_directory(target))
+            dataset.save_to_disk(os.fspath(tmp))
         finally:
             dataset._indexes.update(attached)
         return target
@@ -515,6 +559,7 @@ class RagRetriever:
             `(batch_size, n_docs)` int64 (-1 where the index had fewer hits) and ``doc_dicts``, one dict per
             question mapping each column of the passages (``title``, ``text``, ``id``, ...) to its ``n_docs``
             values and ``embeddings`` to an `(n_docs, vector_size)` float32 array, as Transformers returns them.
+            With no question (batch_size 0) the arrays are empty, of those shapes, and ``doc_dicts`` is ``[]``.
 
         Raises:
             RagInputError: The vectors are not `(batch_size, vector_size)`, or hold NaN or infinity.
@@ -570,12 +615,18 @@ class RagRetriever:
             :meth:`set_ctx_encoder_tokenizer`.
 
         Raises:
-            RagInputError: ``question_input_ids`` and ``question_hidden_states`` have different numbers of rows,
-                or the vectors are malformed or not finite.
+            RagInputError: ``question_input_ids`` is empty, or it and ``question_hidden_states`` have different
+                numbers of rows, or the vectors are malformed or not finite.
         """
         n_docs = n_docs if n_docs is not None else self.n_docs
         prefix = prefix if prefix is not None else getattr(self.config.generator, "prefix", None)
         id_lists = _as_id_lists(question_input_ids)
+        if not id_lists:
+            # The generator's tokenizer cannot encode an empty batch; the models refuse one as well.
+            raise RagInputError(
+                "`question_input_ids` holds no question (batch size 0): pass at least one question, or skip the "
+                "call for an empty batch (`retrieve` accepts one and returns empty arrays)."
+            )
         _check_same_rows(len(id_lists), question_hidden_states)
         retrieved_doc_embeds, doc_ids, docs = self.retrieve(question_hidden_states, n_docs)
         input_strings = self.question_encoder_tokenizer.decode(id_lists, skip_special_tokens=True)

@@ -225,6 +225,17 @@ def test_device_checks():
         commands.check_device("gpu0")
 
 
+def test_an_output_file_under_a_file_is_refused_before_the_work(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    for output in (tmp_path / "notes.txt" / "predictions.txt", tmp_path / "notes.txt" / "a" / "b.txt"):
+        with pytest.raises(
+            ValueError, match=r"--predictions_path .* cannot be written: '.*notes\.txt' is a file"
+        ):
+            commands.check_outputs({"--predictions_path": str(output)}, {})
+    commands.check_outputs({"--predictions_path": str(tmp_path / "new" / "predictions.txt")}, {})
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def test_hub_names_offline_fail_fast_in_eval_and_demo(tmp_path, capsys):
     questions = tmp_path / "q.txt"
     questions.write_text("who wrote hamlet?\n")

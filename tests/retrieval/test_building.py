@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 
 import faiss
 import numpy as np
@@ -155,6 +156,73 @@ def test_ivf_factory_and_bad_factories(encoder, tmp_path):
     with pytest.raises(ValueError, match="metric"):
         build_index(DOCUMENTS, tmp_path / "x", encoder=encoder, metric="cosine", show_progress=False)
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    "kwargs, pattern",
+    [
+        (dict(index_factory="NoSuchIndex"), "index_factory"),
+        (dict(index_factory="IVF64,Flat"), "IVF lists"),
+        (dict(index_factory="IVF2,PQ8"), "trains 256 centroids per product-quantizer code"),
+        (dict(index_factory="IVF2,Flat", train_size=1), "2 IVF lists but only 1 passages"),
+        (dict(metric="cosine"), "metric"),
+        (dict(output_dir="notes.txt/index"), "'.*notes.txt' is a file"),
+        (dict(output_dir="notes.txt"), "existing file"),
+    ],
+    ids=[
+        "factory",
+        "too-many-lists",
+        "pq-centroids",
+        "train-size",
+        "metric",
+        "output-under-a-file",
+        "output-is-a-file",
+    ],
+)
+def test_bad_settings_fail_before_the_embedding(encoder, tmp_path, monkeypatch, kwargs, pattern):
+    # Embedding a large corpus takes hours: a mistyped setting must not wait for it to be reported.
+    def embedding_started(*args, **kw):
+        raise AssertionError("the passages were embedded before the settings were checked")
+
+    monkeypatch.setattr(encoder, "encode", embedding_started)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    output_dir = kwargs.pop("output_dir", "out")
+    with pytest.raises(ValueError, match=pattern):
+        build_index(DOCUMENTS, output_dir, encoder=encoder, show_progress=False, **kwargs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_adding_many_vectors_logs_progress(monkeypatch, caplog):
+    from ragkit.retrieval import building
+
+    monkeypatch.setattr(building, "_ADD_CHUNK_ROWS", 16)
+    vectors = np.random.default_rng(0).standard_normal((40, 8)).astype("float32")
+    with caplog.at_level(logging.INFO, logger="ragkit.retrieval.building"):
+        assert building.build_faiss_index(vectors, "Flat").ntotal == 40
+    added = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Added")]
+    assert added == ["Added 16 of 40 vectors to the index", "Added 32 of 40 vectors to the index",
+                     "Added 40 of 40 vectors to the index"]  # fmt: skip
+
+
+def test_a_faiss_training_failure_is_an_input_error(monkeypatch):
+    # faiss's RuntimeError would be a traceback in `ragkit build-index`; it is the user's settings.
+    from ragkit.retrieval import building
+
+    class Untrainable:
+        is_trained = False
+
+        def train(self, vectors):
+            raise RuntimeError("Error in faiss::Clustering::train\nnot enough training points")
+
+    monkeypatch.setattr(building, "_new_faiss_index", lambda *args: Untrainable())
+    monkeypatch.setattr(building, "_check_trainable", lambda *args: None)  # a case it does not foresee
+    vectors = np.zeros((40, 8), dtype="float32")
+    with pytest.raises(
+        ValueError, match="cannot train `index_factory`='X' on 40 vectors: not enough training"
+    ):
+        building.build_faiss_index(vectors, "X")
 
 
 def test_bad_sources(encoder, tmp_path):

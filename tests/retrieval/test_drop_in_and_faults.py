@@ -378,6 +378,23 @@ def test_build_passages_index_writes_a_loadable_index_atomically(tmp_path, passa
         build_passages_index(titles[:-1], texts, passage_embeddings, tmp_path / "bad", index_factory="Flat")
 
 
+@pytest.mark.parametrize(
+    "titles, texts, pattern",
+    [
+        (["a", None], ["x", "y"], r"`titles` holds 1 None value\(s\) \(the first at position 1\)"),
+        (["a", "b"], ["x", 7], "`texts` must all be strings"),
+        ([], [], "No passages to index"),
+    ],
+    ids=["none-title", "int-text", "empty"],
+)
+def test_build_passages_index_refuses_what_the_retriever_could_not_load(tmp_path, titles, texts, pattern):
+    # Written anyway, the index would fail only when loaded (a null title, no passage) or in pyarrow.
+    embeddings = np.zeros((len(texts), DIM), dtype="float32")
+    with pytest.raises(RagInputError, match=pattern):
+        build_passages_index(titles, texts, embeddings, tmp_path / "index", index_factory="Flat")
+    assert list(tmp_path.iterdir()) == []
+
+
 # -- unreachable services and quiet imports ------------------------------------------------------------
 
 

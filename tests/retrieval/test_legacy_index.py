@@ -15,6 +15,7 @@ from transformers.models.rag.retrieval_rag import LegacyIndex as RefLegacyIndex
 
 from ragkit import RagRetriever
 from ragkit.cli import main as cli_main
+from ragkit.errors import MissingFileError
 from ragkit.retrieval import LegacyIndex, convert_legacy_index
 from ragkit.retrieval.legacy import CONVERTED_MANIFEST, INDEX_FILENAME, PASSAGE_FILENAME
 from ragkit.testing import TINY_PASSAGES, assert_doc_dicts_equal, tiny_rag_config
@@ -116,6 +117,14 @@ def test_converted_index_loads_without_opt_in_and_matches(legacy_dir, converted_
     assert_doc_dicts_equal(converted.get_doc_dicts(ids), pickled.get_doc_dicts(ref_ids))
 
 
+def test_numpy_integer_n_docs(converted_dir, queries):
+    index = LegacyIndex(DIM, converted_dir)
+    index.init_index()
+    np.testing.assert_array_equal(
+        index.get_top_docs(queries, np.int64(3))[0], index.get_top_docs(queries, 3)[0]
+    )
+
+
 def test_retriever_on_converted_dir_needs_no_opt_in(
     legacy_dir, converted_dir, retriever_dir, queries, question_ids
 ):
@@ -159,6 +168,25 @@ def test_converter_refuses_pickles_with_code(legacy_dir, tmp_path):
     assert (tmp_path / "out" / CONVERTED_MANIFEST).is_file()
 
 
+def test_converter_refuses_passages_missing_ids_of_the_index(legacy_dir, tmp_path):
+    # Converted anyway, the index would return a passage id whose text is not there: a KeyError at search time.
+    source = tmp_path / "src"
+    source.mkdir()
+    for path in legacy_dir.iterdir():
+        (source / path.name).write_bytes(path.read_bytes())
+    with open(source / PASSAGE_FILENAME, "rb") as f:
+        passages = pickle.load(f)
+    dropped = sorted(passages, key=int)[3]
+    del passages[dropped]
+    with open(source / PASSAGE_FILENAME, "wb") as f:
+        pickle.dump(passages, f)
+    with pytest.raises(
+        ValueError, match=rf"names 1 passage id\(s\) .* \(for example {dropped}\); .* do not belong"
+    ):
+        convert_legacy_index(source, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_interrupted_conversion_leaves_nothing(legacy_dir, tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise KeyboardInterrupt
@@ -179,7 +207,7 @@ def test_legacy_bad_files(legacy_dir, tmp_path, queries):
     with pytest.raises(ValueError, match="corrupt"):
         LegacyIndex(DIM, broken, allow_pickle=True).init_index()
     index_file.unlink()
-    with pytest.raises(FileNotFoundError, match=r"index\.dpr"):
+    with pytest.raises(MissingFileError, match=r"index\.dpr"):
         LegacyIndex(DIM, broken, allow_pickle=True).init_index()
     with pytest.raises(ValueError, match="retrieval_vector_size"):
         LegacyIndex(DIM + 1, legacy_dir, allow_pickle=True).init_index()

@@ -11,13 +11,14 @@ import json
 import logging
 import shutil
 
+import datasets
 import numpy as np
 import pytest
 import transformers
 from retrieval_helpers import DIM, make_indexed_dataset
 from transformers.models.rag.retrieval_rag import CustomHFIndex as RefCustomHFIndex
 
-from ragkit import RagRetriever
+from ragkit import RagConfig, RagRetriever
 from ragkit.retrieval import CustomHFIndex
 
 INDEX_FILE, PASSAGES_DIR = "hf_dataset_index.faiss", "hf_dataset"
@@ -207,3 +208,65 @@ def test_indexed_dataset_replaces_the_saved_files(make_retriever, tmp_path, quer
     shutil.rmtree(tmp_path / "old")
     _assert_self_contained(tmp_path / "new")
     np.testing.assert_array_equal(_doc_ids(RagRetriever.from_pretrained(tmp_path / "new"), queries), expected)
+
+
+def test_paths_of_a_given_config_override_the_saved_files(
+    make_retriever, saved_custom_index, tmp_path, queries
+):
+    # As in transformers (and load_rag_for_training / `ragkit eval --index_path`): a config passed with
+    # other index files retrieves from those, not from the files saved next to the directory's config.
+    make_retriever(seed=1).save_pretrained(tmp_path / "saved")
+    passages_path, index_path = saved_custom_index
+
+    def config_with_other_files(config_class):
+        config = config_class.from_pretrained(tmp_path / "saved")
+        config.passages_path, config.index_path = str(passages_path), str(index_path)
+        return config
+
+    loaded = RagRetriever.from_pretrained(tmp_path / "saved", config=config_with_other_files(RagConfig))
+    assert loaded.index.index_path == str(index_path)
+    reference = transformers.RagRetriever.from_pretrained(
+        str(tmp_path / "saved"), config=config_with_other_files(transformers.RagConfig)
+    )
+    np.testing.assert_array_equal(_doc_ids(loaded, queries), _doc_ids(reference, queries))
+    # An unchanged config still reads the directory's own files.
+    unchanged = RagRetriever.from_pretrained(
+        tmp_path / "saved", config=RagConfig.from_pretrained(tmp_path / "saved")
+    )
+    assert unchanged.index.index_path == str((tmp_path / "saved" / INDEX_FILE).resolve())
+
+
+def test_saving_onto_an_existing_file_is_refused(make_retriever, tmp_path):
+    target = tmp_path / "notes.txt"
+    target.write_text("mine")
+    with pytest.raises(AssertionError, match="existing file"):  # transformers raises AssertionError too
+        make_retriever().save_pretrained(target)
+    assert target.read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_an_interrupted_save_keeps_the_previous_index_and_passages_together(
+    make_retriever, tmp_path, queries, monkeypatch
+):
+    first, second = make_retriever(), make_retriever(seed=1)  # same size: a mix would load silently
+    first.save_pretrained(tmp_path / "saved")
+    save_to_disk = datasets.Dataset.save_to_disk
+
+    def killed_after_writing(self, path, *args, **kwargs):
+        save_to_disk(self, path, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", killed_after_writing)
+    with pytest.raises(KeyboardInterrupt):
+        second.save_pretrained(tmp_path / "saved")
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == [
+        "config.json", "generator_tokenizer", PASSAGES_DIR, INDEX_FILE, "question_encoder_tokenizer"
+    ]  # fmt: skip
+    loaded = RagRetriever.from_pretrained(tmp_path / "saved")
+    np.testing.assert_array_equal(_doc_ids(loaded, queries), _doc_ids(first, queries))
+    doc_ids = _doc_ids(loaded, queries)
+    np.testing.assert_array_equal(
+        loaded.retrieve(queries, 4)[0],
+        first.index.passages.embeddings(doc_ids.reshape(-1)).reshape(-1, 4, DIM),
+    )

@@ -132,6 +132,12 @@ def check_outputs(
         path = Path(output).expanduser().resolve()
         if path.is_dir():
             raise RagInputError(f"{flag} {os.fspath(output)!r} is a directory; give a file name.")
+        # Written once the work is done: a path under a file must fail now, not after it.
+        parent = next((p for p in path.parents if p.exists()), None)
+        if parent is not None and not parent.is_dir():
+            raise RagInputError(
+                f"{flag} {os.fspath(output)!r} cannot be written: {os.fspath(parent)!r} is a file, not a directory."
+            )
         if path in seen:
             raise RagInputError(
                 f"{flag} and {seen[path]} are the same file {os.fspath(output)!r}; give two files."

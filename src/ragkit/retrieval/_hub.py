@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..errors import HubUnreachableError, LocationNotFoundError, OfflineFileError
+from ..errors import HubUnreachableError, LocationNotFoundError, MissingFileError, OfflineFileError
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def resolve_file(
     if is_local(location):
         path = Path(location) / filename
         if not path.is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"Missing file {filename!r} in {os.fspath(location)!r} (`{what}`). Check the directory holds the "
                 "expected layout (see docs/retrieval.md) or point the argument at the right directory."
             )
@@ -171,7 +171,7 @@ def resolve_file(
     except LocalEntryNotFoundError as err:  # before EntryNotFoundError: a subclass of it
         raise _unavailable(repo_id, f"File {filename!r}") from err
     except EntryNotFoundError as err:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"The Hub dataset repo {repo_id!r} has no file {filename!r} (`{what}`). Check the name and revision."
         ) from err
     except (RepositoryNotFoundError, HFValidationError) as err:

@@ -151,6 +151,16 @@ class PassageTable:
         self.table = table
         self.row_map = None if row_map is None else np.asarray(row_map, dtype=np.int64)
         self.num_rows = len(self.row_map) if self.row_map is not None else table.num_rows
+        if self.num_rows == 0:
+            raise RagInputError(
+                f"{source} holds no passages: there is nothing to retrieve. Index at least one passage "
+                "(`ragkit build-index`), or check that the dataset was not filtered down to nothing."
+            )
+        if self.num_rows == 0:
+            raise RagInputError(
+                f"{source} holds no passages: there is nothing to retrieve. Index at least one passage "
+                "(`ragkit build-index`), or check that the dataset was not filtered down to nothing."
+            )
         if extra_columns is None:
             extra_columns = [c for c in table.column_names if c not in ("title", "text", "embeddings")]
         self.extra_columns = tuple(c for c in extra_columns if c in table.column_names)
@@ -334,7 +344,7 @@ class PassageTable:
             embeddings = np.zeros((flat.size, self.dim or 0), dtype=np.float32)
             if valid.any():
                 embeddings[valid] = self.embeddings(flat[valid])
-            embeddings = embeddings.reshape(batch_size, n_docs, -1)
+            embeddings = embeddings.reshape(batch_size, n_docs, self.dim or 0)
         docs = []
         for i in range(batch_size):
             doc = {column: values[column][i * n_docs : (i + 1) * n_docs] for column in self.text_columns}
@@ -559,18 +569,25 @@ class HFIndexBase(Index):
         else:
             queries = as_query_matrix(question_hidden_states, self.vector_size)
             check_n_docs(n_docs, self.faiss_index.ntotal)
-            _, ids = self.faiss_index.search(queries, n_docs)
+            _, ids = self.faiss_index.search(queries, int(n_docs))  # faiss takes a Python int, not np.int64
         return ids, self.embeddings_of(ids)
 
     def embeddings_of(self, ids: np.ndarray) -> np.ndarray:
         """`(batch_size, n_docs, dim)` float32 embeddings of `(batch_size, n_docs)` ids (zeros for -1)."""
         batch_size, n_docs = ids.shape
         flat = ids.reshape(-1)
+        if flat.size and flat.max() >= self.passages.num_rows:
+            raise RagInputError(
+                f"The faiss index returned doc id {int(flat.max())} but the dataset has {self.passages.num_rows} "
+                "passages: its ids must be the row numbers of the passages (faiss id i is passage i), not other "
+                "ids (an IndexIDMap with add_with_ids). Rebuild the index from these passages in their order."
+            )
         valid = flat >= 0
         if valid.all():
-            return self.passages.embeddings(flat).reshape(batch_size, n_docs, -1)
+            # The width is explicit: with no question (batch_size 0) there is nothing to infer it from.
+            return self.passages.embeddings(flat).reshape(batch_size, n_docs, self.vector_size)
         _warn_missing(int((~valid).sum()), flat.size)
         out = np.zeros((flat.size, self.vector_size), dtype=np.float32)
         if valid.any():
             out[valid] = self.passages.embeddings(flat[valid])
-        return out.reshape(batch_size, n_docs, -1)
+        return out.reshape(batch_size, n_docs, self.vector_size)

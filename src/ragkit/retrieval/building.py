@@ -248,6 +248,48 @@ def _split_documents(
     return titles, texts
 
 
+def _new_faiss_index(dim: int, index_factory: str, metric: str) -> Any:
+    """An empty faiss index of width ``dim`` from a factory string, with errors naming the argument."""
+    from ._devices import import_faiss
+
+    faiss = import_faiss()
+    if metric not in _METRICS:
+        raise RagInputError(f"`metric` must be one of {_METRICS}, got {metric!r}.")
+    if index_factory == "Flat":
+        return faiss.IndexFlatIP(dim) if metric == "ip" else faiss.IndexFlatL2(dim)
+    faiss_metric = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
+    try:
+        return faiss.index_factory(dim, index_factory, faiss_metric)
+    except RuntimeError as err:
+        raise RagInputError(
+            f"faiss cannot build `index_factory`={index_factory!r} for dimension {dim}: "
+            f"{str(err).strip().splitlines()[-1]}. Try 'Flat', 'HNSW64' or 'IVF1024,PQ64'."
+        ) from err
+
+
+def _check_trainable(index: Any, index_factory: str, num_train: int) -> None:
+    """Refuse an index that needs more training vectors than ``num_train`` (IVF lists, PQ centroids)."""
+    from ._devices import import_faiss
+
+    if index.is_trained:
+        return
+    faiss = import_faiss()
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None and num_train < ivf.nlist:
+        raise RagInputError(
+            f"`index_factory`={index_factory!r} has {ivf.nlist} IVF lists but only {num_train} passages "
+            "to train on (at most `train_size`); use fewer lists (about sqrt(n_passages)) or 'HNSW64'/'Flat'."
+        )
+    for part in (index, ivf):
+        pq = None if part is None else getattr(faiss.downcast_index(part), "pq", None)
+        if pq is not None and num_train < pq.ksub:
+            raise RagInputError(
+                f"`index_factory`={index_factory!r} trains {pq.ksub} centroids per product-quantizer code but has "
+                f"only {num_train} passages to train on (at most `train_size`); use 'HNSW64' or 'Flat' for a "
+                "corpus this small (or fewer bits per code, e.g. 'PQ8x4')."
+            )
+
+
 def build_faiss_index(
     embeddings: Any,
     index_factory: str = "Flat",
@@ -272,38 +314,28 @@ def build_faiss_index(
     Returns:
         faiss.Index: holding every row, in order (faiss id ``i`` is row ``i``), or empty without ``fill``.
     """
-    from ._devices import import_faiss
-
-    faiss = import_faiss()
-    if metric not in _METRICS:
-        raise RagInputError(f"`metric` must be one of {_METRICS}, got {metric!r}.")
-    faiss_metric = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
     num_rows, dim = int(embeddings.shape[0]), int(embeddings.shape[1])
-    if index_factory == "Flat":
-        index = faiss.IndexFlatIP(dim) if metric == "ip" else faiss.IndexFlatL2(dim)
-    else:
-        try:
-            index = faiss.index_factory(dim, index_factory, faiss_metric)
-        except RuntimeError as err:
-            raise RagInputError(
-                f"faiss cannot build `index_factory`={index_factory!r} for dimension {dim}: "
-                f"{str(err).strip().splitlines()[-1]}. Try 'Flat', 'HNSW64' or 'IVF1024,PQ64'."
-            ) from err
+    index = _new_faiss_index(dim, index_factory, metric)
     if not index.is_trained:
-        ivf = faiss.try_extract_index_ivf(index)
-        if ivf is not None and num_rows < ivf.nlist:
-            raise RagInputError(
-                f"`index_factory`={index_factory!r} has {ivf.nlist} IVF lists but only {num_rows} passages "
-                "to train on; use fewer lists (about sqrt(n_passages)) or 'HNSW64'/'Flat'."
-            )
         size = min(num_rows, train_size or _DEFAULT_TRAIN_SIZE)
+        _check_trainable(index, index_factory, size)
         rows = np.arange(num_rows)
         if size < num_rows:
             rows = np.sort(np.random.default_rng(seed).choice(num_rows, size, replace=False))
         logger.info("Training the %s index on %d vectors", index_factory, len(rows))
-        index.train(np.ascontiguousarray(embeddings[rows], dtype=np.float32))
+        try:
+            index.train(np.ascontiguousarray(embeddings[rows], dtype=np.float32))
+        except RuntimeError as err:  # faiss's own checks of the training set
+            raise RagInputError(
+                f"faiss cannot train `index_factory`={index_factory!r} on {len(rows)} vectors: "
+                f"{str(err).strip().splitlines()[-1]}. Use 'HNSW64' or 'Flat', or index more passages."
+            ) from err
     for start in range(0, num_rows if fill else 0, _ADD_CHUNK_ROWS):
         index.add(np.ascontiguousarray(embeddings[start : start + _ADD_CHUNK_ROWS], dtype=np.float32))
+        if num_rows > _ADD_CHUNK_ROWS:  # adding millions of vectors to a graph index takes a while
+            logger.info(
+                "Added %d of %d vectors to the index", min(start + _ADD_CHUNK_ROWS, num_rows), num_rows
+            )
     return index
 
 
@@ -332,9 +364,30 @@ def passages_dataset(titles: list[str], texts: list[str], embeddings: np.ndarray
         pa.array(embeddings.reshape(-1), pa.float32()), embeddings.shape[1]
     )
     table = pa.table(
-        {"title": pa.array(titles, pa.string()), "text": pa.array(texts, pa.string()), "embeddings": vectors}
+        {
+            "title": _string_column(titles, "titles"),
+            "text": _string_column(texts, "texts"),
+            "embeddings": vectors,
+        }
     )
     return Dataset(InMemoryTable(table))
+
+
+def _string_column(values: Any, name: str) -> Any:
+    """``values`` as an Arrow string array; None or a non-string is refused (the retriever could not load it)."""
+    import pyarrow as pa
+
+    try:
+        array = pa.array(values, pa.string())
+    except (pa.ArrowTypeError, pa.ArrowInvalid) as err:
+        raise RagInputError(f"`{name}` must all be strings: {err}. Convert them with str() first.") from err
+    if array.null_count:
+        first = int(np.flatnonzero(array.is_null().to_numpy(zero_copy_only=False))[0])
+        raise RagInputError(
+            f"`{name}` holds {array.null_count} None value(s) (the first at position {first}); every passage "
+            "needs one, use '' for none."
+        )
+    return array
 
 
 def build_passages_index(
@@ -371,6 +424,10 @@ def build_passages_index(
     from ._devices import import_faiss
 
     check_replaceable(output_dir, (PASSAGES_DIRNAME, INDEX_FILENAME, MANIFEST_FILENAME), "`output_dir`")
+    if not len(texts):
+        raise RagInputError(
+            "No passages to index (`texts` is empty): a retriever cannot load an empty index."
+        )
     dataset = passages_dataset(titles, texts, embeddings)
     embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
     index = build_faiss_index(embeddings, index_factory, metric, train_size)
@@ -455,6 +512,9 @@ def build_index(
         )
     else:
         encoder_name = getattr(encoder.model, "name_or_path", type(encoder.model).__name__)
+    # A mistyped factory or metric, or too few passages for its IVF lists, fails now, not after the embedding.
+    num_train = min(len(texts), train_size or _DEFAULT_TRAIN_SIZE)
+    _check_trainable(_new_faiss_index(encoder.dim, index_factory, metric), index_factory, num_train)
     logger.info("Embedding %d passages with %s", len(texts), encoder_name)
     embeddings = encoder.encode(titles, batch_size=batch_size, show_progress=show_progress, text_pairs=texts)
     manifest = {

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..errors import CorruptFileError, MissingFileError, RagInputError, RagkitError
 from .base import HFIndexBase, read_faiss_index
+from .building import INDEX_FILENAME, PASSAGES_DIRNAME
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +124,24 @@ class CustomHFIndex(HFIndexBase):
             raise MissingFileError(
                 f"`passages_path` {os.fspath(dataset_path)!r} is not a directory. Give the directory written by "
                 "`dataset.save_to_disk(passages_path)`."
+            )
+        built_passages = os.path.join(dataset_path, PASSAGES_DIRNAME)
+        if os.path.isdir(built_passages) and not os.path.isfile(os.path.join(dataset_path, "state.json")):
+            # The output directory of `ragkit build-index` given instead of the passages in it.
+            raise MissingFileError(
+                f"`passages_path` {os.fspath(dataset_path)!r} is not a saved dataset but holds one: give "
+                f"passages_path={built_passages!r}."
+            )
+        if os.path.isdir(index_path):
+            built_index = os.path.join(index_path, INDEX_FILENAME)
+            fix = (
+                f"give index_path={built_index!r}"
+                if os.path.isfile(built_index)
+                else "give the file written by `dataset.get_index('embeddings').save(index_path)` or "
+                "`ragkit build-index`"
+            )
+            raise MissingFileError(
+                f"`index_path` {os.fspath(index_path)!r} is a directory, not a faiss index file: {fix}."
             )
         if not os.path.isfile(index_path):
             raise MissingFileError(

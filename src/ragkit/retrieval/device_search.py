@@ -390,7 +390,7 @@ class DeviceSearch:
         if self._exact is None:
             queries = as_query_matrix(question_hidden_states, self.dim)
             _check_n_docs(k, self.ntotal)
-            distances, ids = self._faiss_index.search(queries, k)
+            distances, ids = self._faiss_index.search(queries, int(k))  # a Python int, not np.int64
             return distances, np.asarray(ids, dtype=np.int64)
         queries = as_query_tensor(question_hidden_states, self.device, self.dim)
         distances, ids = self._exact.search(queries, k)

@@ -284,7 +284,7 @@ class LegacyIndex(Index):
         # DPR's phi trick: passage vectors carry an extra component, queries a 0 there.
         padded = np.zeros((queries.shape[0], self.vector_size + 1), dtype=np.float32)
         padded[:, :-1] = queries
-        _, positions = self.index.search(padded, n_docs)
+        _, positions = self.index.search(padded, int(n_docs))  # faiss takes a Python int, not np.int64
         flat = positions.reshape(-1)
         valid = flat >= 0
         vectors = np.zeros((flat.size, self.vector_size), dtype=np.float32)
@@ -297,8 +297,8 @@ class LegacyIndex(Index):
         return ids.reshape(positions.shape), vectors.reshape(*positions.shape, self.vector_size)
 
 
-def _write_passages(passages: dict, path: Path) -> int:
-    """Write the id -> (text, title) dict as an Arrow IPC file sorted by integer id; return the count."""
+def _write_passages(passages: dict, path: Path) -> np.ndarray:
+    """Write the id -> (text, title) dict as an Arrow IPC file sorted by integer id; return the sorted ids."""
     import pyarrow as pa
 
     ids = np.fromiter((int(k) for k in passages), dtype=np.int64, count=len(passages))
@@ -316,7 +316,7 @@ def _write_passages(passages: dict, path: Path) -> int:
                     schema=schema,
                 )
             )
-    return len(order)
+    return ids[order]
 
 
 def convert_legacy_index(
@@ -363,7 +363,7 @@ def convert_legacy_index(
                 f"should hold a dict id -> (text, title), but holds a {type(passages).__name__}",
             )
         try:
-            num_passages = _write_passages(passages, tmp / CONVERTED_PASSAGES)
+            passage_ids = _write_passages(passages, tmp / CONVERTED_PASSAGES)
         except (TypeError, ValueError, IndexError, KeyError) as err:
             if isinstance(err, RagInputError):
                 raise
@@ -372,6 +372,14 @@ def convert_legacy_index(
                 f"should map integer ids to (text, title) pairs of strings ({type(err).__name__}: {err})",
             ) from err
         del passages
+        # Every passage the index can return must be there: else a search fails later, on that passage.
+        rows = np.minimum(np.searchsorted(passage_ids, id_map), max(len(passage_ids) - 1, 0))
+        absent = id_map[passage_ids[rows] != id_map] if len(passage_ids) else id_map
+        if len(absent):
+            raise RagInputError(
+                f"The legacy id map names {len(absent)} passage id(s) that {passages_file!r} does not hold (for "
+                f"example {int(absent[0])}); the files in {location!r} do not belong together."
+            )
         logger.info("Copying the faiss index %s", index_file)
         shutil.copyfile(index_file, tmp / CONVERTED_INDEX)
         index = read_faiss_index(tmp / CONVERTED_INDEX, what="src")
@@ -385,7 +393,7 @@ def convert_legacy_index(
             "version": 1,
             "vector_size": int(index.d) - 1,
             "num_vectors": int(index.ntotal),
-            "num_passages": num_passages,
+            "num_passages": len(passage_ids),
             "source": os.fspath(location),
         }
         with atomic_file(tmp / CONVERTED_MANIFEST) as f:
