@@ -156,11 +156,6 @@ class PassageTable:
                 f"{source} holds no passages: there is nothing to retrieve. Index at least one passage "
                 "(`ragkit build-index`), or check that the dataset was not filtered down to nothing."
             )
-        if self.num_rows == 0:
-            raise RagInputError(
-                f"{source} holds no passages: there is nothing to retrieve. Index at least one passage "
-                "(`ragkit build-index`), or check that the dataset was not filtered down to nothing."
-            )
         if extra_columns is None:
             extra_columns = [c for c in table.column_names if c not in ("title", "text", "embeddings")]
         self.extra_columns = tuple(c for c in extra_columns if c in table.column_names)
