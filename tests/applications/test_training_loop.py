@@ -212,3 +212,67 @@ def test_a_later_write_clears_temporaries_of_a_killed_one(tmp_path, make_model, 
     assert result.final_dir is not None
     assert [p for p in stale if p.exists()] == []
     assert all(p.exists() for p in keep)
+
+
+def test_resume_at_max_steps_takes_no_further_step(tmp_path, make_model, train_examples):
+    _interrupted_run(tmp_path, make_model, train_examples)
+    model, tokenizer = make_model(seed=0)
+    args = _args(tmp_path, save_checkpoints=True, max_steps=2, num_train_epochs=2, resume=True)
+    trainer = RagTrainer(model, tokenizer, args, train_examples)
+    result, gradients = _run_recording_gradients(trainer)
+    assert (result.global_step, len(result.losses), gradients) == (2, 2, [])
+    assert result.interrupted and result.final_dir is None
+
+
+def test_cached_retrieval_is_made_without_dropout(tmp_path, make_model, train_examples):
+    model, tokenizer = make_model(seed=0)
+    for module in model.rag.question_encoder.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.5
+    args = _args(tmp_path, freeze_question_encoder=True, cache_retrieval=True)
+    trainer = RagTrainer(model, tokenizer, args, train_examples)
+    model.eval()
+    without_dropout = trainer._build_retrieval_cache()
+    model.train()  # as a model built in Python starts; the cache must still be the eval-mode retrieval
+    torch.manual_seed(1)
+    cache = trainer._build_retrieval_cache()
+    assert model.training
+    for (ids, mask, scores), (ref_ids, ref_mask, ref_scores) in zip(cache, without_dropout):
+        assert torch.equal(ids, ref_ids) and torch.equal(mask, ref_mask)
+        torch.testing.assert_close(scores, ref_scores)
+
+
+def test_fp16_on_cpu_scales_the_loss(tmp_path, make_model, train_examples):
+    model, tokenizer = make_model(seed=0)
+    trainer = RagTrainer(model, tokenizer, _args(tmp_path, precision="fp16"), train_examples[:8])
+    assert trainer.autocast_dtype == torch.float16 and trainer.scaler.is_enabled()
+    result = trainer.train()
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    assert trainer.scaler.get_scale() < 2.0**16  # the first steps overflowed and the scale came down
+
+
+@pytest.mark.parametrize(
+    "mine, pattern",
+    [
+        ("final/thesis.tex", r"final holds files fine-tuning did not write \(thesis\.tex\)"),
+        ("checkpoint-last/notes.md", r"checkpoint-last holds files fine-tuning did not write \(notes\.md\)"),
+        ("final", r"final is an existing file"),
+        ("metrics.json", r"metrics\.json exists and was not written by a training run"),
+    ],
+)
+def test_files_a_run_did_not_write_are_never_overwritten(tmp_path, make_model, train_examples, mine, pattern):
+    run = tmp_path / "run"
+    path = run / mine
+    path.parent.mkdir(parents=True)
+    path.write_text("the user's own")
+    (run / "data.jsonl").write_text("left alone")
+    model, tokenizer = make_model(seed=0)
+    trainer = RagTrainer(model, tokenizer, _args(tmp_path, save_checkpoints=True), train_examples[:4])
+    with pytest.raises(RagInputError, match=pattern):
+        trainer.train()
+    assert path.read_text() == "the user's own"
+    assert trainer.global_step == 0  # refused before training, not after it
+    path.unlink()
+    result = trainer.train()  # other files in the directory are fine; so is a second run over its own outputs
+    result = RagTrainer(model, tokenizer, _args(tmp_path, save_checkpoints=True), train_examples[:4]).train()
+    assert result.final_dir is not None and (run / "data.jsonl").read_text() == "left alone"

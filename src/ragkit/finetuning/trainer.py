@@ -5,7 +5,8 @@
   re-embedded and the index rebuilt every ``index_rebuild_steps`` steps;
 * an optimizer step averages the loss over the examples of its micro-batches, so gradient accumulation
   (a last chunk shorter than the others included) gives the step an unaccumulated batch would;
-* mixed precision on GPU (bf16 where supported, else fp16 with loss scaling);
+* mixed precision on GPU (bf16 where supported, else fp16 with loss scaling), and on request on CPU
+  (``precision="bf16"``, or ``"fp16"`` with loss scaling);
 * validation EM after every epoch, checkpoints written atomically to ``<output_dir>/checkpoint-last``
   holding everything a resumed run needs (model, optimizer, scheduler, loss scaler, step, position
   in the epoch, RNG states), so ``resume=True`` continues as if never interrupted, and refuses settings
@@ -21,6 +22,7 @@ import math
 import os
 import pickle
 import random
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,7 +36,7 @@ from tqdm.auto import tqdm
 from .._io import atomic_directory, atomic_file
 from ..errors import CheckpointError, CorruptFileError, MissingFileError, RagInputError
 from ..evaluation import evaluate_answers, generate_answers
-from ..loading import check_safetensors_file
+from ..loading import RAG_CHECKPOINT_ENTRIES, check_safetensors_file
 from ..modeling_rag import trim_context_padding
 from .arguments import TrainingArguments
 from .data import QAExample, encode_qa_batch
@@ -45,10 +47,12 @@ __all__ = [
     "CHECKPOINT_DIRNAME",
     "CONTEXT_ENCODER_DIRNAME",
     "FINAL_DIRNAME",
+    "METRICS_FILE",
     "SCHEDULE_FIELDS",
     "TRAINER_STATE_FILE",
     "RagTrainer",
     "TrainResult",
+    "check_output_dir",
     "refresh_index",
 ]
 
@@ -56,6 +60,10 @@ CHECKPOINT_DIRNAME = "checkpoint-last"
 FINAL_DIRNAME = "final"
 TRAINER_STATE_FILE = "trainer_state.pt"
 CONTEXT_ENCODER_DIRNAME = "context_encoder"
+METRICS_FILE = "metrics.json"
+
+# Weight shards save_pretrained writes for a large model (``model-00001-of-00003.safetensors``).
+_WEIGHT_SHARD = re.compile(r"model-\d+-of-\d+\.safetensors")
 
 #: Settings a resumed run must share with its checkpoint: each changes the data order, the steps, the
 #: learning-rate schedule or the optimizer state the checkpoint holds.
@@ -222,6 +230,68 @@ def _load_trainer_state(state_file: Path) -> dict[str, Any]:
     return state
 
 
+def _check_checkpoint_dir_replaceable(directory: Path) -> None:
+    """Raise when ``directory`` exists but is not a checkpoint ragkit wrote (it is replaced as a whole)."""
+    if not directory.exists() and not directory.is_symlink():
+        return
+    if not directory.is_dir():
+        raise RagInputError(
+            f"{directory} is an existing file, where fine-tuning writes a checkpoint directory; move it away or "
+            "give another --output_dir."
+        )
+    foreign = sorted(
+        entry.name
+        for entry in directory.iterdir()
+        if entry.name not in RAG_CHECKPOINT_ENTRIES and not _WEIGHT_SHARD.fullmatch(entry.name)
+    )
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise RagInputError(
+            f"{directory} holds files fine-tuning did not write ({shown}); it would be replaced as a whole, "
+            "deleting them. Give a new or empty --output_dir, or one written earlier by `ragkit finetune`."
+        )
+
+
+def _check_metrics_file_replaceable(path: Path) -> None:
+    """Raise when ``path`` exists but is not a ``metrics.json`` a training run wrote."""
+    if not path.exists() and not path.is_symlink():
+        return
+    ours = False
+    if path.is_file():
+        try:
+            with open(path, encoding="utf-8") as f:
+                content = json.load(f)
+            ours = isinstance(content, dict) and {"global_step", "train_loss"} <= content.keys()
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            ours = False
+    if not ours:
+        raise RagInputError(
+            f"{path} exists and was not written by a training run; it would be overwritten. Move it away, or "
+            "give a new or empty --output_dir."
+        )
+
+
+def check_output_dir(args: TrainingArguments) -> None:
+    """Refuse an output directory whose files a run would overwrite but did not write, before any work.
+
+    ``checkpoint-last/`` and ``final/`` are replaced as a whole and ``metrics.json`` is rewritten, so each
+    must be absent or written by an earlier run; other files in the directory are left alone.
+
+    Args:
+        args: The run's settings (``output_dir``, ``save_checkpoints``).
+
+    Raises:
+        RagInputError: Naming the path and what to do.
+    """
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise RagInputError(f"--output_dir {args.output_dir!r} is an existing file; give a directory path.")
+    if args.save_checkpoints:
+        _check_checkpoint_dir_replaceable(output_dir / CHECKPOINT_DIRNAME)
+        _check_checkpoint_dir_replaceable(output_dir / FINAL_DIRNAME)
+    _check_metrics_file_replaceable(output_dir / METRICS_FILE)
+
+
 def refresh_index(
     retriever: Any,
     context_encoder: Any,
@@ -329,9 +399,8 @@ class RagTrainer:
         self.total_steps = self.steps_per_epoch * args.num_train_epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
         self.autocast_dtype = _autocast_dtype(args.precision, self.device)
-        self.scaler = torch.amp.GradScaler(
-            self.device.type, enabled=self.autocast_dtype == torch.float16 and self.device.type == "cuda"
-        )
+        # fp16 gradients underflow without loss scaling, on any device (CPU autocast runs fp16 too).
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
         self.global_step = 0
         self.epoch = 0
         self.step_in_epoch = 0
@@ -506,10 +575,21 @@ class RagTrainer:
 
     def _build_retrieval_cache(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Per training example: its contexts and their mask `(n_docs, length)` and document scores `(n_docs,)`."""
+        # Eval mode: the cache is reused every epoch, so it must not keep one draw of the question encoder's
+        # dropout (which would also use up RNG draws that a resumed run does not make).
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return self._retrieve_for_cache()
+        finally:
+            self.model.train(was_training)
+
+    def _retrieve_for_cache(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The retrieval cache, built batch by batch (see :meth:`_build_retrieval_cache`)."""
         rag = getattr(self.model, "rag", self.model)
         n_docs = self.model.config.n_docs
-        cache: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         size = self.args.eval_batch_size
+        cache: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         for start in tqdm(
             range(0, len(self.train_examples), size), desc="retrieving", disable=not self.args.show_progress
         ):
@@ -597,6 +677,7 @@ class RagTrainer:
             RagInputError, CorruptFileError, MissingFileError: With ``resume``, see :meth:`load_checkpoint`.
         """
         args = self.args
+        check_output_dir(args)
         if args.resume and (self.checkpoint_dir / TRAINER_STATE_FILE).is_file():
             self.load_checkpoint()
             if args.end2end:
@@ -621,6 +702,10 @@ class RagTrainer:
             order = _epoch_order(len(self.train_examples), args.seed, self.epoch)
             first_micro = self.step_in_epoch * args.gradient_accumulation_steps
             for start in range(first_micro, micro_batches, args.gradient_accumulation_steps):
+                if args.max_steps is not None and self.global_step >= args.max_steps:
+                    # Resumed at or past max_steps: a step now would go beyond it.
+                    interrupted = True
+                    break
                 chunk = range(start, min(start + args.gradient_accumulation_steps, micro_batches))
                 # Each micro-batch weighs by its share of the step's examples: the step's gradient is the one
                 # of the mean loss over all of them, as one batch of the chunk's size would give.
@@ -709,5 +794,5 @@ class RagTrainer:
             "val_em": self.val_em,
             "seconds": seconds,
         }
-        with atomic_file(self.output_dir / "metrics.json") as tmp, open(tmp, "w", encoding="utf-8") as f:
+        with atomic_file(self.output_dir / METRICS_FILE) as tmp, open(tmp, "w", encoding="utf-8") as f:
             json.dump(metrics, f, indent=2)
