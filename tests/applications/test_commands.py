@@ -246,6 +246,18 @@ def test_misaligned_and_missing_data_files(tmp_path):
         load_qa_split(tmp_path, "val")
 
 
+def test_data_files_with_a_byte_order_mark_and_a_missing_data_dir(tmp_path):
+    # Editors on Windows start UTF-8 files with a byte-order mark; it is not part of the first record.
+    (tmp_path / "train.jsonl").write_text('\ufeff{"question": "q1", "answer": "a1"}\n', encoding="utf-8")
+    assert [(e.source, e.target) for e in load_qa_split(tmp_path, "train")] == [("q1", "a1")]
+    (tmp_path / "val.source").write_text("\ufeffq1\nq2\n", encoding="utf-8")
+    (tmp_path / "val.target").write_text("\ufeffa1\na2\n", encoding="utf-8")
+    assert [(e.source, e.target) for e in load_qa_split(tmp_path, "val")] == [("q1", "a1"), ("q2", "a2")]
+    with pytest.raises(FileNotFoundError, match=r"data directory .*nowhere does not exist"):
+        load_qa_split(tmp_path / "nowhere", "train")
+    assert load_qa_split(tmp_path / "nowhere", "val", required=False) is None
+
+
 def test_not_a_rag_checkpoint(tmp_path, components):
     root, _ = components
     with pytest.raises(ValueError, match=r"gen is not a RAG checkpoint .*ragkit consolidate"):

@@ -118,6 +118,28 @@ def test_finetune_refuses_a_bad_setting_before_loading_anything(tmp_path, capsys
         main([*argv, "--debug"])
 
 
+def test_finetune_refuses_two_ways_of_giving_the_model(tmp_path, capsys):
+    from ragkit.cli import main
+
+    argv = ["finetune", "--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "o"),
+            "--model_name_or_path", str(tmp_path / "rag"), "--generator_name_or_path", "facebook/bart-base"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ragkit finetune: error: --model_name_or_path (a RAG checkpoint) and")
+    assert "give one of them" in err and "Traceback" not in err
+
+
+def test_finetune_checks_the_output_dir_before_loading_anything(tmp_path, capsys):
+    from ragkit.cli import main
+
+    (tmp_path / "o" / "final").mkdir(parents=True)
+    (tmp_path / "o" / "final" / "report.docx").write_text("mine")
+    argv = ["finetune", "--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "o"),
+            "--model_name_or_path", str(tmp_path / "missing")]  # fmt: skip
+    assert main(argv) == 2
+    assert "final holds files fine-tuning did not write (report.docx)" in capsys.readouterr().err
+
+
 def test_consolidate_parser_is_its_own():
     from ragkit.commands import consolidate
 

@@ -23,7 +23,7 @@ from ..finetuning.arguments import (
     dataclass_from_namespace,
 )
 from ..finetuning.data import load_qa_split
-from ..finetuning.trainer import CHECKPOINT_DIRNAME, TRAINER_STATE_FILE, RagTrainer
+from ..finetuning.trainer import CHECKPOINT_DIRNAME, TRAINER_STATE_FILE, RagTrainer, check_output_dir
 from ..loading import (
     MODEL_TYPES,
     check_model_location,
@@ -126,6 +126,12 @@ def run(args: argparse.Namespace) -> int:
     if args.end2end and not _loads_index_locally(args):
         # Rebuilding the index swaps it in this process only; actors or rank 0 would serve the old one.
         raise RagInputError("--end2end cannot be combined with --distributed_retriever; use 'none'.")
+    if args.model_name_or_path and (args.question_encoder_name_or_path or args.generator_name_or_path):
+        raise RagInputError(
+            "--model_name_or_path (a RAG checkpoint) and --question_encoder_name_or_path/--generator_name_or_path "
+            "(parts to build one from) are two ways to give the model; give one of them."
+        )
+    check_output_dir(training_args)
     train_examples = load_qa_split(args.data_dir, "train")
     val_examples = load_qa_split(args.data_dir, "val", required=False)
     device = resolve_device(args.device)

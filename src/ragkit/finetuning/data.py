@@ -60,7 +60,8 @@ def _numbered_lines(lines: Any, path: Path) -> Any:
 def _read_text_lines(path: Path) -> list[str]:
     """Lines of ``path`` without line endings (a trailing empty line is dropped)."""
     try:
-        with open(path, encoding="utf-8") as f:
+        # utf-8-sig: a byte-order mark (editors on Windows write one) is not part of the first question.
+        with open(path, encoding="utf-8-sig") as f:
             lines = f.read().split("\n")
     except UnicodeDecodeError as err:
         raise _not_utf8(path, err) from err
@@ -72,7 +73,7 @@ def _read_text_lines(path: Path) -> list[str]:
 def _read_jsonl(path: Path) -> list[QAExample]:
     """Examples from a JSONL file with ``question``/``source`` and ``answer``/``target``/``answers`` keys."""
     examples = []
-    with open(path, encoding="utf-8", errors="strict") as f:
+    with open(path, encoding="utf-8-sig", errors="strict") as f:
         for number, line in _numbered_lines(f, path):
             if not line.strip():
                 continue
@@ -120,11 +121,17 @@ def load_qa_split(data_dir: str | os.PathLike, split: str, required: bool = True
         The examples, or ``None`` for a missing optional split.
 
     Raises:
-        MissingFileError: No files for a required split, or only one of ``.source``/``.target``.
+        MissingFileError: For a required split, ``data_dir`` is not a directory or has no files for it; or
+            only one of ``.source``/``.target`` is there.
         CorruptFileError: Source and target line counts differ, a JSONL line is not a record, or the split
             is empty.
     """
     data_dir = Path(data_dir)
+    if required and not data_dir.is_dir():
+        raise MissingFileError(
+            f"The data directory {data_dir} does not exist (or is not a directory); give the directory holding "
+            f"{split}.source + {split}.target or {split}.jsonl."
+        )
     source, target, jsonl = (data_dir / f"{split}.{ext}" for ext in ("source", "target", "jsonl"))
     if source.is_file() or target.is_file():
         if not (source.is_file() and target.is_file()):
