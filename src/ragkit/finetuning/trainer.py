@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -47,6 +48,7 @@ __all__ = [
     "CHECKPOINT_DIRNAME",
     "CONTEXT_ENCODER_DIRNAME",
     "FINAL_DIRNAME",
+    "INDEX_ENCODER_FILE",
     "METRICS_FILE",
     "SCHEDULE_FIELDS",
     "TRAINER_STATE_FILE",
@@ -61,6 +63,9 @@ FINAL_DIRNAME = "final"
 TRAINER_STATE_FILE = "trainer_state.pt"
 CONTEXT_ENCODER_DIRNAME = "context_encoder"
 METRICS_FILE = "metrics.json"
+#: With end2end, the context encoder's weights when the index was last rebuilt (when that was before the
+#: checkpoint's step): a resume rebuilds the index the run was using from them.
+INDEX_ENCODER_FILE = "context_encoder_at_index_refresh.pt"
 
 # Weight shards save_pretrained writes for a large model (``model-00001-of-00003.safetensors``).
 _WEIGHT_SHARD = re.compile(r"model-\d+-of-\d+\.safetensors")
@@ -242,7 +247,8 @@ def _check_checkpoint_dir_replaceable(directory: Path) -> None:
     foreign = sorted(
         entry.name
         for entry in directory.iterdir()
-        if entry.name not in RAG_CHECKPOINT_ENTRIES and not _WEIGHT_SHARD.fullmatch(entry.name)
+        if entry.name not in (*RAG_CHECKPOINT_ENTRIES, INDEX_ENCODER_FILE)
+        and not _WEIGHT_SHARD.fullmatch(entry.name)
     )
     if foreign:
         shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
@@ -290,6 +296,20 @@ def check_output_dir(args: TrainingArguments) -> None:
         _check_checkpoint_dir_replaceable(output_dir / CHECKPOINT_DIRNAME)
         _check_checkpoint_dir_replaceable(output_dir / FINAL_DIRNAME)
     _check_metrics_file_replaceable(output_dir / METRICS_FILE)
+
+
+def _load_index_encoder_state(path: Path) -> dict[str, torch.Tensor]:
+    """The context encoder weights of the last index rebuild, saved with an end2end checkpoint."""
+    what_to_do = f"Delete {path.parent} and resume from an earlier copy, or start without --resume."
+    if not path.is_file():
+        raise MissingFileError(
+            f"{path.parent} has no {path.name} (the context encoder of the last index rebuild); the checkpoint "
+            f"is incomplete. {what_to_do}"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
+        raise CorruptFileError(f"{path} cannot be read ({str(err).splitlines()[0]}). {what_to_do}") from err
 
 
 def refresh_index(
@@ -407,6 +427,10 @@ class RagTrainer:
         self.losses: list[float] = []
         self.val_em: list[float] = []
         self._retrieval_cache: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+        # end2end: the step of the last index rebuild (0: the index the run started with) and, on CPU, the
+        # context encoder's weights at that step, for checkpoints written between two rebuilds.
+        self._index_refresh_step = 0
+        self._index_encoder_state: dict[str, torch.Tensor] | None = None
 
     # -- setup helpers
 
@@ -499,8 +523,11 @@ class RagTrainer:
                 "rng": _capture_rng_state(),
                 "args": dataclasses.asdict(self.args),
                 "num_train_examples": len(self.train_examples),
+                "index_refresh_step": self._index_refresh_step,
             }
             torch.save(state, tmp / TRAINER_STATE_FILE)
+            if self._index_encoder_state is not None and self._index_refresh_step < self.global_step:
+                torch.save(self._index_encoder_state, tmp / INDEX_ENCODER_FILE)
         logger.info("checkpoint at step %d written to %s", self.global_step, self.checkpoint_dir)
         return self.checkpoint_dir
 
@@ -538,6 +565,11 @@ class RagTrainer:
         self.losses = list(state["losses"])
         self.val_em = list(state["val_em"])
         _restore_rng_state(state["rng"])
+        # Checkpoints without the field rebuilt the index from the checkpoint's context encoder.
+        self._index_refresh_step = state.get("index_refresh_step", self.global_step)
+        self._index_encoder_state = None
+        if 0 < self._index_refresh_step < self.global_step:
+            self._index_encoder_state = _load_index_encoder_state(directory / INDEX_ENCODER_FILE)
         logger.info("resumed from %s at step %d (epoch %d)", directory, self.global_step, self.epoch)
 
     def _check_same_schedule(self, state: dict[str, Any], state_file: Path) -> None:
@@ -681,7 +713,7 @@ class RagTrainer:
         if args.resume and (self.checkpoint_dir / TRAINER_STATE_FILE).is_file():
             self.load_checkpoint()
             if args.end2end:
-                self._refresh_index()
+                self._restore_index()
         else:
             if args.resume:
                 logger.warning("--resume: no checkpoint in %s, starting from scratch.", self.checkpoint_dir)
@@ -779,11 +811,31 @@ class RagTrainer:
         """Re-embed the passages with the current context encoder and swap the retriever's index."""
         if self.index_refresher is None or self.context_encoder is None:
             return
-        was_training = self.context_encoder.training
-        self.context_encoder.eval()
+        self._rebuild_index_with(self.context_encoder)
+        self._index_refresh_step = self.global_step
+        self._index_encoder_state = {
+            name: tensor.detach().to("cpu", copy=True)
+            for name, tensor in self.context_encoder.state_dict().items()
+        }
+
+    def _restore_index(self) -> None:
+        """After a resume: rebuild the index the interrupted run was using at the checkpoint's step."""
+        if self.index_refresher is None or self.context_encoder is None or self._index_refresh_step == 0:
+            return  # no rebuild yet: the run was using the index it was started with, as loaded
+        if self._index_encoder_state is None:  # rebuilt at the checkpoint's step: from its context encoder
+            self._refresh_index()
+            return
+        encoder = copy.deepcopy(self.context_encoder)
+        encoder.load_state_dict(self._index_encoder_state)
+        self._rebuild_index_with(encoder)
+
+    def _rebuild_index_with(self, encoder: Any) -> None:
+        """Call the index refresher with ``encoder`` in eval mode, without gradients."""
+        was_training = encoder.training
+        encoder.eval()
         with torch.no_grad():
-            self.index_refresher(self.context_encoder)
-        self.context_encoder.train(was_training)
+            self.index_refresher(encoder)
+        encoder.train(was_training)
 
     def _write_metrics(self, seconds: float) -> None:
         """``metrics.json``: step, epoch, losses, validation EM and wall time of this run."""
