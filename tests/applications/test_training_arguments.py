@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 
 import pytest
+import torch
 
 from ragkit.errors import RagInputError
 from ragkit.finetuning import TrainingArguments
@@ -127,6 +128,17 @@ def test_finetune_refuses_two_ways_of_giving_the_model(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("ragkit finetune: error: --model_name_or_path (a RAG checkpoint) and")
     assert "give one of them" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_finetune_on_a_missing_gpu_is_a_message(tmp_path, capsys):
+    from ragkit.cli import main
+
+    argv = ["finetune", "--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "o"),
+            "--model_name_or_path", str(tmp_path / "missing"), "--device", "cuda"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ragkit finetune: error: --device 'cuda': no CUDA GPU is usable here")
 
 
 def test_finetune_checks_the_output_dir_before_loading_anything(tmp_path, capsys):

@@ -37,7 +37,7 @@ from ..loading import (
     load_rag_for_training,
     resolve_device,
 )
-from . import hidden_progress_bars
+from . import check_device, hidden_progress_bars
 from .consolidate import add_rag_field_arguments, rag_fields
 
 __all__ = ["configure_parser", "run"]
@@ -174,6 +174,7 @@ def run(args: argparse.Namespace) -> int:
             "--model_name_or_path (a RAG checkpoint) and --question_encoder_name_or_path/--generator_name_or_path "
             "(parts to build one from) are two ways to give the model; give one of them."
         )
+    check_device(args.device)
     check_output_dir(training_args)
     # --no_progress hides transformers' bars too (loading weights, writing every checkpoint).
     with hidden_progress_bars(not training_args.show_progress):

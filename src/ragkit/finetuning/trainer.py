@@ -797,14 +797,21 @@ class RagTrainer:
         )
 
     def _optimizer_step(self) -> None:
-        """Unscale, clip, step optimizer and scheduler, zero gradients."""
+        """Unscale, clip, step optimizer and scheduler, zero gradients.
+
+        With fp16 loss scaling, a step whose gradients overflowed is skipped, and so is its scheduler step:
+        warm-up and decay count the updates made.
+        """
         if self.args.max_grad_norm:
             self.scaler.unscale_(self.optimizer)
             params = [p for group in self.optimizer.param_groups for p in group["params"]]
             torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm)
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.scheduler.step()
+        # The scaler lowers its scale exactly when it skipped the step (inf/NaN gradients).
+        if scale is None or self.scaler.get_scale() >= scale:
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
     def _refresh_index(self) -> None:
