@@ -4,6 +4,8 @@ the retrieval cache, and what a resume refuses."""
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -284,3 +286,27 @@ def test_files_a_run_did_not_write_are_never_overwritten(tmp_path, make_model, t
     result = trainer.train()  # other files in the directory are fine; so is a second run over its own outputs
     result = RagTrainer(model, tokenizer, _args(tmp_path, save_checkpoints=True), train_examples[:4]).train()
     assert result.final_dir is not None and (run / "data.jsonl").read_text() == "left alone"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="maps file descriptors to paths through /proc")
+def test_checkpoint_files_reach_the_disk_before_the_checkpoint_is_put_in_place(
+    tmp_path, make_model, train_examples, monkeypatch
+):
+    flushed, unflushed_at_rename = set(), {}
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def recording_fsync(fd):
+        flushed.add(os.path.realpath(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    def checking_replace(src, dst, *args, **kwargs):
+        if Path(dst).name in ("checkpoint-last", "final") and Path(src).is_dir():
+            files = [os.path.realpath(p) for p in Path(src).rglob("*") if p.is_file()]
+            unflushed_at_rename[Path(dst).name] = [f for f in files if f not in flushed]
+        real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", checking_replace)
+    model, tokenizer = make_model(seed=0)
+    RagTrainer(model, tokenizer, _args(tmp_path, save_checkpoints=True), train_examples[:4]).train()
+    assert unflushed_at_rename == {"checkpoint-last": [], "final": []}
