@@ -310,3 +310,12 @@ def test_checkpoint_files_reach_the_disk_before_the_checkpoint_is_put_in_place(
     model, tokenizer = make_model(seed=0)
     RagTrainer(model, tokenizer, _args(tmp_path, save_checkpoints=True), train_examples[:4]).train()
     assert unflushed_at_rename == {"checkpoint-last": [], "final": []}
+
+
+def test_a_new_run_over_an_earlier_checkpoint_warns(tmp_path, make_model, train_examples, caplog):
+    _interrupted_run(tmp_path, make_model, train_examples)
+    model, tokenizer = make_model(seed=0)
+    args = _args(tmp_path, save_checkpoints=True, max_steps=1, num_train_epochs=2)
+    with caplog.at_level("WARNING", logger="ragkit.finetuning.trainer"):
+        RagTrainer(model, tokenizer, args, train_examples).train()
+    assert "holds the checkpoint of an earlier run" in caplog.text and "--resume" in caplog.text

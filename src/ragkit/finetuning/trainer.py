@@ -738,6 +738,12 @@ class RagTrainer:
         else:
             if args.resume:
                 logger.warning("--resume: no checkpoint in %s, starting from scratch.", self.checkpoint_dir)
+            elif args.save_checkpoints and (self.checkpoint_dir / TRAINER_STATE_FILE).is_file():
+                logger.warning(
+                    "%s holds the checkpoint of an earlier run; this run starts from scratch and replaces it at "
+                    "its first checkpoint. To continue that run instead, stop now and add --resume.",
+                    self.checkpoint_dir,
+                )
             random.seed(args.seed)
             np.random.seed(args.seed)
             torch.manual_seed(args.seed)
