@@ -319,3 +319,14 @@ def test_a_new_run_over_an_earlier_checkpoint_warns(tmp_path, make_model, train_
     with caplog.at_level("WARNING", logger="ragkit.finetuning.trainer"):
         RagTrainer(model, tokenizer, args, train_examples).train()
     assert "holds the checkpoint of an earlier run" in caplog.text and "--resume" in caplog.text
+
+
+def test_resume_refuses_another_model_type(tmp_path, make_model, train_examples):
+    # The weights of RAG-Sequence and RAG-Token are the same, so they load; the loss is another.
+    _interrupted_run(tmp_path, make_model, train_examples)
+    model, tokenizer = make_model(seed=0, model_type="rag_token")
+    args = _args(tmp_path, save_checkpoints=True, num_train_epochs=2, resume=True)
+    with pytest.raises(
+        RagInputError, match=r"RagSequenceForGeneration in the checkpoint, RagTokenForGeneration now"
+    ):
+        RagTrainer(model, tokenizer, args, train_examples).train()

@@ -543,6 +543,7 @@ class RagTrainer:
                 "args": dataclasses.asdict(self.args),
                 "num_train_examples": len(self.train_examples),
                 "index_refresh_step": self._index_refresh_step,
+                "model_class": type(self.model).__name__,
             }
             torch.save(state, tmp / TRAINER_STATE_FILE)
             if self._index_encoder_state is not None and self._index_refresh_step < self.global_step:
@@ -560,8 +561,8 @@ class RagTrainer:
         Raises:
             MissingFileError: No ``trainer_state.pt`` or ``model.safetensors`` in ``directory``.
             CorruptFileError: One of them is truncated, damaged or holds more than plain data.
-            RagInputError: This run's :data:`SCHEDULE_FIELDS` or number of training examples differ from the
-                checkpoint's (naming each and both values).
+            RagInputError: This run's :data:`SCHEDULE_FIELDS`, number of training examples or model class
+                (RAG-Sequence or RAG-Token) differ from the checkpoint's (naming each and both values).
         """
         directory = Path(directory or self.checkpoint_dir)
         state_file = directory / TRAINER_STATE_FILE
@@ -600,6 +601,10 @@ class RagTrainer:
             for name in SCHEDULE_FIELDS
             if name in saved and saved[name] != getattr(self.args, name)
         ]
+        saved_class, model_class = state.get("model_class"), type(self.model).__name__
+        if saved_class is not None and saved_class != model_class:
+            # Same weights, another loss: RAG-Sequence and RAG-Token marginalise differently.
+            changed.append(f"model: {saved_class} in the checkpoint, {model_class} now (--model_type)")
         saved_examples = state.get("num_train_examples")
         if saved_examples is not None and saved_examples != len(self.train_examples):
             changed.append(
