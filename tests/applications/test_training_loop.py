@@ -162,12 +162,15 @@ def _interrupted_run(tmp_path, make_model, train_examples, **settings):
         (dict(gradient_accumulation_steps=2), r"gradient_accumulation_steps: 1 in the checkpoint, 2 now"),
         (dict(num_train_epochs=5), r"num_train_epochs: 2 in the checkpoint, 5 now"),
         (dict(learning_rate=0.5), r"learning_rate: 0.01 in the checkpoint, 0.5 now"),
+        # The loss: a flag left out on --resume falls back to its default.
+        (dict(label_smoothing=0.0), r"label_smoothing: 0.1 in the checkpoint, 0.0 now"),
+        (dict(max_target_length=25), r"max_target_length: 8 in the checkpoint, 25 now"),
     ],
 )
 def test_resume_refuses_a_changed_schedule(tmp_path, make_model, train_examples, changed, pattern):
-    _interrupted_run(tmp_path, make_model, train_examples)
+    _interrupted_run(tmp_path, make_model, train_examples, label_smoothing=0.1)
     model, tokenizer = make_model(seed=0)
-    settings = dict(save_checkpoints=True, num_train_epochs=2, resume=True)
+    settings = dict(save_checkpoints=True, num_train_epochs=2, resume=True, label_smoothing=0.1)
     args = _args(tmp_path, **{**settings, **changed})
     with pytest.raises(RagInputError, match=pattern):
         RagTrainer(model, tokenizer, args, train_examples).train()

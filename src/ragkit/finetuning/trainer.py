@@ -72,7 +72,8 @@ INDEX_ENCODER_FILE = "context_encoder_at_index_refresh.pt"
 _WEIGHT_SHARD = re.compile(r"model-\d+-of-\d+\.safetensors")
 
 #: Settings a resumed run must share with its checkpoint: each changes the data order, the steps, the
-#: learning-rate schedule or the optimizer state the checkpoint holds.
+#: learning-rate schedule, the optimizer state the checkpoint holds, or the loss and gradients (a flag left
+#: out on ``--resume`` falls back to its default, which would silently change them).
 SCHEDULE_FIELDS = (
     "seed",
     "train_batch_size",
@@ -84,6 +85,10 @@ SCHEDULE_FIELDS = (
     "freeze_question_encoder",
     "freeze_generator",
     "end2end",
+    "label_smoothing",
+    "max_grad_norm",
+    "max_source_length",
+    "max_target_length",
 )
 
 
