@@ -262,6 +262,24 @@ def test_data_files_with_a_byte_order_mark_and_a_missing_data_dir(tmp_path):
     assert load_qa_split(tmp_path / "nowhere", "val", required=False) is None
 
 
+@pytest.mark.parametrize("command", ["consolidate", "finetune"])
+def test_a_generator_that_is_not_seq2seq_is_a_message(tmp_path, components, data_dir, command, capsys):
+    root, _ = components
+    parts = [
+        "--question_encoder_name_or_path",
+        str(root / "qe"),
+        "--generator_name_or_path",
+        str(root / "qe"),
+    ]
+    rest = {"consolidate": ["--dest", str(tmp_path / "rag")]}.get(
+        command, ["--data_dir", str(data_dir), "--output_dir", str(tmp_path / "out"), "--no_progress"]
+    )
+    assert main([command, *parts, *rest]) == 2
+    err = capsys.readouterr().err
+    assert f"ragkit {command}: error: --generator_name_or_path" in err
+    assert "is a dpr model, not a sequence-to-sequence generator" in err
+
+
 def test_not_a_rag_checkpoint(tmp_path, components):
     root, _ = components
     with pytest.raises(ValueError, match=r"gen is not a RAG checkpoint .*ragkit consolidate"):

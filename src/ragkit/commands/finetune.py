@@ -38,7 +38,7 @@ from ..loading import (
     resolve_device,
 )
 from . import check_device, hidden_progress_bars
-from .consolidate import add_rag_field_arguments, rag_fields
+from .consolidate import add_rag_field_arguments, check_generator, rag_fields
 
 __all__ = ["configure_parser", "run"]
 
@@ -95,6 +95,7 @@ def _load_starting_model(args: argparse.Namespace, device: torch.device) -> tupl
     question_encoder = resolve_encoder_name(args.question_encoder_name_or_path)
     check_model_location(question_encoder, "--question_encoder_name_or_path")
     check_model_location(args.generator_name_or_path, "--generator_name_or_path")
+    check_generator(args.generator_name_or_path)
     staging = Path(args.output_dir) / CONSOLIDATED_DIRNAME
     consolidate_rag_checkpoint(
         args.model_type or "rag_sequence",
