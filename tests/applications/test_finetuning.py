@@ -196,3 +196,31 @@ def test_end2end_resume_rebuilds_the_index_the_run_was_using(
     # at step 2 (rebuilt again from the context encoder of step 2); then the rebuilds of steps 4 and 6.
     assert rebuilds == pytest.approx(reference_rebuilds, rel=1e-9)
     assert resumed.losses == pytest.approx(reference.losses, rel=1e-6)
+
+
+@pytest.mark.parametrize("show_progress", [True, False])
+def test_end2end_index_rebuild_shows_progress_as_the_run(
+    tmp_path, make_model, train_examples, question_encoder_tokenizer, monkeypatch, show_progress
+):
+    from transformers import DPRContextEncoder
+
+    import ragkit.finetuning.trainer as trainer_module
+    from ragkit.testing import tiny_dpr_config
+
+    shown = []
+    monkeypatch.setattr(
+        trainer_module,
+        "refresh_index",
+        lambda *args, show_progress=False, **kwargs: shown.append(show_progress),
+    )
+    model, tokenizer = make_model(seed=0)
+    args = _args(tmp_path, end2end=True, index_rebuild_steps=1, max_steps=1, show_progress=show_progress)
+    RagTrainer(
+        model,
+        tokenizer,
+        args,
+        train_examples,
+        context_encoder=DPRContextEncoder(tiny_dpr_config(hidden_size=32)),
+        context_encoder_tokenizer=question_encoder_tokenizer,
+    ).train()
+    assert shown == [show_progress]  # re-embedding every passage is long work: a bar unless hidden

@@ -469,8 +469,13 @@ class RagTrainer:
         self.model.set_context_encoder_for_training(self.context_encoder)
         self.model.retriever.set_ctx_encoder_tokenizer(context_encoder_tokenizer)
         if self.index_refresher is None:
+            # Re-embedding every passage is long: it shows a progress bar unless the run hides them.
             self.index_refresher = lambda encoder: refresh_index(
-                self.model.retriever, encoder, context_encoder_tokenizer, self.model.config
+                self.model.retriever,
+                encoder,
+                context_encoder_tokenizer,
+                self.model.config,
+                show_progress=self.args.show_progress,
             )
 
     def _set_max_combined_length(self, length: int) -> None:
