@@ -260,6 +260,11 @@ def test_data_files_with_a_byte_order_mark_and_a_missing_data_dir(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"data directory .*nowhere does not exist"):
         load_qa_split(tmp_path / "nowhere", "train")
     assert load_qa_split(tmp_path / "nowhere", "val", required=False) is None
+    (tmp_path / "test.csv").write_text("question,answer\nq1,a1\n")
+    with pytest.raises(
+        FileNotFoundError, match=r"test\.jsonl .*\. Found test\.csv: convert to one of these formats"
+    ):
+        load_qa_split(tmp_path, "test")
 
 
 @pytest.mark.parametrize("command", ["consolidate", "finetune"])

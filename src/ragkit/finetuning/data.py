@@ -150,9 +150,12 @@ def load_qa_split(data_dir: str | os.PathLike, split: str, required: bool = True
     elif jsonl.is_file():
         examples = _read_jsonl(jsonl)
     elif required:
+        # Data in another format (train.csv, train.tsv, train.json) is named, so the message says what to convert.
+        others = sorted(path.name for path in data_dir.glob(f"{split}.*") if path.is_file())
+        found = f" Found {', '.join(others)}: convert to one of these formats." if others else ""
         raise MissingFileError(
             f"No {split} data in {data_dir}: expected {split}.source + {split}.target (one question / answer "
-            f"per line) or {split}.jsonl (records with 'question' and 'answer')."
+            f"per line) or {split}.jsonl (records with 'question' and 'answer').{found}"
         )
     else:
         return None
