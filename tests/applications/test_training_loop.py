@@ -333,3 +333,13 @@ def test_resume_refuses_another_model_type(tmp_path, make_model, train_examples)
         RagInputError, match=r"RagSequenceForGeneration in the checkpoint, RagTokenForGeneration now"
     ):
         RagTrainer(model, tokenizer, args, train_examples).train()
+
+
+def test_resume_in_another_precision(tmp_path, make_model, train_examples):
+    # E.g. a run started on CPU (fp32) continued on a GPU without bf16 (fp16 with loss scaling): the
+    # checkpoint has no loss-scaler state, so the scaler starts fresh.
+    _interrupted_run(tmp_path, make_model, train_examples)
+    model, tokenizer = make_model(seed=0)
+    args = _args(tmp_path, save_checkpoints=True, num_train_epochs=2, resume=True, precision="fp16")
+    result = RagTrainer(model, tokenizer, args, train_examples).train()
+    assert result.global_step == 6 and result.final_dir is not None

@@ -589,7 +589,8 @@ class RagTrainer:
             self.context_encoder.load_state_dict(reloaded.state_dict())
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state.get("scaler"):  # empty when the checkpoint's run had no loss scaling (fp32, bf16): start fresh
+            self.scaler.load_state_dict(state["scaler"])
         self.global_step = state["global_step"]
         self.epoch = state["epoch"]
         self.step_in_epoch = state["step_in_epoch"]
