@@ -451,8 +451,8 @@ class RagTrainer:
         self.losses: list[float] = []
         self.val_em: list[float] = []
         self._retrieval_cache: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
-        # end2end: the step of the last index rebuild (0: the index the run started with) and, on CPU, the
-        # context encoder's weights at that step, for checkpoints written between two rebuilds.
+        # end2end: the step of the last index rebuild (0: the index the run started with) and a CPU copy of
+        # the context encoder's weights at that step, for checkpoints written between two rebuilds.
         self._index_refresh_step = 0
         self._index_encoder_state: dict[str, torch.Tensor] | None = None
 
@@ -589,7 +589,8 @@ class RagTrainer:
             self.context_encoder.load_state_dict(reloaded.state_dict())
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        if state.get("scaler"):  # empty when the checkpoint's run had no loss scaling (fp32, bf16): start fresh
+        # Empty when the checkpoint's run had no loss scaling (fp32, bf16): the scaler then starts fresh.
+        if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.global_step = state["global_step"]
         self.epoch = state["epoch"]
