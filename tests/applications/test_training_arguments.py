@@ -150,6 +150,10 @@ def test_finetune_checks_the_output_dir_before_loading_anything(tmp_path, capsys
             "--model_name_or_path", str(tmp_path / "missing")]  # fmt: skip
     assert main(argv) == 2
     assert "final holds files fine-tuning did not write (report.docx)" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("mine")
+    argv[argv.index("--output_dir") + 1] = str(tmp_path / "a_file")
+    assert main(argv) == 2
+    assert "--output_dir" in (err := capsys.readouterr().err) and "a_file' is an existing file" in err
 
 
 def test_consolidate_parser_is_its_own():
