@@ -103,7 +103,10 @@ def test_consolidate_finetune_resume_eval(tmp_path, components, data_dir, capita
     capsys.readouterr()
     assert main([*finetune, "--max_steps", "4"]) == 0  # stops mid-epoch 2, as an interrupted run
     captured = capsys.readouterr()
-    assert "stopped at step 4" in captured.out
+    assert (
+        "stopped at step 4 (--max_steps); continue with --resume and a larger or no --max_steps"
+        in captured.out
+    )
     # --no_progress: no bar at all, transformers' (loading weights, writing checkpoints) included.
     assert "it/s]" not in captured.err and "Writing model shards" not in captured.err
     assert not (output / "final").exists()

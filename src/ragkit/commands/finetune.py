@@ -187,6 +187,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"fine-tuned model written to {result.final_dir}")  # noqa: T201 (command output)
     else:
         print(  # noqa: T201 (command output)
-            f"stopped at step {result.global_step}; continue with --resume (checkpoint: {result.checkpoint_dir})"
+            f"stopped at step {result.global_step} (--max_steps); continue with --resume and a larger or no "
+            f"--max_steps (checkpoint: {result.checkpoint_dir})"
         )
     return 0
