@@ -253,7 +253,7 @@ def test_misaligned_and_missing_data_files(tmp_path):
         load_qa_split(tmp_path, "val")
 
 
-def test_data_files_with_a_byte_order_mark_and_a_missing_data_dir(tmp_path):
+def test_data_split_edge_cases(tmp_path):
     # Editors on Windows start UTF-8 files with a byte-order mark; it is not part of the first record.
     (tmp_path / "train.jsonl").write_text('\ufeff{"question": "q1", "answer": "a1"}\n', encoding="utf-8")
     assert [(e.source, e.target) for e in load_qa_split(tmp_path, "train")] == [("q1", "a1")]
@@ -263,6 +263,15 @@ def test_data_files_with_a_byte_order_mark_and_a_missing_data_dir(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"data directory .*nowhere does not exist"):
         load_qa_split(tmp_path / "nowhere", "train")
     assert load_qa_split(tmp_path / "nowhere", "val", required=False) is None
+    # An empty question or answer is a slipped line or a missing value, not an example.
+    (tmp_path / "val.target").write_text("a1\n \n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"val\.target, line 2: the answer is empty"):
+        load_qa_split(tmp_path, "val")
+    (tmp_path / "train.jsonl").write_text(
+        '{"question": "q1", "answer": "a1"}\n{"question": "", "answer": "a"}\n'
+    )
+    with pytest.raises(ValueError, match=r"train\.jsonl, line 2: the question is empty"):
+        load_qa_split(tmp_path, "train")
     (tmp_path / "test.csv").write_text("question,answer\nq1,a1\n")
     with pytest.raises(
         FileNotFoundError, match=r"test\.jsonl .*\. Found test\.csv: convert to one of these formats"

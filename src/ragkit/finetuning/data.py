@@ -57,6 +57,15 @@ def _numbered_lines(lines: Any, path: Path) -> Any:
         ) from err
 
 
+def _check_not_blank(text: str, where: str, what: str) -> None:
+    """Raise naming ``where`` when a question or answer is empty (a slipped line or a missing value)."""
+    if not text.strip():
+        raise CorruptFileError(
+            f"{where}: the {what} is empty; every example needs a question and its answer. Fill it in or remove "
+            "the example (from both files, for .source/.target)."
+        )
+
+
 def _read_text_lines(path: Path) -> list[str]:
     """Lines of ``path`` without line endings (a trailing empty line is dropped)."""
     try:
@@ -105,6 +114,8 @@ def _read_jsonl(path: Path) -> list[QAExample]:
                     f"{path}, line {number}: each record needs a string 'question' (or 'source') and a string "
                     "'answer' (or 'target', or a non-empty list 'answers')."
                 )
+            _check_not_blank(source, f"{path}, line {number}", "question")
+            _check_not_blank(target, f"{path}, line {number}", "answer")
             examples.append(QAExample(source, target, [str(a) for a in answers] if answers else [target]))
     return examples
 
@@ -123,8 +134,8 @@ def load_qa_split(data_dir: str | os.PathLike, split: str, required: bool = True
     Raises:
         MissingFileError: For a required split, ``data_dir`` is not a directory or has no files for it; or
             only one of ``.source``/``.target`` is there.
-        CorruptFileError: Source and target line counts differ, a JSONL line is not a record, or the split
-            is empty.
+        CorruptFileError: Source and target line counts differ, a JSONL line is not a record, a question or
+            answer is empty, or the split is empty.
     """
     data_dir = Path(data_dir)
     if required and not data_dir.is_dir():
@@ -146,6 +157,9 @@ def load_qa_split(data_dir: str | os.PathLike, split: str, required: bool = True
                 f"{source} has {len(sources)} lines but {target} has {len(targets)}: the files are misaligned. "
                 "Line i of the .target file must be the answer to line i of the .source file."
             )
+        for number, (question, answer) in enumerate(zip(sources, targets), start=1):
+            _check_not_blank(question, f"{source}, line {number}", "question")
+            _check_not_blank(answer, f"{target}, line {number}", "answer")
         examples = [QAExample(s, t) for s, t in zip(sources, targets)]
     elif jsonl.is_file():
         examples = _read_jsonl(jsonl)
