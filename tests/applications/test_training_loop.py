@@ -343,3 +343,35 @@ def test_resume_in_another_precision(tmp_path, make_model, train_examples):
     args = _args(tmp_path, save_checkpoints=True, num_train_epochs=2, resume=True, precision="fp16")
     result = RagTrainer(model, tokenizer, args, train_examples).train()
     assert result.global_step == 6 and result.final_dir is not None
+
+
+@pytest.mark.parametrize("frozen", ["question_encoder", "generator"])
+def test_frozen_parts_run_without_dropout(tmp_path, make_model, train_examples, frozen):
+    model, tokenizer = make_model(seed=0, dropout=0.1)
+    trained = "generator" if frozen == "question_encoder" else "question_encoder"
+    modes = {"question_encoder": set(), "generator": set()}
+    for name in modes:
+        getattr(model.rag, name).register_forward_hook(
+            lambda module, inputs, output, name=name: modes[name].add(module.training)
+        )
+    args = _args(tmp_path, num_train_epochs=2, do_validation=True, **{f"freeze_{frozen}": True})
+    RagTrainer(model, tokenizer, args, train_examples[:8], train_examples[:2]).train()
+    # Validation generates in eval mode; the training steps of the second epoch run after it.
+    assert modes[frozen] == {False} and modes[trained] == {True, False}
+
+
+def test_cached_retrieval_trains_as_live_retrieval_with_dropout(tmp_path, make_model, train_examples):
+    """Dropout in the frozen question encoder does not make live retrieval differ from the cache."""
+
+    def model_with_dropout():
+        model, tokenizer = make_model(seed=0, dropout=0.1)  # the generator's: its RNG draws must line up too
+        for module in model.rag.question_encoder.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.3
+        return model, tokenizer
+
+    settings = dict(freeze_question_encoder=True, num_train_epochs=2, learning_rate=3e-3)
+    live = RagTrainer(*model_with_dropout(), _args(tmp_path / "a", **settings), train_examples).train()
+    cached_args = _args(tmp_path / "b", cache_retrieval=True, **settings)
+    cached = RagTrainer(*model_with_dropout(), cached_args, train_examples).train()
+    assert cached.losses == pytest.approx(live.losses, rel=1e-5)

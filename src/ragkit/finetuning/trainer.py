@@ -494,6 +494,19 @@ class RagTrainer:
         if self.args.freeze_generator:
             rag.generator.requires_grad_(False)
 
+    def _train_mode(self) -> None:
+        """Training mode, except for the frozen parts: they run as at inference (no dropout).
+
+        A frozen question encoder then gives the same retrieval every time, which ``cache_retrieval``
+        relies on; dropout in a part that is not trained is only noise.
+        """
+        self.model.train()
+        rag = getattr(self.model, "rag", self.model)
+        if self.args.freeze_question_encoder:
+            rag.question_encoder.eval()
+        if self.args.freeze_generator:
+            rag.generator.eval()
+
     def _trainable_modules(self) -> list[torch.nn.Module]:
         """The model and, with end2end, the context encoder (shared parameters are deduplicated later)."""
         return [self.model] if self.context_encoder is None else [self.model, self.context_encoder]
@@ -769,7 +782,7 @@ class RagTrainer:
             self._retrieval_cache = self._build_retrieval_cache()
         micro_batches = math.ceil(len(self.train_examples) / args.train_batch_size)
         interrupted = False
-        self.model.train()
+        self._train_mode()
         progress = tqdm(
             total=self.total_steps, initial=self.global_step, desc="training", disable=not args.show_progress
         )
@@ -824,7 +837,7 @@ class RagTrainer:
                     self.val_em.append(em)
                     logger.info("epoch %d: validation EM %.4f", self.epoch, em)
                     progress.set_postfix(epoch=self.epoch, loss=f"{self.losses[-1]:.3f}", val_em=f"{em:.3f}")
-                    self.model.train()
+                    self._train_mode()
             if args.save_checkpoints:
                 self.save_checkpoint()
         progress.close()
