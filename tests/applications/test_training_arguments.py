@@ -119,7 +119,7 @@ def test_finetune_refuses_a_bad_setting_before_loading_anything(tmp_path, capsys
         main([*argv, "--debug"])
 
 
-def test_finetune_refuses_two_ways_of_giving_the_model(tmp_path, capsys):
+def test_finetune_refuses_conflicting_model_flags(tmp_path, capsys):
     from ragkit.cli import main
 
     argv = ["finetune", "--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "o"),
@@ -128,6 +128,9 @@ def test_finetune_refuses_two_ways_of_giving_the_model(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("ragkit finetune: error: --model_name_or_path (a RAG checkpoint) and")
     assert "give one of them" in err and "Traceback" not in err
+    argv[-2:] = ["--context_encoder_name_or_path", "facebook/dpr-ctx_encoder-single-nq-base"]
+    assert main(argv) == 2  # given without --end2end, it would be ignored
+    assert "--context_encoder_name_or_path is used only with --end2end" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

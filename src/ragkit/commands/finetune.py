@@ -167,6 +167,11 @@ def run(args: argparse.Namespace) -> int:
         raise RagInputError(
             "--end2end needs --context_encoder_name_or_path (the encoder the index was built with)."
         )
+    if args.context_encoder_name_or_path and not args.end2end:
+        raise RagInputError(
+            "--context_encoder_name_or_path is used only with --end2end (training the context encoder too); "
+            "add --end2end, or leave it out."
+        )
     if args.end2end and not _loads_index_locally(args):
         # Rebuilding the index swaps it in this process only; actors or rank 0 would serve the old one.
         raise RagInputError("--end2end cannot be combined with --distributed_retriever; use 'none'.")
