@@ -259,7 +259,12 @@ def load_gold_answers(path: str | os.PathLike, mode: str = "qa") -> list[list[st
                 "use --gold_data_mode ans for one line of tab-separated answers per question."
             )
         raw = line.split("\t", 1)[1].strip()
-        answers.append(_parse_answer_list(raw))
+        parsed = _parse_answer_list(raw)
+        if not parsed:
+            raise RagInputError(
+                f"{path}, line {number}: the list of answers is empty; give at least one answer per question."
+            )
+        answers.append(parsed)
     return answers
 
 
@@ -278,13 +283,13 @@ def load_gold_titles(path: str | os.PathLike) -> list[list[str]]:
 
 
 def _parse_answer_list(raw: str) -> list[str]:
-    """A Python/JSON list literal of answers, or a single answer string."""
+    """A Python/JSON list literal of answers (``[]`` gives no answer), or a single answer string."""
     if raw.startswith("["):
         try:
             value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
             value = None
-        if isinstance(value, list) and value:
+        if isinstance(value, list):
             return [str(v) for v in value]
     return [raw]
 

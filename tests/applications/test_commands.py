@@ -100,8 +100,15 @@ def test_consolidate_finetune_resume_eval(tmp_path, components, data_dir, capita
         "--label_smoothing", "0.1",
         "--no_progress",
     ]  # fmt: skip
+    capsys.readouterr()
     assert main([*finetune, "--max_steps", "4"]) == 0  # stops mid-epoch 2, as an interrupted run
-    assert "stopped at step 4" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert (
+        "stopped at step 4 (--max_steps); continue with --resume and a larger or no --max_steps"
+        in captured.out
+    )
+    # --no_progress: no bar at all, transformers' (loading weights, writing checkpoints) included.
+    assert "it/s]" not in captured.err and "Writing model shards" not in captured.err
     assert not (output / "final").exists()
     # A resume with another batch size would silently follow another schedule: refused, naming both values.
     assert main([*finetune, "--resume", "--train_batch_size", "3"]) == 2
@@ -244,6 +251,50 @@ def test_misaligned_and_missing_data_files(tmp_path):
     (tmp_path / "val.jsonl").write_text('{"question": "q", "answers": 5}\n')
     with pytest.raises(ValueError, match=r"val\.jsonl, line 1: 'answers' must be"):
         load_qa_split(tmp_path, "val")
+
+
+def test_data_split_edge_cases(tmp_path):
+    # Editors on Windows start UTF-8 files with a byte-order mark; it is not part of the first record.
+    (tmp_path / "train.jsonl").write_text('\ufeff{"question": "q1", "answer": "a1"}\n', encoding="utf-8")
+    assert [(e.source, e.target) for e in load_qa_split(tmp_path, "train")] == [("q1", "a1")]
+    (tmp_path / "val.source").write_text("\ufeffq1\nq2\n", encoding="utf-8")
+    (tmp_path / "val.target").write_text("\ufeffa1\na2\n", encoding="utf-8")
+    assert [(e.source, e.target) for e in load_qa_split(tmp_path, "val")] == [("q1", "a1"), ("q2", "a2")]
+    with pytest.raises(FileNotFoundError, match=r"data directory .*nowhere does not exist"):
+        load_qa_split(tmp_path / "nowhere", "train")
+    assert load_qa_split(tmp_path / "nowhere", "val", required=False) is None
+    # An empty question or answer is a slipped line or a missing value, not an example.
+    (tmp_path / "val.target").write_text("a1\n \n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"val\.target, line 2: the answer is empty"):
+        load_qa_split(tmp_path, "val")
+    (tmp_path / "train.jsonl").write_text(
+        '{"question": "q1", "answer": "a1"}\n{"question": "", "answer": "a"}\n'
+    )
+    with pytest.raises(ValueError, match=r"train\.jsonl, line 2: the question is empty"):
+        load_qa_split(tmp_path, "train")
+    (tmp_path / "test.csv").write_text("question,answer\nq1,a1\n")
+    with pytest.raises(
+        FileNotFoundError, match=r"test\.jsonl .*\. Found test\.csv: convert to one of these formats"
+    ):
+        load_qa_split(tmp_path, "test")
+
+
+@pytest.mark.parametrize("command", ["consolidate", "finetune"])
+def test_a_generator_that_is_not_seq2seq_is_a_message(tmp_path, components, data_dir, command, capsys):
+    root, _ = components
+    parts = [
+        "--question_encoder_name_or_path",
+        str(root / "qe"),
+        "--generator_name_or_path",
+        str(root / "qe"),
+    ]
+    rest = {"consolidate": ["--dest", str(tmp_path / "rag")]}.get(
+        command, ["--data_dir", str(data_dir), "--output_dir", str(tmp_path / "out"), "--no_progress"]
+    )
+    assert main([command, *parts, *rest]) == 2
+    err = capsys.readouterr().err
+    assert f"ragkit {command}: error: --generator_name_or_path" in err
+    assert "is a dpr model, not a sequence-to-sequence generator" in err
 
 
 def test_not_a_rag_checkpoint(tmp_path, components):

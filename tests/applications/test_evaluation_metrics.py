@@ -80,3 +80,12 @@ def test_eval_file_formats(tmp_path):
     bad.write_text("no tab here\n")
     with pytest.raises(ValueError, match="gold_data_mode ans"):
         load_gold_answers(bad, "qa")
+
+
+def test_an_empty_answer_list_is_refused_not_read_as_the_answer_brackets(tmp_path):
+    gold = tmp_path / "gold.tsv"
+    gold.write_text("who?\t['Ann']\nwhat?\t[]\n")
+    with pytest.raises(ValueError, match=r"gold\.tsv, line 2: the list of answers is empty"):
+        load_gold_answers(gold, "qa")
+    gold.write_text("who?\t[Ann]\n")  # not a list literal: the text itself is the answer
+    assert load_gold_answers(gold, "qa") == [["[Ann]"]]

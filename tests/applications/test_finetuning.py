@@ -154,3 +154,73 @@ def test_resume_refuses_a_trainer_state_that_runs_code(tmp_path, make_model, tra
     with pytest.raises(CorruptFileError, match=r"trainer_state\.pt holds objects other than tensors"):
         trainer.load_checkpoint()
     assert not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize("stop_at", [1, 3])  # before the first index rebuild; between the first two
+def test_end2end_resume_rebuilds_the_index_the_run_was_using(
+    tmp_path, make_model, train_examples, question_encoder_tokenizer, stop_at
+):
+    from transformers import DPRContextEncoder
+
+    from ragkit.testing import tiny_dpr_config
+
+    settings = dict(end2end=True, index_rebuild_steps=2, num_train_epochs=2, learning_rate=1e-3)
+
+    def run(directory, seed=0, **extra):
+        """Train; return the result and, per index rebuild, the sum of the context encoder's weights used."""
+        model, tokenizer = make_model(seed=seed)
+        torch.manual_seed(1)
+        encoder = DPRContextEncoder(tiny_dpr_config(hidden_size=32))
+        trainer = RagTrainer(
+            model,
+            tokenizer,
+            _args(directory, save_checkpoints=True, **settings, **extra),
+            train_examples,
+            context_encoder=encoder,
+            context_encoder_tokenizer=question_encoder_tokenizer,
+        )
+        rebuilds, default_refresher = [], trainer.index_refresher
+
+        def recording_refresher(used):
+            rebuilds.append(sum(float(p.double().sum()) for p in used.parameters()))
+            default_refresher(used)
+
+        trainer.index_refresher = recording_refresher
+        return trainer.train(), rebuilds
+
+    reference, reference_rebuilds = run(tmp_path / "a")
+    assert len(reference_rebuilds) == 3  # steps 2, 4, 6
+    run(tmp_path / "b", max_steps=stop_at)
+    resumed, rebuilds = run(tmp_path / "b", seed=5, resume=True)
+    # At step 1 the run was still on the starting index (nothing to rebuild); at step 3, on the one rebuilt
+    # at step 2 (rebuilt again from the context encoder of step 2); then the rebuilds of steps 4 and 6.
+    assert rebuilds == pytest.approx(reference_rebuilds, rel=1e-9)
+    assert resumed.losses == pytest.approx(reference.losses, rel=1e-6)
+
+
+@pytest.mark.parametrize("show_progress", [True, False])
+def test_end2end_index_rebuild_shows_progress_as_the_run(
+    tmp_path, make_model, train_examples, question_encoder_tokenizer, monkeypatch, show_progress
+):
+    from transformers import DPRContextEncoder
+
+    import ragkit.finetuning.trainer as trainer_module
+    from ragkit.testing import tiny_dpr_config
+
+    shown = []
+    monkeypatch.setattr(
+        trainer_module,
+        "refresh_index",
+        lambda *args, show_progress=False, **kwargs: shown.append(show_progress),
+    )
+    model, tokenizer = make_model(seed=0)
+    args = _args(tmp_path, end2end=True, index_rebuild_steps=1, max_steps=1, show_progress=show_progress)
+    RagTrainer(
+        model,
+        tokenizer,
+        args,
+        train_examples,
+        context_encoder=DPRContextEncoder(tiny_dpr_config(hidden_size=32)),
+        context_encoder_tokenizer=question_encoder_tokenizer,
+    ).train()
+    assert shown == [show_progress]  # re-embedding every passage is long work: a bar unless hidden

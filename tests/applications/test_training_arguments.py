@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 
 import pytest
+import torch
 
 from ragkit.errors import RagInputError
 from ragkit.finetuning import TrainingArguments
@@ -116,6 +117,46 @@ def test_finetune_refuses_a_bad_setting_before_loading_anything(tmp_path, capsys
     assert "ragkit finetune: error: `label_smoothing` must be in [0, 1), got 1.5" in capsys.readouterr().err
     with pytest.raises(RagInputError, match=r"`label_smoothing` must be in \[0, 1\), got 1\.5"):
         main([*argv, "--debug"])
+
+
+def test_finetune_refuses_conflicting_model_flags(tmp_path, capsys):
+    from ragkit.cli import main
+
+    argv = ["finetune", "--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "o"),
+            "--model_name_or_path", str(tmp_path / "rag"), "--generator_name_or_path", "facebook/bart-base"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ragkit finetune: error: --model_name_or_path (a RAG checkpoint) and")
+    assert "give one of them" in err and "Traceback" not in err
+    argv[-2:] = ["--context_encoder_name_or_path", "facebook/dpr-ctx_encoder-single-nq-base"]
+    assert main(argv) == 2  # given without --end2end, it would be ignored
+    assert "--context_encoder_name_or_path is used only with --end2end" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_finetune_on_a_missing_gpu_is_a_message(tmp_path, capsys):
+    from ragkit.cli import main
+
+    argv = ["finetune", "--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "o"),
+            "--model_name_or_path", str(tmp_path / "missing"), "--device", "cuda"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ragkit finetune: error: --device 'cuda': no CUDA GPU is usable here")
+
+
+def test_finetune_checks_the_output_dir_before_loading_anything(tmp_path, capsys):
+    from ragkit.cli import main
+
+    (tmp_path / "o" / "final").mkdir(parents=True)
+    (tmp_path / "o" / "final" / "report.docx").write_text("mine")
+    argv = ["finetune", "--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "o"),
+            "--model_name_or_path", str(tmp_path / "missing")]  # fmt: skip
+    assert main(argv) == 2
+    assert "final holds files fine-tuning did not write (report.docx)" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("mine")
+    argv[argv.index("--output_dir") + 1] = str(tmp_path / "a_file")
+    assert main(argv) == 2
+    assert "--output_dir" in (err := capsys.readouterr().err) and "a_file' is an existing file" in err
 
 
 def test_consolidate_parser_is_its_own():

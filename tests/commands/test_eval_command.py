@@ -65,6 +65,28 @@ def test_eval_writes_predictions_and_metrics(checkpoint, eval_files, tmp_path, c
     assert f"em: {expected['em']:.4f}" in capsys.readouterr().out
 
 
+def test_predictions_file_has_one_line_per_question_whatever_the_answers_hold(
+    checkpoint, eval_files, tmp_path, monkeypatch
+):
+    import ragkit.evaluation
+
+    # Byte-level BPE can decode any character: line breaks other than \n must not split a prediction.
+    answers = ["Par\ris", "Paris\u2028France", "Shake\x0bspeare\r\n"]
+    monkeypatch.setattr(ragkit.evaluation, "generate_answers", lambda *args, **kwargs: list(answers))
+    questions, gold = eval_files
+    predictions, metrics = tmp_path / "predictions.txt", tmp_path / "metrics.json"
+    extra = ["--predictions_path", str(predictions), "--metrics_path", str(metrics)]
+    assert _eval(checkpoint, questions, gold, *extra) == 0
+    with open(predictions, encoding="utf-8") as f:  # read back as any text reader would
+        lines = [line.rstrip("\n") for line in f]
+    assert len(lines) == len(QUESTIONS)
+    from ragkit.evaluation import evaluate_answers, load_gold_answers
+
+    from_file = evaluate_answers(lines, load_gold_answers(gold, "ans")).metrics
+    scores = json.loads(metrics.read_text())
+    assert (scores["em"], scores["f1"]) == pytest.approx((from_file["em"], from_file["f1"]))
+
+
 @pytest.mark.parametrize(
     "flag, target",
     [

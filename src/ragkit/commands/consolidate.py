@@ -6,10 +6,18 @@ import argparse
 from typing import Any
 
 from ..encoders import resolve_encoder_name
+from ..errors import RagInputError
 from ..finetuning.arguments import UnderscoreHelpFormatter, add_flag
 from ..loading import MODEL_TYPES, check_model_location, consolidate_rag_checkpoint
 
-__all__ = ["add_rag_field_arguments", "configure_parser", "pooling_fields", "rag_fields", "run"]
+__all__ = [
+    "add_rag_field_arguments",
+    "check_generator",
+    "configure_parser",
+    "pooling_fields",
+    "rag_fields",
+    "run",
+]
 
 
 def add_rag_field_arguments(parser: argparse.ArgumentParser, n_docs: bool = True) -> None:
@@ -50,6 +58,23 @@ def rag_fields(args: argparse.Namespace) -> dict[str, Any]:
     names = ("index_name", "index_path", "passages_path", "n_docs")
     index = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
     return {**pooling_fields(args), **index}
+
+
+def check_generator(name_or_path: str, flag: str = "--generator_name_or_path") -> None:
+    """Raise :class:`RagInputError` when ``name_or_path`` (a checked location) is not an encoder-decoder model.
+
+    Args:
+        name_or_path: Directory or Hub id of the generator.
+        flag: The option named in the error.
+    """
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(name_or_path)
+    if not getattr(config, "is_encoder_decoder", False):
+        raise RagInputError(
+            f"{flag} {name_or_path!r} is a {config.model_type} model, not a sequence-to-sequence generator; RAG "
+            "generates with an encoder-decoder model such as BART (facebook/bart-large) or T5 (t5-base)."
+        )
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -95,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
     ):
         if value is not None:
             check_model_location(value, flag)
+    check_generator(args.generator_name_or_path)
     dest = consolidate_rag_checkpoint(
         args.model_type,
         question_encoder,

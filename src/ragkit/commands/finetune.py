@@ -23,7 +23,13 @@ from ..finetuning.arguments import (
     dataclass_from_namespace,
 )
 from ..finetuning.data import load_qa_split
-from ..finetuning.trainer import CHECKPOINT_DIRNAME, TRAINER_STATE_FILE, RagTrainer
+from ..finetuning.trainer import (
+    CHECKPOINT_DIRNAME,
+    TRAINER_STATE_FILE,
+    RagTrainer,
+    TrainResult,
+    check_output_dir,
+)
 from ..loading import (
     MODEL_TYPES,
     check_model_location,
@@ -31,7 +37,8 @@ from ..loading import (
     load_rag_for_training,
     resolve_device,
 )
-from .consolidate import add_rag_field_arguments, rag_fields
+from . import check_device, hidden_progress_bars
+from .consolidate import add_rag_field_arguments, check_generator, rag_fields
 
 __all__ = ["configure_parser", "run"]
 
@@ -88,6 +95,7 @@ def _load_starting_model(args: argparse.Namespace, device: torch.device) -> tupl
     question_encoder = resolve_encoder_name(args.question_encoder_name_or_path)
     check_model_location(question_encoder, "--question_encoder_name_or_path")
     check_model_location(args.generator_name_or_path, "--generator_name_or_path")
+    check_generator(args.generator_name_or_path)
     staging = Path(args.output_dir) / CONSOLIDATED_DIRNAME
     consolidate_rag_checkpoint(
         args.model_type or "rag_sequence",
@@ -115,17 +123,8 @@ def _load_context_encoder(name_or_path: str, device: torch.device) -> tuple[Any,
     return model_class.from_pretrained(name_or_path).to(device), AutoTokenizer.from_pretrained(name_or_path)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run ``ragkit finetune``."""
-    # Checked first: a bad setting is reported before any model is loaded.
-    training_args = dataclass_from_namespace(TrainingArguments, args)
-    if args.end2end and not args.context_encoder_name_or_path:
-        raise RagInputError(
-            "--end2end needs --context_encoder_name_or_path (the encoder the index was built with)."
-        )
-    if args.end2end and not _loads_index_locally(args):
-        # Rebuilding the index swaps it in this process only; actors or rank 0 would serve the old one.
-        raise RagInputError("--end2end cannot be combined with --distributed_retriever; use 'none'.")
+def _train(args: argparse.Namespace, training_args: TrainingArguments) -> TrainResult:
+    """Load the data, the model (and the context encoder with end2end) and train."""
     train_examples = load_qa_split(args.data_dir, "train")
     val_examples = load_qa_split(args.data_dir, "val", required=False)
     device = resolve_device(args.device)
@@ -157,7 +156,35 @@ def run(args: argparse.Namespace) -> int:
         context_encoder=context_encoder,
         context_encoder_tokenizer=context_tokenizer,
     )
-    result = trainer.train()
+    return trainer.train()
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``ragkit finetune``."""
+    # Checked first: a bad setting is reported before any model is loaded.
+    training_args = dataclass_from_namespace(TrainingArguments, args)
+    if args.end2end and not args.context_encoder_name_or_path:
+        raise RagInputError(
+            "--end2end needs --context_encoder_name_or_path (the encoder the index was built with)."
+        )
+    if args.context_encoder_name_or_path and not args.end2end:
+        raise RagInputError(
+            "--context_encoder_name_or_path is used only with --end2end (training the context encoder too); "
+            "add --end2end, or leave it out."
+        )
+    if args.end2end and not _loads_index_locally(args):
+        # Rebuilding the index swaps it in this process only; actors or rank 0 would serve the old one.
+        raise RagInputError("--end2end cannot be combined with --distributed_retriever; use 'none'.")
+    if args.model_name_or_path and (args.question_encoder_name_or_path or args.generator_name_or_path):
+        raise RagInputError(
+            "--model_name_or_path (a RAG checkpoint) and --question_encoder_name_or_path/--generator_name_or_path "
+            "(parts to build one from) are two ways to give the model; give one of them."
+        )
+    check_device(args.device)
+    check_output_dir(training_args)
+    # --no_progress hides transformers' bars too (loading weights, writing every checkpoint).
+    with hidden_progress_bars(not training_args.show_progress):
+        result = _train(args, training_args)
     print(f"steps: {result.global_step}  epochs: {result.epoch}  last loss: {result.losses[-1]:.4f}")  # noqa: T201 (command output)
     if result.val_em:
         print("validation EM per epoch: " + ", ".join(f"{em:.4f}" for em in result.val_em))  # noqa: T201 (command output)
@@ -165,6 +192,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"fine-tuned model written to {result.final_dir}")  # noqa: T201 (command output)
     else:
         print(  # noqa: T201 (command output)
-            f"stopped at step {result.global_step}; continue with --resume (checkpoint: {result.checkpoint_dir})"
+            f"stopped at step {result.global_step} (--max_steps); continue with --resume and a larger or no "
+            f"--max_steps (checkpoint: {result.checkpoint_dir})"
         )
     return 0

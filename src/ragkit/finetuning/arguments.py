@@ -169,8 +169,9 @@ class TrainingArguments:
         max_steps: Stop after this many optimizer steps (the schedule still spans all epochs), with a
             checkpoint, as an interrupted run would leave it.
         resume: Continue from ``output_dir/checkpoint-last`` when it exists.
-        freeze_question_encoder: Keep the question encoder fixed (no gradient through ``doc_scores``).
-        freeze_generator: Keep the generator fixed (train retrieval only).
+        freeze_question_encoder: Keep the question encoder fixed (no gradient through ``doc_scores``); it
+            runs without dropout, so retrieval is the same every time.
+        freeze_generator: Keep the generator fixed (train retrieval only); it runs without dropout.
         cache_retrieval: Retrieve once per training question and reuse the contexts and document scores
             every epoch. Only valid with ``freeze_question_encoder`` and without ``end2end`` (retrieval
             is then a constant); saves the question encoder and retrieval cost of every step.

@@ -57,10 +57,20 @@ def _numbered_lines(lines: Any, path: Path) -> Any:
         ) from err
 
 
+def _check_not_blank(text: str, where: str, what: str) -> None:
+    """Raise naming ``where`` when a question or answer is empty (a slipped line or a missing value)."""
+    if not text.strip():
+        raise CorruptFileError(
+            f"{where}: the {what} is empty; every example needs a question and its answer. Fill it in or remove "
+            "the example (from both files, for .source/.target)."
+        )
+
+
 def _read_text_lines(path: Path) -> list[str]:
     """Lines of ``path`` without line endings (a trailing empty line is dropped)."""
     try:
-        with open(path, encoding="utf-8") as f:
+        # utf-8-sig: a byte-order mark (editors on Windows write one) is not part of the first question.
+        with open(path, encoding="utf-8-sig") as f:
             lines = f.read().split("\n")
     except UnicodeDecodeError as err:
         raise _not_utf8(path, err) from err
@@ -72,7 +82,7 @@ def _read_text_lines(path: Path) -> list[str]:
 def _read_jsonl(path: Path) -> list[QAExample]:
     """Examples from a JSONL file with ``question``/``source`` and ``answer``/``target``/``answers`` keys."""
     examples = []
-    with open(path, encoding="utf-8", errors="strict") as f:
+    with open(path, encoding="utf-8-sig", errors="strict") as f:
         for number, line in _numbered_lines(f, path):
             if not line.strip():
                 continue
@@ -104,6 +114,8 @@ def _read_jsonl(path: Path) -> list[QAExample]:
                     f"{path}, line {number}: each record needs a string 'question' (or 'source') and a string "
                     "'answer' (or 'target', or a non-empty list 'answers')."
                 )
+            _check_not_blank(source, f"{path}, line {number}", "question")
+            _check_not_blank(target, f"{path}, line {number}", "answer")
             examples.append(QAExample(source, target, [str(a) for a in answers] if answers else [target]))
     return examples
 
@@ -120,11 +132,17 @@ def load_qa_split(data_dir: str | os.PathLike, split: str, required: bool = True
         The examples, or ``None`` for a missing optional split.
 
     Raises:
-        MissingFileError: No files for a required split, or only one of ``.source``/``.target``.
-        CorruptFileError: Source and target line counts differ, a JSONL line is not a record, or the split
-            is empty.
+        MissingFileError: For a required split, ``data_dir`` is not a directory or has no files for it; or
+            only one of ``.source``/``.target`` is there.
+        CorruptFileError: Source and target line counts differ, a JSONL line is not a record, a question or
+            answer is empty, or the split is empty.
     """
     data_dir = Path(data_dir)
+    if required and not data_dir.is_dir():
+        raise MissingFileError(
+            f"The data directory {data_dir} does not exist (or is not a directory); give the directory holding "
+            f"{split}.source + {split}.target or {split}.jsonl."
+        )
     source, target, jsonl = (data_dir / f"{split}.{ext}" for ext in ("source", "target", "jsonl"))
     if source.is_file() or target.is_file():
         if not (source.is_file() and target.is_file()):
@@ -139,13 +157,19 @@ def load_qa_split(data_dir: str | os.PathLike, split: str, required: bool = True
                 f"{source} has {len(sources)} lines but {target} has {len(targets)}: the files are misaligned. "
                 "Line i of the .target file must be the answer to line i of the .source file."
             )
+        for number, (question, answer) in enumerate(zip(sources, targets), start=1):
+            _check_not_blank(question, f"{source}, line {number}", "question")
+            _check_not_blank(answer, f"{target}, line {number}", "answer")
         examples = [QAExample(s, t) for s, t in zip(sources, targets)]
     elif jsonl.is_file():
         examples = _read_jsonl(jsonl)
     elif required:
+        # Data in another format (train.csv, train.tsv, train.json) is named, so the message says what to convert.
+        others = sorted(path.name for path in data_dir.glob(f"{split}.*") if path.is_file())
+        found = f" Found {', '.join(others)}: convert to one of these formats." if others else ""
         raise MissingFileError(
             f"No {split} data in {data_dir}: expected {split}.source + {split}.target (one question / answer "
-            f"per line) or {split}.jsonl (records with 'question' and 'answer')."
+            f"per line) or {split}.jsonl (records with 'question' and 'answer').{found}"
         )
     else:
         return None

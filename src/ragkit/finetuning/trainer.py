@@ -5,7 +5,8 @@
   re-embedded and the index rebuilt every ``index_rebuild_steps`` steps;
 * an optimizer step averages the loss over the examples of its micro-batches, so gradient accumulation
   (a last chunk shorter than the others included) gives the step an unaccumulated batch would;
-* mixed precision on GPU (bf16 where supported, else fp16 with loss scaling);
+* mixed precision on GPU (bf16 where supported, else fp16 with loss scaling), and on request on CPU
+  (``precision="bf16"``, or ``"fp16"`` with loss scaling);
 * validation EM after every epoch, checkpoints written atomically to ``<output_dir>/checkpoint-last``
   holding everything a resumed run needs (model, optimizer, scheduler, loss scaler, step, position
   in the epoch, RNG states), so ``resume=True`` continues as if never interrupted, and refuses settings
@@ -14,6 +15,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import json
 import logging
@@ -21,6 +24,7 @@ import math
 import os
 import pickle
 import random
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,7 +38,7 @@ from tqdm.auto import tqdm
 from .._io import atomic_directory, atomic_file
 from ..errors import CheckpointError, CorruptFileError, MissingFileError, RagInputError
 from ..evaluation import evaluate_answers, generate_answers
-from ..loading import check_safetensors_file
+from ..loading import RAG_CHECKPOINT_ENTRIES, check_safetensors_file
 from ..modeling_rag import trim_context_padding
 from .arguments import TrainingArguments
 from .data import QAExample, encode_qa_batch
@@ -45,10 +49,13 @@ __all__ = [
     "CHECKPOINT_DIRNAME",
     "CONTEXT_ENCODER_DIRNAME",
     "FINAL_DIRNAME",
+    "INDEX_ENCODER_FILE",
+    "METRICS_FILE",
     "SCHEDULE_FIELDS",
     "TRAINER_STATE_FILE",
     "RagTrainer",
     "TrainResult",
+    "check_output_dir",
     "refresh_index",
 ]
 
@@ -56,9 +63,17 @@ CHECKPOINT_DIRNAME = "checkpoint-last"
 FINAL_DIRNAME = "final"
 TRAINER_STATE_FILE = "trainer_state.pt"
 CONTEXT_ENCODER_DIRNAME = "context_encoder"
+METRICS_FILE = "metrics.json"
+#: With end2end, the context encoder's weights when the index was last rebuilt (when that was before the
+#: checkpoint's step): a resume rebuilds the index the run was using from them.
+INDEX_ENCODER_FILE = "context_encoder_at_index_refresh.pt"
+
+# Weight shards save_pretrained writes for a large model (``model-00001-of-00003.safetensors``).
+_WEIGHT_SHARD = re.compile(r"model-\d+-of-\d+\.safetensors")
 
 #: Settings a resumed run must share with its checkpoint: each changes the data order, the steps, the
-#: learning-rate schedule or the optimizer state the checkpoint holds.
+#: learning-rate schedule, the optimizer state the checkpoint holds, or the loss and gradients (a flag left
+#: out on ``--resume`` falls back to its default, which would silently change them).
 SCHEDULE_FIELDS = (
     "seed",
     "train_batch_size",
@@ -70,6 +85,10 @@ SCHEDULE_FIELDS = (
     "freeze_question_encoder",
     "freeze_generator",
     "end2end",
+    "label_smoothing",
+    "max_grad_norm",
+    "max_source_length",
+    "max_target_length",
 )
 
 
@@ -222,6 +241,101 @@ def _load_trainer_state(state_file: Path) -> dict[str, Any]:
     return state
 
 
+def _check_checkpoint_dir_replaceable(directory: Path) -> None:
+    """Raise when ``directory`` exists but is not a checkpoint ragkit wrote (it is replaced as a whole)."""
+    if not directory.exists() and not directory.is_symlink():
+        return
+    if not directory.is_dir():
+        raise RagInputError(
+            f"{directory} is an existing file, where fine-tuning writes a checkpoint directory; move it away or "
+            "give another --output_dir."
+        )
+    foreign = sorted(
+        entry.name
+        for entry in directory.iterdir()
+        if entry.name not in (*RAG_CHECKPOINT_ENTRIES, INDEX_ENCODER_FILE)
+        and not _WEIGHT_SHARD.fullmatch(entry.name)
+    )
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise RagInputError(
+            f"{directory} holds files fine-tuning did not write ({shown}); it would be replaced as a whole, "
+            "deleting them. Give a new or empty --output_dir, or one written earlier by `ragkit finetune`."
+        )
+
+
+def _check_metrics_file_replaceable(path: Path) -> None:
+    """Raise when ``path`` exists but is not a ``metrics.json`` a training run wrote."""
+    if not path.exists() and not path.is_symlink():
+        return
+    ours = False
+    if path.is_file():
+        try:
+            with open(path, encoding="utf-8") as f:
+                content = json.load(f)
+            ours = isinstance(content, dict) and {"global_step", "train_loss"} <= content.keys()
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            ours = False
+    if not ours:
+        raise RagInputError(
+            f"{path} exists and was not written by a training run; it would be overwritten. Move it away, or "
+            "give a new or empty --output_dir."
+        )
+
+
+def check_output_dir(args: TrainingArguments) -> None:
+    """Refuse an output directory whose files a run would overwrite but did not write, before any work.
+
+    ``checkpoint-last/`` and ``final/`` are replaced as a whole and ``metrics.json`` is rewritten, so each
+    must be absent or written by an earlier run; other files in the directory are left alone.
+
+    Args:
+        args: The run's settings (``output_dir``, ``save_checkpoints``).
+
+    Raises:
+        RagInputError: Naming the path and what to do.
+    """
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise RagInputError(f"--output_dir {args.output_dir!r} is an existing file; give a directory path.")
+    if args.save_checkpoints:
+        _check_checkpoint_dir_replaceable(output_dir / CHECKPOINT_DIRNAME)
+        _check_checkpoint_dir_replaceable(output_dir / FINAL_DIRNAME)
+    _check_metrics_file_replaceable(output_dir / METRICS_FILE)
+
+
+def _fsync_tree(directory: Path) -> None:
+    """Flush every file and folder under ``directory`` to disk.
+
+    A checkpoint directory is renamed into place whole; without this a power loss soon after the rename
+    could leave it with empty or partial files (the data was still in the page cache), the previous
+    checkpoint already deleted.
+    """
+    # Files before the folders holding them; the folder itself last.
+    for path in [*sorted(directory.rglob("*"), reverse=True), directory]:
+        # Folders cannot be opened on every platform, and some network mounts have no fsync.
+        with contextlib.suppress(OSError):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def _load_index_encoder_state(path: Path) -> dict[str, torch.Tensor]:
+    """The context encoder weights of the last index rebuild, saved with an end2end checkpoint."""
+    what_to_do = f"Delete {path.parent} and resume from an earlier copy, or start without --resume."
+    if not path.is_file():
+        raise MissingFileError(
+            f"{path.parent} has no {path.name} (the context encoder of the last index rebuild); the checkpoint "
+            f"is incomplete. {what_to_do}"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
+        raise CorruptFileError(f"{path} cannot be read ({str(err).splitlines()[0]}). {what_to_do}") from err
+
+
 def refresh_index(
     retriever: Any,
     context_encoder: Any,
@@ -329,15 +443,18 @@ class RagTrainer:
         self.total_steps = self.steps_per_epoch * args.num_train_epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
         self.autocast_dtype = _autocast_dtype(args.precision, self.device)
-        self.scaler = torch.amp.GradScaler(
-            self.device.type, enabled=self.autocast_dtype == torch.float16 and self.device.type == "cuda"
-        )
+        # fp16 gradients underflow without loss scaling, on any device (CPU autocast runs fp16 too).
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
         self.global_step = 0
         self.epoch = 0
         self.step_in_epoch = 0
         self.losses: list[float] = []
         self.val_em: list[float] = []
         self._retrieval_cache: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+        # end2end: the step of the last index rebuild (0: the index the run started with) and a CPU copy of
+        # the context encoder's weights at that step, for checkpoints written between two rebuilds.
+        self._index_refresh_step = 0
+        self._index_encoder_state: dict[str, torch.Tensor] | None = None
 
     # -- setup helpers
 
@@ -352,8 +469,13 @@ class RagTrainer:
         self.model.set_context_encoder_for_training(self.context_encoder)
         self.model.retriever.set_ctx_encoder_tokenizer(context_encoder_tokenizer)
         if self.index_refresher is None:
+            # Re-embedding every passage is long: it shows a progress bar unless the run hides them.
             self.index_refresher = lambda encoder: refresh_index(
-                self.model.retriever, encoder, context_encoder_tokenizer, self.model.config
+                self.model.retriever,
+                encoder,
+                context_encoder_tokenizer,
+                self.model.config,
+                show_progress=self.args.show_progress,
             )
 
     def _set_max_combined_length(self, length: int) -> None:
@@ -371,6 +493,19 @@ class RagTrainer:
             rag.question_encoder.requires_grad_(False)
         if self.args.freeze_generator:
             rag.generator.requires_grad_(False)
+
+    def _train_mode(self) -> None:
+        """Training mode, except for the frozen parts: they run as at inference (no dropout).
+
+        A frozen question encoder then gives the same retrieval every time, which ``cache_retrieval``
+        relies on; dropout in a part that is not trained is only noise.
+        """
+        self.model.train()
+        rag = getattr(self.model, "rag", self.model)
+        if self.args.freeze_question_encoder:
+            rag.question_encoder.eval()
+        if self.args.freeze_generator:
+            rag.generator.eval()
 
     def _trainable_modules(self) -> list[torch.nn.Module]:
         """The model and, with end2end, the context encoder (shared parameters are deduplicated later)."""
@@ -430,8 +565,13 @@ class RagTrainer:
                 "rng": _capture_rng_state(),
                 "args": dataclasses.asdict(self.args),
                 "num_train_examples": len(self.train_examples),
+                "index_refresh_step": self._index_refresh_step,
+                "model_class": type(self.model).__name__,
             }
             torch.save(state, tmp / TRAINER_STATE_FILE)
+            if self._index_encoder_state is not None and self._index_refresh_step < self.global_step:
+                torch.save(self._index_encoder_state, tmp / INDEX_ENCODER_FILE)
+            _fsync_tree(tmp)
         logger.info("checkpoint at step %d written to %s", self.global_step, self.checkpoint_dir)
         return self.checkpoint_dir
 
@@ -444,8 +584,8 @@ class RagTrainer:
         Raises:
             MissingFileError: No ``trainer_state.pt`` or ``model.safetensors`` in ``directory``.
             CorruptFileError: One of them is truncated, damaged or holds more than plain data.
-            RagInputError: This run's :data:`SCHEDULE_FIELDS` or number of training examples differ from the
-                checkpoint's (naming each and both values).
+            RagInputError: This run's :data:`SCHEDULE_FIELDS`, number of training examples or model class
+                (RAG-Sequence or RAG-Token) differ from the checkpoint's (naming each and both values).
         """
         directory = Path(directory or self.checkpoint_dir)
         state_file = directory / TRAINER_STATE_FILE
@@ -462,13 +602,20 @@ class RagTrainer:
             self.context_encoder.load_state_dict(reloaded.state_dict())
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        # Empty when the checkpoint's run had no loss scaling (fp32, bf16): the scaler then starts fresh.
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         self.global_step = state["global_step"]
         self.epoch = state["epoch"]
         self.step_in_epoch = state["step_in_epoch"]
         self.losses = list(state["losses"])
         self.val_em = list(state["val_em"])
         _restore_rng_state(state["rng"])
+        # Checkpoints without the field rebuilt the index from the checkpoint's context encoder.
+        self._index_refresh_step = state.get("index_refresh_step", self.global_step)
+        self._index_encoder_state = None
+        if 0 < self._index_refresh_step < self.global_step:
+            self._index_encoder_state = _load_index_encoder_state(directory / INDEX_ENCODER_FILE)
         logger.info("resumed from %s at step %d (epoch %d)", directory, self.global_step, self.epoch)
 
     def _check_same_schedule(self, state: dict[str, Any], state_file: Path) -> None:
@@ -479,6 +626,10 @@ class RagTrainer:
             for name in SCHEDULE_FIELDS
             if name in saved and saved[name] != getattr(self.args, name)
         ]
+        saved_class, model_class = state.get("model_class"), type(self.model).__name__
+        if saved_class is not None and saved_class != model_class:
+            # Same weights, another loss: RAG-Sequence and RAG-Token marginalise differently.
+            changed.append(f"model: {saved_class} in the checkpoint, {model_class} now (--model_type)")
         saved_examples = state.get("num_train_examples")
         if saved_examples is not None and saved_examples != len(self.train_examples):
             changed.append(
@@ -500,16 +651,28 @@ class RagTrainer:
             self.tokenizer.save_pretrained(tmp)
             if self.context_encoder is not None:
                 self.context_encoder.save_pretrained(tmp / CONTEXT_ENCODER_DIRNAME)
+            _fsync_tree(tmp)
         return final_dir
 
     # -- the loop
 
     def _build_retrieval_cache(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Per training example: its contexts and their mask `(n_docs, length)` and document scores `(n_docs,)`."""
+        # Eval mode: the cache is reused every epoch, so it must not keep one draw of the question encoder's
+        # dropout (which would also use up RNG draws that a resumed run does not make).
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return self._retrieve_for_cache()
+        finally:
+            self.model.train(was_training)
+
+    def _retrieve_for_cache(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The retrieval cache, built batch by batch (see :meth:`_build_retrieval_cache`)."""
         rag = getattr(self.model, "rag", self.model)
         n_docs = self.model.config.n_docs
-        cache: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         size = self.args.eval_batch_size
+        cache: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         for start in tqdm(
             range(0, len(self.train_examples), size), desc="retrieving", disable=not self.args.show_progress
         ):
@@ -597,13 +760,20 @@ class RagTrainer:
             RagInputError, CorruptFileError, MissingFileError: With ``resume``, see :meth:`load_checkpoint`.
         """
         args = self.args
+        check_output_dir(args)
         if args.resume and (self.checkpoint_dir / TRAINER_STATE_FILE).is_file():
             self.load_checkpoint()
             if args.end2end:
-                self._refresh_index()
+                self._restore_index()
         else:
             if args.resume:
                 logger.warning("--resume: no checkpoint in %s, starting from scratch.", self.checkpoint_dir)
+            elif args.save_checkpoints and (self.checkpoint_dir / TRAINER_STATE_FILE).is_file():
+                logger.warning(
+                    "%s holds the checkpoint of an earlier run; this run starts from scratch and replaces it at "
+                    "its first checkpoint. To continue that run instead, stop now and add --resume.",
+                    self.checkpoint_dir,
+                )
             random.seed(args.seed)
             np.random.seed(args.seed)
             torch.manual_seed(args.seed)
@@ -612,7 +782,7 @@ class RagTrainer:
             self._retrieval_cache = self._build_retrieval_cache()
         micro_batches = math.ceil(len(self.train_examples) / args.train_batch_size)
         interrupted = False
-        self.model.train()
+        self._train_mode()
         progress = tqdm(
             total=self.total_steps, initial=self.global_step, desc="training", disable=not args.show_progress
         )
@@ -621,6 +791,10 @@ class RagTrainer:
             order = _epoch_order(len(self.train_examples), args.seed, self.epoch)
             first_micro = self.step_in_epoch * args.gradient_accumulation_steps
             for start in range(first_micro, micro_batches, args.gradient_accumulation_steps):
+                if args.max_steps is not None and self.global_step >= args.max_steps:
+                    # Resumed at or past max_steps: a step now would go beyond it.
+                    interrupted = True
+                    break
                 chunk = range(start, min(start + args.gradient_accumulation_steps, micro_batches))
                 # Each micro-batch weighs by its share of the step's examples: the step's gradient is the one
                 # of the mean loss over all of them, as one batch of the chunk's size would give.
@@ -663,7 +837,7 @@ class RagTrainer:
                     self.val_em.append(em)
                     logger.info("epoch %d: validation EM %.4f", self.epoch, em)
                     progress.set_postfix(epoch=self.epoch, loss=f"{self.losses[-1]:.3f}", val_em=f"{em:.3f}")
-                    self.model.train()
+                    self._train_mode()
             if args.save_checkpoints:
                 self.save_checkpoint()
         progress.close()
@@ -680,25 +854,52 @@ class RagTrainer:
         )
 
     def _optimizer_step(self) -> None:
-        """Unscale, clip, step optimizer and scheduler, zero gradients."""
+        """Unscale, clip, step optimizer and scheduler, zero gradients.
+
+        With fp16 loss scaling, a step whose gradients overflowed is skipped, and so is its scheduler step:
+        warm-up and decay count the updates made.
+        """
         if self.args.max_grad_norm:
             self.scaler.unscale_(self.optimizer)
             params = [p for group in self.optimizer.param_groups for p in group["params"]]
             torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm)
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.scheduler.step()
+        # The scaler lowers its scale exactly when it skipped the step (inf/NaN gradients).
+        if scale is None or self.scaler.get_scale() >= scale:
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
     def _refresh_index(self) -> None:
         """Re-embed the passages with the current context encoder and swap the retriever's index."""
         if self.index_refresher is None or self.context_encoder is None:
             return
-        was_training = self.context_encoder.training
-        self.context_encoder.eval()
+        self._rebuild_index_with(self.context_encoder)
+        self._index_refresh_step = self.global_step
+        self._index_encoder_state = {
+            name: tensor.detach().to("cpu", copy=True)
+            for name, tensor in self.context_encoder.state_dict().items()
+        }
+
+    def _restore_index(self) -> None:
+        """After a resume: rebuild the index the interrupted run was using at the checkpoint's step."""
+        if self.index_refresher is None or self.context_encoder is None or self._index_refresh_step == 0:
+            return  # no rebuild yet: the run was using the index it was started with, as loaded
+        if self._index_encoder_state is None:  # rebuilt at the checkpoint's step: from its context encoder
+            self._refresh_index()
+            return
+        encoder = copy.deepcopy(self.context_encoder)
+        encoder.load_state_dict(self._index_encoder_state)
+        self._rebuild_index_with(encoder)
+
+    def _rebuild_index_with(self, encoder: Any) -> None:
+        """Call the index refresher with ``encoder`` in eval mode, without gradients."""
+        was_training = encoder.training
+        encoder.eval()
         with torch.no_grad():
-            self.index_refresher(self.context_encoder)
-        self.context_encoder.train(was_training)
+            self.index_refresher(encoder)
+        encoder.train(was_training)
 
     def _write_metrics(self, seconds: float) -> None:
         """``metrics.json``: step, epoch, losses, validation EM and wall time of this run."""
@@ -709,5 +910,5 @@ class RagTrainer:
             "val_em": self.val_em,
             "seconds": seconds,
         }
-        with atomic_file(self.output_dir / "metrics.json") as tmp, open(tmp, "w", encoding="utf-8") as f:
+        with atomic_file(self.output_dir / METRICS_FILE) as tmp, open(tmp, "w", encoding="utf-8") as f:
             json.dump(metrics, f, indent=2)
