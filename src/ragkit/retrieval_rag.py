@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -349,7 +350,9 @@ class RagRetriever:
         written there records their absolute paths (as transformers does, which can load it while it is not
         moved) and their names relative to the directory (``saved_index_files``, which ragkit prefers).
         Passages and index files the user gave elsewhere (``passages_path``/``index_path``) are referenced,
-        not copied. ``self.config`` is not modified.
+        not copied. ``self.config`` is not modified. Every file is written under a temporary name and
+        renamed into place (the tokenizers folder by folder), so an interrupted save never leaves a
+        truncated file.
 
         Args:
             save_directory: Directory to write to (created if needed).
@@ -379,7 +382,13 @@ class RagRetriever:
                     written["passages_path"] = SAVED_PASSAGES_NAME
             if written:
                 setattr(config, SAVED_FILES_KEY, written)
-        config.save_pretrained(save_directory)
+        # config.json as save_pretrained writes it (with its checks), renamed into place: never a truncated file.
+        with (
+            tempfile.TemporaryDirectory() as staging,
+            atomic_file(os.path.join(save_directory, "config.json")) as tmp,
+        ):
+            config.save_pretrained(staging)
+            shutil.copyfile(os.path.join(staging, "config.json"), tmp)
         RagTokenizer(
             question_encoder=self.question_encoder_tokenizer, generator=self.generator_tokenizer
         ).save_pretrained(save_directory)

@@ -10,6 +10,7 @@ from typing import Any
 
 from transformers import AutoTokenizer, BatchEncoding, PreTrainedTokenizerBase
 
+from ._io import atomic_directory
 from .configuration_rag import RagConfig
 from .errors import MissingFileError, RagInputError
 
@@ -87,12 +88,20 @@ class RagTokenizer:
         self.current_tokenizer = self.question_encoder
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write both tokenizers into their subfolders of ``save_directory``."""
+        """Write both tokenizers into their subfolders of ``save_directory``.
+
+        Each subfolder is written under a temporary name and then replaces the previous one whole, so an
+        interrupted save leaves the previous tokenizer or the new one, never a mix of their files.
+        """
         if os.path.isfile(save_directory):
             raise RagInputError(f"`save_directory` ({save_directory}) is a file; give a directory path.")
         os.makedirs(save_directory, exist_ok=True)
-        self.question_encoder.save_pretrained(os.path.join(save_directory, QUESTION_ENCODER_SUBFOLDER))
-        self.generator.save_pretrained(os.path.join(save_directory, GENERATOR_SUBFOLDER))
+        for tokenizer, subfolder in (
+            (self.question_encoder, QUESTION_ENCODER_SUBFOLDER),
+            (self.generator, GENERATOR_SUBFOLDER),
+        ):
+            with atomic_directory(os.path.join(save_directory, subfolder)) as tmp:
+                tokenizer.save_pretrained(os.fspath(tmp))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> RagTokenizer:

@@ -270,3 +270,57 @@ def test_an_interrupted_save_keeps_the_previous_index_and_passages_together(
         loaded.retrieve(queries, 4)[0],
         first.index.passages.embeddings(doc_ids.reshape(-1)).reshape(-1, 4, DIM),
     )
+
+
+@pytest.mark.parametrize("part", ["config", "tokenizer"])
+def test_an_interrupted_save_leaves_no_truncated_config_or_tokenizer(
+    make_retriever, tmp_path, monkeypatch, part
+):
+    retriever = make_retriever()
+    retriever.save_pretrained(tmp_path / "saved")
+    before = {
+        path.relative_to(tmp_path): path.read_bytes()
+        for path in (tmp_path / "saved").rglob("*")
+        if path.is_file() and not path.is_relative_to(tmp_path / "saved" / PASSAGES_DIR)
+    }
+    retriever.config.n_docs += 1  # a save that completed would change config.json
+
+    def killed_mid_write(path, text):
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text[:10])  # a truncated file, then the process is interrupted
+        raise KeyboardInterrupt
+
+    if part == "config":
+        monkeypatch.setattr(
+            transformers.PretrainedConfig,
+            "to_json_file",
+            lambda self, path, use_diff=True: killed_mid_write(path, self.to_json_string(use_diff)),
+        )
+    else:
+        monkeypatch.setattr(
+            type(retriever.generator_tokenizer),
+            "save_pretrained",
+            lambda self, directory, **kwargs: killed_mid_write(f"{directory}/vocab.json", "{" * 40),
+        )
+    with pytest.raises(KeyboardInterrupt):
+        retriever.save_pretrained(tmp_path / "saved")
+    monkeypatch.undo()
+    after = {
+        path.relative_to(tmp_path): path.read_bytes()
+        for path in (tmp_path / "saved").rglob("*")
+        if path.is_file() and not path.is_relative_to(tmp_path / "saved" / PASSAGES_DIR)
+    }
+    if part == "config":
+        assert after == before
+    else:  # config.json is complete (the new one); each tokenizer folder is the old one or the new one whole
+        assert {k: v for k, v in after.items() if "tokenizer" in str(k)} == {
+            k: v for k, v in before.items() if "tokenizer" in str(k)
+        }
+        assert (
+            json.loads(after[next(k for k in after if k.name == "config.json")])["n_docs"]
+            == retriever.config.n_docs
+        )
+    assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == [
+        "config.json", "generator_tokenizer", PASSAGES_DIR, INDEX_FILE, "question_encoder_tokenizer"
+    ]  # fmt: skip
+    RagRetriever.from_pretrained(tmp_path / "saved")  # loads
