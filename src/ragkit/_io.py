@@ -22,14 +22,25 @@ from .errors import RagInputError
 __all__ = ["atomic_directory", "atomic_file", "check_not_inside", "check_replaceable"]
 
 
-def _fsync_dir(path: Path) -> None:
-    """Flush a directory entry so a rename survives a crash (no-op where unsupported)."""
+def _fsync_path(path: Path) -> None:
+    """Flush a file or directory entry so a rename survives a crash (no-op where unsupported)."""
+    # Folders cannot be opened on every platform, and some network mounts have no fsync.
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _fsync_tree(directory: Path) -> None:
+    """Flush every file and folder under ``directory``, files before the folders holding them.
+
+    A directory renamed into place whole must hold its data on disk first: else a power loss soon after
+    the rename could leave it with empty or partial files, its previous version already deleted.
+    """
+    for path in [*sorted(directory.rglob("*"), reverse=True), directory]:
+        _fsync_path(path)
 
 
 #: When this process started writing (roughly): its own temporaries older than this are leftovers of an
@@ -131,7 +142,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
-        _fsync_dir(path.parent)
+        _fsync_path(path.parent)
         _remove_stale_temporaries(path, started)
     finally:
         if tmp_path.exists():
@@ -191,8 +202,9 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory beside ``path``; on success it replaces ``path`` whole, on error it is removed.
 
     An existing ``path`` is moved aside first and deleted only once the new one is in place, so an
-    interruption at any point leaves either the old directory or the new one under ``path``. A symbolic
-    link at ``path`` is followed (an index kept on another disk stays there, and so does the link).
+    interruption at any point leaves either the old directory or the new one under ``path``; the new one's
+    files are flushed to disk before the rename. A symbolic link at ``path`` is followed (an index kept on
+    another disk stays there, and so does the link).
     """
     path = _followed(path)
     if path.exists() and not path.is_dir():
@@ -208,6 +220,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
+        _fsync_tree(tmp)
         old = None
         if path.exists():
             # A unique name: a leftover of an interrupted earlier call (same pid, e.g. in a container) must not
@@ -215,7 +228,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
             old = path.with_name(f".{path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:12]}")
             os.replace(path, old)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        _fsync_path(path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         _remove_stale_temporaries(path, started)

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import json
@@ -304,24 +303,6 @@ def check_output_dir(args: TrainingArguments) -> None:
     _check_metrics_file_replaceable(output_dir / METRICS_FILE)
 
 
-def _fsync_tree(directory: Path) -> None:
-    """Flush every file and folder under ``directory`` to disk.
-
-    A checkpoint directory is renamed into place whole; without this a power loss soon after the rename
-    could leave it with empty or partial files (the data was still in the page cache), the previous
-    checkpoint already deleted.
-    """
-    # Files before the folders holding them; the folder itself last.
-    for path in [*sorted(directory.rglob("*"), reverse=True), directory]:
-        # Folders cannot be opened on every platform, and some network mounts have no fsync.
-        with contextlib.suppress(OSError):
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-
 def _load_index_encoder_state(path: Path) -> dict[str, torch.Tensor]:
     """The context encoder weights of the last index rebuild, saved with an end2end checkpoint."""
     what_to_do = f"Delete {path.parent} and resume from an earlier copy, or start without --resume."
@@ -571,7 +552,6 @@ class RagTrainer:
             torch.save(state, tmp / TRAINER_STATE_FILE)
             if self._index_encoder_state is not None and self._index_refresh_step < self.global_step:
                 torch.save(self._index_encoder_state, tmp / INDEX_ENCODER_FILE)
-            _fsync_tree(tmp)
         logger.info("checkpoint at step %d written to %s", self.global_step, self.checkpoint_dir)
         return self.checkpoint_dir
 
@@ -651,7 +631,6 @@ class RagTrainer:
             self.tokenizer.save_pretrained(tmp)
             if self.context_encoder is not None:
                 self.context_encoder.save_pretrained(tmp / CONTEXT_ENCODER_DIRNAME)
-            _fsync_tree(tmp)
         return final_dir
 
     # -- the loop
