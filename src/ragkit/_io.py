@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .errors import RagInputError
 
-__all__ = ["atomic_directory", "atomic_file", "check_not_inside", "check_replaceable"]
+__all__ = ["atomic_directory", "atomic_file", "check_not_inside", "check_replaceable", "file_above"]
 
 
 def _fsync_path(path: Path) -> None:
@@ -164,6 +164,12 @@ def check_not_inside(output_dir: str | os.PathLike, source: str | os.PathLike, w
         )
 
 
+def file_above(path: str | os.PathLike) -> Path | None:
+    """The nearest existing ancestor of ``path`` when it is a file (so ``path`` cannot be created), else None."""
+    parent = next((p for p in Path(path).parents if p.exists()), None)
+    return parent if parent is not None and not parent.is_dir() else None
+
+
 def check_replaceable(output_dir: str | os.PathLike, owned: Iterable[str], what: str) -> None:
     """Raise :class:`~ragkit.errors.RagInputError` when ``output_dir`` cannot be written as a directory of its own.
 
@@ -178,14 +184,12 @@ def check_replaceable(output_dir: str | os.PathLike, owned: Iterable[str], what:
             f"{what} {os.fspath(output_dir)!r} is an existing file, not a directory; it is not replaced. Give a "
             "new or empty directory path."
         )
-    for parent in output.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise RagInputError(
-                    f"{what} {os.fspath(output_dir)!r} cannot be created: {os.fspath(parent)!r} is a file, not a "
-                    "directory. Give a directory path."
-                )
-            break
+    parent = file_above(output)
+    if parent is not None:
+        raise RagInputError(
+            f"{what} {os.fspath(output_dir)!r} cannot be created: {os.fspath(parent)!r} is a file, not a "
+            "directory. Give a directory path."
+        )
     if not output.is_dir():
         return
     foreign = sorted(entry.name for entry in output.iterdir() if entry.name not in set(owned))

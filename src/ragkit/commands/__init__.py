@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
+from .._io import file_above
 from ..errors import HubUnreachableError, MissingFileError, OfflineFileError, RagInputError
 
 __all__ = [
@@ -133,8 +134,8 @@ def check_outputs(
         if path.is_dir():
             raise RagInputError(f"{flag} {os.fspath(output)!r} is a directory; give a file name.")
         # Written once the work is done: a path under a file must fail now, not after it.
-        parent = next((p for p in path.parents if p.exists()), None)
-        if parent is not None and not parent.is_dir():
+        parent = file_above(path)
+        if parent is not None:
             raise RagInputError(
                 f"{flag} {os.fspath(output)!r} cannot be written: {os.fspath(parent)!r} is a file, not a directory."
             )

@@ -69,8 +69,9 @@ def as_query_matrix(question_hidden_states: Any, dim: int | None = None) -> np.n
     return queries
 
 
-def check_n_docs(n_docs: int, ntotal: int) -> None:
-    """Raise ``RagInputError`` when ``n_docs`` is not a positive integer or exceeds the index size."""
+def check_n_docs(n_docs: int, ntotal: int) -> int:
+    """``n_docs`` as a Python int (faiss refuses numpy integers); ``RagInputError`` when it is not a positive
+    integer or exceeds the index size."""
     if isinstance(n_docs, bool) or not isinstance(n_docs, (int, np.integer)) or n_docs < 1:
         raise RagInputError(f"`n_docs` must be an integer >= 1, got {n_docs!r}.")
     if n_docs > ntotal:
@@ -78,3 +79,4 @@ def check_n_docs(n_docs: int, ntotal: int) -> None:
             f"`n_docs`={n_docs} is larger than the number of passages in the index ({ntotal}). "
             "Lower `n_docs` (config.n_docs or the n_docs argument) or index more passages."
         )
+    return int(n_docs)

@@ -563,8 +563,7 @@ class HFIndexBase(Index):
             _, ids = self._device_search.search(question_hidden_states, n_docs)
         else:
             queries = as_query_matrix(question_hidden_states, self.vector_size)
-            check_n_docs(n_docs, self.faiss_index.ntotal)
-            _, ids = self.faiss_index.search(queries, int(n_docs))  # faiss takes a Python int, not np.int64
+            _, ids = self.faiss_index.search(queries, check_n_docs(n_docs, self.faiss_index.ntotal))
         return ids, self.embeddings_of(ids)
 
     def embeddings_of(self, ids: np.ndarray) -> np.ndarray:

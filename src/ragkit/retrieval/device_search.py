@@ -269,7 +269,7 @@ class TorchExactSearch:
             int64, both on :attr:`device`, best first.
         """
         check_query_shape(tuple(queries.shape), self.dim)
-        _check_n_docs(k, self.ntotal)
+        k = _check_n_docs(k, self.ntotal)
         queries = queries.detach().to(device=self.device, dtype=torch.float32)
         if queries.shape[0] == 0:
             return (
@@ -389,8 +389,7 @@ class DeviceSearch:
         """
         if self._exact is None:
             queries = as_query_matrix(question_hidden_states, self.dim)
-            _check_n_docs(k, self.ntotal)
-            distances, ids = self._faiss_index.search(queries, int(k))  # a Python int, not np.int64
+            distances, ids = self._faiss_index.search(queries, _check_n_docs(k, self.ntotal))
             return distances, np.asarray(ids, dtype=np.int64)
         queries = as_query_tensor(question_hidden_states, self.device, self.dim)
         distances, ids = self._exact.search(queries, k)

@@ -280,11 +280,11 @@ class LegacyIndex(Index):
     ) -> tuple[np.ndarray, np.ndarray]:
         self._require_initialized()
         queries = as_query_matrix(question_hidden_states, self.vector_size)
-        check_n_docs(n_docs, self.index.ntotal)
+        n_docs = check_n_docs(n_docs, self.index.ntotal)
         # DPR's phi trick: passage vectors carry an extra component, queries a 0 there.
         padded = np.zeros((queries.shape[0], self.vector_size + 1), dtype=np.float32)
         padded[:, :-1] = queries
-        _, positions = self.index.search(padded, int(n_docs))  # faiss takes a Python int, not np.int64
+        _, positions = self.index.search(padded, n_docs)
         flat = positions.reshape(-1)
         valid = flat >= 0
         vectors = np.zeros((flat.size, self.vector_size), dtype=np.float32)
