@@ -38,6 +38,7 @@ from .search import (
     generated_pair_log_likelihoods,
     known_pairs,
     producer_rows,
+    searches_with_own_cache,
 )
 
 __all__ = ["DECODING_MODES", "rag_sequence_generate"]
@@ -204,15 +205,8 @@ def _shared_cross_attention(
     beam search with a cache of its own. The verdict is kept per generator; it is looked up here without
     the trace, which records decoding's own look-ups.
     """
-    use_cache = model_kwargs.get("use_cache")
-    if use_cache is None:
-        config = model_kwargs.get("generation_config") or generator.generation_config
-        use_cache = getattr(config, "use_cache", True)
-    return bool(
-        num_beams > 1
-        and use_cache
-        and not {"cache", "past_key_values"} & model_kwargs.keys()
-        and fast_path_verdicts(generator, options.replace(trace=None)).shared_cross_attention
+    return searches_with_own_cache(generator, num_beams, model_kwargs) and bool(
+        fast_path_verdicts(generator, options.replace(trace=None)).shared_cross_attention
     )
 
 

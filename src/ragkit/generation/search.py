@@ -37,6 +37,7 @@ __all__ = [
     "known_pairs",
     "producer_rows",
     "search_contexts",
+    "searches_with_own_cache",
     "step_states_for",
 ]
 
@@ -102,6 +103,15 @@ class SharedCrossAttention:
         ]
         with _compat.swapped_cross_attention(self.decoder_layers, replacements):
             yield
+
+
+def searches_with_own_cache(generator: Any, num_beams: int, kwargs: dict[str, Any]) -> bool:
+    """Whether ``generate(**kwargs)`` runs a beam search with a cache it builds itself: where the shared
+    cross-attention can replace the cache's per-beam keys/values."""
+    use_cache = kwargs.get("use_cache")
+    if use_cache is None:
+        use_cache = getattr(kwargs.get("generation_config") or generator.generation_config, "use_cache", True)
+    return bool(num_beams > 1 and use_cache and not {"cache", "past_key_values"} & kwargs.keys())
 
 
 def beam_shared_cross_attention(
@@ -406,10 +416,7 @@ def search_contexts(
     """
     shared = cross_attention = None  # per layer, each context's cross-attention keys and values
     cache_key = _compat.cache_argument_name(generator)
-    use_cache = kwargs.get("use_cache")
-    if use_cache is None:
-        use_cache = getattr(kwargs.get("generation_config") or generator.generation_config, "use_cache", True)
-    if fast_path and num_beams > 1 and use_cache and not {"cache", "past_key_values"} & kwargs.keys():
+    if fast_path and searches_with_own_cache(generator, num_beams, kwargs):
         # Before the hooks below: this first step is not one of generation's.
         shared = beam_shared_cross_attention(generator, encoder_states, context_attention_mask, num_beams)
         if shared is not None:
