@@ -335,14 +335,14 @@ class _MarginalLogProbs(torch.autograd.Function):
         token_joint = picked - lse + prior[:, :, None]  # (batch_size, n_docs, length): log p(d) p_d(target)
         token_lp = torch.logsumexp(token_joint, dim=1).masked_fill_(~scored, 0.0)
         ctx.save_for_backward(logits, doc_logprobs, target, scored, lse, token_joint)
+        ctx.stops, ctx.step = stops, step  # the backward pass walks the same chunks
         return token_lp, total.masked_fill_(~scored, 0.0)
 
     @staticmethod
     def backward(ctx, grad_token: torch.Tensor | None, grad_sum: torch.Tensor | None):
         logits, doc_logprobs, target, scored, lse, token_joint = ctx.saved_tensors
         batch_size, n_docs, length, vocab = logits.shape
-        stops = _scored_lengths(scored)
-        step = min(_mixture_chunk_positions(n_docs, vocab, logits.device), max(stops, default=1) or 1)
+        stops, step = ctx.stops, ctx.step
         grad_token = grad_token.float() if grad_token is not None else lse.new_zeros((batch_size, length))
         grad_sum = grad_sum.float() if grad_sum is not None else lse.new_zeros((batch_size, length))
         grad_token = grad_token.masked_fill(~scored, 0.0)
