@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from gpu_helpers import base_rag_config, mid_rag_config, write_random_checkpoint
 
 
@@ -22,3 +23,12 @@ def mid_checkpoint(tmp_path_factory) -> Path:
 def base_checkpoint(tmp_path_factory) -> Path:
     """A bert-base + BART-base shaped random RAG-Token checkpoint (see :func:`base_rag_config`)."""
     return write_random_checkpoint(tmp_path_factory.mktemp("gpu") / "base", base_rag_config(), std=0.02)
+
+
+@pytest.fixture
+def exact_float32():
+    """float32 references without TF32, so half-precision errors are measured against exact float32."""
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous

@@ -16,57 +16,29 @@ and inputs, with and without the shared cross-attention.
 from __future__ import annotations
 
 import functools
-import types
 
 import pytest
 import torch
-import transformers
 from gpu_helpers import random_contexts
 
-import ragkit.losses as losses
+from loss_helpers import BOS, PAD, loss_and_grads, ragkit_nll, reference_nll
 from ragkit import RagSequenceForGeneration
 from ragkit.generation import DecodingOptions, rag_sequence
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.usefixtures("exact_float32"),  # float32 references without TF32
 ]
 
 CUDA = "cuda"
-PAD, BOS, EOS, START = 1, 0, 2, 2
+EOS, START = 2, 2
 BATCH, N_DOCS, LENGTH, VOCAB = 3, 5, 16, 50265
 LOSS_TOL = {"atol": 1e-4, "rtol": 1e-6}
 GRAD_TOL = {"atol": 1e-5, "rtol": 0}
 BF16_GRAD_TOL = {"atol": 1e-5, "rtol": 2**-8}
 #: Allowed measured/estimated band of the questions-per-call estimate.
 ESTIMATE_BAND = (0.6, 1.6)
-
-
-@pytest.fixture(autouse=True)
-def _exact_float32():
-    """float32 references without TF32."""
-    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
-
-
-def _reference(head: str):
-    """Transformers' ``get_nll`` of ``head`` bound to a stand-in with the config fields it reads."""
-    config = types.SimpleNamespace(
-        generator=types.SimpleNamespace(pad_token_id=PAD, bos_token_id=BOS), bos_token_id=BOS, n_docs=N_DOCS
-    )
-    model = types.SimpleNamespace(config=config)
-    if head == "sequence":
-        return functools.partial(transformers.RagSequenceForGeneration.get_nll, model)
-    model.marginalize = functools.partial(transformers.RagTokenForGeneration.marginalize, model)
-    return functools.partial(transformers.RagTokenForGeneration.get_nll, model)
-
-
-def _ours(head: str):
-    if head == "sequence":
-        return functools.partial(losses.rag_sequence_nll, pad_token_id=PAD, bos_token_id=BOS)
-    return functools.partial(losses.rag_token_nll, pad_token_id=PAD)
 
 
 def loss_inputs(device: str, dtype: torch.dtype = torch.float32, extreme: bool = False):
@@ -90,14 +62,6 @@ def loss_inputs(device: str, dtype: torch.dtype = torch.float32, extreme: bool =
     return to(logits.to(dtype)), to(doc_scores), to(weights), to(target)
 
 
-def _loss_and_grads(loss_fn, logits, doc_scores, weights, target, **options):
-    logits = logits.detach().clone().requires_grad_(True)
-    doc_scores = doc_scores.detach().clone().requires_grad_(True)
-    loss = loss_fn(logits, doc_scores, target, n_docs=N_DOCS, **options)
-    (loss * weights).sum().backward()  # weighted: each row's gradient is checked, not only their sum
-    return loss.detach(), logits.grad, doc_scores.grad
-
-
 def check_loss_parity(
     device: str, head: str, epsilon: float, dtype: torch.dtype, extreme: bool = False
 ) -> None:
@@ -106,8 +70,10 @@ def check_loss_parity(
     options = {"epsilon": epsilon}
     if head == "sequence":
         options["exclude_bos_score"] = True
-    ours = _loss_and_grads(_ours(head), logits, doc_scores, weights, target, **options)
-    reference = _loss_and_grads(_reference(head), logits.float(), doc_scores, weights, target, **options)
+    ours = loss_and_grads(N_DOCS, ragkit_nll(head), logits, doc_scores, weights, target, **options)
+    reference = loss_and_grads(
+        N_DOCS, reference_nll(head, N_DOCS), logits.float(), doc_scores, weights, target, **options
+    )
     assert all(torch.isfinite(x).all() for x in ours)
     torch.testing.assert_close(ours[0], reference[0], **LOSS_TOL)
     grad_tol = GRAD_TOL if dtype == torch.float32 else BF16_GRAD_TOL

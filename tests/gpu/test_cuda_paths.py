@@ -27,6 +27,7 @@ from ragkit.testing import write_tiny_rag_checkpoint, write_tiny_wiki_dpr_mirror
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.usefixtures("exact_float32"),  # float32 references without TF32
 ]
 
 CUDA = "cuda"
@@ -53,15 +54,6 @@ needs_flash_attn_4 = pytest.mark.skipif(
     not _flash_distribution_installed("flash-attn-4"),
     reason="flash-attn-4 not installed (scripts/prepare_gpu_wheels.sh, the fa4 wheel set)",
 )
-
-
-@pytest.fixture(autouse=True)
-def _exact_float32():
-    """float32 references without TF32, so half-precision errors are measured against exact float32."""
-    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
 
 
 def _marginalized(model, config, seed: int = 0) -> torch.Tensor:

@@ -11,40 +11,20 @@ relative (the float32 reference is itself up to 6e-6 from float64 there).
 
 from __future__ import annotations
 
-import functools
 import math
-import types
 
 import pytest
 import torch
-import transformers
 
 import ragkit.losses as losses
+from loss_helpers import BOS, PAD, loss_and_grads, ragkit_nll, reference_nll
 
-PAD, BOS, EOS, START = 1, 0, 2, 2
+EOS, START = 2, 2
 BATCH, N_DOCS, VOCAB = 3, 4, 97
 LOSS_TOL = {"atol": 1e-5, "rtol": 1e-6}
 GRAD_TOL = {"atol": 2e-6, "rtol": 0}
 BF16_GRAD_TOL = {"atol": 2e-6, "rtol": 2**-8}
 EXTREME_GRAD_TOL = {"atol": 1e-5, "rtol": 1e-5}
-
-
-def _reference(head: str):
-    """Transformers' ``get_nll`` of ``head`` bound to a stand-in with the config fields it reads."""
-    config = types.SimpleNamespace(
-        generator=types.SimpleNamespace(pad_token_id=PAD, bos_token_id=BOS), bos_token_id=BOS, n_docs=N_DOCS
-    )
-    model = types.SimpleNamespace(config=config)
-    if head == "sequence":
-        return functools.partial(transformers.RagSequenceForGeneration.get_nll, model)
-    model.marginalize = functools.partial(transformers.RagTokenForGeneration.marginalize, model)
-    return functools.partial(transformers.RagTokenForGeneration.get_nll, model)
-
-
-def _ours(head: str):
-    if head == "sequence":
-        return functools.partial(losses.rag_sequence_nll, pad_token_id=PAD, bos_token_id=BOS)
-    return functools.partial(losses.rag_token_nll, pad_token_id=PAD)
 
 
 def _targets() -> torch.Tensor:
@@ -66,15 +46,6 @@ def _inputs(seed: int, length: int, dtype=torch.float32):
     return logits, doc_scores, weights
 
 
-def _loss_and_grads(loss_fn, logits, doc_scores, weights, target, **options):
-    logits = logits.detach().clone().requires_grad_(True)
-    doc_scores = doc_scores.detach().clone().requires_grad_(True)
-    loss = loss_fn(logits, doc_scores, target, n_docs=N_DOCS, **options)
-    # Weighted so that each row's gradient is checked, not only their sum.
-    (loss * weights).sum().backward()
-    return loss.detach(), logits.grad, doc_scores.grad
-
-
 @pytest.fixture(params=[False, True], ids=["one-chunk", "many-chunks"])
 def chunking(request, monkeypatch):
     """Run with the default chunk sizes, or with tiny ones so every loop runs many times."""
@@ -94,12 +65,14 @@ def test_loss_and_gradients_match_reference(head, epsilon, chunking):
     for exclude_bos_score in [False, True] if head == "sequence" else [None]:
         if exclude_bos_score is not None:
             options["exclude_bos_score"] = exclude_bos_score
-        expected = _loss_and_grads(_reference(head), logits, doc_scores, weights, target, **options)
-        actual = _loss_and_grads(_ours(head), logits, doc_scores, weights, target, **options)
+        expected = loss_and_grads(
+            N_DOCS, reference_nll(head, N_DOCS), logits, doc_scores, weights, target, **options
+        )
+        actual = loss_and_grads(N_DOCS, ragkit_nll(head), logits, doc_scores, weights, target, **options)
         torch.testing.assert_close(actual[0], expected[0], **LOSS_TOL)
         torch.testing.assert_close(actual[1], expected[1], **GRAD_TOL)
         torch.testing.assert_close(actual[2], expected[2], **GRAD_TOL)
-        reduced = _ours(head)(logits, doc_scores, target, n_docs=N_DOCS, reduce_loss=True, **options)
+        reduced = ragkit_nll(head)(logits, doc_scores, target, n_docs=N_DOCS, reduce_loss=True, **options)
         torch.testing.assert_close(reduced, expected[0].sum(), **LOSS_TOL)
 
 
@@ -112,7 +85,7 @@ def test_exclude_bos_score_changes_the_sequence_loss_as_in_the_reference():
     )
     # The BOS token's log-probability (negative) is what separates them.
     assert (with_bos - without_bos).min() > 0.1
-    reference = _reference("sequence")
+    reference = reference_nll("sequence", N_DOCS)
     torch.testing.assert_close(
         with_bos, reference(logits, doc_scores, target, exclude_bos_score=False), **LOSS_TOL
     )
@@ -135,21 +108,23 @@ def test_row_with_all_labels_ignored_contributes_nothing(head, epsilon, ignored)
     target = _targets()
     target[1, 1:] = ignored  # the decoder start stays: every scored label is ignored
     logits, doc_scores, weights = _inputs(2, target.shape[1])
-    loss, logit_grads, score_grads = _loss_and_grads(
-        _ours(head), logits, doc_scores, weights, target, epsilon=epsilon
+    loss, logit_grads, score_grads = loss_and_grads(
+        N_DOCS, ragkit_nll(head), logits, doc_scores, weights, target, epsilon=epsilon
     )
     assert loss[1].item() == 0.0
     assert logit_grads[N_DOCS : 2 * N_DOCS].abs().max().item() == 0.0
     assert score_grads[1].abs().max().item() == 0.0
     # The other rows are the reference's, and the reduced loss is their sum.
-    expected = _reference(head)(logits, doc_scores, target.masked_fill(target == -100, PAD), epsilon=epsilon)
+    expected = reference_nll(head, N_DOCS)(
+        logits, doc_scores, target.masked_fill(target == -100, PAD), epsilon=epsilon
+    )
     if head == "sequence":
         # The reference gives the empty row -log(n_docs) in both terms.
         mixed = 1.0 - epsilon + epsilon / VOCAB
         assert expected[1].item() == pytest.approx(-math.log(N_DOCS) * mixed, abs=1e-6)
     keep = torch.tensor([0, 2])
     torch.testing.assert_close(loss[keep], expected[keep], **LOSS_TOL)
-    reduced = _ours(head)(logits, doc_scores, target, n_docs=N_DOCS, reduce_loss=True, epsilon=epsilon)
+    reduced = ragkit_nll(head)(logits, doc_scores, target, n_docs=N_DOCS, reduce_loss=True, epsilon=epsilon)
     torch.testing.assert_close(reduced, expected[keep].sum(), **LOSS_TOL)
 
 
@@ -158,13 +133,17 @@ def test_row_with_all_labels_ignored_contributes_nothing(head, epsilon, ignored)
 def test_half_precision_logits_are_scored_in_float32(head, epsilon, chunking):
     target = _targets()
     logits, doc_scores, weights = _inputs(3, target.shape[1], dtype=torch.bfloat16)
-    half = _loss_and_grads(_ours(head), logits, doc_scores, weights, target, epsilon=epsilon)
-    upcast = _loss_and_grads(_ours(head), logits.float(), doc_scores, weights, target, epsilon=epsilon)
+    half = loss_and_grads(N_DOCS, ragkit_nll(head), logits, doc_scores, weights, target, epsilon=epsilon)
+    upcast = loss_and_grads(
+        N_DOCS, ragkit_nll(head), logits.float(), doc_scores, weights, target, epsilon=epsilon
+    )
     assert half[0].dtype == torch.float32 and half[1].dtype == torch.bfloat16
     torch.testing.assert_close(half[0], upcast[0], atol=0, rtol=0)
     torch.testing.assert_close(half[1], upcast[1].to(torch.bfloat16), atol=0, rtol=0)
     # The reference would take its log-softmax in bf16: it runs on the same logits in float32.
-    expected = _loss_and_grads(_reference(head), logits.float(), doc_scores, weights, target, epsilon=epsilon)
+    expected = loss_and_grads(
+        N_DOCS, reference_nll(head, N_DOCS), logits.float(), doc_scores, weights, target, epsilon=epsilon
+    )
     torch.testing.assert_close(half[0], expected[0], **LOSS_TOL)
     torch.testing.assert_close(half[1].float(), expected[1], **BF16_GRAD_TOL)
     torch.testing.assert_close(half[2], expected[2], **GRAD_TOL)
@@ -179,11 +158,13 @@ def test_token_smoothing_is_exact_where_the_document_mixture_underflows(drop, ep
     logits, doc_scores, weights = _inputs(5, target.shape[1])
     position = logits.view(BATCH, N_DOCS, -1, VOCAB)[1, :, 1]  # question 1, position 1: scored
     position[:, 8:] = position.amax(dim=-1, keepdim=True) - drop
-    actual = _loss_and_grads(_ours("token"), logits, doc_scores, weights, target, epsilon=epsilon)
+    actual = loss_and_grads(N_DOCS, ragkit_nll("token"), logits, doc_scores, weights, target, epsilon=epsilon)
     assert all(bool(torch.isfinite(tensor).all()) for tensor in actual)
-    reference = _reference("token")
-    expected = _loss_and_grads(reference, logits, doc_scores, weights, target, epsilon=epsilon)
-    exact = _loss_and_grads(reference, logits.double(), doc_scores.double(), weights, target, epsilon=epsilon)
+    reference = reference_nll("token", N_DOCS)
+    expected = loss_and_grads(N_DOCS, reference, logits, doc_scores, weights, target, epsilon=epsilon)
+    exact = loss_and_grads(
+        N_DOCS, reference, logits.double(), doc_scores.double(), weights, target, epsilon=epsilon
+    )
     for wanted in (expected, exact):
         torch.testing.assert_close(actual[0].double(), wanted[0].double(), **LOSS_TOL)
         torch.testing.assert_close(actual[1].double(), wanted[1].double(), **EXTREME_GRAD_TOL)
@@ -197,6 +178,8 @@ def test_logits_are_not_modified():
     for head in ("sequence", "token"):
         for epsilon in (0.0, 0.1):
             leaf = logits.requires_grad_(True)
-            (_ours(head)(leaf, doc_scores, target, n_docs=N_DOCS, epsilon=epsilon) * weights).sum().backward()
+            (
+                ragkit_nll(head)(leaf, doc_scores, target, n_docs=N_DOCS, epsilon=epsilon) * weights
+            ).sum().backward()
             logits = leaf.detach()
     assert torch.equal(logits, before)

@@ -151,14 +151,18 @@ def test_cli_convert_legacy(legacy_dir, tmp_path, queries, capsys):
     assert not (tmp_path / "out2").exists()
 
 
-def test_converter_refuses_pickles_with_code(legacy_dir, tmp_path):
-    # A pickle that names any class or function (here OrderedDict) is refused unless trusted.
-    source = tmp_path / "src"
+def _copy_with_passages(legacy_dir, source):
+    """A copy of the legacy files at ``source``, and its passages (id -> (text, title)) to rewrite."""
     source.mkdir()
     for path in legacy_dir.iterdir():
         (source / path.name).write_bytes(path.read_bytes())
     with open(source / PASSAGE_FILENAME, "rb") as f:
-        passages = pickle.load(f)
+        return source, pickle.load(f)
+
+
+def test_converter_refuses_pickles_with_code(legacy_dir, tmp_path):
+    # A pickle that names any class or function (here OrderedDict) is refused unless trusted.
+    source, passages = _copy_with_passages(legacy_dir, tmp_path / "src")
     with open(source / PASSAGE_FILENAME, "wb") as f:
         pickle.dump(collections.OrderedDict(passages), f)
     with pytest.raises(pickle.UnpicklingError, match=r"collections\.OrderedDict"):
@@ -170,12 +174,7 @@ def test_converter_refuses_pickles_with_code(legacy_dir, tmp_path):
 
 def test_converter_refuses_passages_missing_ids_of_the_index(legacy_dir, tmp_path):
     # Converted anyway, the index would return a passage id whose text is not there: a KeyError at search time.
-    source = tmp_path / "src"
-    source.mkdir()
-    for path in legacy_dir.iterdir():
-        (source / path.name).write_bytes(path.read_bytes())
-    with open(source / PASSAGE_FILENAME, "rb") as f:
-        passages = pickle.load(f)
+    source, passages = _copy_with_passages(legacy_dir, tmp_path / "src")
     dropped = sorted(passages, key=int)[3]
     del passages[dropped]
     with open(source / PASSAGE_FILENAME, "wb") as f:
