@@ -48,22 +48,22 @@ PACKAGE = "ragkit"
 
 # Test selections, named once: several mutants share them. Only fast unit tests: each mutant's
 # selection runs in well under a minute when nothing fails.
-LOSSES = "tests/modeling/test_losses.py"
+LOSSES = "tests/test_losses.py"
 LOSS_PARITY = "tests/modeling/test_loss_parity.py"
 MARGINALIZE_GRADIENTS = (
     "tests/modeling/test_loss_parity.py::test_marginalized_logits_have_the_reference_gradients"
 )
 PARITY = "tests/modeling/test_modeling_parity.py"
-TOKEN_DECODING = "tests/modeling/test_rag_token_decoding.py"
-THOROUGH = "tests/modeling/test_generation.py::test_thorough_matches_reference"
+TOKEN_DECODING = "tests/generation/test_rag_token.py"
+THOROUGH = "tests/generation/test_rag_sequence.py::test_thorough_matches_reference"
 CUSTOM_INDEX = "tests/retrieval/test_custom_index.py"
-TRAINING_LOOP = "tests/applications/test_training_loop.py"
-ACCUMULATION = "tests/applications/test_training_loop.py::test_accumulation_gives_the_unaccumulated_steps"
-TRAINING_ARGUMENTS = "tests/applications/test_training_arguments.py"
-PARTIAL_CHUNKS = "tests/modeling/test_mutation_kills_partial_chunks.py"
-RETRIEVAL_CHUNKS = "tests/modeling/test_mutation_kills_retrieval_chunks.py"
-MAX_COMBINED_FLAG = "tests/applications/test_mutation_kills_max_combined_length.py"
-PROBE_HOOKS = "tests/modeling/test_generation_probe_hooks.py"
+TRAINING_LOOP = "tests/finetuning/test_training_loop.py"
+ACCUMULATION = "tests/finetuning/test_training_loop.py::test_accumulation_gives_the_unaccumulated_steps"
+TRAINING_ARGUMENTS = "tests/finetuning/test_training_arguments.py"
+PARTIAL_CHUNKS = "tests/test_mutation_kills_partial_chunks.py"
+RETRIEVAL_CHUNKS = "tests/retrieval/test_mutation_kills_retrieval_chunks.py"
+MAX_COMBINED_FLAG = "tests/finetuning/test_mutation_kills_max_combined_length.py"
+PROBE_HOOKS = "tests/generation/test_probe_hooks.py"
 
 
 @dataclass(frozen=True)

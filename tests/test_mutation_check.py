@@ -116,7 +116,13 @@ def test_optional_tests_run_only_when_their_file_exists(mc):
 def test_mutants_are_checked_by_fast_unit_tests_only(mc):
     # The demo, the commands' end-to-end runs and the example scripts take minutes and catch a bug far
     # from its cause: each mutant must be killed by a unit test of the function it breaks.
-    slow = ("test_demo.py", "test_commands.py", "test_examples.py", "test_finetuning.py", "test_gpu.py")
+    slow = (
+        "test_demo.py",
+        "test_finetune_and_eval.py",
+        "test_examples.py",
+        "test_finetuning.py",
+        "test_gpu.py",
+    )
     for mutant in mc.MUTANTS:
         for test in mutant.tests:
             assert not test.lstrip("?").split("::")[0].endswith(slow), f"{mutant.name}: {test}"

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from rag_helpers import ANSWERS, build_pair, ragkit_retriever, reference_retriever
 
+from rag_helpers import ANSWERS, build_pair, ragkit_retriever, reference_retriever
 from ragkit.testing import tiny_rag_config
 
 MAX_COMBINED_LENGTH = 96

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from rag_helpers import build_pair, retrieved_contexts
 
+from rag_helpers import build_pair, retrieved_contexts
 from ragkit import RetrievAugLMMarginOutput, RetrievAugLMOutput
 
 ATOL = 1e-5

@@ -31,11 +31,11 @@ import pytest
 import torch
 import transformers
 import transformers.models.rag.modeling_rag as reference_modeling
-from rag_helpers import build_pair, retrieved_contexts
 from safetensors.torch import load_file
 
 import ragkit
 import ragkit.modeling_rag as rk
+from rag_helpers import build_pair, retrieved_contexts
 
 ATOL = 1e-5
 GENERATORS = ["bart", "t5"]

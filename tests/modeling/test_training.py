@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from rag_helpers import build_pair, ragkit_retriever, reference_retriever
 
 import ragkit.modeling_rag as rk
+from rag_helpers import build_pair, ragkit_retriever, reference_retriever
 from ragkit.testing import tiny_bart_config, tiny_rag_config
 
 

@@ -9,7 +9,6 @@ import threading
 
 import pytest
 import torch
-from rag_helpers import retrieved_contexts
 from transformers import (
     GenerationConfig,
     LogitsProcessor,
@@ -18,6 +17,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
+from rag_helpers import retrieved_contexts
 from ragkit.modeling_rag import _RAG_TOKEN_DECODING
 
 MAX_LENGTH = 9

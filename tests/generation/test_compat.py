@@ -13,11 +13,11 @@ import logging
 import pytest
 import torch
 import transformers
-from rag_helpers import padded_context_inputs
 from transformers import BartForConditionalGeneration, DPRQuestionEncoder
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.bart import modeling_bart
 
+from rag_helpers import padded_context_inputs
 from ragkit import RagSequenceForGeneration, _compat
 from ragkit.generation import DecodingOptions, DecodingTrace, fast_path_allowed, probe_fast_path
 from ragkit.generation.calls import decoding_call

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from rag_helpers import QUESTIONS, retrieved_contexts
 
+from rag_helpers import QUESTIONS, retrieved_contexts
 from ragkit.errors import RagInputError
 
 MAX_LENGTH = 8

@@ -1,45 +1,9 @@
-"""Fixtures for the application tests: a tiny trainable RAG model over the tiny passages, and QA data."""
+"""Fixtures for the fine-tuning tests: a tiny trainable RAG model over the tiny passages."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-
-from ragkit.finetuning import QAExample
-
-# Capital questions: the generator learns country -> capital from two phrasings and is tested on a
-# third, unseen phrasing of the same facts.
-CAPITALS = {
-    "france": "Paris",
-    "germany": "Berlin",
-    "england": "London",
-    "spain": "Madrid",
-    "italy": "Rome",
-    "austria": "Vienna",
-}
-TRAIN_TEMPLATES = ("what is the capital of {}?", "the capital of {} is which city?")
-HELD_OUT_TEMPLATE = "capital city of {}?"
-
-
-def capital_examples(templates) -> list[QAExample]:
-    """One example per (template, country)."""
-    return [QAExample(t.format(country), city) for t in templates for country, city in CAPITALS.items()]
-
-
-@pytest.fixture
-def capitals():
-    """(country -> capital, training templates, held-out template)."""
-    return CAPITALS, TRAIN_TEMPLATES, HELD_OUT_TEMPLATE
-
-
-@pytest.fixture
-def train_examples():
-    return capital_examples(TRAIN_TEMPLATES)
-
-
-@pytest.fixture
-def held_out_examples():
-    return capital_examples([HELD_OUT_TEMPLATE])
 
 
 @pytest.fixture

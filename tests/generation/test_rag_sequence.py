@@ -252,7 +252,7 @@ def test_questions_per_call_estimate_matches_the_h200_measurement():
     # tokens and max_length 21, should match the H200 run: 10716 MiB peak for 32 questions at once
     # (benchmarks/results/bench_generation_gpu_bf16_h200.json), a run whose beam search held the
     # cross-attention keys/values once per beam row: sharing off. Measured on CPU against live tensors:
-    # tests/modeling/test_generation_memory.py.
+    # tests/generation/test_memory.py.
     with torch.device("meta"):
         generator = BartForConditionalGeneration(transformers.BartConfig()).to(torch.bfloat16)
 

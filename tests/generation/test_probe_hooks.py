@@ -17,9 +17,9 @@ import warnings
 import pytest
 import torch
 import transformers
-from rag_helpers import padded_context_inputs
 from transformers import BartForConditionalGeneration, DPRQuestionEncoder, T5ForConditionalGeneration
 
+from rag_helpers import padded_context_inputs
 from ragkit import RagSequenceForGeneration, _compat
 from ragkit.generation import (
     DecodingOptions,
