@@ -13,32 +13,17 @@ import logging
 import pytest
 import torch
 import transformers
-from transformers import BartForConditionalGeneration, DPRQuestionEncoder
-from transformers.modeling_outputs import BaseModelOutput
+from generation_helpers import plain_and_shared, tiny_seq2seq, widen
+from transformers import BartForConditionalGeneration, DPRQuestionEncoder, T5ForConditionalGeneration
 from transformers.models.bart import modeling_bart
 
 from rag_helpers import padded_context_inputs
 from ragkit import RagSequenceForGeneration, _compat
 from ragkit.generation import DecodingOptions, DecodingTrace, fast_path_allowed, probe_fast_path
-from ragkit.generation.calls import decoding_call
-from ragkit.generation.search import beam_shared_cross_attention
-from ragkit.testing import tiny_rag_config
+from ragkit.testing import tiny_rag_config, tiny_t5_config
 
 MAX_LENGTH = 8
-TINY = dict(
-    vocab_size=64,
-    d_model=16,
-    encoder_layers=1,
-    decoder_layers=2,
-    encoder_attention_heads=2,
-    decoder_attention_heads=2,
-    encoder_ffn_dim=32,
-    decoder_ffn_dim=32,
-    max_position_embeddings=64,
-    pad_token_id=1,
-    eos_token_id=2,
-    decoder_start_token_id=2,
-)
+DECODE = dict(num_beams=3, num_return_sequences=3, max_length=MAX_LENGTH)
 ALLOWLISTED = [
     ("BartForConditionalGeneration", "BartConfig", {}),
     ("MBartForConditionalGeneration", "MBartConfig", {}),
@@ -53,25 +38,6 @@ ALLOWLISTED = [
 ]
 
 
-def _widen(module: torch.nn.Module, seed: int) -> None:
-    """Wide random weights (varied decoding) and a favoured EOS (hypotheses of different lengths)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in module.parameters():
-            if param.dim() > 1:
-                param.copy_(torch.randn(param.shape, generator=generator))
-        if hasattr(module, "final_logits_bias"):
-            module.final_logits_bias[0, 2] = 4.0
-
-
-def _tiny_generator(model_class: str, config_class: str, extra: dict, seed: int = 7):
-    config = getattr(transformers, config_class)(**TINY, **extra)
-    torch.manual_seed(seed)
-    generator = getattr(transformers, model_class)(config).eval()
-    _widen(generator, seed)
-    return generator
-
-
 def _contexts(rows: int = 6, length: int = 9, seed: int = 7):
     ids = torch.randint(5, 64, (rows, length), generator=torch.Generator().manual_seed(seed))
     mask = torch.ones_like(ids)
@@ -80,38 +46,46 @@ def _contexts(rows: int = 6, length: int = 9, seed: int = 7):
     return ids, mask
 
 
-def _plain_and_shared(generator, ids, mask, num_beams=3):
-    """The generator's own beam search, and the same with each context's cross-attention shared."""
-    decode = dict(num_beams=num_beams, num_return_sequences=num_beams, max_length=MAX_LENGTH)
-    with torch.no_grad():
-        states = generator.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
-        plain = generator.generate(
-            encoder_outputs=BaseModelOutput(last_hidden_state=states.clone()), attention_mask=mask, **decode
-        )
-        with decoding_call():
-            shared = beam_shared_cross_attention(generator, states, mask, num_beams)
-            with shared.installed():
-                got = generator.generate(
-                    encoder_outputs=BaseModelOutput(last_hidden_state=states.clone()),
-                    attention_mask=mask,
-                    **{_compat.cache_argument_name(generator): shared.cache},
-                    **decode,
-                )
-    return plain, got, shared
-
-
 @pytest.mark.parametrize("model_class,config_class,extra", ALLOWLISTED, ids=[c for _, c, _ in ALLOWLISTED])
 def test_every_allowlisted_attention_class_takes_the_fast_path_exactly(model_class, config_class, extra):
-    generator = _tiny_generator(model_class, config_class, extra)
+    generator = tiny_seq2seq(model_class, config_class, extra)
     layers = _compat.shareable_cross_attention_layers(generator)
     assert layers is not None
     assert type(layers[0].encoder_attn).__name__ in _compat.SHAREABLE_CROSS_ATTENTION
     assert probe_fast_path(generator) is None  # one decoder step: fast equals plain
     ids, mask = _contexts()
-    plain, got, shared = _plain_and_shared(generator, ids, mask)
+    plain, got, shared = plain_and_shared(generator, ids, mask, **DECODE)
     assert shared.decoder_layers is not None  # the swapped cross-attention ran
     assert torch.equal(got, plain)
     assert len({tuple(row.tolist()) for row in plain}) > 1
+
+
+def test_only_known_cross_attention_classes_are_shared():
+    # MVP's prompt keys and LED's three outputs are not reproduced: those keep per-beam copies.
+    tiny = dict(
+        vocab_size=64,
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+    )
+    mvp = transformers.MvpForConditionalGeneration(transformers.MvpConfig(**tiny, max_position_embeddings=32))
+    led = transformers.LEDForConditionalGeneration(
+        transformers.LEDConfig(
+            **tiny,
+            max_encoder_position_embeddings=32,
+            max_decoder_position_embeddings=32,
+            attention_window=[4],
+        )
+    )
+    assert _compat.shareable_cross_attention_layers(mvp) is None
+    assert _compat.shareable_cross_attention_layers(led) is None
+    assert _compat.shareable_cross_attention_layers(T5ForConditionalGeneration(tiny_t5_config())) is None
+    bart = BartForConditionalGeneration(transformers.BartConfig(**mvp.config.to_dict()))
+    assert _compat.shareable_cross_attention_layers(bart) is not None
 
 
 class BartAttention(modeling_bart.BartAttention):
@@ -148,7 +122,7 @@ def _rag_with_cross_attention(attention_class) -> RagSequenceForGeneration:
     reference_config = transformers.RagConfig(**config.to_dict())
     torch.manual_seed(3)
     generator = BartForConditionalGeneration(reference_config.generator)
-    _widen(generator, 3)
+    widen(generator, 3, eos_bias=4.0)
     if attention_class is not None:
         for layer in generator.get_decoder().layers:
             original = layer.encoder_attn
@@ -194,7 +168,7 @@ def test_probe_falls_back_to_the_plain_path_with_one_warning(attention_class, re
     assert torch.equal(got, plain) and torch.equal(again, plain)
     if attention_class is BartAttention:  # the swap, unguarded, would have decoded otherwise
         ids, mask = _inputs()["context_input_ids"], _inputs()["context_attention_mask"]
-        unguarded_plain, unguarded_swap, _ = _plain_and_shared(model.generator, ids, mask)
+        unguarded_plain, unguarded_swap, _ = plain_and_shared(model.generator, ids, mask, **DECODE)
         assert not torch.equal(unguarded_swap, unguarded_plain)
 
 

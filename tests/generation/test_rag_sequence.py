@@ -12,6 +12,7 @@ import threading
 import pytest
 import torch
 import transformers
+from generation_helpers import EOS, plain_and_shared, widen
 from transformers import BartForConditionalGeneration, DPRQuestionEncoder, T5ForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.rag.retrieval_rag import CustomHFIndex
@@ -27,26 +28,11 @@ from ragkit.generation import (
     scoring,
     search,
 )
-from ragkit.generation.calls import decoding_call
 from ragkit.retrieval.custom import CustomHFIndex as RagkitCustomHFIndex
 from ragkit.retrieval_rag import RagRetriever as RagkitRetriever
 from ragkit.testing import tiny_rag_config
 
 MAX_LENGTH = 10
-EOS = 2
-
-
-def _perturb(module: torch.nn.Module, seed: int) -> None:
-    """Redraw weight matrices wide enough for non-degenerate decoding; favour EOS a little."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in module.parameters():
-            if param.dim() > 1:
-                param.copy_(torch.randn(param.shape, generator=generator))
-        if hasattr(module, "final_logits_bias"):
-            module.final_logits_bias[0, EOS] = 10.0
-        else:  # T5 has no output bias: make the EOS row of the head larger instead
-            module.lm_head.weight[EOS] *= 2.5
 
 
 def _build(kind: str, seed: int = 0, **rag_fields):
@@ -57,7 +43,7 @@ def _build(kind: str, seed: int = 0, **rag_fields):
     question_encoder = DPRQuestionEncoder(reference_config.question_encoder)
     generator_cls = BartForConditionalGeneration if kind == "bart" else T5ForConditionalGeneration
     generator = generator_cls(reference_config.generator)
-    _perturb(generator, seed)
+    widen(generator, seed, eos_row_scale=2.5)
     reference = transformers.RagSequenceForGeneration(
         config=reference_config, question_encoder=question_encoder, generator=generator
     ).eval()
@@ -410,33 +396,13 @@ def test_pruned_scores_of_survivors_are_exact():
     assert int(kept.sum()) < len(kept)  # some were ruled out unscored
 
 
-def _generate_plain_and_shared(generator, ids, mask, **decode):
-    """(generator's own beam search, beam search over per-context cross-attention, the shared state)."""
-    num_beams = decode["num_beams"]
-    with torch.no_grad():
-        states = generator.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
-        plain = generator.generate(
-            encoder_outputs=BaseModelOutput(last_hidden_state=states.clone()), attention_mask=mask, **decode
-        )
-        with decoding_call():
-            shared = search.beam_shared_cross_attention(generator, states, mask, num_beams=num_beams)
-            with shared.installed():
-                got = generator.generate(
-                    encoder_outputs=BaseModelOutput(last_hidden_state=states.clone()),
-                    attention_mask=mask,
-                    cache=shared.cache,
-                    **decode,
-                )
-    return plain, got, shared
-
-
 def _eager_bart(seed: int) -> BartForConditionalGeneration:
     """A tiny BART generator with eager attention and wide random weights."""
     generator_config = transformers.RagConfig(**tiny_rag_config("bart", hidden_size=32).to_dict()).generator
     generator_config._attn_implementation = "eager"
     torch.manual_seed(seed)
     generator = BartForConditionalGeneration(generator_config).eval()
-    _perturb(generator, seed)
+    widen(generator, seed)
     return generator
 
 
@@ -449,7 +415,7 @@ def test_beams_sharing_cross_attention_decode_as_the_generator_does(kind, reques
     generator = ours.generator
     ids, mask, _ = _contexts(batch_size=3, n_docs=3, seed=73, pads=[0, 2, 0, 4, 0, 0, 1, 0, 3])
     originals = [type(layer) for layer in generator.modules()]
-    plain, got, shared = _generate_plain_and_shared(
+    plain, got, shared = plain_and_shared(
         generator, ids, mask, num_beams=3, num_return_sequences=3, max_length=MAX_LENGTH
     )
     assert torch.equal(got, plain)
@@ -467,7 +433,7 @@ def test_beams_sharing_cross_attention_decode_as_the_generator_does(kind, reques
 def test_shared_cross_attention_with_eager_attention_and_a_prompt():
     # Eager attention (additive float masks) and a decoder prompt (queries longer than one token).
     ids, mask, _ = _contexts(batch_size=2, n_docs=2, seed=89, pads=[0, 3, 1, 0])
-    plain, got, shared = _generate_plain_and_shared(
+    plain, got, shared = plain_and_shared(
         _eager_bart(3),
         ids,
         mask,
@@ -491,39 +457,11 @@ def test_shared_cross_attention_keeps_eager_arithmetic_in_half_precision(dtype):
                     param.mul_(0.5)
         generator.to(dtype)
         ids, mask, _ = _contexts(batch_size=3, n_docs=2, seed=seed, pads=[0, 2, 0, 3, 1, 0])
-        plain, got, shared = _generate_plain_and_shared(
+        plain, got, shared = plain_and_shared(
             generator, ids, mask, num_beams=4, num_return_sequences=4, max_length=MAX_LENGTH
         )
         assert shared.decoder_layers is not None
         assert torch.equal(got, plain), seed
-
-
-def test_only_known_cross_attention_classes_are_shared(t5_models):
-    # MVP's prompt keys and LED's three outputs are not reproduced: those keep per-beam copies.
-    tiny = dict(
-        vocab_size=64,
-        d_model=16,
-        encoder_layers=1,
-        decoder_layers=1,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=32,
-        decoder_ffn_dim=32,
-    )
-    mvp = transformers.MvpForConditionalGeneration(transformers.MvpConfig(**tiny, max_position_embeddings=32))
-    led = transformers.LEDForConditionalGeneration(
-        transformers.LEDConfig(
-            **tiny,
-            max_encoder_position_embeddings=32,
-            max_decoder_position_embeddings=32,
-            attention_window=[4],
-        )
-    )
-    assert _compat.shareable_cross_attention_layers(mvp) is None
-    assert _compat.shareable_cross_attention_layers(led) is None
-    assert _compat.shareable_cross_attention_layers(t5_models[1].generator) is None
-    bart = BartForConditionalGeneration(transformers.BartConfig(**mvp.config.to_dict()))
-    assert _compat.shareable_cross_attention_layers(bart) is not None
 
 
 def test_pruned_scoring_under_autocast_returns_the_exhaustive_output():
@@ -623,45 +561,6 @@ def test_forward_from_another_thread_during_generate(bart_models):
             logits_processor=transformers.LogitsProcessorList([nested]),
         )
     torch.testing.assert_close(nested.result, expected)
-
-
-@pytest.mark.parametrize(
-    "model_class,config_class",
-    [
-        ("MBartForConditionalGeneration", "MBartConfig"),
-        ("MarianMTModel", "MarianConfig"),
-        ("PegasusForConditionalGeneration", "PegasusConfig"),
-        ("BlenderbotSmallForConditionalGeneration", "BlenderbotSmallConfig"),
-        ("M2M100ForConditionalGeneration", "M2M100Config"),
-    ],
-)
-def test_allowlisted_families_share_cross_attention(model_class, config_class):
-    # The other allowlisted BART-family decoders decode as their own beam search with shared keys/values.
-    config = getattr(transformers, config_class)(
-        vocab_size=64,
-        d_model=16,
-        encoder_layers=1,
-        decoder_layers=2,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=32,
-        decoder_ffn_dim=32,
-        max_position_embeddings=64,
-        pad_token_id=1,
-        eos_token_id=2,
-        decoder_start_token_id=2,
-    )
-    torch.manual_seed(7)
-    generator = getattr(transformers, model_class)(config).eval()
-    _perturb(generator, 7)
-    ids = torch.randint(5, 64, (6, 9), generator=torch.Generator().manual_seed(7))
-    mask = torch.ones_like(ids)
-    mask[1, -3:] = mask[4, -2:] = 0
-    plain, got, shared = _generate_plain_and_shared(
-        generator, ids, mask, num_beams=3, num_return_sequences=3, max_length=MAX_LENGTH
-    )
-    assert shared.decoder_layers is not None
-    assert torch.equal(got, plain)
 
 
 def test_expanded_prefixes_give_teacher_forced_log_probs():
