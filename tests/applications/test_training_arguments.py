@@ -152,11 +152,24 @@ def test_finetune_checks_the_output_dir_before_loading_anything(tmp_path, capsys
     argv = ["finetune", "--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "o"),
             "--model_name_or_path", str(tmp_path / "missing")]  # fmt: skip
     assert main(argv) == 2
-    assert "final holds files fine-tuning did not write (report.docx)" in capsys.readouterr().err
+    assert "final' already holds files ragkit did not write (report.docx)" in capsys.readouterr().err
     (tmp_path / "a_file").write_text("mine")
     argv[argv.index("--output_dir") + 1] = str(tmp_path / "a_file")
     assert main(argv) == 2
     assert "--output_dir" in (err := capsys.readouterr().err) and "a_file' is an existing file" in err
+
+
+def test_finetune_refuses_an_output_dir_under_a_file_before_loading_anything(tmp_path, capsys):
+    from ragkit.cli import main
+
+    (tmp_path / "a_file").write_text("mine")
+    argv = ["finetune", "--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "a_file" / "run"),
+            "--model_name_or_path", str(tmp_path / "missing")]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ragkit finetune: error: fine-tuning output ") and len(err.splitlines()) == 1
+    assert "cannot be created: " in err and "a_file' is a file" in err and "give another --output_dir" in err
+    assert (tmp_path / "a_file").read_text() == "mine"
 
 
 def test_consolidate_parser_is_its_own():

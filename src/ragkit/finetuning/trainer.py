@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .._io import atomic_directory, atomic_file
+from .._io import atomic_directory, atomic_file, check_replaceable
 from ..errors import CheckpointError, CorruptFileError, MissingFileError, RagInputError
 from ..evaluation import evaluate_answers, generate_answers
 from ..loading import RAG_CHECKPOINT_ENTRIES, check_safetensors_file
@@ -242,25 +242,14 @@ def _load_trainer_state(state_file: Path) -> dict[str, Any]:
 
 def _check_checkpoint_dir_replaceable(directory: Path) -> None:
     """Raise when ``directory`` exists but is not a checkpoint ragkit wrote (it is replaced as a whole)."""
-    if not directory.exists() and not directory.is_symlink():
-        return
-    if not directory.is_dir():
-        raise RagInputError(
-            f"{directory} is an existing file, where fine-tuning writes a checkpoint directory; move it away or "
-            "give another --output_dir."
-        )
-    foreign = sorted(
-        entry.name
-        for entry in directory.iterdir()
-        if entry.name not in (*RAG_CHECKPOINT_ENTRIES, INDEX_ENCODER_FILE)
-        and not _WEIGHT_SHARD.fullmatch(entry.name)
+    check_replaceable(
+        directory,
+        (*RAG_CHECKPOINT_ENTRIES, INDEX_ENCODER_FILE),
+        "fine-tuning output",
+        owned_pattern=_WEIGHT_SHARD,
+        advice="Give a new or empty --output_dir, or one written earlier by `ragkit finetune`.",
+        file_advice="Move it away or give another --output_dir.",
     )
-    if foreign:
-        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
-        raise RagInputError(
-            f"{directory} holds files fine-tuning did not write ({shown}); it would be replaced as a whole, "
-            "deleting them. Give a new or empty --output_dir, or one written earlier by `ragkit finetune`."
-        )
 
 
 def _check_metrics_file_replaceable(path: Path) -> None:
