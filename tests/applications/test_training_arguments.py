@@ -172,6 +172,22 @@ def test_finetune_refuses_an_output_dir_under_a_file_before_loading_anything(tmp
     assert (tmp_path / "a_file").read_text() == "mine"
 
 
+def test_a_checkpoint_of_weight_shards_may_be_replaced_but_not_other_files(tmp_path):
+    from ragkit.finetuning.trainer import check_output_dir
+
+    checkpoint = tmp_path / "run" / "checkpoint-last"
+    checkpoint.mkdir(parents=True)
+    for name in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "config.json"):
+        (checkpoint / name).write_bytes(b"")
+    args = TrainingArguments(output_dir=tmp_path / "run", save_checkpoints=True)
+    check_output_dir(args)  # what save_pretrained writes for a large model
+    (checkpoint / "model-00001-of-00002.safetensors.bak").write_bytes(b"")
+    with pytest.raises(
+        RagInputError, match=r"\(model-00001-of-00002\.safetensors\.bak\).* written earlier by `ragkit"
+    ):
+        check_output_dir(args)
+
+
 def test_consolidate_parser_is_its_own():
     from ragkit.commands import consolidate
 
