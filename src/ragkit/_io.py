@@ -190,7 +190,7 @@ def check_replaceable(
     Args:
         output_dir: The directory that will be replaced.
         owned: Names of the entries the command writes there (any other entry is the user's).
-        what: The argument or flag naming ``output_dir`` in the messages (```output_dir```, ``--dest``).
+        what: What the messages call ``output_dir`` first (a flag such as ``--dest``, or a parameter name).
         owned_pattern: Further owned names, matched whole (numbered weight shards).
         advice: What to do when the directory holds other entries.
         file_advice: What to do when ``output_dir`` is a file or lies under one.
