@@ -89,3 +89,25 @@ def test_an_empty_answer_list_is_refused_not_read_as_the_answer_brackets(tmp_pat
         load_gold_answers(gold, "qa")
     gold.write_text("who?\t[Ann]\n")  # not a list literal: the text itself is the answer
     assert load_gold_answers(gold, "qa") == [["[Ann]"]]
+
+
+def test_qa_gold_questions_must_be_the_evaluation_sets_in_order(tmp_path):
+    questions = ["who?", "what?", "where?"]
+    gold = tmp_path / "gold.tsv"
+    # Surrounding spaces, a blank line and a CSV-quoted question (as pandas writes one) still match.
+    gold.write_text(" who? \t['Ann']\n\n\"what?\"\t['A thing']\nwhere?\tHere\n")
+    assert load_gold_answers(gold, "qa", questions) == [["Ann"], ["A thing"], ["Here"]]
+    gold.write_text("who?\t['Ann']\n\nwhere?\tHere\nwhat?\t['A thing']\n")
+    with pytest.raises(
+        ValueError, match=r"gold\.tsv, line 3: gold question 'where\?' is not question 2 of the "
+    ):
+        load_gold_answers(gold, "qa", questions)
+    gold.write_text("who?\t['Ann']\nwhat?\tA thing\nwhere?\tHere\nwhen?\tNow\n")
+    with pytest.raises(ValueError, match=r"line 4: gold question 'when\?' is beyond the evaluation set's 3 "):
+        load_gold_answers(gold, "qa", questions)
+    gold.write_text("who?\t['Ann']\nwhat?\tA thing\n")
+    with pytest.raises(
+        ValueError, match=r"ends at line 2 after 2 gold questions.* question 3, 'where\?', has no"
+    ):
+        load_gold_answers(gold, "qa", questions)
+    assert load_gold_answers(gold, "qa") == [["Ann"], ["A thing"]]  # without questions: not compared

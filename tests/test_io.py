@@ -150,6 +150,36 @@ def test_check_replaceable_refuses_a_file_and_a_path_under_a_file(tmp_path):
     assert target.read_text() == "mine"
 
 
+def test_check_replaceable_checks_a_symlink_where_it_points(tmp_path):
+    # atomic_directory writes where a link points: the check looks there too.
+    (tmp_path / "elsewhere").mkdir()
+    link = tmp_path / "out"
+    link.symlink_to(tmp_path / "elsewhere" / "index")
+    check_replaceable(link, ("index.faiss",), "`output_dir`")  # the target is made by the write
+    (tmp_path / "elsewhere" / "index").mkdir()
+    (tmp_path / "elsewhere" / "index" / "index.faiss").write_bytes(b"")
+    check_replaceable(link, ("index.faiss",), "`output_dir`")
+    (tmp_path / "elsewhere" / "index" / "thesis.tex").write_text("years of work")
+    with pytest.raises(ValueError, match=r"'.*out' already holds files ragkit did not write \(thesis\.tex\)"):
+        check_replaceable(link, ("index.faiss",), "`output_dir`")
+    (tmp_path / "notes.txt").write_text("mine")
+    under_a_file = tmp_path / "to_notes"
+    under_a_file.symlink_to(tmp_path / "notes.txt" / "index")
+    with pytest.raises(ValueError, match=r"cannot be created: '.*notes\.txt' is a file"):
+        check_replaceable(under_a_file, ("index.faiss",), "`output_dir`")
+
+
+def test_check_replaceable_owns_names_matching_a_pattern(tmp_path):
+    import re
+
+    shard = re.compile(r"model-\d+-of-\d+\.safetensors")
+    (tmp_path / "model-00001-of-00002.safetensors").write_bytes(b"")
+    check_replaceable(tmp_path, ("config.json",), "`dest`", owned_pattern=shard)
+    (tmp_path / "model-1-of-2.safetensors.bak").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"\(model-1-of-2\.safetensors\.bak\).* Keep out\.$"):
+        check_replaceable(tmp_path, ("config.json",), "`dest`", owned_pattern=shard, advice="Keep out.")
+
+
 @pytest.mark.parametrize("kind", ["file", "directory"])
 def test_a_symlinked_output_is_written_where_it_points(tmp_path, kind):
     # An index kept on another disk through a link: written there, the link kept (not replaced by a copy).

@@ -170,34 +170,56 @@ def file_above(path: str | os.PathLike) -> Path | None:
     return parent if parent is not None and not parent.is_dir() else None
 
 
-def check_replaceable(output_dir: str | os.PathLike, owned: Iterable[str], what: str) -> None:
+def check_replaceable(
+    output_dir: str | os.PathLike,
+    owned: Iterable[str],
+    what: str,
+    *,
+    owned_pattern: re.Pattern[str] | None = None,
+    advice: str = "Give a new or empty directory, or one written earlier by the same command.",
+    file_advice: str = "Give a new or empty directory path.",
+) -> None:
     """Raise :class:`~ragkit.errors.RagInputError` when ``output_dir`` cannot be written as a directory of its own.
 
     :func:`atomic_directory` replaces the directory whole; an output directory that already holds
     the user's own files (a project folder given by mistake) must not be wiped. An output that is an
     existing file, or lies under one, is refused too: commands call this before their long work, so
-    such a path fails at once rather than when the result is written.
+    such a path fails at once rather than when the result is written. A symbolic link is checked where it
+    points, as :func:`atomic_directory` writes there (a link to a directory not made yet passes).
+
+    Args:
+        output_dir: The directory that will be replaced.
+        owned: Names of the entries the command writes there (any other entry is the user's).
+        what: What the messages call ``output_dir`` first (a flag such as ``--dest``, or a parameter name).
+        owned_pattern: Further owned names, matched whole (numbered weight shards).
+        advice: What to do when the directory holds other entries.
+        file_advice: What to do when ``output_dir`` is a file or lies under one.
     """
-    output = Path(output_dir)
+    shown_path = os.fspath(output_dir)
+    output = _followed(output_dir)
     if output.exists() and not output.is_dir():
         raise RagInputError(
-            f"{what} {os.fspath(output_dir)!r} is an existing file, not a directory; it is not replaced. Give a "
-            "new or empty directory path."
+            f"{what} {shown_path!r} is an existing file, not a directory; it is not replaced. {file_advice}"
         )
     parent = file_above(output)
     if parent is not None:
         raise RagInputError(
-            f"{what} {os.fspath(output_dir)!r} cannot be created: {os.fspath(parent)!r} is a file, not a "
-            "directory. Give a directory path."
+            f"{what} {shown_path!r} cannot be created: {os.fspath(parent)!r} is a file, not a directory. "
+            f"{file_advice}"
         )
     if not output.is_dir():
         return
-    foreign = sorted(entry.name for entry in output.iterdir() if entry.name not in set(owned))
+    names = set(owned)
+    foreign = sorted(
+        entry.name
+        for entry in output.iterdir()
+        if entry.name not in names and not (owned_pattern is not None and owned_pattern.fullmatch(entry.name))
+    )
     if foreign:
         shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
         raise RagInputError(
-            f"{what} {os.fspath(output_dir)!r} already holds files ragkit did not write ({shown}); it would be "
-            "replaced as a whole. Give a new or empty directory, or one written earlier by the same command."
+            f"{what} {shown_path!r} already holds files ragkit did not write ({shown}); it would be replaced as "
+            f"a whole, deleting them. {advice}"
         )
 
 

@@ -234,20 +234,31 @@ def load_questions(path: str | os.PathLike) -> list[str]:
     return [line for line in lines if line.strip()]
 
 
-def load_gold_answers(path: str | os.PathLike, mode: str = "qa") -> list[list[str]]:
+def load_gold_answers(
+    path: str | os.PathLike, mode: str = "qa", questions: Sequence[str] | None = None
+) -> list[list[str]]:
     """Gold answers per question from a ``qa`` (question<TAB>answers) or ``ans`` (answers<TAB>...) file.
 
     Args:
         path: Gold data file.
         mode: ``"qa"`` or ``"ans"``.
+        questions: The evaluation set's questions. With ``mode="qa"`` the gold file must list the same
+            questions in the same order (compared without surrounding spaces; a question quoted as a CSV
+            field, ``"..."`` with ``""`` for a quote, counts as its text); an ``ans`` file holds no questions.
 
     Returns:
         One list of acceptable answers per question.
+
+    Raises:
+        RagInputError: A line that is not ``question<TAB>answers`` (``qa``), an empty answer list, or, with
+            ``questions``, the first gold line whose question is not the evaluation set's at that position
+            (or a gold file with more or fewer questions), naming its line number and both questions.
     """
     if mode not in ("qa", "ans"):
         raise RagInputError(f"`gold_data_mode` must be 'qa' or 'ans', got {mode!r}.")
+    lines = _read_lines(path, "gold data")
     answers = []
-    for number, line in enumerate(_read_lines(path, "gold data"), start=1):
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         if mode == "ans":
@@ -258,13 +269,21 @@ def load_gold_answers(path: str | os.PathLike, mode: str = "qa") -> list[list[st
                 f"{path}, line {number}: expected 'question<TAB>answers' (gold_data_mode 'qa'); "
                 "use --gold_data_mode ans for one line of tab-separated answers per question."
             )
-        raw = line.split("\t", 1)[1].strip()
-        parsed = _parse_answer_list(raw)
+        question, raw = line.split("\t", 1)
+        if questions is not None:
+            _check_gold_question(path, number, question, questions, len(answers))
+        parsed = _parse_answer_list(raw.strip())
         if not parsed:
             raise RagInputError(
                 f"{path}, line {number}: the list of answers is empty; give at least one answer per question."
             )
         answers.append(parsed)
+    if mode == "qa" and questions is not None and len(answers) < len(questions):
+        missing = questions[len(answers)].strip()
+        raise RagInputError(
+            f"{path} ends at line {len(lines)} after {len(answers)} gold questions, but the evaluation set has "
+            f"{len(questions)}: question {len(answers) + 1}, {missing!r}, has no gold line. {_SAME_QUESTIONS}"
+        )
     return answers
 
 
@@ -292,6 +311,38 @@ def _parse_answer_list(raw: str) -> list[str]:
         if isinstance(value, list):
             return [str(v) for v in value]
     return [raw]
+
+
+#: What a ``qa`` gold file whose questions differ from the evaluation set's must become.
+_SAME_QUESTIONS = (
+    "A qa gold file lists the evaluation set's questions in the same order, one per line; give the gold "
+    "file made with this evaluation set."
+)
+
+
+def _unquoted(field: str) -> str:
+    """A CSV field without its quotes (doubled quotes inside become one); other text as it is."""
+    if len(field) >= 2 and field[0] == field[-1] == '"':
+        return field[1:-1].replace('""', '"')
+    return field
+
+
+def _check_gold_question(
+    path: str | os.PathLike, number: int, question: str, questions: Sequence[str], position: int
+) -> None:
+    """Raise when the question on gold line ``number`` is not ``questions[position]``, naming both."""
+    gold = question.strip()
+    if position >= len(questions):
+        raise RagInputError(
+            f"{path}, line {number}: gold question {gold!r} is beyond the evaluation set's {len(questions)} "
+            f"questions. {_SAME_QUESTIONS}"
+        )
+    expected = questions[position].strip()
+    if expected not in (gold, _unquoted(gold).strip()):
+        raise RagInputError(
+            f"{path}, line {number}: gold question {gold!r} is not question {position + 1} of the evaluation "
+            f"set, {expected!r}. {_SAME_QUESTIONS}"
+        )
 
 
 def _read_lines(path: str | os.PathLike, what: str) -> list[str]:

@@ -159,3 +159,26 @@ def test_bad_values_are_refused_at_parse_time(checkpoint, eval_files, capsys):
             _eval(checkpoint, questions, gold, flag, "0")
         assert exit_info.value.code == 2
         assert ">= 1" in capsys.readouterr().err
+
+
+def test_a_qa_gold_file_for_other_questions_is_refused_before_the_model_loads(eval_files, tmp_path, capsys):
+    questions, _ = eval_files
+    gold = tmp_path / "gold.tsv"
+    # Line 2 answers another question (the gold file of another evaluation set, or reordered).
+    gold.write_text(
+        f"{QUESTIONS[0]}\t['Paris']\nwho painted the mona lisa?\t['Leonardo']\n{QUESTIONS[2]}\tX\n"
+    )
+    missing = tmp_path / "no_checkpoint"  # never loaded: the gold file is refused first
+    args = [
+        "eval",
+        "--model_name_or_path", str(missing),
+        "--evaluation_set", str(questions),
+        "--gold_data_path", str(gold),
+        "--gold_data_mode", "qa",
+        "--predictions_path", str(tmp_path / "p.txt"),
+    ]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"ragkit eval: error: {gold}, line 2: ") and len(err.strip().splitlines()) == 1, err
+    assert f"'who painted the mona lisa?' is not question 2 of the evaluation set, {QUESTIONS[1]!r}" in err
+    assert not (tmp_path / "p.txt").exists()

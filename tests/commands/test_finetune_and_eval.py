@@ -184,6 +184,41 @@ def test_consolidate_finetune_resume_eval(tmp_path, components, data_dir, capita
     assert json.loads(metrics_path.read_text())["precision@2"] == pytest.approx(expected)
 
 
+def test_resume_from_a_damaged_checkpoint_names_the_file_and_the_checkpoint(
+    tmp_path, components, data_dir, capsys
+):
+    import shutil
+
+    checkpoint = _consolidated(tmp_path, components)
+    output = tmp_path / "out"
+    finetune = [
+        "finetune",
+        "--model_name_or_path", str(checkpoint),
+        "--data_dir", str(data_dir),
+        "--output_dir", str(output),
+        "--num_train_epochs", "2",
+        "--train_batch_size", "4",
+        "--no_progress",
+    ]  # fmt: skip
+    assert main([*finetune, "--max_steps", "1"]) == 0
+    saved = tmp_path / "saved"
+    shutil.copytree(output, saved)
+    # The weights, the config, and a tokenizer file the retriever loads: each cut in half, as by a killed copy.
+    for damaged in ("model.safetensors", "config.json", "generator_tokenizer/tokenizer.json"):
+        shutil.rmtree(output)
+        shutil.copytree(saved, output)
+        path = output / "checkpoint-last" / damaged
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        capsys.readouterr()
+        assert main([*finetune, "--resume"]) == 2, damaged
+        err = capsys.readouterr().err
+        assert err.startswith(f"ragkit finetune: error: {path} is damaged"), err
+        assert len(err.strip().splitlines()) == 1, err
+        assert err.strip().endswith(
+            f"Delete {output / 'checkpoint-last'} and resume from an earlier copy, or start without --resume."
+        ), err
+
+
 def test_finetune_from_encoder_and_generator_end2end(
     tmp_path, components, data_dir, question_encoder_tokenizer
 ):

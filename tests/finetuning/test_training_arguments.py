@@ -152,11 +152,40 @@ def test_finetune_checks_the_output_dir_before_loading_anything(tmp_path, capsys
     argv = ["finetune", "--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "o"),
             "--model_name_or_path", str(tmp_path / "missing")]  # fmt: skip
     assert main(argv) == 2
-    assert "final holds files fine-tuning did not write (report.docx)" in capsys.readouterr().err
+    assert "final' already holds files ragkit did not write (report.docx)" in capsys.readouterr().err
     (tmp_path / "a_file").write_text("mine")
     argv[argv.index("--output_dir") + 1] = str(tmp_path / "a_file")
     assert main(argv) == 2
     assert "--output_dir" in (err := capsys.readouterr().err) and "a_file' is an existing file" in err
+
+
+def test_finetune_refuses_an_output_dir_under_a_file_before_loading_anything(tmp_path, capsys):
+    from ragkit.cli import main
+
+    (tmp_path / "a_file").write_text("mine")
+    argv = ["finetune", "--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "a_file" / "run"),
+            "--model_name_or_path", str(tmp_path / "missing")]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ragkit finetune: error: fine-tuning output ") and len(err.splitlines()) == 1
+    assert "cannot be created: " in err and "a_file' is a file" in err and "give another --output_dir" in err
+    assert (tmp_path / "a_file").read_text() == "mine"
+
+
+def test_a_checkpoint_of_weight_shards_may_be_replaced_but_not_other_files(tmp_path):
+    from ragkit.finetuning.trainer import check_output_dir
+
+    checkpoint = tmp_path / "run" / "checkpoint-last"
+    checkpoint.mkdir(parents=True)
+    for name in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "config.json"):
+        (checkpoint / name).write_bytes(b"")
+    args = TrainingArguments(output_dir=tmp_path / "run", save_checkpoints=True)
+    check_output_dir(args)  # what save_pretrained writes for a large model
+    (checkpoint / "model-00001-of-00002.safetensors.bak").write_bytes(b"")
+    with pytest.raises(
+        RagInputError, match=r"\(model-00001-of-00002\.safetensors\.bak\).* written earlier by `ragkit"
+    ):
+        check_output_dir(args)
 
 
 def test_consolidate_parser_is_its_own():

@@ -267,9 +267,12 @@ def test_fp16_on_cpu_scales_the_loss(tmp_path, make_model, train_examples, recwa
 @pytest.mark.parametrize(
     "mine, pattern",
     [
-        ("final/thesis.tex", r"final holds files fine-tuning did not write \(thesis\.tex\)"),
-        ("checkpoint-last/notes.md", r"checkpoint-last holds files fine-tuning did not write \(notes\.md\)"),
-        ("final", r"final is an existing file"),
+        ("final/thesis.tex", r"final' already holds files ragkit did not write \(thesis\.tex\)"),
+        (
+            "checkpoint-last/notes.md",
+            r"checkpoint-last' already holds files ragkit did not write \(notes\.md\)",
+        ),
+        ("final", r"final' is an existing file"),
         ("metrics.json", r"metrics\.json exists and was not written by a training run"),
     ],
 )

@@ -104,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
             f"--evaluation_set {args.evaluation_set!r} holds no questions (one per line); nothing to evaluate."
         )
     if args.eval_mode == "e2e":
-        gold: list[list[str]] = load_gold_answers(args.gold_data_path, args.gold_data_mode)
+        # A qa gold file names its questions: they must be the evaluation set's, in its order.
+        gold: list[list[str]] = load_gold_answers(args.gold_data_path, args.gold_data_mode, questions)
     else:
         gold = load_gold_titles(args.gold_data_path)
     if len(gold) != len(questions):

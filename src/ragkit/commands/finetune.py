@@ -28,6 +28,7 @@ from ..finetuning.trainer import (
     TRAINER_STATE_FILE,
     RagTrainer,
     TrainResult,
+    check_checkpoint_files,
     check_output_dir,
 )
 from ..loading import (
@@ -130,6 +131,8 @@ def _train(args: argparse.Namespace, training_args: TrainingArguments) -> TrainR
     device = resolve_device(args.device)
     resume_dir = Path(args.output_dir) / CHECKPOINT_DIRNAME
     if args.resume and (resume_dir / TRAINER_STATE_FILE).is_file():
+        # Before the loader reads them: a damaged file is named with what to do about the checkpoint.
+        check_checkpoint_files(resume_dir)
         index = {
             k: v for k, v in rag_fields(args).items() if k in ("index_name", "index_path", "passages_path")
         }

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .._io import atomic_directory, atomic_file
+from .._io import atomic_directory, atomic_file, check_replaceable
 from ..errors import CheckpointError, CorruptFileError, MissingFileError, RagInputError
 from ..evaluation import evaluate_answers, generate_answers
 from ..loading import RAG_CHECKPOINT_ENTRIES, check_safetensors_file
@@ -54,6 +54,7 @@ __all__ = [
     "TRAINER_STATE_FILE",
     "RagTrainer",
     "TrainResult",
+    "check_checkpoint_files",
     "check_output_dir",
     "refresh_index",
 ]
@@ -179,6 +180,44 @@ def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.float16
 
 
+def _resume_advice(directory: Path) -> str:
+    """What to do about a damaged checkpoint ``directory``."""
+    return f"Delete {directory} and resume from an earlier copy, or start without --resume."
+
+
+def check_checkpoint_files(directory: str | os.PathLike) -> None:
+    """Raise :class:`~ragkit.errors.CorruptFileError` naming the first damaged file of a checkpoint to resume from.
+
+    Every file that can be checked without loading it is: JSON files (the config, the tokenizers' files,
+    the index of weight shards) must parse, and ``.safetensors`` files (the weights, each shard, the context
+    encoder's) must hold every byte their header announces. The loaders would report such a file with
+    advice for a model checkpoint (write it again), or without naming it; a resume names it and says
+    which checkpoint to delete.
+
+    Args:
+        directory: The checkpoint (``<output_dir>/checkpoint-last``).
+
+    Raises:
+        CorruptFileError: Naming the file, the problem and what to do.
+    """
+    directory = Path(directory)
+    advice = _resume_advice(directory)
+    for path in sorted(directory.rglob("*")):
+        if not path.is_file():
+            continue
+        if path.suffix == ".safetensors":
+            check_safetensors_file(path, advice)
+        elif path.suffix == ".json":
+            try:
+                with open(path, encoding="utf-8") as f:
+                    json.load(f)
+            except (OSError, ValueError) as err:  # ValueError: bad JSON or not UTF-8
+                raise CorruptFileError(
+                    f"{path} is damaged and cannot be read ({type(err).__name__}: {err}): the file was truncated "
+                    f"or overwritten, e.g. by an interrupted copy. {advice}"
+                ) from err
+
+
 def _load_model_weights(model: torch.nn.Module, directory: Path, device: torch.device) -> None:
     """Load ``model.safetensors`` from ``directory`` into ``model`` in place; tied copies may be absent."""
     from safetensors.torch import load_file
@@ -189,7 +228,7 @@ def _load_model_weights(model: torch.nn.Module, directory: Path, device: torch.d
             f"{directory} has no model.safetensors; the checkpoint is incomplete, resume cannot work. Resume "
             "from a complete checkpoint, or start without --resume in a new output directory."
         )
-    advice = f"Delete {directory} and resume from an earlier copy, or start without --resume."
+    advice = _resume_advice(directory)
     check_safetensors_file(weights, advice)
     try:
         tensors = load_file(str(weights), device=str(device))
@@ -242,25 +281,14 @@ def _load_trainer_state(state_file: Path) -> dict[str, Any]:
 
 def _check_checkpoint_dir_replaceable(directory: Path) -> None:
     """Raise when ``directory`` exists but is not a checkpoint ragkit wrote (it is replaced as a whole)."""
-    if not directory.exists() and not directory.is_symlink():
-        return
-    if not directory.is_dir():
-        raise RagInputError(
-            f"{directory} is an existing file, where fine-tuning writes a checkpoint directory; move it away or "
-            "give another --output_dir."
-        )
-    foreign = sorted(
-        entry.name
-        for entry in directory.iterdir()
-        if entry.name not in (*RAG_CHECKPOINT_ENTRIES, INDEX_ENCODER_FILE)
-        and not _WEIGHT_SHARD.fullmatch(entry.name)
+    check_replaceable(
+        directory,
+        (*RAG_CHECKPOINT_ENTRIES, INDEX_ENCODER_FILE),
+        "fine-tuning output",
+        owned_pattern=_WEIGHT_SHARD,
+        advice="Give a new or empty --output_dir, or one written earlier by `ragkit finetune`.",
+        file_advice="Move it away or give another --output_dir.",
     )
-    if foreign:
-        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
-        raise RagInputError(
-            f"{directory} holds files fine-tuning did not write ({shown}); it would be replaced as a whole, "
-            "deleting them. Give a new or empty --output_dir, or one written earlier by `ragkit finetune`."
-        )
 
 
 def _check_metrics_file_replaceable(path: Path) -> None:
@@ -305,7 +333,7 @@ def check_output_dir(args: TrainingArguments) -> None:
 
 def _load_index_encoder_state(path: Path) -> dict[str, torch.Tensor]:
     """The context encoder weights of the last index rebuild, saved with an end2end checkpoint."""
-    what_to_do = f"Delete {path.parent} and resume from an earlier copy, or start without --resume."
+    what_to_do = _resume_advice(path.parent)
     if not path.is_file():
         raise MissingFileError(
             f"{path.parent} has no {path.name} (the context encoder of the last index rebuild); the checkpoint "
@@ -563,7 +591,8 @@ class RagTrainer:
 
         Raises:
             MissingFileError: No ``trainer_state.pt`` or ``model.safetensors`` in ``directory``.
-            CorruptFileError: One of them is truncated, damaged or holds more than plain data.
+            CorruptFileError: One of them is truncated, damaged or holds more than plain data, or another file
+                of the checkpoint is damaged (see :func:`check_checkpoint_files`).
             RagInputError: This run's :data:`SCHEDULE_FIELDS`, number of training examples or model class
                 (RAG-Sequence or RAG-Token) differ from the checkpoint's (naming each and both values).
         """
@@ -574,6 +603,7 @@ class RagTrainer:
                 f"{directory} has no {TRAINER_STATE_FILE}: it is not a checkpoint written by `ragkit finetune`. "
                 "Resume from <output_dir>/checkpoint-last, or start without --resume."
             )
+        check_checkpoint_files(directory)
         state = _load_trainer_state(state_file)
         self._check_same_schedule(state, state_file)
         _load_model_weights(self.model, directory, self.device)
