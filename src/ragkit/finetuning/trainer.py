@@ -226,7 +226,7 @@ def _load_model_weights(model: torch.nn.Module, directory: Path, device: torch.d
     if not weights.is_file():
         raise MissingFileError(
             f"{directory} has no model.safetensors; the checkpoint is incomplete, resume cannot work. Resume "
-            "from a complete checkpoint, or start without --resume in a new output directory."
+            "from a complete checkpoint, or start without --resume."
         )
     advice = _resume_advice(directory)
     check_safetensors_file(weights, advice)
@@ -252,10 +252,7 @@ def _load_model_weights(model: torch.nn.Module, directory: Path, device: torch.d
 
 def _load_trainer_state(state_file: Path) -> dict[str, Any]:
     """The trainer state of a checkpoint, as plain data; a damaged or tampered file is named."""
-    what_to_do = (
-        f"Delete {state_file.parent} and resume from an earlier copy, or start without --resume (in a new "
-        "output directory)."
-    )
+    what_to_do = _resume_advice(state_file.parent)
     try:
         # weights_only: a checkpoint is data; unpickling arbitrary objects from it could run code.
         state = torch.load(state_file, map_location="cpu", weights_only=True)
