@@ -64,6 +64,10 @@ PARTIAL_CHUNKS = "tests/test_mutation_kills_partial_chunks.py"
 RETRIEVAL_CHUNKS = "tests/retrieval/test_mutation_kills_retrieval_chunks.py"
 MAX_COMBINED_FLAG = "tests/finetuning/test_mutation_kills_max_combined_length.py"
 PROBE_HOOKS = "tests/generation/test_probe_hooks.py"
+STAND_IN = "tests/generation/test_stand_in.py"
+NO_COPY_PER_BEAM_ROW = (
+    "tests/generation/test_memory.py::test_shared_search_makes_no_encoder_states_per_beam_row"
+)
 
 
 @dataclass(frozen=True)
@@ -533,6 +537,37 @@ MUTANTS: list[Mutant] = [
         "do_deduplication=True keeps repeated hypotheses",
         [("    if not deduplicate:\n", "    if True:\n")],
         [THOROUGH],
+    ),
+    _m(
+        "generation-encoder-states-per-beam-row",
+        "generation/search.py: search_contexts",
+        "the shared search gives generate the encoder states, which it copies once per beam row, unread",
+        [
+            (
+                "encoder_outputs=BaseModelOutput(last_hidden_state=search_states)",
+                "encoder_outputs=BaseModelOutput(last_hidden_state=encoder_states)",
+            )
+        ],
+        [NO_COPY_PER_BEAM_ROW],
+    ),
+    _m(
+        "generation-stand-in-unfilled-cache",
+        "_compat.py: encoder_states_stand_in",
+        "the zero-width stand-in is given where a layer's cross-attention would compute keys/values from it",
+        [
+            (
+                "        if not layers or not all(cache.is_updated",
+                "        if False and not all(cache.is_updated",
+            )
+        ],
+        [STAND_IN],
+    ),
+    _m(
+        "generation-estimate-copy-per-beam-row",
+        "generation/rag_sequence.py: _questions_fitting",
+        "the questions-per-call estimate counts generate's copy of the encoder states where it is empty",
+        [("(n_docs if unread else n_docs + rows)", "(n_docs + rows)")],
+        [STAND_IN],
     ),
     _m(
         "probe-step-hooks-unchecked",

@@ -21,6 +21,7 @@ from transformers.generation import GenerationMode
 from transformers.generation.utils import GENERATION_MODES_MAPPING
 
 __all__ = [
+    "SHAPE_ONLY_ENCODER_STATES",
     "SHAREABLE_CROSS_ATTENTION",
     "BeamSharedCrossAttention",
     "BeamSharedCrossCache",
@@ -32,6 +33,8 @@ __all__ = [
     "cross_attention_cache",
     "decoder_input_ids_of_call",
     "encoder_decoder_cache",
+    "encoder_states_read_for_shape_only",
+    "encoder_states_stand_in",
     "gatherable_head",
     "generated_beam_indices",
     "learned_positions",
@@ -61,6 +64,26 @@ SHAREABLE_CROSS_ATTENTION = frozenset(
         "PLBartAttention",
         "PegasusAttention",
         "PegasusXAttention",
+    }
+)
+
+# Decoders that read ``encoder_hidden_states`` only for its batch size, length and dtype (the cross-attention
+# mask) besides handing it to their layers' cross-attention, which computes keys/values from it only where
+# the cache holds none yet (``cache.is_updated[layer]`` unset). Relies on: these class names meaning that code.
+SHAPE_ONLY_ENCODER_STATES = frozenset(
+    {
+        "BartDecoder",
+        "BigBirdPegasusDecoder",
+        "BlenderbotDecoder",
+        "BlenderbotSmallDecoder",
+        "M2M100Decoder",
+        "MBartDecoder",
+        "MarianDecoder",
+        "MT5Stack",
+        "PLBartDecoder",
+        "PegasusDecoder",
+        "PegasusXDecoder",
+        "T5Stack",
     }
 )
 
@@ -102,6 +125,14 @@ def shareable_cross_attention_layers(generator: Any) -> list[Any] | None:
         if type(getattr(layer, "encoder_attn", None)).__name__ not in SHAREABLE_CROSS_ATTENTION:
             return None
     return list(layers)
+
+
+def encoder_states_read_for_shape_only(generator: Any) -> bool:
+    """Whether the decoder reads the encoder states only for their shape once its cross-attention has its keys/values.
+
+    Relies on: ``get_decoder()`` returning a decoder of :data:`SHAPE_ONLY_ENCODER_STATES`.
+    """
+    return type(_decoder(generator)).__name__ in SHAPE_ONLY_ENCODER_STATES
 
 
 def learned_positions(generator: Any) -> torch.nn.Embedding | None:
@@ -222,6 +253,39 @@ class BeamSharedCrossCache(EncoderDecoderCache):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.beam_orders.append(beam_idx.detach())
         self.self_attention_cache.reorder_cache(beam_idx)
+
+
+def encoder_states_stand_in(
+    generator: Any, encoder_states: torch.Tensor, cache: EncoderDecoderCache, swapped: bool
+) -> torch.Tensor | None:
+    """`(contexts, src_len, 0)` encoder states for a beam search that reads only their shape, or None.
+
+    ``generate`` repeats the encoder states it is given once per beam row, `(contexts * num_beams, src_len,
+    hidden)`, at the start of beam search. Where every cross-attention layer already has its keys/values
+    (``cache``, or swapped for a :class:`BeamSharedCrossAttention`), the decoder reads only their batch
+    size, length, dtype and device: a zero-width stand-in makes that copy empty, and a read of the values
+    would fail on its shape instead of giving other numbers.
+
+    Relies on: ``generate`` reading nothing of ``encoder_outputs`` but ``last_hidden_state``'s first two
+    sizes, expanding it per beam row and handing it to every model call as ``encoder_hidden_states``;
+    :func:`encoder_states_read_for_shape_only`; the cache's keys/values being read where
+    ``cache.is_updated[layer]`` is set (every decoder layer's: ``decoder.layers`` or T5's ``decoder.block``).
+
+    Args:
+        generator: The seq2seq generator.
+        encoder_states: `(contexts, src_len, hidden)` encoder outputs.
+        cache: The cache beam search starts from.
+        swapped: Whether every decoder layer's cross-attention is a :class:`BeamSharedCrossAttention`
+            during the search (it reads none of the states).
+    """
+    if not encoder_states_read_for_shape_only(generator) or encoder_states.shape[1] == 0:
+        return None
+    if not swapped:
+        decoder = _decoder(generator)
+        layers = getattr(decoder, "layers", None) or getattr(decoder, "block", None) or ()
+        if not layers or not all(cache.is_updated.get(layer_idx) for layer_idx in range(len(layers))):
+            return None
+    return encoder_states.new_empty((*encoder_states.shape[:2], 0))
 
 
 # --- modules swapped in and hooks ------------------------------------------------------------------

@@ -5,7 +5,8 @@ On CUDA, without ``questions_per_batch``, generate decodes as many questions per
 against the peak bytes of tensors alive at once during a ragkit generate (:class:`LiveTensorBytes`), on
 the shared cross-attention path (BART: each context's keys/values read by all its beams; T5: copies per
 beam next to them) and off it (``DecodingOptions(fast_path=False)``: a copy per beam row), at shapes where
-those keys/values dominate as they do for BART-large at 300-token contexts.
+those keys/values dominate as they do for BART-large at 300-token contexts. On the shared path the search
+reads the encoder states only for their shape: generate must not hold a copy of them per beam row.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ragkit import _compat
 from ragkit.generation import DecodingOptions, DecodingTrace, rag_sequence
 from ragkit.testing import tiny_bart_config, tiny_rag_config, tiny_rag_model, tiny_t5_config
 
@@ -65,6 +67,25 @@ class LiveTensorBytes(TorchDispatchMode):
     def _freed(self, key: int, size: int) -> None:
         self._counted.discard(key)
         self.live -= size
+
+
+class AllocatedShapes(TorchDispatchMode):
+    """Records the shape of every tensor an operator returns inside the mode (views and in-place results too).
+
+    Attributes:
+        shapes: The shapes seen.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: set[tuple[int, ...]] = set()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(tensor, torch.Tensor):
+                self.shapes.add(tuple(tensor.shape))
+        return out
 
 
 def test_live_tensor_bytes_counts_allocations_until_freed():
@@ -173,3 +194,42 @@ def test_shared_cross_attention_as_the_search_decides(model):
     assert not rag_sequence._shared_cross_attention(
         generator, NUM_BEAMS, {}, DecodingOptions(fast_path=False)
     )
+
+
+def _encoder_states_per_beam_row(model: Any) -> tuple[int, int, int]:
+    """The shape of generate's copy of the encoder states per beam row: `(rows, src_len, hidden)`."""
+    return (QUESTIONS * N_DOCS * NUM_BEAMS, CONTEXT_LENGTH, model.config.generator.d_model)
+
+
+@pytest.mark.parametrize("decoding", ["fast", "thorough"])
+@pytest.mark.parametrize("fast_path", [True, False], ids=["shared", "per_beam"])
+def test_shared_search_makes_no_encoder_states_per_beam_row(model, decoding, fast_path):
+    # On the shared path every cross-attention layer reads its keys/values, and the decoder the encoder
+    # states only for their shape: generate repeats a zero-width stand-in per beam row. Off it, the copy
+    # (and the keys/values the first step projects from it) are the generator's own.
+    model.generate(**_generate_kwargs(decoding, DecodingOptions(fast_path=fast_path)))  # probe, warm-up
+    recorder = AllocatedShapes()
+    with recorder:
+        model.generate(**_generate_kwargs(decoding, DecodingOptions(fast_path=fast_path)))
+    rows, src_len, _ = _encoder_states_per_beam_row(model)
+    assert (_encoder_states_per_beam_row(model) in recorder.shapes) == (not fast_path)
+    assert ((rows, src_len, 0) in recorder.shapes) == fast_path
+
+
+def test_shared_search_peak_is_lower_by_the_encoder_states_per_beam_row(model, monkeypatch):
+    # BART's search peaks with generate's copy of the encoder states alive: without it, by its size less.
+    if model.config.generator.model_type != "bart":
+        pytest.skip("T5's peak here is the copies of the keys/values per beam made before the search")
+    kwargs = _generate_kwargs("fast", DecodingOptions())
+    model.generate(**kwargs)  # probe, warm-up
+    peaks, outputs = [], []
+    for stand_in in (True, False):
+        with monkeypatch.context() as patched:
+            if not stand_in:  # the encoder states themselves to generate, as off the shared path
+                patched.setattr(_compat, "encoder_states_stand_in", lambda *args, **kwargs: None)
+            with LiveTensorBytes() as tracker:
+                outputs.append(model.generate(**kwargs))
+        peaks.append(tracker.peak)
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+    copy = torch.Size(_encoder_states_per_beam_row(model)).numel() * 4  # float32
+    assert 0.9 * copy <= peaks[1] - peaks[0] <= 1.1 * copy, (peaks, copy)

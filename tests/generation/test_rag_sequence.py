@@ -250,8 +250,9 @@ def test_questions_per_call_estimate_matches_the_h200_measurement():
     per_beam = fitting({"max_length": 21}, 10716 * 2**20)
     assert 29 <= per_beam <= 35
     assert fitting({"max_new_tokens": 20}, 10716 * 2**20) == per_beam
-    # Keys/values once per context (14 MiB each) instead of per beam row: about 2.9 times the questions.
-    assert 2.6 <= fitting({"max_length": 21}, 10716 * 2**20, shared=True) / per_beam <= 3.2
+    # Keys/values once per context (14 MiB each) instead of per beam row, and no copy of the encoder
+    # states per beam row: about 3.2 times the questions.
+    assert 2.9 <= fitting({"max_length": 21}, 10716 * 2**20, shared=True) / per_beam <= 3.5
     assert fitting({}, 0) == fitting({}, 0, shared=True) == 1  # always at least one question
 
 

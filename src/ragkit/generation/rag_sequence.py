@@ -228,20 +228,26 @@ def _questions_fitting(
 
           D * L * 2 * S * h * e          cross-attention keys/values on the shared path (BART family:
                                          each context's, read by all its beams; other decoders
-                                         also get copies per beam row, never reordered: R * L more)
+                                         also get copies per beam row, never reordered: R * (L + 1)
+                                         more)
       (or R * (L + 1) * 2 * S * h * e    a copy per beam row, ``shared_cross_attention=False``)
         + R * (L + 1) * 2 * T * h * e    self-attention cache
-        + (D + R) * S * h * e            encoder states: the contexts', and generate's copy for the beams
+        + D * S * h * e                  encoder states: the contexts' (on the shared path the search
+                                         reads only their shape where the decoder is known to, and
+                                         generate's copy per beam row is of a zero-width stand-in;
+                                         else R * S * h * e more: that copy)
         + R * V * (e + 4 * 4)            one step's logits: the model's, then a float32 copy, its
                                          log-softmax and the logits processors' outputs
         + R * T * h * e                  decoder states the generation-step hooks keep (thorough decoding)
 
     A cache search extends or reorders counts one layer more than the model has: the new tensor of a
-    layer is made before the old one is freed (the shared keys/values are made once, before the search).
+    layer is made before the old one is freed (the shared keys/values are made once, before the search;
+    the cache's copy of a layer's per-beam keys/values is made before the repeated ones are freed).
     The cross-attention keys/values dominate (14 MiB per context for BART-large at 300 tokens in bf16):
-    a copy per beam row instead of per context makes a question 2.9 times bigger at 4 beams, and an
-    unbounded batch can exhaust a GPU that decodes question by question comfortably. The transients do
-    not all peak at the same step: the sum errs high, by under 10% at the shapes measured.
+    a copy per beam row instead of per context (and generate's copy of the encoder states) makes a
+    question 3.2 times bigger at 5 documents and 4 beams, and an unbounded batch can exhaust a GPU that
+    decodes question by question comfortably. The transients do not all peak at the same step: the sum
+    errs high, by under 10% at the shapes measured.
     """
     config = generator.config
     layers = getattr(config, "decoder_layers", None) or getattr(config, "num_decoder_layers", None) or 1
@@ -259,10 +265,12 @@ def _questions_fitting(
     elif _compat.shareable_cross_attention_layers(generator) is not None:
         cross_layers = n_docs * layers
     else:
-        cross_layers = (n_docs + rows) * layers
+        cross_layers = n_docs * layers + rows * (layers + 1)
     question = cross_layers * 2 * context_length * hidden * element
     question += rows * (layers + 1) * 2 * length * hidden * element
-    question += (n_docs + rows) * context_length * hidden * element
+    # Generate's copy of the encoder states per beam row: empty where the search reads only their shape.
+    unread = shared_cross_attention and _compat.encoder_states_read_for_shape_only(generator)
+    question += (n_docs if unread else n_docs + rows) * context_length * hidden * element
     question += rows * vocab * (element + 4 * 4)
     question += rows * length * hidden * element
     return max(1, int(budget_bytes // question))

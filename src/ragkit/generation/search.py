@@ -2,9 +2,11 @@
 
 Each context's cross-attention keys/values are computed once and read by all its beams (BART family: a
 swapped-in cross-attention over the per-context keys/values; other generators: copies per beam that beam
-search does not reorder). Hooks keep each step's decoder states and log-normalisers, so every hypothesis's
-log-likelihood under the document that generated it, and the log-probability of any token after any prefix
-beam search expanded (pruned beams included), come out of generation without another forward pass.
+search does not reorder). Beam search then reads the encoder states only for their shape: where the
+decoder is known to, generate gets a zero-width stand-in, and its copy of them per beam row is empty.
+Hooks keep each step's decoder states and log-normalisers, so every hypothesis's log-likelihood under the
+document that generated it, and the log-probability of any token after any prefix beam search expanded
+(pruned beams included), come out of generation without another forward pass.
 Everything here that touches the generator's internals goes through :mod:`ragkit._compat`; the capability
 probe (:mod:`.probe`) runs :func:`search_contexts` with the hooks on a tiny input and checks what they
 record against teacher forcing before decoding relies on them.
@@ -406,7 +408,9 @@ def search_contexts(
         kwargs: Generation keyword arguments (a copy: keys are added, the cache given to generate is
             popped again).
         options: Decoding options (a ``trace`` records the shared cross-attention's cache).
-        fast_path: Share each context's cross-attention among its beams (beam search with a cache only).
+        fast_path: Share each context's cross-attention among its beams (beam search with a cache only;
+            generate then gets a zero-width stand-in for the encoder states where the decoder reads only
+            their shape: :func:`ragkit._compat.encoder_states_stand_in`).
         recorder: A logits processor appended to generation's own (fast decoding), or None.
         steps: Generation-step hooks to attach during generation (``beam_orders`` set after it), or None.
 
@@ -415,6 +419,7 @@ def search_contexts(
         layer, each context's cross-attention keys and values (CPU) or None.
     """
     shared = cross_attention = None  # per layer, each context's cross-attention keys and values
+    search_states = encoder_states  # generate repeats them once per beam row
     cache_key = _compat.cache_argument_name(generator)
     if fast_path and searches_with_own_cache(generator, num_beams, kwargs):
         # Before the hooks below: this first step is not one of generation's.
@@ -425,6 +430,13 @@ def search_contexts(
             kwargs[cache_key], cross_attention = shared.cache, shared.layers
             if context_input_ids.device.type == "cuda":
                 cross_attention = None  # the rows path recomputes them on CUDA: less memory
+            # The search reads these keys/values, and the encoder states only for their shape where the
+            # decoder is known to: generate then repeats a zero-width stand-in per beam row, not them.
+            stand_in = _compat.encoder_states_stand_in(
+                generator, encoder_states, shared.cache, swapped=shared.decoder_layers is not None
+            )
+            if stand_in is not None:
+                search_states = stand_in
     if recorder is not None:
         kwargs["logits_processor"] = LogitsProcessorList([*kwargs.get("logits_processor", []), recorder])
     if recorder is not None or steps is not None:
@@ -436,7 +448,7 @@ def search_contexts(
                 input_ids=context_input_ids,
                 attention_mask=context_attention_mask,
                 # A fresh output object: generate expands it for beams in place.
-                encoder_outputs=BaseModelOutput(last_hidden_state=encoder_states),
+                encoder_outputs=BaseModelOutput(last_hidden_state=search_states),
                 num_beams=num_beams,
                 num_return_sequences=num_beams,
                 **kwargs,
