@@ -31,6 +31,20 @@ TINY_BART_FAMILY = dict(
     decoder_start_token_id=EOS,
 )
 
+#: The allowlisted BART-family generators: (model class, config class, extra config fields).
+ALLOWLISTED = [
+    ("BartForConditionalGeneration", "BartConfig", {}),
+    ("MBartForConditionalGeneration", "MBartConfig", {}),
+    ("MarianMTModel", "MarianConfig", {}),
+    ("PegasusForConditionalGeneration", "PegasusConfig", {}),
+    ("PegasusXForConditionalGeneration", "PegasusXConfig", {"num_global_tokens": 2, "block_size": 4}),
+    ("BlenderbotForConditionalGeneration", "BlenderbotConfig", {}),
+    ("BlenderbotSmallForConditionalGeneration", "BlenderbotSmallConfig", {}),
+    ("M2M100ForConditionalGeneration", "M2M100Config", {}),
+    ("PLBartForConditionalGeneration", "PLBartConfig", {}),
+    ("BigBirdPegasusForConditionalGeneration", "BigBirdPegasusConfig", {"attention_type": "original_full"}),
+]
+
 
 def widen(
     module: torch.nn.Module, seed: int, eos_bias: float = 10.0, eos_row_scale: float | None = None
@@ -58,6 +72,15 @@ def tiny_seq2seq(model_class: str, config_class: str, extra: dict | None = None,
     generator = getattr(transformers, model_class)(config).eval()
     widen(generator, seed, eos_bias=4.0)
     return generator
+
+
+def padded_contexts(rows: int = 6, length: int = 9, seed: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random contexts `(rows, length)` over a vocabulary of 64, rows 1 and 4 right-padded, and their mask."""
+    ids = torch.randint(5, 64, (rows, length), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = mask[4, -2:] = 0
+    ids[mask == 0] = 1
+    return ids, mask
 
 
 def plain_and_shared(

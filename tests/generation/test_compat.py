@@ -13,7 +13,7 @@ import logging
 import pytest
 import torch
 import transformers
-from generation_helpers import plain_and_shared, tiny_seq2seq, widen
+from generation_helpers import ALLOWLISTED, padded_contexts, plain_and_shared, tiny_seq2seq, widen
 from transformers import BartForConditionalGeneration, DPRQuestionEncoder, T5ForConditionalGeneration
 from transformers.models.bart import modeling_bart
 
@@ -24,26 +24,6 @@ from ragkit.testing import tiny_rag_config, tiny_t5_config
 
 MAX_LENGTH = 8
 DECODE = dict(num_beams=3, num_return_sequences=3, max_length=MAX_LENGTH)
-ALLOWLISTED = [
-    ("BartForConditionalGeneration", "BartConfig", {}),
-    ("MBartForConditionalGeneration", "MBartConfig", {}),
-    ("MarianMTModel", "MarianConfig", {}),
-    ("PegasusForConditionalGeneration", "PegasusConfig", {}),
-    ("PegasusXForConditionalGeneration", "PegasusXConfig", {"num_global_tokens": 2, "block_size": 4}),
-    ("BlenderbotForConditionalGeneration", "BlenderbotConfig", {}),
-    ("BlenderbotSmallForConditionalGeneration", "BlenderbotSmallConfig", {}),
-    ("M2M100ForConditionalGeneration", "M2M100Config", {}),
-    ("PLBartForConditionalGeneration", "PLBartConfig", {}),
-    ("BigBirdPegasusForConditionalGeneration", "BigBirdPegasusConfig", {"attention_type": "original_full"}),
-]
-
-
-def _contexts(rows: int = 6, length: int = 9, seed: int = 7):
-    ids = torch.randint(5, 64, (rows, length), generator=torch.Generator().manual_seed(seed))
-    mask = torch.ones_like(ids)
-    mask[1, -3:] = mask[4, -2:] = 0
-    ids[mask == 0] = 1
-    return ids, mask
 
 
 @pytest.mark.parametrize("model_class,config_class,extra", ALLOWLISTED, ids=[c for _, c, _ in ALLOWLISTED])
@@ -53,7 +33,7 @@ def test_every_allowlisted_attention_class_takes_the_fast_path_exactly(model_cla
     assert layers is not None
     assert type(layers[0].encoder_attn).__name__ in _compat.SHAREABLE_CROSS_ATTENTION
     assert probe_fast_path(generator) is None  # one decoder step: fast equals plain
-    ids, mask = _contexts()
+    ids, mask = padded_contexts()
     plain, got, shared = plain_and_shared(generator, ids, mask, **DECODE)
     assert shared.decoder_layers is not None  # the swapped cross-attention ran
     assert torch.equal(got, plain)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from test_generation_compat import ALLOWLISTED, MAX_LENGTH, _contexts, _tiny_generator
+from generation_helpers import ALLOWLISTED, padded_contexts, tiny_seq2seq
 from transformers import DynamicCache
 from transformers.modeling_outputs import BaseModelOutput
 
@@ -22,6 +22,7 @@ from ragkit.generation.search import beam_shared_cross_attention, search_context
 from ragkit.testing import tiny_bart_config, tiny_t5_config
 
 NUM_BEAMS = 3
+MAX_LENGTH = 8
 T5_FAMILY = [("T5ForConditionalGeneration", "T5Config"), ("MT5ForConditionalGeneration", "MT5Config")]
 
 
@@ -106,31 +107,40 @@ def _t5_family_generator(model_class: str, config_class: str):
     return generator
 
 
-#: Every allowlisted decoder: (id, a function making a tiny generator with it).
+#: Every allowlisted decoder and how its beams read the per-context keys/values: swapped cross-attention
+#: (BART family) or per-beam copies in the cache (T5 family, and the BART family with the swap turned off).
 ALLOWLISTED_DECODERS = [
     *(
-        pytest.param(lambda m=model_class, c=config_class, e=extra: _tiny_generator(m, c, e), id=config_class)
+        pytest.param(
+            lambda m=model_class, c=config_class, e=extra: tiny_seq2seq(m, c, e),
+            swap,
+            id=f"{config_class}-{name}",
+        )
         for model_class, config_class, extra in ALLOWLISTED
+        for swap, name in ((True, "swapped"), (False, "cached"))
     ),
     *(
-        pytest.param(lambda m=model_class, c=config_class: _t5_family_generator(m, c), id=config_class)
+        pytest.param(
+            lambda m=model_class, c=config_class: _t5_family_generator(m, c),
+            False,
+            id=f"{config_class}-cached",
+        )
         for model_class, config_class in T5_FAMILY
     ),
 ]
 
 
-@pytest.mark.parametrize("swap", [True, False], ids=["swapped", "cached"])
-@pytest.mark.parametrize("make", ALLOWLISTED_DECODERS)
+@pytest.mark.parametrize("make,swap", ALLOWLISTED_DECODERS)
 def test_search_with_the_stand_in_decodes_as_the_generator(make, swap, monkeypatch):
     # Every allowlisted decoder, with its cross-attention swapped (BART family) or reading per-beam copies
     # from the cache (T5 family; BART family where it is not swapped), given the stand-in: its own beam
     # search's sequences.
     generator = make()
     assert _compat.encoder_states_read_for_shape_only(generator)
-    if not swap:
+    if swap:
+        assert _compat.shareable_cross_attention_layers(generator) is not None
+    else:
         monkeypatch.setattr(_compat, "shareable_cross_attention_layers", lambda generator: None)
-    elif _compat.shareable_cross_attention_layers(generator) is None:
-        pytest.skip("no swapped cross-attention for this decoder")
     given = []
     stand_in = _compat.encoder_states_stand_in
 
@@ -139,7 +149,7 @@ def test_search_with_the_stand_in_decodes_as_the_generator(make, swap, monkeypat
         return given[-1]
 
     monkeypatch.setattr(_compat, "encoder_states_stand_in", recorded)
-    ids, mask = _contexts()
+    ids, mask = padded_contexts()
     with torch.no_grad():
         states = generator.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
         plain = generator.generate(
