@@ -7,6 +7,7 @@ import torch
 import transformers
 
 from ragkit import RagConfig, RagTokenizer
+from ragkit.errors import RagInputError
 
 QUESTIONS = ["How many people live in Paris?", "What is the capital of Germany?"]
 ANSWERS = ["about 2.1 million residents", "Berlin"]
@@ -115,3 +116,39 @@ def test_save_pretrained_to_a_file_path_is_refused(tmp_path, tokenizer):
     target.write_text("x")
     with pytest.raises(ValueError, match="save_directory"):
         tokenizer.save_pretrained(target)
+
+
+def test_text_pair_stays_with_the_questions(tokenizer, generator_tokenizer, question_encoder_tokenizer):
+    # The questions' second segment (a context) must not reach the targets: labels are the answers alone.
+    contexts = ["paris is a city", "berlin is a city"]
+    out = tokenizer(QUESTIONS, text_pair=contexts, text_target=ANSWERS)
+    assert out["labels"] == generator_tokenizer(text_target=ANSWERS)["input_ids"]
+    assert out["input_ids"] == question_encoder_tokenizer(QUESTIONS, text_pair=contexts)["input_ids"]
+    with pytest.raises(RagInputError, match="text_pair_target"):
+        tokenizer(QUESTIONS, text_pair_target=contexts)
+
+
+@pytest.fixture
+def mbart_rag_tokenizer(question_encoder_tokenizer):
+    """A RagTokenizer whose generator tokenizer ends inputs with en_XX and targets with ro_RO."""
+    vocab = [("<s>", 0.0), ("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [(c, -1.0) for c in "abcdefghijklmnopqrstuvwxyz\u2581"]
+    generator = transformers.MBartTokenizer(vocab=vocab, src_lang="en_XX", tgt_lang="ro_RO")
+    return RagTokenizer(question_encoder=question_encoder_tokenizer, generator=generator)
+
+
+def _last_tokens(tokenizer, ids):
+    return [tokenizer.convert_ids_to_tokens(row)[-1] for row in ids]
+
+
+def test_targets_are_tokenized_in_the_generators_target_mode(mbart_rag_tokenizer):
+    generator = mbart_rag_tokenizer.generator
+    expected = generator(text_target=["hello"])["input_ids"]
+    assert _last_tokens(generator, expected) == ["ro_RO"]
+    assert mbart_rag_tokenizer(text_target=["hello"])["input_ids"] == expected
+    assert mbart_rag_tokenizer(QUESTIONS[:1], text_target=["hello"])["labels"] == expected
+    with mbart_rag_tokenizer.as_target_tokenizer():
+        assert mbart_rag_tokenizer(["hello"])["input_ids"] == expected
+    # Back in input mode, for the generator's own plain calls too.
+    assert _last_tokens(generator, generator(["hello"])["input_ids"]) == ["en_XX"]
+    assert mbart_rag_tokenizer.current_tokenizer is mbart_rag_tokenizer.question_encoder

@@ -43,6 +43,7 @@ __all__ = [
     "processor_scores_are_log_probs",
     "project",
     "reorder_document_rows",
+    "set_tokenizer_target_mode",
     "shareable_cross_attention_layers",
     "step_head_states",
     "step_logits",
@@ -554,3 +555,20 @@ def prepare_cache(model: Any, generation_config: Any, model_kwargs: dict[str, An
         # max_length is final here (max_new_tokens already applied): the cache holds every decoder position.
         max_cache_length=generation_config.max_length - 1,
     )
+
+
+# --- tokenizers --------------------------------------------------------------------------------------
+
+
+def set_tokenizer_target_mode(tokenizer: Any, target: bool) -> None:
+    """Put ``tokenizer`` in its target mode (``target=True``) or back in its input mode, for plain calls.
+
+    Relies on: ``_switch_to_target_mode``/``_switch_to_input_mode`` setting a tokenizer's special tokens for
+    targets or inputs (MBart, M2M100, NLLB: the language code), and ``_in_target_context_manager`` keeping a
+    call with ``text`` from switching back to input mode, as ``PreTrainedTokenizerBase.__call__`` does.
+    """
+    if hasattr(tokenizer, "_in_target_context_manager"):
+        tokenizer._in_target_context_manager = target
+    switch = getattr(tokenizer, "_switch_to_target_mode" if target else "_switch_to_input_mode", None)
+    if switch is not None:
+        switch()

@@ -10,6 +10,7 @@ from typing import Any
 
 from transformers import AutoTokenizer, BatchEncoding, PreTrainedTokenizerBase
 
+from . import _compat
 from ._io import atomic_directory
 from .configuration_rag import RagConfig
 from .errors import MissingFileError, RagInputError
@@ -141,16 +142,25 @@ class RagTokenizer:
             tokenizers[part] = tokenizer
         return cls(**tokenizers)
 
-    def __call__(self, *args: Any, text_target: Any = None, **kwargs: Any) -> BatchEncoding:
+    def __call__(
+        self, *args: Any, text_target: Any = None, text_pair_target: Any = None, **kwargs: Any
+    ) -> BatchEncoding:
         """Tokenize questions with the current tokenizer; ``text_target`` with the generator's tokenizer.
 
-        With both ``text`` and ``text_target`` the targets' ids are returned as ``labels``.
+        Targets are tokenized in the generator tokenizer's target mode (the language code of an MBart,
+        M2M100 or NLLB tokenizer is its target language's), from ``text_target`` and ``text_pair_target``
+        only: ``text`` and ``text_pair`` are the questions'. With both ``text`` and ``text_target`` the
+        targets' ids are returned as ``labels``.
         """
         has_text = bool(args) or kwargs.get("text") is not None
         if text_target is None:
+            if text_pair_target is not None:
+                raise RagInputError(
+                    "`text_pair_target` needs `text_target`: give the targets as `text_target`."
+                )
             return self.current_tokenizer(*args, **kwargs)
-        target_kwargs = {k: v for k, v in kwargs.items() if k != "text"}
-        targets = self.generator(text_target, **target_kwargs)
+        target_kwargs = {k: v for k, v in kwargs.items() if k not in ("text", "text_pair")}
+        targets = self.generator(text_target=text_target, text_pair_target=text_pair_target, **target_kwargs)
         if not has_text:
             return targets
         inputs = self.current_tokenizer(*args, **kwargs)
@@ -175,10 +185,14 @@ class RagTokenizer:
             self._switch_to_input_mode()
 
     def _switch_to_input_mode(self) -> None:
+        """Questions again: the question encoder's tokenizer, and the generator's back in its input mode."""
         self.current_tokenizer = self.question_encoder
+        _compat.set_tokenizer_target_mode(self.generator, False)
 
     def _switch_to_target_mode(self) -> None:
+        """Targets: the generator's tokenizer, in its target mode (its special tokens for targets)."""
         self.current_tokenizer = self.generator
+        _compat.set_tokenizer_target_mode(self.generator, True)
 
     def prepare_seq2seq_batch(
         self,
