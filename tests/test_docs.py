@@ -189,8 +189,8 @@ def test_no_install_of_the_unrelated_pypi_project():
 
 
 _HISTORY = re.compile(
-    r"\bsessions?\b|\bthe seed\b(?! and)|\bseed's\b|\bseed example|(?<![Tt]ransformers )(?<!#)\bissue \d+"
-    r"|\bearlier (?:runs of the project|versions of this page)"
+    r"(?i:\bsessions?\b)|\bthe seed\b(?! and)|\bseed's\b|\bseed example|(?<![Tt]ransformers )(?<!#)\bissue \d+"
+    r"|\bearlier (?:runs of the project|versions of this page)|\bbefore the review\b|\bin the run before\b"
 )
 
 
