@@ -1,15 +1,22 @@
-"""Both heads' generate: the question tokenizer's whole output, counts out of range, and padded contexts.
+"""Both heads' generate: the question tokenizer's whole output, generation options kept from the question
+encoder, counts (numpy integers, out of range), given contexts (their mask, bad ids and scores), padded
+contexts, and the RAG-Sequence options the reference hands to its generator.
 
 Models are the shared reference/ragkit pairs (tiny DPR + BART, shared random weights, ragkit's retriever).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+import transformers
 
+import ragkit
 from rag_helpers import QUESTIONS, retrieved_contexts
 from ragkit.errors import RagInputError
+from ragkit.generation.arguments import check_count
+from ragkit.testing import tiny_bart_config
 
 MAX_LENGTH = 8
 HEADS = ["sequence", "token"]
@@ -136,3 +143,218 @@ def test_heavily_padded_contexts_decode_as_the_reference_on_the_real_ones(pairs,
         handle.remove()
     assert torch.equal(got, expected)
     assert widths and max(widths) <= real  # trimmed: never the padded width
+
+
+def _unpadded(contexts: dict) -> dict:
+    """``contexts`` cut to the shortest real context, mask all ones: the reference's RAG-Sequence generator
+    runs without the mask, so outputs compare only where no context has padding."""
+    length = int(contexts["context_attention_mask"].sum(1).min())
+    ids = contexts["context_input_ids"][:, :length].clone()
+    return dict(contexts, context_input_ids=ids, context_attention_mask=torch.ones_like(ids))
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_given_contexts_without_their_mask_are_refused(pairs, questions, head):
+    # The planted bug: RAG-Sequence decoded padded contexts without their mask, attending to the padding
+    # (the reference asserts; RAG-Token refused already).
+    pair = pairs(head, "bart")
+    contexts = retrieved_contexts(pair, questions)
+    assert bool((contexts["context_attention_mask"] == 0).any())  # the retrieved contexts are padded
+    del contexts["context_attention_mask"]
+    with pytest.raises(
+        RagInputError, match="`context_attention_mask` must be passed with `context_input_ids`"
+    ):
+        pair.ours.generate(**contexts, max_length=MAX_LENGTH)
+
+
+def _bad_given_contexts(pair, questions, case: str) -> tuple[dict, str]:
+    """Given contexts ``forward`` refuses, and the message naming what is wrong."""
+    contexts = retrieved_contexts(pair, questions)
+    ids = contexts["context_input_ids"]
+    vocab = pair.config.generator.vocab_size
+    positions = pair.config.generator.max_position_embeddings
+    if case == "out_of_vocab":
+        ids[1, 2] = vocab
+        return contexts, f"`context_input_ids` holds id {vocab}, outside the generator's vocabulary"
+    if case == "negative":
+        ids[0, 0] = -3
+        return contexts, "`context_input_ids` holds the negative token id -3"
+    if case == "float_ids":
+        contexts["context_input_ids"] = ids.float()
+        return contexts, "`context_input_ids` holds torch.float32 values"
+    if case == "too_long":
+        long_ids = torch.full((ids.shape[0], positions + 1), 5, dtype=ids.dtype)
+        contexts.update(context_input_ids=long_ids, context_attention_mask=torch.ones_like(long_ids))
+        return contexts, f"`context_input_ids` has length {positions + 1} but the generator has {positions}"
+    if case == "zero_length":
+        contexts.update(context_input_ids=ids[:, :0], context_attention_mask=ids[:, :0])
+        return contexts, "`context_input_ids` has zero-length rows"
+    if case == "int_doc_scores":
+        contexts["doc_scores"] = contexts["doc_scores"].long()
+        return contexts, "`doc_scores` must be a floating-point tensor"
+    if case == "numpy_doc_scores":
+        contexts["doc_scores"] = contexts["doc_scores"].numpy()
+        return contexts, "`doc_scores` must be a floating-point tensor"
+    if case == "numpy_ids":
+        contexts["context_input_ids"] = ids.numpy()
+        return contexts, "`context_input_ids` must be a torch tensor"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize(
+    "case",
+    [
+        "out_of_vocab",
+        "negative",
+        "float_ids",
+        "too_long",
+        "zero_length",
+        "int_doc_scores",
+        "numpy_doc_scores",
+        "numpy_ids",
+    ],
+)
+def test_bad_given_contexts_are_refused_as_forward_refuses_them(pairs, questions, head, case):
+    # The planted bug: RAG-Sequence generate skipped forward's checks (IndexError, RuntimeError or
+    # AttributeError deep in the generator; integer doc scores were taken).
+    pair = pairs(head, "bart")
+    contexts, message = _bad_given_contexts(pair, questions, case)
+    with pytest.raises(RagInputError, match=message):
+        pair.ours.generate(**contexts, max_length=MAX_LENGTH)
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_numpy_and_tensor_integer_counts_are_taken_as_the_reference_takes_them(pairs, questions, head):
+    # The planted bug: np.int64 counts (np.arange, a data frame, a sweep) were refused as non-integers.
+    pair = pairs(head, "bart")
+    contexts = retrieved_contexts(pair, questions)
+    if head == "sequence":
+        contexts = _unpadded(contexts)  # the reference's RAG-Sequence generator reads no context mask
+    plain = dict(n_docs=3, num_beams=2, num_return_sequences=2, max_length=MAX_LENGTH)
+    with torch.no_grad():
+        expected = pair.reference.generate(**contexts, **plain)
+    assert torch.equal(pair.ours.generate(**contexts, **plain), expected)
+    numpy_counts = {name: np.int64(value) for name, value in plain.items()}
+    assert torch.equal(pair.ours.generate(**contexts, **numpy_counts), expected)
+    tensor_counts = {name: torch.tensor(value) for name, value in plain.items()}
+    assert torch.equal(pair.ours.generate(**contexts, **tensor_counts), expected)
+
+
+@pytest.mark.parametrize("value", [True, np.bool_(True), torch.tensor(True), 2.0, torch.tensor(2.0), "2"])
+def test_counts_that_are_not_integers_are_refused(value):
+    with pytest.raises(RagInputError, match="`num_beams` must be an integer of at least 1"):
+        check_count("num_beams", value, 1)
+
+
+def test_integer_counts_become_python_ints():
+    for value in (3, np.int64(3), np.int32(3), torch.tensor(3), torch.tensor([3])):
+        count = check_count("n_docs", value, 1)
+        assert count == 3 and type(count) is int
+    assert check_count("n_docs", None, 1) is None
+
+
+def _halves_by_batch_id(seen: set, vocab: int):
+    """A ``prefix_allowed_tokens_fn`` allowing one half of the vocabulary to even ``batch_id`` s and the
+    other half to odd ones, recording every ``batch_id`` into ``seen``."""
+
+    def allowed(batch_id: int, ids: torch.Tensor) -> list[int]:
+        seen.add(batch_id)
+        return list(range(2, vocab // 3)) if batch_id % 2 == 0 else list(range(vocab // 3, vocab))
+
+    return allowed
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_sequence_prefix_allowed_tokens_fn_sees_document_ids_as_the_reference(pairs, questions, num_beams):
+    # The reference decodes one question per generator call, so `batch_id` is the document index within the
+    # question. The planted bug: the batched search handed the row over the whole batch (0..batch * n_docs - 1),
+    # constraining the second question's documents differently.
+    pair = pairs("sequence", "bart")
+    contexts = _unpadded(retrieved_contexts(pair, questions))
+    vocab = pair.config.generator.vocab_size
+    kwargs = dict(num_beams=num_beams, max_length=MAX_LENGTH)
+    reference_ids, our_ids, one_per_call_ids = set(), set(), set()
+    with torch.no_grad():
+        expected = pair.reference.generate(
+            **contexts, prefix_allowed_tokens_fn=_halves_by_batch_id(reference_ids, vocab), **kwargs
+        )
+    got = pair.ours.generate(
+        **contexts, prefix_allowed_tokens_fn=_halves_by_batch_id(our_ids, vocab), **kwargs
+    )
+    one_per_call = pair.ours.generate(
+        **contexts,
+        prefix_allowed_tokens_fn=_halves_by_batch_id(one_per_call_ids, vocab),
+        questions_per_batch=1,
+        **kwargs,
+    )
+    assert reference_ids == our_ids == one_per_call_ids == set(range(pair.config.n_docs))
+    assert torch.equal(got, expected)
+    assert torch.equal(one_per_call, expected)
+
+
+@pytest.mark.parametrize("option", ["output_scores", "output_logits"])
+def test_sequence_generate_ignores_output_scores_as_the_reference(pairs, questions, option):
+    # The reference hands them to its generator, which returns ids without return_dict_in_generate.
+    # The planted bug: output_scores=True was refused.
+    pair = pairs("sequence", "bart")
+    contexts = _unpadded(retrieved_contexts(pair, questions))
+    kwargs = {option: True, "num_beams": 2, "max_length": MAX_LENGTH}
+    with torch.no_grad():
+        expected = pair.reference.generate(**contexts, **kwargs)
+    got = pair.ours.generate(**contexts, **kwargs)
+    assert isinstance(got, torch.Tensor) and torch.equal(got, expected)
+    assert torch.equal(got, pair.ours.generate(**contexts, num_beams=2, max_length=MAX_LENGTH))
+
+
+@pytest.fixture(scope="module")
+def bert_question_encoder_config():
+    """A RAG config with a plain BERT question encoder (its forward names `use_cache` and `cache`)."""
+    bert = transformers.BertConfig(
+        vocab_size=256, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37
+    )
+    return ragkit.RagConfig.from_question_encoder_generator_configs(
+        bert,
+        tiny_bart_config(),
+        n_docs=3,
+        retrieval_vector_size=32,
+        index_name="custom",
+        max_combined_length=48,
+        question_encoder_pooling="mean",
+    )
+
+
+@pytest.mark.parametrize("head", ["RagSequenceForGeneration", "RagTokenForGeneration"])
+def test_use_cache_reaches_the_generator_not_a_bert_question_encoder(
+    bert_question_encoder_config, retrievers, questions, head
+):
+    # The planted bug: generation options the question encoder's forward also names (BERT's `use_cache`)
+    # went to the question encoder, so RAG-Token decoded with the cache it was told not to use.
+    torch.manual_seed(0)
+    model = getattr(ragkit, head)(config=bert_question_encoder_config, retriever=retrievers["bart"][1]).eval()
+    assert isinstance(model.question_encoder, transformers.BertModel)
+    question_calls, question_handle = _question_encoder_calls(model)
+    generator_use_cache = []
+    generator_handle = model.generator.register_forward_pre_hook(
+        lambda module, args, kwargs: generator_use_cache.append(kwargs.get("use_cache")), with_kwargs=True
+    )
+    try:
+        model.generate(**questions, use_cache=False, num_beams=2, max_length=5)
+    finally:
+        question_handle.remove()
+        generator_handle.remove()
+    assert len(question_calls) == 1
+    assert not {"use_cache", "cache", "past_key_values"} & question_calls[0].keys()
+    assert False in generator_use_cache
+    if head == "RagTokenForGeneration":  # RAG-Sequence's capability probe runs its own tiny searches
+        assert set(generator_use_cache) == {False}
+
+
+def test_token_generate_refuses_a_decoder_prompt(pairs, questions):
+    # Transformers' RAG-Token fails with a TypeError (decoder_input_ids given twice to
+    # prepare_inputs_for_generation); ragkit names the argument before any model runs.
+    pair = pairs("token", "bart")
+    contexts = retrieved_contexts(pair, questions)
+    prompt = torch.full((len(QUESTIONS), 1), pair.config.generator.decoder_start_token_id)
+    with pytest.raises(RagInputError, match="`decoder_input_ids` is not supported by RagTokenForGeneration"):
+        pair.ours.generate(**contexts, decoder_input_ids=prompt, max_length=MAX_LENGTH)

@@ -131,8 +131,10 @@ def model(request):
 
 def _generate_kwargs(decoding: str, options: DecodingOptions) -> dict[str, Any]:
     draw = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 1000, (QUESTIONS * N_DOCS, CONTEXT_LENGTH), generator=draw)
     return dict(
-        context_input_ids=torch.randint(5, 1000, (QUESTIONS * N_DOCS, CONTEXT_LENGTH), generator=draw),
+        context_input_ids=ids,
+        context_attention_mask=torch.ones_like(ids),
         doc_scores=torch.randn(QUESTIONS, N_DOCS, generator=draw),
         num_beams=NUM_BEAMS,
         max_length=MAX_LENGTH,

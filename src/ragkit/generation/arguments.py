@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import operator
 from typing import Any
+
+import torch
 
 from ..errors import RagInputError
 
@@ -22,18 +25,29 @@ _LEAST = {
 }
 
 
-def check_count(name: str, value: Any, least: int) -> None:
-    """Raise unless ``value`` is None or an int of at least ``least``."""
+def check_count(name: str, value: Any, least: int) -> int | None:
+    """``value`` as an int of at least ``least`` (None stays None); a :class:`RagInputError` otherwise.
+
+    Any integer is accepted, as Transformers does: a Python int, a numpy integer (``np.int64`` from
+    ``np.arange`` or a data frame) or a one-element integer tensor. Booleans and floats are refused.
+    """
     if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    is_bool = isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool)
+    try:
+        count = None if is_bool else operator.index(value)
+    except (TypeError, ValueError, RuntimeError):  # floats, arrays, tensors of several elements
+        count = None
+    if count is None:
         raise RagInputError(f"`{name}` must be an integer of at least {least}, got {value!r}.")
-    if value < least:
-        raise RagInputError(f"`{name}` must be at least {least}, got {value}.")
+    if count < least:
+        raise RagInputError(f"`{name}` must be at least {least}, got {count}.")
+    return count
 
 
 def check_generation_kwargs(values: dict[str, Any]) -> None:
-    """Checks every count among ``values`` (generation keyword arguments) against its limit."""
+    """Checks every count among ``values`` (generation keyword arguments) against its limit, and makes it an
+    ``int`` in place (generation compares and stores counts as Python ints)."""
     for name, least in _LEAST.items():
-        if name in values:
-            check_count(name, values[name], least)
+        if name in values and values[name] is not None:
+            values[name] = check_count(name, values[name], least)

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
 import torch
+from transformers import GenerationConfig, GenerationMixin
 
 from ..errors import RagInputError
 
 __all__ = [
     "pop_question_encoder_kwargs",
+    "require_context_mask",
     "resolve_contexts",
     "retrieve_for_generate",
     "trim_context_padding",
@@ -29,6 +32,16 @@ _NOT_QUESTION_INPUTS = frozenset(
         "kwargs",
     }
 )
+
+
+@functools.cache
+def _generation_options() -> frozenset[str]:
+    """Keywords that are ``generate`` options, never question encoder inputs, whatever the encoder's ``forward``
+    names: every ``GenerationConfig`` field (``use_cache``, ``max_length``, ...), ``generate``'s own
+    arguments and the decoder cache and prompt (BERT's ``forward`` names ``use_cache`` and ``cache``)."""
+    named = set(GenerationConfig().to_dict()) | set(inspect.signature(GenerationMixin.generate).parameters)
+    named |= {"cache", "past_key_values", "use_cache", "decoder_input_ids", "decoder_attention_mask"}
+    return frozenset(named - {"self", "kwargs"})
 
 
 def trim_context_padding(
@@ -53,14 +66,27 @@ def pop_question_encoder_kwargs(question_encoder: Any, kwargs: dict[str, Any]) -
     """Pops from ``kwargs`` the question tokenizer's further outputs the question encoder takes (``token_type_ids``).
 
     ``model.generate(**question_tokenizer(questions, return_tensors="pt"))`` then works with a BERT/DPR
-    tokenizer: its ``token_type_ids`` reach the question encoder instead of the generator.
+    tokenizer: its ``token_type_ids`` reach the question encoder instead of the generator. Generation
+    options stay in ``kwargs`` for the generator even where the encoder's ``forward`` names them too
+    (``use_cache`` and ``cache`` of a plain BERT encoder).
     """
     try:
         accepted = set(inspect.signature(question_encoder.forward).parameters) - _NOT_QUESTION_INPUTS
     except (TypeError, ValueError):  # a forward without a signature: take the tokenizer's usual output
         accepted = {"token_type_ids"}
+    accepted -= _generation_options()
     accepted.add("token_type_ids")  # a tokenizer output the generator never takes
     return {name: kwargs.pop(name) for name in list(kwargs) if name in accepted}
+
+
+def require_context_mask(context_attention_mask: torch.Tensor | None) -> None:
+    """Refuse given contexts without their mask: decoding would attend to their padding."""
+    if context_attention_mask is None:
+        raise RagInputError(
+            "`context_attention_mask` must be passed with `context_input_ids`: pass the retriever's "
+            "`context_attention_mask` (1 for real tokens, 0 for padding), or "
+            "`torch.ones_like(context_input_ids)` if the contexts hold no padding."
+        )
 
 
 def trimmed(
@@ -107,44 +133,40 @@ def resolve_contexts(
     n_docs: int,
     question_encoder_kwargs: dict[str, Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Retrieve (once) when no contexts are given; check shapes; return contexts, mask and doc scores.
+    """Retrieve (once) when no contexts are given; check them; return contexts, mask and doc scores.
+
+    Given and retrieved contexts go through the checks of ``forward`` (``RagModel._check_contexts``):
+    tensors of the right dtypes and shapes, ids within the generator's vocabulary and positions.
 
     Args:
         input_ids: `(batch_size, question_len)` questions, encoded and retrieved for without contexts.
         attention_mask: `(batch_size, question_len)` their mask.
         context_input_ids: `(batch_size * n_docs, context_len)` contexts, or None to retrieve.
-        context_attention_mask: `(batch_size * n_docs, context_len)` their mask, or None.
+        context_attention_mask: `(batch_size * n_docs, context_len)` their mask; required with
+            ``context_input_ids``.
         doc_scores: `(batch_size, n_docs)`; required with ``context_input_ids``.
         question_encoder_kwargs: Further question encoder inputs (``token_type_ids``).
 
     Returns:
         Contexts, their mask (None where it is all ones) and the doc scores.
+
+    Raises:
+        RagInputError: Contexts without their mask or doc scores, or contexts the checks refuse.
     """
     if context_input_ids is None:
         context_input_ids, context_attention_mask, doc_scores = retrieve_for_generate(
             model, input_ids, attention_mask, n_docs, question_encoder_kwargs
         )
-    elif doc_scores is None:
-        raise RagInputError(
-            "`doc_scores` of shape (batch_size, n_docs) is needed with `context_input_ids`: RAG-Sequence ranks "
-            "hypotheses with the document scores (the retriever's output gives them)."
-        )
-    if context_input_ids.shape[0] % n_docs != 0:
-        raise RagInputError(
-            f"`context_input_ids` has {context_input_ids.shape[0]} rows, not a multiple of n_docs={n_docs}; "
-            "pass the `n_docs` the contexts were retrieved with."
-        )
-    batch_size = context_input_ids.shape[0] // n_docs
-    if tuple(doc_scores.shape) != (batch_size, n_docs):
-        raise RagInputError(
-            f"`doc_scores` has shape {tuple(doc_scores.shape)}, expected (batch_size, n_docs) = "
-            f"({batch_size}, {n_docs}); pass the `n_docs` the contexts were retrieved with."
-        )
-    if context_attention_mask is not None and context_attention_mask.shape != context_input_ids.shape:
-        raise RagInputError(
-            f"`context_attention_mask` has shape {tuple(context_attention_mask.shape)}, expected the shape of "
-            f"`context_input_ids` {tuple(context_input_ids.shape)}."
-        )
+    else:
+        require_context_mask(context_attention_mask)
+        if doc_scores is None:
+            raise RagInputError(
+                "`doc_scores` of shape (batch_size, n_docs) is needed with `context_input_ids`: RAG-Sequence "
+                "ranks hypotheses with the document scores (the retriever's output gives them)."
+            )
+    model.rag._check_contexts(
+        doc_scores, context_input_ids, None, n_docs, context_attention_mask=context_attention_mask
+    )
     # A mask of ones changes nothing but costs a mask in every attention call: drop it.
     if context_attention_mask is not None and bool(context_attention_mask.bool().all()):
         context_attention_mask = None

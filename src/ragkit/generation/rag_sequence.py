@@ -18,6 +18,7 @@ Decoding modes:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -69,15 +70,31 @@ def _resolve_decoding_settings(
         else getattr(config, "num_return_sequences", 1)
     )
     num_beams = num_beams if num_beams is not None else getattr(config, "num_beams", 1)
-    check_count("n_docs", n_docs, 1)
-    check_count("num_beams", num_beams, 1)
-    check_count("num_return_sequences", num_return_sequences, 1)
+    n_docs = check_count("n_docs", n_docs, 1)
+    num_beams = check_count("num_beams", num_beams, 1)
+    num_return_sequences = check_count("num_return_sequences", num_return_sequences, 1)
     if not 1 <= num_return_sequences <= n_docs * num_beams:
         raise RagInputError(
             f"`num_return_sequences` must be between 1 and n_docs * num_beams = {n_docs * num_beams}, "
             f"got {num_return_sequences}; raise `num_beams` or `n_docs`."
         )
     return bool(do_deduplication), int(num_return_sequences), int(num_beams), int(n_docs)
+
+
+def _per_document(
+    prefix_allowed_tokens_fn: Callable[[int, torch.Tensor], list[int]], n_docs: int
+) -> Callable[[int, torch.Tensor], list[int]]:
+    """``prefix_allowed_tokens_fn`` called with the document's index within its question as ``batch_id``.
+
+    The reference runs one generator ``generate`` per question on its `n_docs` contexts, so ``batch_id`` is
+    the document index (0..n_docs-1); here one call decodes the `(questions * n_docs)` contexts of many
+    questions, question after question, so the context row modulo ``n_docs`` is that index.
+    """
+
+    def allowed(batch_id: int, ids: torch.Tensor) -> list[int]:
+        return prefix_allowed_tokens_fn(batch_id % n_docs, ids)
+
+    return allowed
 
 
 def _decode_questions(
@@ -299,7 +316,8 @@ def rag_sequence_generate(
         input_ids: `(batch_size, question_len)` question ids; used to retrieve when no contexts are given.
         attention_mask: `(batch_size, question_len)` question mask.
         context_input_ids: `(batch_size * n_docs, context_len)` retrieved contexts (skips retrieval).
-        context_attention_mask: `(batch_size * n_docs, context_len)` their mask (None: no padding).
+        context_attention_mask: `(batch_size * n_docs, context_len)` their mask; required with
+            ``context_input_ids`` (``torch.ones_like(context_input_ids)`` for contexts without padding).
         doc_scores: `(batch_size, n_docs)` question-document scores; required with ``context_input_ids``.
         do_deduplication: Drop repeated hypotheses of a question (default ``config.do_deduplication``).
         num_return_sequences: Hypotheses returned per question (default 1).
@@ -314,10 +332,22 @@ def rag_sequence_generate(
             ``questions_per_batch`` (ragkit only) decodes that many questions per generator call to
             cap memory; by default the whole batch goes at once, except on CUDA where as many questions
             go together as fit in half the free GPU memory (same output either way).
+            ``prefix_allowed_tokens_fn(batch_id, ids)`` gets, as in the reference, the document's index
+            within its question as ``batch_id`` (0..n_docs-1). Custom ``logits_processor`` and
+            ``stopping_criteria`` see the rows of a generator call over several questions: `(questions *
+            n_docs * num_beams, length)` ids, question after question, each question's documents in order
+            and each document's beams together (the reference's calls hold one question's
+            `(n_docs * num_beams, length)` rows). ``output_scores`` and ``output_logits`` are accepted and
+            ignored, as in the reference (token ids are returned); ``return_dict_in_generate`` is refused.
 
     Returns:
         `(batch_size * num_return_sequences, tgt_len)` token ids, best first per question, padded
         with the generator's pad token.
+
+    Raises:
+        RagInputError: Contexts without ``context_attention_mask`` or ``doc_scores``, contexts ``forward``
+            would refuse (ids outside the generator's vocabulary or positions, float ids, zero-length rows,
+            non-float or numpy ``doc_scores``, shapes that disagree with ``n_docs``), counts out of range.
     """
     options = resolve_options(decoding_options)
     do_deduplication, num_return_sequences, num_beams, n_docs = _resolve_decoding_settings(
@@ -325,10 +355,20 @@ def rag_sequence_generate(
     )
     questions_per_batch = model_kwargs.pop("questions_per_batch", None)
     question_encoder_kwargs = pop_question_encoder_kwargs(model.question_encoder, model_kwargs)
-    for key in ("num_return_sequences", "num_beams", "return_dict_in_generate", "output_scores"):
-        if key in model_kwargs:
-            raise RagInputError(f"`{key}` cannot be passed to RAG-Sequence generate through **kwargs here.")
+    if "return_dict_in_generate" in model_kwargs:
+        raise RagInputError(
+            "`return_dict_in_generate` is not supported by RagSequenceForGeneration.generate: it returns the "
+            "best hypotheses' token ids. Leave it out."
+        )
+    # As in the reference, whose generator returns ids without return_dict_in_generate: accepted and ignored
+    # (dropped, so that the search does not keep per-step scores for nothing).
+    model_kwargs.pop("output_scores", None)
+    model_kwargs.pop("output_logits", None)
     check_generation_kwargs(model_kwargs)
+    if model_kwargs.get("prefix_allowed_tokens_fn") is not None:
+        model_kwargs["prefix_allowed_tokens_fn"] = _per_document(
+            model_kwargs["prefix_allowed_tokens_fn"], n_docs
+        )
     model_kwargs.pop("attention_mask", None)  # the context mask is used instead
     if decoding == "fast":
         do_sample = model_kwargs.get("do_sample", model.generator.generation_config.do_sample)

@@ -21,7 +21,7 @@ from .._accelerators import module_device, to_device
 from ..errors import RagInputError
 from .arguments import check_count, check_generation_kwargs
 from .calls import RAG_TOKEN_DECODING
-from .contexts import pop_question_encoder_kwargs, retrieve_for_generate, trimmed
+from .contexts import pop_question_encoder_kwargs, require_context_mask, retrieve_for_generate, trimmed
 
 __all__ = ["rag_token_generate"]
 
@@ -79,6 +79,16 @@ def _check_supported_options(generation_config: GenerationConfig) -> None:
                 )
 
 
+def _refuse_decoder_prompt(kwargs: dict[str, Any]) -> None:
+    """Refuse a decoder prompt, naming it (Transformers' RAG-Token fails with a TypeError deep in its loop)."""
+    if kwargs.get("decoder_input_ids") is not None:
+        raise RagInputError(
+            "`decoder_input_ids` is not supported by RagTokenForGeneration.generate: decoding always starts "
+            "from the generator's decoder start token (no decoder prompt). Leave it out; to score given "
+            "answers, call the model with `labels` instead."
+        )
+
+
 def _contexts(
     model: Any,
     input_ids: torch.Tensor | None,
@@ -94,8 +104,8 @@ def _contexts(
         context_input_ids, context_attention_mask, doc_scores = retrieve_for_generate(
             model, input_ids, attention_mask, n_docs, question_encoder_kwargs
         )
-    elif context_attention_mask is None:
-        raise RagInputError("`context_attention_mask` must be passed with `context_input_ids`.")
+    else:
+        require_context_mask(context_attention_mask)
     model.rag._check_contexts(
         doc_scores, context_input_ids, None, n_docs, context_attention_mask=context_attention_mask
     )
@@ -134,10 +144,16 @@ def rag_token_generate(
     Returns:
         `(batch_size * num_return_sequences, sequence_length)` token ids (or a generate output object with
         ``return_dict_in_generate=True``).
+
+    Raises:
+        RagInputError: ``decoder_input_ids`` (decoding starts from the decoder start token), contexts without
+            ``context_attention_mask`` or that ``forward`` would refuse, counts out of range, generation
+            modes or options RAG-Token decoding cannot honour.
     """
     kwargs.pop("decoding_options", None)
+    _refuse_decoder_prompt(kwargs)
     question_encoder_kwargs = pop_question_encoder_kwargs(model.rag.question_encoder, kwargs)
-    check_count("n_docs", n_docs, 1)
+    n_docs = check_count("n_docs", n_docs, 1)
     check_generation_kwargs(kwargs)
     base_config = generation_config if generation_config is not None else model.generation_config
     num_beams = kwargs.get("num_beams", getattr(base_config, "num_beams", None)) or 1
