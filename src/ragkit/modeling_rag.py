@@ -15,6 +15,7 @@ import copy
 import functools
 import inspect
 import logging
+import operator
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -199,10 +200,19 @@ def _check_token_ids(
         )
 
 
-def _check_n_docs(n_docs: Any) -> None:
-    """Raise :class:`RagInputError` unless ``n_docs`` is a whole number >= 1."""
-    if isinstance(n_docs, bool) or not isinstance(n_docs, int) or n_docs < 1:
+def _check_n_docs(n_docs: Any) -> int:
+    """``n_docs`` as a Python int; :class:`RagInputError` unless it is a whole number >= 1.
+
+    Any integer type is accepted (``numpy.int64`` from ``np.arange`` or pandas, a 0-d integer tensor): what
+    ``operator.index`` takes. Booleans are refused: ``True`` is an int to Python, never a count here.
+    """
+    try:
+        value = None if isinstance(n_docs, bool) else operator.index(n_docs)
+    except TypeError:
+        value = None
+    if value is None or value < 1:
         raise RagInputError(f"`n_docs` must be an integer >= 1 (documents per question), got {n_docs!r}.")
+    return value
 
 
 def _check_same_shape(tensor: torch.Tensor | None, name: str, ids: torch.Tensor, ids_name: str) -> None:
@@ -913,15 +923,15 @@ class RagModel(RagPreTrainedModel):
             n_docs: Documents per question; defaults to ``config.n_docs``.
 
         Returns:
-            :class:`RetrievedContexts`; ``doc_scores`` are float32 and differentiable with respect to the
-            question encoder (and the context encoder when one is being trained).
+            :class:`RetrievedContexts`; ``doc_scores`` are float32 (float64 for a float64 model) and
+            differentiable with respect to the question encoder (and the context encoder when one is being
+            trained).
         """
         if self.retriever is None:
             raise RagInputError(
                 "`retrieve_contexts` needs a retriever: set one with `model.set_retriever(retriever)`."
             )
-        n_docs = n_docs if n_docs is not None else self.config.n_docs
-        _check_n_docs(n_docs)
+        n_docs = _check_n_docs(n_docs if n_docs is not None else self.config.n_docs)
         generator_device = module_device(self.generator)
         search_vectors = question_vectors.detach()
         search_device = getattr(self.retriever, "search_device", None)
@@ -976,17 +986,25 @@ class RagModel(RagPreTrainedModel):
     ) -> None:
         """Raise :class:`RagInputError` early, naming the argument, when document inputs disagree with each other
         or with ``n_docs``, or contexts hold ids the generator cannot read (vocabulary, positions)."""
-        _check_n_docs(n_docs)
+        n_docs = _check_n_docs(n_docs)
         if doc_scores is None:
             raise RagInputError(
                 "`doc_scores` of shape (batch_size, n_docs) is needed when no retriever is used (it is also "
                 "needed with `encoder_outputs`). Compute it as in the 'use retriever separately' example, or set "
                 "a retriever with `model.set_retriever(retriever)`."
             )
-        if not isinstance(doc_scores, torch.Tensor) or not doc_scores.dtype.is_floating_point:
+        if not isinstance(doc_scores, torch.Tensor):
+            given = type(doc_scores).__name__
+            if type(doc_scores).__module__.split(".")[0] == "numpy":
+                given = f"a NumPy array ({given})"
+            raise RagInputError(
+                f"`doc_scores` must be a torch tensor of shape (batch_size, n_docs), got {given}; pass a torch "
+                "tensor (torch.from_numpy(doc_scores) for a NumPy array)."
+            )
+        if not doc_scores.dtype.is_floating_point:
             raise RagInputError(
                 "`doc_scores` must be a floating-point tensor of shape (batch_size, n_docs), got "
-                f"{getattr(doc_scores, 'dtype', type(doc_scores).__name__)}."
+                f"{doc_scores.dtype}."
             )
         if doc_scores.dim() != 2 or doc_scores.shape[1] != n_docs:
             raise RagInputError(
@@ -1076,8 +1094,7 @@ class RagModel(RagPreTrainedModel):
                 question encoder's or generator's vocabulary or positions.
         """
         cache = _resolve_cache(past_key_values, cache)
-        n_docs = n_docs if n_docs is not None else self.config.n_docs
-        _check_n_docs(n_docs)
+        n_docs = _check_n_docs(n_docs if n_docs is not None else self.config.n_docs)
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         output_attentions = (
             output_attentions if output_attentions is not None else self.config.output_attentions
@@ -1296,8 +1313,7 @@ class _RagHeadMixin:
         head's own step, called with the checked labels, the decoder inputs fed and the resolved defaults: it
         returns the loss (None without labels) and the logits of the output.
         """
-        n_docs = n_docs if n_docs is not None else self.config.n_docs
-        _check_n_docs(n_docs)
+        n_docs = _check_n_docs(n_docs if n_docs is not None else self.config.n_docs)
         reduce_loss = reduce_loss if reduce_loss is not None else self.config.reduce_loss
         label_smoothing = label_smoothing if label_smoothing is not None else self.config.label_smoothing
         return_dict = return_dict if return_dict is not None else self.config.return_dict
