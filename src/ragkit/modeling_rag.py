@@ -51,6 +51,7 @@ from .configuration_rag import RagConfig, check_local_location
 from .errors import CheckpointError, RagInputError
 from .generation.calls import RAG_TOKEN_DECODING as _RAG_TOKEN_DECODING
 from .generation.contexts import trim_context_padding
+from .losses import compute_dtype
 from .pooling import pool_hidden_states
 
 logger = logging.getLogger(__name__)
@@ -504,7 +505,8 @@ class RetrievAugLMMarginOutput(_CacheAliasMixin, ModelOutput):
         loss: `(batch_size,)`, or `()` with ``reduce_loss``; when ``labels`` are given.
         logits: `(batch_size * n_docs, target_length, vocab_size)`, or `(batch_size, target_length, vocab_size)`
             log-probabilities when marginalized (``do_marginalize``).
-        doc_scores: `(batch_size, n_docs)` inner products of question and document vectors (float32).
+        doc_scores: `(batch_size, n_docs)` inner products of question and document vectors (float32; float64
+            for a float64 model).
         cache: Decoder cache for `batch_size * n_docs` rows.
         retrieved_doc_embeds: `(batch_size, n_docs, dim)`, with ``output_retrieved``.
         retrieved_doc_ids: `(batch_size, n_docs)`, with ``output_retrieved``.
@@ -598,8 +600,10 @@ def _margin_output(
 
 def score_documents(question_vectors: torch.Tensor, doc_embeds: torch.Tensor) -> torch.Tensor:
     """Inner products `(batch_size, n_docs)` of question vectors `(batch_size, dim)` and documents
-    `(batch_size, n_docs, dim)`, in float32 whatever the model's dtype: they feed a softmax over documents."""
-    return torch.bmm(question_vectors.float().unsqueeze(1), doc_embeds.float().transpose(1, 2)).squeeze(1)
+    `(batch_size, n_docs, dim)`, in float32 for float32, bfloat16 and float16 models (they feed a softmax over
+    documents) and in float64 for float64 models (:func:`ragkit.losses.compute_dtype`)."""
+    dtype = compute_dtype(question_vectors)
+    return torch.bmm(question_vectors.to(dtype).unsqueeze(1), doc_embeds.to(dtype).transpose(1, 2)).squeeze(1)
 
 
 @dataclass
@@ -610,7 +614,8 @@ class RetrievedContexts:
         context_input_ids: `(batch_size * n_docs, length)` generator token ids of ``title / text // question``,
             the documents of each question one after the other, on the generator's device.
         context_attention_mask: `(batch_size * n_docs, length)` mask of ``context_input_ids``.
-        doc_scores: `(batch_size, n_docs)` float32 question-document inner products.
+        doc_scores: `(batch_size, n_docs)` question-document inner products (float32; float64 for a float64
+            model).
         doc_ids: `(batch_size, n_docs)` ids of the retrieved documents.
         retrieved_doc_embeds: `(batch_size, n_docs, dim)` the documents' vectors.
     """
@@ -1457,8 +1462,9 @@ class RagSequenceForGeneration(_RagHeadMixin, RagPreTrainedModel):
         """RAG-Sequence negative log-likelihood of ``target``, marginalized over documents per sequence.
 
         Same numbers as the reference (which scores ``target[:, 1:]``; see docs/modeling.md), computed in
-        float32 by :func:`ragkit.losses.rag_sequence_nll` without a log-softmax of the logits; a row whose
-        labels are all ignored contributes 0 (the reference gives it ``-log(n_docs)``).
+        float32 (float64 for float64 logits) by :func:`ragkit.losses.rag_sequence_nll` without a log-softmax
+        of the logits; a row whose labels are all ignored contributes 0 (the reference gives it
+        ``-log(n_docs)``).
 
         Args:
             seq_logits: `(batch_size * n_docs, target_length, vocab_size)` generator logits.
@@ -1561,11 +1567,14 @@ def _marginalize_probabilities(seq_logits: torch.Tensor, doc_logprobs: torch.Ten
 
     Args:
         seq_logits: `(batch_size * n_docs, length, vocab)` generator logits.
-        doc_logprobs: `(batch_size, n_docs)` float32 log-softmax of the document scores.
+        doc_logprobs: `(batch_size, n_docs)` log-softmax of the document scores, in the dtype the mixture is
+            computed in (float32, or float64 for a float64 model).
     """
     batch_size, n_docs = doc_logprobs.shape
     _, length, vocab = seq_logits.shape
-    probs = torch.softmax(seq_logits, dim=-1, dtype=torch.float32).view(batch_size, n_docs, length * vocab)
+    probs = torch.softmax(seq_logits, dim=-1, dtype=doc_logprobs.dtype).view(
+        batch_size, n_docs, length * vocab
+    )
     # A weighted sum, not a matmul: TF32 (if enabled) would round the probabilities to 10-bit mantissas.
     mixture = probs.mul_(doc_logprobs.exp().unsqueeze(-1)).sum(dim=1)  # (batch_size, length * vocab)
     del probs
@@ -1576,7 +1585,9 @@ def _marginalize_probabilities(seq_logits: torch.Tensor, doc_logprobs: torch.Ten
         # so that scores stay finite, as in the reference (logits processors may add to any token's score).
         rows = underflow.nonzero().squeeze(1)
         logprobs = (
-            torch.log_softmax(seq_logits.view(batch_size, n_docs, length, vocab)[rows].float(), dim=-1)
+            torch.log_softmax(
+                seq_logits.view(batch_size, n_docs, length, vocab)[rows].to(doc_logprobs.dtype), dim=-1
+            )
             + doc_logprobs[rows][:, :, None, None]
         )
         marginal[rows] = torch.logsumexp(logprobs, dim=1)
@@ -1599,7 +1610,7 @@ class RagTokenForGeneration(_RagHeadMixin, RagPreTrainedModel, GenerationMixin):
     def marginalize(
         self, seq_logits: torch.Tensor, doc_scores: torch.Tensor, n_docs: int | None = None
     ) -> torch.Tensor:
-        """Per-token log-probabilities marginalized over documents, in float32.
+        """Per-token log-probabilities marginalized over documents, in float32 (float64 for float64 logits).
 
         Args:
             seq_logits: `(batch_size * n_docs, length, vocab_size)` generator logits.
@@ -1607,16 +1618,17 @@ class RagTokenForGeneration(_RagHeadMixin, RagPreTrainedModel, GenerationMixin):
             n_docs: Documents per question; defaults to ``config.n_docs``.
 
         Returns:
-            `(batch_size, length, vocab_size)` float32 log-probabilities.
+            `(batch_size, length, vocab_size)` log-probabilities (float32, or float64 for float64 logits).
         """
         n_docs = n_docs if n_docs is not None else self.config.n_docs
         doc_scores = to_device(doc_scores, seq_logits.device, "doc_scores")
+        dtype = compute_dtype(seq_logits)
         if _RAG_TOKEN_DECODING.get() and not torch.is_grad_enabled():
-            return _marginalize_probabilities(seq_logits, torch.log_softmax(doc_scores.float(), dim=1))
-        seq_logprobs = nn.functional.log_softmax(seq_logits.float(), dim=-1).view(
+            return _marginalize_probabilities(seq_logits, torch.log_softmax(doc_scores.to(dtype), dim=1))
+        seq_logprobs = nn.functional.log_softmax(seq_logits.to(dtype), dim=-1).view(
             seq_logits.shape[0] // n_docs, n_docs, -1, seq_logits.shape[-1]
         )
-        doc_logprobs = torch.log_softmax(doc_scores.float(), dim=1)[:, :, None, None]
+        doc_logprobs = torch.log_softmax(doc_scores.to(dtype), dim=1)[:, :, None, None]
         if seq_logprobs.requires_grad:
             seq_logprobs = seq_logprobs + doc_logprobs
         else:
@@ -1656,8 +1668,8 @@ class RagTokenForGeneration(_RagHeadMixin, RagPreTrainedModel, GenerationMixin):
             past_key_values, context_input_ids, context_attention_mask, doc_scores, use_cache,
             output_attentions, output_hidden_states, output_retrieved, n_docs, cache, token_type_ids, **kwargs:
                 As in :meth:`RagModel.forward`.
-            do_marginalize: Return logits marginalized over documents (float32 log-probabilities);
-                defaults to the config.
+            do_marginalize: Return logits marginalized over documents (log-probabilities in float32, or
+                float64 for a float64 model); defaults to the config.
             reduce_loss: Sum the loss over the batch; defaults to the config.
             labels: `(batch_size, target_length)` target ids starting with the BOS/decoder start token; also
                 the decoder inputs when ``decoder_input_ids`` are not given. -100 is treated as padding.
@@ -1719,7 +1731,8 @@ class RagTokenForGeneration(_RagHeadMixin, RagPreTrainedModel, GenerationMixin):
         epsilon: float = 0.0,
         n_docs: int | None = None,
     ) -> torch.Tensor:
-        """RAG-Token negative log-likelihood of ``target[:, 1:]`` (as the reference), in float32.
+        """RAG-Token negative log-likelihood of ``target[:, 1:]`` (as the reference), in float32 (float64 for
+        float64 logits).
 
         Computed by :func:`ragkit.losses.rag_token_nll`: the document mixture is formed one chunk of
         positions at a time (only for label smoothing), never as a `(batch_size, length, vocab)` tensor.
