@@ -259,19 +259,23 @@ def _trim_for_generator(
     context_input_ids: torch.Tensor | None,
     context_attention_mask: torch.Tensor | None,
     encoder_outputs: Any,
+    decoder_input_ids: torch.Tensor | None,
     output_attentions: bool,
     output_hidden_states: bool,
     use_cache: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The contexts the generator runs on: without the columns that are padding in every row.
 
-    Kept whole when the encoder already ran (``encoder_outputs``), when attentions or hidden states
-    are asked for (their shapes are the reference's, over ``max_combined_length``), or when the decoder
-    cache is returned (its cross-attention keys must fit the full ``context_attention_mask`` of the next
-    steps). Training (``labels``) runs without the cache, hence on trimmed contexts.
+    Kept whole when the encoder already ran (``encoder_outputs``), when no ``decoder_input_ids`` are given
+    (BART then makes its decoder inputs by shifting the contexts right, so their length is the logits'
+    length), when attentions or hidden states are asked for (their shapes are the reference's, over
+    ``max_combined_length``), or when the decoder cache is returned (its cross-attention keys must fit the
+    full ``context_attention_mask`` of the next steps). Training (``labels``) runs without the cache and
+    feeds the labels to the decoder, hence on trimmed contexts.
     """
     if (
         encoder_outputs is not None
+        or decoder_input_ids is None
         or use_cache
         or context_input_ids is None
         or context_attention_mask is None
@@ -1174,6 +1178,7 @@ class RagModel(RagPreTrainedModel):
             context_input_ids,
             context_attention_mask,
             encoder_outputs,
+            decoder_input_ids,
             output_attentions,
             output_hidden_states,
             use_cache,
