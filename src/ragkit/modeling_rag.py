@@ -98,14 +98,31 @@ def _rag_config(
     config_kwargs: dict[str, Any],
     missing_message: str,
 ) -> RagConfig:
-    """The model's RAG config: ``config``, or one built from the two parts' configs (else ``missing_message``)."""
+    """The model's RAG config: ``config``, or one built from the two parts' configs (else ``missing_message``).
+
+    Its ``question_encoder`` and ``generator`` are the given parts' own config objects, so that what changes a
+    part's config (``generator.resize_token_embeddings`` setting ``vocab_size``) is what ``save_pretrained``
+    writes. A ``config`` whose sub-configs are other objects is copied first: the caller's may serve other
+    models.
+    """
     if config is None:
         if question_encoder is None or generator is None:
             raise RagInputError(missing_message)
         config = RagConfig.from_question_encoder_generator_configs(
             question_encoder.config, generator.config, **config_kwargs
         )
-    return _as_rag_config(config)
+    config = _as_rag_config(config)
+    parts = {"question_encoder": question_encoder, "generator": generator}
+    stale = {
+        field: part.config
+        for field, part in parts.items()
+        if part is not None and getattr(config, field) is not part.config
+    }
+    if stale:
+        config = copy.copy(config)
+        for field, part_config in stale.items():
+            setattr(config, field, part_config)
+    return config
 
 
 def _batch_size_of(
@@ -714,6 +731,33 @@ class RagPreTrainedModel(PreTrainedModel):
         with atomic_directory(save_directory) as tmp:
             super().save_pretrained(tmp, *args, **kwargs)
 
+    def resize_token_embeddings(
+        self,
+        new_num_tokens: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        mean_resizing: bool = True,
+    ) -> nn.Embedding:
+        """Resize the generator's vocabulary: token embeddings, LM head and (BART) ``final_logits_bias``.
+
+        The generator's own ``resize_token_embeddings`` does the work, so tied embeddings stay tied; its
+        ``config.vocab_size``, which is ``config.generator.vocab_size``, follows, and ``save_pretrained`` then
+        ``from_pretrained`` give back the resized model. The question encoder is left alone (its tokenizer is
+        another one): resize ``model.question_encoder`` itself for that.
+
+        Args:
+            new_num_tokens: The new vocabulary size; None returns the embeddings unchanged.
+            pad_to_multiple_of: Round the size up to a multiple of this.
+            mean_resizing: Initialize new rows at the mean of the old ones (as Transformers does).
+
+        Returns:
+            The generator's input embeddings, `(vocab_size, d_model)`.
+        """
+        generator = self.generator
+        embeddings = generator.resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        # The same object as generator.config after construction; set as well in case it was replaced since.
+        self.config.generator.vocab_size = embeddings.num_embeddings
+        return embeddings
+
     @classmethod
     def from_pretrained_question_encoder_generator(
         cls,
@@ -820,6 +864,10 @@ class RagModel(RagPreTrainedModel):
             question_encoder = AutoModel.from_config(config.question_encoder)
         if generator is None:
             generator = AutoModelForSeq2SeqLM.from_config(config.generator)
+        # Parts built here from the config normally hold its sub-configs already (see _rag_config for given
+        # parts); this keeps the two the same objects should a part have made its own copy.
+        self.config.question_encoder = question_encoder.config
+        self.config.generator = generator.config
         self.retriever = retriever
         self.question_encoder = question_encoder
         self.generator = generator
