@@ -1608,6 +1608,22 @@ class RagSequenceForGeneration(_RagHeadMixin, RagPreTrainedModel):
             **model_kwargs,
         )
 
+    @staticmethod
+    def _cat_and_pad(tensors: list[torch.Tensor], pad_token_id: int) -> torch.Tensor:
+        """Stack `(rows_i, length_i)` token-id tensors into one `(sum_i rows_i, max_i length_i)` tensor.
+
+        Shorter rows are right-padded with ``pad_token_id``; the dtype and device are the first tensor's.
+        Kept for decoding loops written for Transformers' RAG-Sequence, which call it on their hypotheses.
+        """
+        first = tensors[0]
+        length = max(tensor.shape[1] for tensor in tensors)
+        return torch.cat(
+            [
+                nn.functional.pad(tensor.to(first), (0, length - tensor.shape[1]), value=pad_token_id)
+                for tensor in tensors
+            ]
+        )
+
 
 def _marginalize_probabilities(seq_logits: torch.Tensor, doc_logprobs: torch.Tensor) -> torch.Tensor:
     """`(batch_size, length, vocab)` log of the document mixture of softmaxes, for decoding steps.
@@ -1843,13 +1859,23 @@ class RagTokenForGeneration(_RagHeadMixin, RagPreTrainedModel, GenerationMixin):
             "n_docs": n_docs,
         }
 
-    def _reorder_cache(self, cache: Cache, beam_idx: torch.LongTensor) -> Cache:
+    @staticmethod
+    def _reorder_cache(*args: Any) -> Cache:
         """Follow the chosen beams: one ``index_select`` per self-attention tensor, cache updated in place.
+
+        Called as ``(cache, beam_idx)``: a static method as in Transformers
+        (``RagTokenForGeneration._reorder_cache(cache, beam_idx)``) or on a model
+        (``model._reorder_cache(cache, beam_idx)``, as beam search calls it). A leading model argument,
+        ``(model, cache, beam_idx)``, is accepted and ignored, so code that saved the class attribute and
+        calls it as a method keeps working.
 
         The cache holds `batch_size * num_beams * n_docs` rows; row ``beam * n_docs + d`` moves with its beam.
         Cross-attention states are left alone: they come from the encoder outputs, identical for all beams of
         a question, and beams are only ever reordered within a question.
         """
+        if len(args) not in (2, 3):
+            raise TypeError(f"_reorder_cache takes (cache, beam_idx), got {len(args)} positional arguments.")
+        cache, beam_idx = args[-2:]
         return reorder_document_rows(cache, beam_idx)
 
     @torch.no_grad()
