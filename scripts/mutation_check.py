@@ -135,8 +135,8 @@ MUTANTS: list[Mutant] = [
         "document scores normalized over the batch instead of over documents",
         [
             (
-                "doc_logprobs = torch.log_softmax(doc_scores.to(seq_logits.device).float(), dim=1)  # (batch_size, n_docs)",
-                "doc_logprobs = torch.log_softmax(doc_scores.to(seq_logits.device).float(), dim=0)  # (batch_size, n_docs)",
+                "doc_logprobs = torch.log_softmax(doc_scores.to(seq_logits.device, dtype), dim=1)  # (batch_size, n_docs)",
+                "doc_logprobs = torch.log_softmax(doc_scores.to(seq_logits.device, dtype), dim=0)  # (batch_size, n_docs)",
             )
         ],
         [LOSSES, LOSS_PARITY, PARITY],
@@ -313,8 +313,8 @@ MUTANTS: list[Mutant] = [
         "document scores normalized over the batch instead of over documents",
         [
             (
-                "doc_logprobs = torch.log_softmax(doc_scores.float(), dim=1)[:, :, None, None]",
-                "doc_logprobs = torch.log_softmax(doc_scores.float(), dim=0)[:, :, None, None]",
+                "doc_logprobs = torch.log_softmax(doc_scores.to(dtype), dim=1)[:, :, None, None]",
+                "doc_logprobs = torch.log_softmax(doc_scores.to(dtype), dim=0)[:, :, None, None]",
             )
         ],
         [MARGINALIZE_GRADIENTS, PARITY],
@@ -356,8 +356,10 @@ MUTANTS: list[Mutant] = [
         "the RAG-Token loss normalizes document scores over the batch instead of over documents",
         [
             (
-                "doc_logprobs = torch.log_softmax(doc_scores.to(seq_logits.device).float(), dim=1)\n    if epsilon",
-                "doc_logprobs = torch.log_softmax(doc_scores.to(seq_logits.device).float(), dim=0)\n    if epsilon",
+                "doc_logprobs = torch.log_softmax(doc_scores.to(seq_logits.device, compute_dtype(seq_logits)), dim=1)\n"
+                "    if epsilon",
+                "doc_logprobs = torch.log_softmax(doc_scores.to(seq_logits.device, compute_dtype(seq_logits)), dim=0)\n"
+                "    if epsilon",
             )
         ],
         [LOSSES, LOSS_PARITY, PARITY],
@@ -525,8 +527,8 @@ MUTANTS: list[Mutant] = [
         "question-document scores negated",
         [
             (
-                "return torch.bmm(question_vectors.float().unsqueeze(1), doc_embeds.float().transpose(1, 2)).squeeze(1)",
-                "return -torch.bmm(question_vectors.float().unsqueeze(1), doc_embeds.float().transpose(1, 2)).squeeze(1)",
+                "return torch.bmm(question_vectors.to(dtype).unsqueeze(1), doc_embeds.to(dtype).transpose(1, 2)).squeeze(1)",
+                "return -torch.bmm(question_vectors.to(dtype).unsqueeze(1), doc_embeds.to(dtype).transpose(1, 2)).squeeze(1)",
             )
         ],
         [PARITY],

@@ -99,6 +99,18 @@ def _sub_config(value: Any, field: str) -> PretrainedConfig:
     )
 
 
+def _part_role(model_type: str | None) -> str:
+    """Which part of a RAG model a checkpoint of ``model_type`` can be: ``"generator"`` for seq2seq models,
+    ``"question encoder"`` for encoders, ``"question encoder or generator"`` when unknown."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+
+    if model_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES:
+        return "generator"
+    if model_type in ("dpr", "bert", "roberta", "distilbert", "electra", "xlm-roberta", "mpnet"):
+        return "question encoder"
+    return "question encoder or generator"
+
+
 def _hub_error(repo_id: str, err: OSError, unreachable: str) -> OSError:
     """The ragkit error for a Hub checkpoint whose config could not be had, or ``err`` itself if it is another
     failure (a private repository, a missing file in the repository)."""
@@ -313,7 +325,7 @@ class RagConfig(PretrainedConfig):
                     "from_pretrained_question_encoder_generator()."
                 )
         if os.path.isdir(path):
-            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+            return cls._from_rag_checkpoint(pretrained_model_name_or_path, **kwargs)
         from .retrieval._hub import _hub_offline, _unreachable_reason
 
         unreachable = "" if _hub_offline() else _unreachable_reason()
@@ -321,9 +333,32 @@ class RagConfig(PretrainedConfig):
             # One quick probe instead of five retries per file: only the local cache can answer.
             kwargs = {**kwargs, "local_files_only": True}
         try:
-            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+            return cls._from_rag_checkpoint(pretrained_model_name_or_path, **kwargs)
         except OSError as err:
             raise _hub_error(path, err, unreachable) from err
+
+    @classmethod
+    def _from_rag_checkpoint(
+        cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any
+    ) -> RagConfig:
+        """``PretrainedConfig.from_pretrained``, refusing a checkpoint of another model type (a bare BART or
+        DPR model) with a :class:`~ragkit.errors.RagInputError` that names it and what to load instead."""
+        config_dict, _ = cls.get_config_dict(pretrained_model_name_or_path, **kwargs)
+        model_type = config_dict.get("model_type")
+        if model_type != cls.model_type and not (
+            config_dict.get("question_encoder") and config_dict.get("generator")
+        ):
+            path = os.fspath(pretrained_model_name_or_path)
+            raise RagInputError(
+                f"{path} is not a RAG checkpoint: its config.json has model_type {model_type!r}, not 'rag' (a RAG "
+                "config holds a `question_encoder` and a `generator` config). To build a RAG model from a "
+                "separate question encoder and generator, use "
+                "RagTokenForGeneration.from_pretrained_question_encoder_generator(question_encoder_path, "
+                f"generator_path) (or RagSequenceForGeneration's, RagModel's), with {path} as the "
+                f"{_part_role(model_type)}; to load a RAG model, point at a directory or Hub id saved with "
+                "save_pretrained from a RAG model (such as facebook/rag-token-nq)."
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @classmethod
     def from_question_encoder_generator_configs(

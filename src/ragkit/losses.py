@@ -1,7 +1,8 @@
 """RAG's marginalized training losses as pure tensor functions, computed without vocabulary-sized copies.
 
 Both losses score ``target[:, 1:]`` (the decoder is fed the target, so position ``t`` predicts ``t + 1``)
-and give the numbers of Transformers' ``get_nll`` in float32, with two differences (docs/modeling.md):
+and give the numbers of Transformers' ``get_nll``, computed in float32 (float64 for float64 logits, as the
+reference computes in the model's dtype), with two differences (docs/modeling.md):
 a RAG-Sequence row whose labels are all ignored (padding or -100) contributes 0 instead of
 ``-log(n_docs)``, and -100 labels are read as padding.
 
@@ -25,6 +26,7 @@ import torch
 
 __all__ = [
     "IGNORE_INDEX",
+    "compute_dtype",
     "rag_sequence_nll",
     "rag_token_nll",
     "replace_ignore_index",
@@ -49,6 +51,21 @@ _FLOAT32_TINY = torch.finfo(torch.float32).tiny
 # --------------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------------
+
+
+def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype RAG's scores, log-probabilities and losses are computed in for ``tensor``'s values.
+
+    float32 for float32 and the narrower floats (bfloat16, float16: their log-softmax would lose the
+    small probabilities), float64 for float64 (the precision the reference keeps).
+
+    Args:
+        tensor: Logits or scores (any float dtype).
+
+    Returns:
+        ``torch.promote_types(tensor.dtype, torch.float32)``.
+    """
+    return torch.promote_types(tensor.dtype, torch.float32)
 
 
 def replace_ignore_index(labels: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
@@ -147,7 +164,7 @@ def _scored_lengths(scored: torch.Tensor) -> list[int]:
 
 
 def _exp_difference(values: torch.Tensor, shift: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``exp(values - shift)`` written into the float32 ``out`` (returned), whatever the dtype of ``values``.
+    """``exp(values - shift)`` written into ``out`` (returned; float32 or float64), whatever ``values``' dtype.
 
     As ``exp2((values - shift) * log2(e))``: on CPU ``exp2`` takes about half the time of ``exp``.
     """
@@ -155,18 +172,20 @@ def _exp_difference(values: torch.Tensor, shift: torch.Tensor, out: torch.Tensor
 
 
 def _log_normalizer(logits: torch.Tensor) -> torch.Tensor:
-    """`(positions,)` float32 ``logsumexp`` of `(positions, vocab)` logits, a few rows at a time.
+    """`(positions,)` ``logsumexp`` of `(positions, vocab)` logits, a few rows at a time, in
+    :func:`compute_dtype` (float32 unless the logits are float64).
 
     ``torch.logsumexp`` allocates logits-sized temporaries; a reused, cache-sized buffer is about twice
     as fast on CPU and needs no memory of the logits' size.
     """
     positions, vocab = logits.shape
     rows = _rows_per_chunk(vocab)
-    lse = logits.new_empty((positions,), dtype=torch.float32)
-    scratch = logits.new_empty((min(rows, positions), vocab), dtype=torch.float32)
+    dtype = compute_dtype(logits)
+    lse = logits.new_empty((positions,), dtype=dtype)
+    scratch = logits.new_empty((min(rows, positions), vocab), dtype=dtype)
     for start, stop in _chunks(positions, rows):
         chunk = logits[start:stop]
-        peak = chunk.amax(dim=1, keepdim=True).float()
+        peak = chunk.amax(dim=1, keepdim=True).to(dtype)
         buffer = scratch[: stop - start]
         lse[start:stop] = _exp_difference(chunk, peak, buffer).sum(dim=1).log_().add_(peak.squeeze(1))
     return lse
@@ -181,36 +200,39 @@ class _TokenLogProbs(torch.autograd.Function):
     """Per position: ``log softmax(logits)[target]`` and ``sum_v log softmax(logits)[v]``, without the softmax.
 
     Forward: `(positions, vocab)` logits (any float dtype, contiguous) and `(positions,)` targets -> two
-    `(positions,)` float32 tensors. The log-normalizer is computed a few rows at a time in a reused
-    float32 buffer that stays in cache; the backward pass writes the logits' gradient once, in place.
+    `(positions,)` tensors in :func:`compute_dtype` (float32 unless the logits are float64). The
+    log-normalizer is computed a few rows at a time in a reused buffer that stays in cache; the backward
+    pass writes the logits' gradient once, in place.
     """
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, target: torch.Tensor, with_sum: bool):
         vocab = logits.shape[1]
         lse = _log_normalizer(logits)
-        picked = logits.gather(1, target.unsqueeze(1)).squeeze(1).float()
+        dtype = lse.dtype
+        picked = logits.gather(1, target.unsqueeze(1)).squeeze(1).to(dtype)
         ctx.save_for_backward(logits, target, lse)
         ctx.with_sum = with_sum
         if not with_sum:
             return picked - lse, torch.zeros_like(lse)
-        total = logits.sum(dim=1, dtype=torch.float32)
+        total = logits.sum(dim=1, dtype=dtype)
         # sum_v (logit_v - lse): the large cancellation is done in float64.
-        return picked - lse, (total.double() - vocab * lse.double()).float()
+        return picked - lse, (total.double() - vocab * lse.double()).to(dtype)
 
     @staticmethod
     def backward(ctx, grad_token: torch.Tensor, grad_sum: torch.Tensor):
         logits, target, lse = ctx.saved_tensors
         positions, vocab = logits.shape
-        grad_token = grad_token.float()
+        dtype = lse.dtype
+        grad_token = grad_token.to(dtype)
         # d/dlogits of logp[y] is onehot(y) - softmax; of sum_v logp[v] it is 1 - vocab * softmax.
         weight = grad_token
         if ctx.with_sum:
-            grad_sum = grad_sum.float()
+            grad_sum = grad_sum.to(dtype)
             weight = grad_token + vocab * grad_sum
         grad_logits = torch.empty_like(logits)
-        in_place = logits.dtype == torch.float32
-        scratch = None if in_place else logits.new_empty((_rows_per_chunk(vocab), vocab), dtype=torch.float32)
+        in_place = logits.dtype == dtype
+        scratch = None if in_place else logits.new_empty((_rows_per_chunk(vocab), vocab), dtype=dtype)
         for start, stop in _chunks(positions, _rows_per_chunk(vocab)):
             out = grad_logits[start:stop] if in_place else scratch[: stop - start]
             _exp_difference(logits[start:stop], lse[start:stop, None], out).mul_(-weight[start:stop, None])
@@ -259,7 +281,7 @@ def _mixture_chunk_positions(n_docs: int, vocab: int, device: torch.device) -> i
 def _exact_mixture_sum(logits: torch.Tensor, lse: torch.Tensor, doc_logprobs: torch.Tensor) -> torch.Tensor:
     """Scalar ``sum_v log sum_d p(d) p_d(v)`` of one position by log-sum-exp over documents (exact at any
     logits), from its `(n_docs, vocab)` logits, `(n_docs,)` log-normalizers and document log-priors."""
-    joint = (logits.float() - lse[:, None]).add_(doc_logprobs[:, None])
+    joint = (logits.to(lse.dtype) - lse[:, None]).add_(doc_logprobs[:, None])
     return torch.logsumexp(joint, dim=0).sum()
 
 
@@ -271,11 +293,11 @@ def _exact_mixture_grad(
     weight_token: torch.Tensor,
     grad_sum: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One position's `(n_docs, vocab)` float32 logits gradient and `(n_docs,)` ``sum_v r_d(v)``, computed in
-    log space (exact at any logits), from its `(n_docs, vocab)` logits, `(n_docs,)` log-normalizers,
-    document log-priors and token weights (upstream gradient times the posterior given the target) and
-    the upstream gradient of ``sum_v log m(v)``."""
-    logprobs = logits.float() - lse[:, None]
+    """One position's `(n_docs, vocab)` logits gradient (in ``lse``'s dtype) and `(n_docs,)` ``sum_v r_d(v)``,
+    computed in log space (exact at any logits), from its `(n_docs, vocab)` logits, `(n_docs,)`
+    log-normalizers, document log-priors and token weights (upstream gradient times the posterior given the
+    target) and the upstream gradient of ``sum_v log m(v)``."""
+    logprobs = logits.to(lse.dtype) - lse[:, None]
     softmax = logprobs.exp()
     joint = logprobs.add_(doc_logprobs[:, None])
     # Posterior of each document at every v: p(d) p_d(v) / sum_d' p(d') p_d'(v).
@@ -291,7 +313,8 @@ class _MarginalLogProbs(torch.autograd.Function):
 
     Forward: `(batch_size, n_docs, length, vocab)` logits (any float dtype), `(batch_size, n_docs)`
     document log-priors, `(batch_size, length)` targets and `(batch_size, length)` bool scored positions
-    -> two `(batch_size, length)` float32 tensors, 0 at unscored positions (which get no gradient);
+    -> two `(batch_size, length)` tensors in :func:`compute_dtype` (float32 unless the logits are float64),
+    0 at unscored positions (which get no gradient);
     positions after a question's last scored one are not computed at all.
 
     The mixture ``m(v) = sum_d p(d) p_d(v)`` is formed from the normalizer's exponentials, one question
@@ -311,14 +334,15 @@ class _MarginalLogProbs(torch.autograd.Function):
         batch_size, n_docs, length, vocab = logits.shape
         stops = _scored_lengths(scored)
         step = min(_mixture_chunk_positions(n_docs, vocab, logits.device), max(stops, default=1) or 1)
-        prior = doc_logprobs.float()  # (batch_size, n_docs)
-        lse = logits.new_zeros((batch_size, n_docs, length), dtype=torch.float32)
-        total = logits.new_zeros((batch_size, length), dtype=torch.float32)
-        lowest = logits.new_ones((batch_size, length), dtype=torch.float32)  # smallest m(v) per position
-        scratch = logits.new_empty((n_docs * step * vocab,), dtype=torch.float32)
+        dtype = compute_dtype(logits)
+        prior = doc_logprobs.to(dtype)  # (batch_size, n_docs)
+        lse = logits.new_zeros((batch_size, n_docs, length), dtype=dtype)
+        total = logits.new_zeros((batch_size, length), dtype=dtype)
+        lowest = logits.new_ones((batch_size, length), dtype=dtype)  # smallest m(v) per position
+        scratch = logits.new_empty((n_docs * step * vocab,), dtype=dtype)
         for row, start, stop in _question_chunks(stops, step):
             chunk = logits[row, :, start:stop]  # (n_docs, positions, vocab)
-            peak = chunk.amax(dim=-1, keepdim=True).float()
+            peak = chunk.amax(dim=-1, keepdim=True).to(dtype)
             exps = _exp_difference(chunk, peak, scratch[: chunk.numel()].view(chunk.shape))
             log_norm = exps.sum(dim=-1).log_()  # (n_docs, positions): log S_d
             lse[row, :, start:stop] = log_norm + peak.squeeze(-1)
@@ -331,7 +355,7 @@ class _MarginalLogProbs(torch.autograd.Function):
                 logits[row, :, position], lse[row, :, position], prior[row]
             )
         index = target[:, None, :, None].expand(-1, n_docs, -1, 1)
-        picked = logits.gather(-1, index).squeeze(-1).float()
+        picked = logits.gather(-1, index).squeeze(-1).to(dtype)
         token_joint = picked - lse + prior[:, :, None]  # (batch_size, n_docs, length): log p(d) p_d(target)
         token_lp = torch.logsumexp(token_joint, dim=1).masked_fill_(~scored, 0.0)
         ctx.save_for_backward(logits, doc_logprobs, target, scored, lse, token_joint)
@@ -343,22 +367,23 @@ class _MarginalLogProbs(torch.autograd.Function):
         logits, doc_logprobs, target, scored, lse, token_joint = ctx.saved_tensors
         batch_size, n_docs, length, vocab = logits.shape
         stops, step = ctx.stops, ctx.step
-        grad_token = grad_token.float() if grad_token is not None else lse.new_zeros((batch_size, length))
-        grad_sum = grad_sum.float() if grad_sum is not None else lse.new_zeros((batch_size, length))
+        dtype = lse.dtype
+        grad_token = grad_token.to(dtype) if grad_token is not None else lse.new_zeros((batch_size, length))
+        grad_sum = grad_sum.to(dtype) if grad_sum is not None else lse.new_zeros((batch_size, length))
         grad_token = grad_token.masked_fill(~scored, 0.0)
         grad_sum = grad_sum.masked_fill(~scored, 0.0)
         # Posterior of each document given the target token: the weight of its log-softmax gradient.
         posterior = (token_joint - torch.logsumexp(token_joint, dim=1, keepdim=True)).exp()
         weight_token = grad_token[:, None, :] * posterior  # (batch_size, n_docs, length)
-        prior = doc_logprobs.float()
+        prior = doc_logprobs.to(dtype)
         prior_prob = prior.exp()
         mass = lse.new_zeros((batch_size, n_docs, length))  # sum_v r_d(v), the prior's share of the sum
         lowest = lse.new_ones((batch_size, length))
         grad_logits = torch.empty_like(logits)
-        in_place = logits.dtype == torch.float32
+        in_place = logits.dtype == dtype
         elements = n_docs * step * vocab
-        factor_scratch = logits.new_empty((elements,), dtype=torch.float32)
-        scratch = None if in_place else logits.new_empty((elements,), dtype=torch.float32)
+        factor_scratch = logits.new_empty((elements,), dtype=dtype)
+        scratch = None if in_place else logits.new_empty((elements,), dtype=dtype)
         for row, start, stop in _question_chunks(stops, step):
             chunk = logits[row, :, start:stop]  # (n_docs, positions, vocab)
             out = grad_logits[row, :, start:stop] if in_place else scratch[: chunk.numel()].view(chunk.shape)
@@ -413,7 +438,7 @@ def rag_sequence_nll(
     epsilon: float = 0.0,
     exclude_bos_score: bool = False,
 ) -> torch.Tensor:
-    """RAG-Sequence negative log-likelihood: ``-log sum_d p(d) prod_t p_d(y_t)`` per question, in float32.
+    """RAG-Sequence negative log-likelihood: ``-log sum_d p(d) prod_t p_d(y_t)`` per question.
 
     The rules are the reference's: ``target[:, 1:]`` is scored; padding positions count 0; the document
     prior enters at the second scored position (and is lost with it when that position is padding);
@@ -433,7 +458,8 @@ def rag_sequence_nll(
         exclude_bos_score: Leave the BOS token's score out.
 
     Returns:
-        `(batch_size,)` float32 losses, or a scalar with ``reduce_loss``.
+        `(batch_size,)` losses in :func:`compute_dtype` (float32, or float64 for float64 logits), or a
+        scalar with ``reduce_loss``.
     """
     batch_size = doc_scores.shape[0]
     n_docs = n_docs if n_docs is not None else seq_logits.shape[0] // batch_size
@@ -444,7 +470,8 @@ def rag_sequence_nll(
     with_sum = epsilon != 0.0
 
     token_lp, sum_lp = _token_logprobs(seq_logits, target, n_docs, with_sum)
-    doc_logprobs = torch.log_softmax(doc_scores.to(seq_logits.device).float(), dim=1)  # (batch_size, n_docs)
+    dtype = compute_dtype(seq_logits)
+    doc_logprobs = torch.log_softmax(doc_scores.to(seq_logits.device, dtype), dim=1)  # (batch_size, n_docs)
 
     exclude = torch.full((target.shape[0],), exclude_bos_score and use_bos, device=target.device)
     _, scored, has_prior = sequence_target_rules(decoder_inputs, pad_token_id, exclude)
@@ -471,7 +498,7 @@ def rag_token_nll(
     reduce_loss: bool = False,
     epsilon: float = 0.0,
 ) -> torch.Tensor:
-    """RAG-Token negative log-likelihood: ``-sum_t log sum_d p(d) p_d(y_t)`` per question, in float32.
+    """RAG-Token negative log-likelihood: ``-sum_t log sum_d p(d) p_d(y_t)`` per question.
 
     ``target[:, 1:]`` is scored and padding positions count 0, as in the reference; label smoothing
     mixes in ``-sum_t sum_v log sum_d p(d) p_d(v)``.
@@ -486,7 +513,8 @@ def rag_token_nll(
         epsilon: Label smoothing.
 
     Returns:
-        `(batch_size,)` float32 losses, or a scalar with ``reduce_loss``.
+        `(batch_size,)` losses in :func:`compute_dtype` (float32, or float64 for float64 logits), or a
+        scalar with ``reduce_loss``.
     """
     batch_size = doc_scores.shape[0]
     n_docs = n_docs if n_docs is not None else seq_logits.shape[0] // batch_size
@@ -494,7 +522,7 @@ def rag_token_nll(
     target = shift_targets_left(decoder_inputs, pad_token_id)
     vocab_size = seq_logits.shape[-1]
     scored = target.ne(pad_token_id)
-    doc_logprobs = torch.log_softmax(doc_scores.to(seq_logits.device).float(), dim=1)
+    doc_logprobs = torch.log_softmax(doc_scores.to(seq_logits.device, compute_dtype(seq_logits)), dim=1)
     if epsilon == 0.0:
         # Without smoothing only the targets' probabilities are mixed: per-document scalars, no vocabulary.
         doc_token_lp, _ = _token_logprobs(seq_logits, target, n_docs, False)

@@ -15,6 +15,7 @@ import copy
 import functools
 import inspect
 import logging
+import operator
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ from .configuration_rag import RagConfig, check_local_location
 from .errors import CheckpointError, RagInputError
 from .generation.calls import RAG_TOKEN_DECODING as _RAG_TOKEN_DECODING
 from .generation.contexts import trim_context_padding
+from .losses import compute_dtype
 from .pooling import pool_hidden_states
 
 logger = logging.getLogger(__name__)
@@ -96,14 +98,31 @@ def _rag_config(
     config_kwargs: dict[str, Any],
     missing_message: str,
 ) -> RagConfig:
-    """The model's RAG config: ``config``, or one built from the two parts' configs (else ``missing_message``)."""
+    """The model's RAG config: ``config``, or one built from the two parts' configs (else ``missing_message``).
+
+    Its ``question_encoder`` and ``generator`` are the given parts' own config objects, so that what changes a
+    part's config (``generator.resize_token_embeddings`` setting ``vocab_size``) is what ``save_pretrained``
+    writes. A ``config`` whose sub-configs are other objects is copied first: the caller's may serve other
+    models.
+    """
     if config is None:
         if question_encoder is None or generator is None:
             raise RagInputError(missing_message)
         config = RagConfig.from_question_encoder_generator_configs(
             question_encoder.config, generator.config, **config_kwargs
         )
-    return _as_rag_config(config)
+    config = _as_rag_config(config)
+    parts = {"question_encoder": question_encoder, "generator": generator}
+    stale = {
+        field: part.config
+        for field, part in parts.items()
+        if part is not None and getattr(config, field) is not part.config
+    }
+    if stale:
+        config = copy.copy(config)
+        for field, part_config in stale.items():
+            setattr(config, field, part_config)
+    return config
 
 
 def _batch_size_of(
@@ -199,10 +218,19 @@ def _check_token_ids(
         )
 
 
-def _check_n_docs(n_docs: Any) -> None:
-    """Raise :class:`RagInputError` unless ``n_docs`` is a whole number >= 1."""
-    if isinstance(n_docs, bool) or not isinstance(n_docs, int) or n_docs < 1:
+def _check_n_docs(n_docs: Any) -> int:
+    """``n_docs`` as a Python int; :class:`RagInputError` unless it is a whole number >= 1.
+
+    Any integer type is accepted (``numpy.int64`` from ``np.arange`` or pandas, a 0-d integer tensor): what
+    ``operator.index`` takes. Booleans are refused: ``True`` is an int to Python, never a count here.
+    """
+    try:
+        value = None if isinstance(n_docs, bool) else operator.index(n_docs)
+    except TypeError:
+        value = None
+    if value is None or value < 1:
         raise RagInputError(f"`n_docs` must be an integer >= 1 (documents per question), got {n_docs!r}.")
+    return value
 
 
 def _check_same_shape(tensor: torch.Tensor | None, name: str, ids: torch.Tensor, ids_name: str) -> None:
@@ -248,19 +276,23 @@ def _trim_for_generator(
     context_input_ids: torch.Tensor | None,
     context_attention_mask: torch.Tensor | None,
     encoder_outputs: Any,
+    decoder_input_ids: torch.Tensor | None,
     output_attentions: bool,
     output_hidden_states: bool,
     use_cache: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The contexts the generator runs on: without the columns that are padding in every row.
 
-    Kept whole when the encoder already ran (``encoder_outputs``), when attentions or hidden states
-    are asked for (their shapes are the reference's, over ``max_combined_length``), or when the decoder
-    cache is returned (its cross-attention keys must fit the full ``context_attention_mask`` of the next
-    steps). Training (``labels``) runs without the cache, hence on trimmed contexts.
+    Kept whole when the encoder already ran (``encoder_outputs``), when no ``decoder_input_ids`` are given
+    (BART then makes its decoder inputs by shifting the contexts right, so their length is the logits'
+    length), when attentions or hidden states are asked for (their shapes are the reference's, over
+    ``max_combined_length``), or when the decoder cache is returned (its cross-attention keys must fit the
+    full ``context_attention_mask`` of the next steps). Training (``labels``) runs without the cache and
+    feeds the labels to the decoder, hence on trimmed contexts.
     """
     if (
         encoder_outputs is not None
+        or decoder_input_ids is None
         or use_cache
         or context_input_ids is None
         or context_attention_mask is None
@@ -494,7 +526,8 @@ class RetrievAugLMMarginOutput(_CacheAliasMixin, ModelOutput):
         loss: `(batch_size,)`, or `()` with ``reduce_loss``; when ``labels`` are given.
         logits: `(batch_size * n_docs, target_length, vocab_size)`, or `(batch_size, target_length, vocab_size)`
             log-probabilities when marginalized (``do_marginalize``).
-        doc_scores: `(batch_size, n_docs)` inner products of question and document vectors (float32).
+        doc_scores: `(batch_size, n_docs)` inner products of question and document vectors (float32; float64
+            for a float64 model).
         cache: Decoder cache for `batch_size * n_docs` rows.
         retrieved_doc_embeds: `(batch_size, n_docs, dim)`, with ``output_retrieved``.
         retrieved_doc_ids: `(batch_size, n_docs)`, with ``output_retrieved``.
@@ -588,8 +621,10 @@ def _margin_output(
 
 def score_documents(question_vectors: torch.Tensor, doc_embeds: torch.Tensor) -> torch.Tensor:
     """Inner products `(batch_size, n_docs)` of question vectors `(batch_size, dim)` and documents
-    `(batch_size, n_docs, dim)`, in float32 whatever the model's dtype: they feed a softmax over documents."""
-    return torch.bmm(question_vectors.float().unsqueeze(1), doc_embeds.float().transpose(1, 2)).squeeze(1)
+    `(batch_size, n_docs, dim)`, in float32 for float32, bfloat16 and float16 models (they feed a softmax over
+    documents) and in float64 for float64 models (:func:`ragkit.losses.compute_dtype`)."""
+    dtype = compute_dtype(question_vectors)
+    return torch.bmm(question_vectors.to(dtype).unsqueeze(1), doc_embeds.to(dtype).transpose(1, 2)).squeeze(1)
 
 
 @dataclass
@@ -600,7 +635,8 @@ class RetrievedContexts:
         context_input_ids: `(batch_size * n_docs, length)` generator token ids of ``title / text // question``,
             the documents of each question one after the other, on the generator's device.
         context_attention_mask: `(batch_size * n_docs, length)` mask of ``context_input_ids``.
-        doc_scores: `(batch_size, n_docs)` float32 question-document inner products.
+        doc_scores: `(batch_size, n_docs)` question-document inner products (float32; float64 for a float64
+            model).
         doc_ids: `(batch_size, n_docs)` ids of the retrieved documents.
         retrieved_doc_embeds: `(batch_size, n_docs, dim)` the documents' vectors.
     """
@@ -694,6 +730,33 @@ class RagPreTrainedModel(PreTrainedModel):
             return
         with atomic_directory(save_directory) as tmp:
             super().save_pretrained(tmp, *args, **kwargs)
+
+    def resize_token_embeddings(
+        self,
+        new_num_tokens: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        mean_resizing: bool = True,
+    ) -> nn.Embedding:
+        """Resize the generator's vocabulary: token embeddings, LM head and (BART) ``final_logits_bias``.
+
+        The generator's own ``resize_token_embeddings`` does the work, so tied embeddings stay tied; its
+        ``config.vocab_size``, which is ``config.generator.vocab_size``, follows, and ``save_pretrained`` then
+        ``from_pretrained`` give back the resized model. The question encoder is left alone (its tokenizer is
+        another one): resize ``model.question_encoder`` itself for that.
+
+        Args:
+            new_num_tokens: The new vocabulary size; None returns the embeddings unchanged.
+            pad_to_multiple_of: Round the size up to a multiple of this.
+            mean_resizing: Initialize new rows at the mean of the old ones (as Transformers does).
+
+        Returns:
+            The generator's input embeddings, `(vocab_size, d_model)`.
+        """
+        generator = self.generator
+        embeddings = generator.resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        # The same object as generator.config after construction; set as well in case it was replaced since.
+        self.config.generator.vocab_size = embeddings.num_embeddings
+        return embeddings
 
     @classmethod
     def from_pretrained_question_encoder_generator(
@@ -801,6 +864,10 @@ class RagModel(RagPreTrainedModel):
             question_encoder = AutoModel.from_config(config.question_encoder)
         if generator is None:
             generator = AutoModelForSeq2SeqLM.from_config(config.generator)
+        # Parts built here from the config normally hold its sub-configs already (see _rag_config for given
+        # parts); this keeps the two the same objects should a part have made its own copy.
+        self.config.question_encoder = question_encoder.config
+        self.config.generator = generator.config
         self.retriever = retriever
         self.question_encoder = question_encoder
         self.generator = generator
@@ -913,15 +980,15 @@ class RagModel(RagPreTrainedModel):
             n_docs: Documents per question; defaults to ``config.n_docs``.
 
         Returns:
-            :class:`RetrievedContexts`; ``doc_scores`` are float32 and differentiable with respect to the
-            question encoder (and the context encoder when one is being trained).
+            :class:`RetrievedContexts`; ``doc_scores`` are float32 (float64 for a float64 model) and
+            differentiable with respect to the question encoder (and the context encoder when one is being
+            trained).
         """
         if self.retriever is None:
             raise RagInputError(
                 "`retrieve_contexts` needs a retriever: set one with `model.set_retriever(retriever)`."
             )
-        n_docs = n_docs if n_docs is not None else self.config.n_docs
-        _check_n_docs(n_docs)
+        n_docs = _check_n_docs(n_docs if n_docs is not None else self.config.n_docs)
         generator_device = module_device(self.generator)
         search_vectors = question_vectors.detach()
         search_device = getattr(self.retriever, "search_device", None)
@@ -976,17 +1043,25 @@ class RagModel(RagPreTrainedModel):
     ) -> None:
         """Raise :class:`RagInputError` early, naming the argument, when document inputs disagree with each other
         or with ``n_docs``, or contexts hold ids the generator cannot read (vocabulary, positions)."""
-        _check_n_docs(n_docs)
+        n_docs = _check_n_docs(n_docs)
         if doc_scores is None:
             raise RagInputError(
                 "`doc_scores` of shape (batch_size, n_docs) is needed when no retriever is used (it is also "
                 "needed with `encoder_outputs`). Compute it as in the 'use retriever separately' example, or set "
                 "a retriever with `model.set_retriever(retriever)`."
             )
-        if not isinstance(doc_scores, torch.Tensor) or not doc_scores.dtype.is_floating_point:
+        if not isinstance(doc_scores, torch.Tensor):
+            given = type(doc_scores).__name__
+            if type(doc_scores).__module__.split(".")[0] == "numpy":
+                given = f"a NumPy array ({given})"
+            raise RagInputError(
+                f"`doc_scores` must be a torch tensor of shape (batch_size, n_docs), got {given}; pass a torch "
+                "tensor (torch.from_numpy(doc_scores) for a NumPy array)."
+            )
+        if not doc_scores.dtype.is_floating_point:
             raise RagInputError(
                 "`doc_scores` must be a floating-point tensor of shape (batch_size, n_docs), got "
-                f"{getattr(doc_scores, 'dtype', type(doc_scores).__name__)}."
+                f"{doc_scores.dtype}."
             )
         if doc_scores.dim() != 2 or doc_scores.shape[1] != n_docs:
             raise RagInputError(
@@ -1076,8 +1151,7 @@ class RagModel(RagPreTrainedModel):
                 question encoder's or generator's vocabulary or positions.
         """
         cache = _resolve_cache(past_key_values, cache)
-        n_docs = n_docs if n_docs is not None else self.config.n_docs
-        _check_n_docs(n_docs)
+        n_docs = _check_n_docs(n_docs if n_docs is not None else self.config.n_docs)
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         output_attentions = (
             output_attentions if output_attentions is not None else self.config.output_attentions
@@ -1152,6 +1226,7 @@ class RagModel(RagPreTrainedModel):
             context_input_ids,
             context_attention_mask,
             encoder_outputs,
+            decoder_input_ids,
             output_attentions,
             output_hidden_states,
             use_cache,
@@ -1296,8 +1371,7 @@ class _RagHeadMixin:
         head's own step, called with the checked labels, the decoder inputs fed and the resolved defaults: it
         returns the loss (None without labels) and the logits of the output.
         """
-        n_docs = n_docs if n_docs is not None else self.config.n_docs
-        _check_n_docs(n_docs)
+        n_docs = _check_n_docs(n_docs if n_docs is not None else self.config.n_docs)
         reduce_loss = reduce_loss if reduce_loss is not None else self.config.reduce_loss
         label_smoothing = label_smoothing if label_smoothing is not None else self.config.label_smoothing
         return_dict = return_dict if return_dict is not None else self.config.return_dict
@@ -1441,8 +1515,9 @@ class RagSequenceForGeneration(_RagHeadMixin, RagPreTrainedModel):
         """RAG-Sequence negative log-likelihood of ``target``, marginalized over documents per sequence.
 
         Same numbers as the reference (which scores ``target[:, 1:]``; see docs/modeling.md), computed in
-        float32 by :func:`ragkit.losses.rag_sequence_nll` without a log-softmax of the logits; a row whose
-        labels are all ignored contributes 0 (the reference gives it ``-log(n_docs)``).
+        float32 (float64 for float64 logits) by :func:`ragkit.losses.rag_sequence_nll` without a log-softmax
+        of the logits; a row whose labels are all ignored contributes 0 (the reference gives it
+        ``-log(n_docs)``).
 
         Args:
             seq_logits: `(batch_size * n_docs, target_length, vocab_size)` generator logits.
@@ -1533,6 +1608,22 @@ class RagSequenceForGeneration(_RagHeadMixin, RagPreTrainedModel):
             **model_kwargs,
         )
 
+    @staticmethod
+    def _cat_and_pad(tensors: list[torch.Tensor], pad_token_id: int) -> torch.Tensor:
+        """Stack `(rows_i, length_i)` token-id tensors into one `(sum_i rows_i, max_i length_i)` tensor.
+
+        Shorter rows are right-padded with ``pad_token_id``; the dtype and device are the first tensor's.
+        Kept for decoding loops written for Transformers' RAG-Sequence, which call it on their hypotheses.
+        """
+        first = tensors[0]
+        length = max(tensor.shape[1] for tensor in tensors)
+        return torch.cat(
+            [
+                nn.functional.pad(tensor.to(first), (0, length - tensor.shape[1]), value=pad_token_id)
+                for tensor in tensors
+            ]
+        )
+
 
 def _marginalize_probabilities(seq_logits: torch.Tensor, doc_logprobs: torch.Tensor) -> torch.Tensor:
     """`(batch_size, length, vocab)` log of the document mixture of softmaxes, for decoding steps.
@@ -1545,11 +1636,14 @@ def _marginalize_probabilities(seq_logits: torch.Tensor, doc_logprobs: torch.Ten
 
     Args:
         seq_logits: `(batch_size * n_docs, length, vocab)` generator logits.
-        doc_logprobs: `(batch_size, n_docs)` float32 log-softmax of the document scores.
+        doc_logprobs: `(batch_size, n_docs)` log-softmax of the document scores, in the dtype the mixture is
+            computed in (float32, or float64 for a float64 model).
     """
     batch_size, n_docs = doc_logprobs.shape
     _, length, vocab = seq_logits.shape
-    probs = torch.softmax(seq_logits, dim=-1, dtype=torch.float32).view(batch_size, n_docs, length * vocab)
+    probs = torch.softmax(seq_logits, dim=-1, dtype=doc_logprobs.dtype).view(
+        batch_size, n_docs, length * vocab
+    )
     # A weighted sum, not a matmul: TF32 (if enabled) would round the probabilities to 10-bit mantissas.
     mixture = probs.mul_(doc_logprobs.exp().unsqueeze(-1)).sum(dim=1)  # (batch_size, length * vocab)
     del probs
@@ -1560,7 +1654,9 @@ def _marginalize_probabilities(seq_logits: torch.Tensor, doc_logprobs: torch.Ten
         # so that scores stay finite, as in the reference (logits processors may add to any token's score).
         rows = underflow.nonzero().squeeze(1)
         logprobs = (
-            torch.log_softmax(seq_logits.view(batch_size, n_docs, length, vocab)[rows].float(), dim=-1)
+            torch.log_softmax(
+                seq_logits.view(batch_size, n_docs, length, vocab)[rows].to(doc_logprobs.dtype), dim=-1
+            )
             + doc_logprobs[rows][:, :, None, None]
         )
         marginal[rows] = torch.logsumexp(logprobs, dim=1)
@@ -1583,7 +1679,7 @@ class RagTokenForGeneration(_RagHeadMixin, RagPreTrainedModel, GenerationMixin):
     def marginalize(
         self, seq_logits: torch.Tensor, doc_scores: torch.Tensor, n_docs: int | None = None
     ) -> torch.Tensor:
-        """Per-token log-probabilities marginalized over documents, in float32.
+        """Per-token log-probabilities marginalized over documents, in float32 (float64 for float64 logits).
 
         Args:
             seq_logits: `(batch_size * n_docs, length, vocab_size)` generator logits.
@@ -1591,16 +1687,17 @@ class RagTokenForGeneration(_RagHeadMixin, RagPreTrainedModel, GenerationMixin):
             n_docs: Documents per question; defaults to ``config.n_docs``.
 
         Returns:
-            `(batch_size, length, vocab_size)` float32 log-probabilities.
+            `(batch_size, length, vocab_size)` log-probabilities (float32, or float64 for float64 logits).
         """
         n_docs = n_docs if n_docs is not None else self.config.n_docs
         doc_scores = to_device(doc_scores, seq_logits.device, "doc_scores")
+        dtype = compute_dtype(seq_logits)
         if _RAG_TOKEN_DECODING.get() and not torch.is_grad_enabled():
-            return _marginalize_probabilities(seq_logits, torch.log_softmax(doc_scores.float(), dim=1))
-        seq_logprobs = nn.functional.log_softmax(seq_logits.float(), dim=-1).view(
+            return _marginalize_probabilities(seq_logits, torch.log_softmax(doc_scores.to(dtype), dim=1))
+        seq_logprobs = nn.functional.log_softmax(seq_logits.to(dtype), dim=-1).view(
             seq_logits.shape[0] // n_docs, n_docs, -1, seq_logits.shape[-1]
         )
-        doc_logprobs = torch.log_softmax(doc_scores.float(), dim=1)[:, :, None, None]
+        doc_logprobs = torch.log_softmax(doc_scores.to(dtype), dim=1)[:, :, None, None]
         if seq_logprobs.requires_grad:
             seq_logprobs = seq_logprobs + doc_logprobs
         else:
@@ -1640,8 +1737,8 @@ class RagTokenForGeneration(_RagHeadMixin, RagPreTrainedModel, GenerationMixin):
             past_key_values, context_input_ids, context_attention_mask, doc_scores, use_cache,
             output_attentions, output_hidden_states, output_retrieved, n_docs, cache, token_type_ids, **kwargs:
                 As in :meth:`RagModel.forward`.
-            do_marginalize: Return logits marginalized over documents (float32 log-probabilities);
-                defaults to the config.
+            do_marginalize: Return logits marginalized over documents (log-probabilities in float32, or
+                float64 for a float64 model); defaults to the config.
             reduce_loss: Sum the loss over the batch; defaults to the config.
             labels: `(batch_size, target_length)` target ids starting with the BOS/decoder start token; also
                 the decoder inputs when ``decoder_input_ids`` are not given. -100 is treated as padding.
@@ -1703,7 +1800,8 @@ class RagTokenForGeneration(_RagHeadMixin, RagPreTrainedModel, GenerationMixin):
         epsilon: float = 0.0,
         n_docs: int | None = None,
     ) -> torch.Tensor:
-        """RAG-Token negative log-likelihood of ``target[:, 1:]`` (as the reference), in float32.
+        """RAG-Token negative log-likelihood of ``target[:, 1:]`` (as the reference), in float32 (float64 for
+        float64 logits).
 
         Computed by :func:`ragkit.losses.rag_token_nll`: the document mixture is formed one chunk of
         positions at a time (only for label smoothing), never as a `(batch_size, length, vocab)` tensor.
@@ -1761,13 +1859,23 @@ class RagTokenForGeneration(_RagHeadMixin, RagPreTrainedModel, GenerationMixin):
             "n_docs": n_docs,
         }
 
-    def _reorder_cache(self, cache: Cache, beam_idx: torch.LongTensor) -> Cache:
+    @staticmethod
+    def _reorder_cache(*args: Any) -> Cache:
         """Follow the chosen beams: one ``index_select`` per self-attention tensor, cache updated in place.
+
+        Called as ``(cache, beam_idx)``: a static method as in Transformers
+        (``RagTokenForGeneration._reorder_cache(cache, beam_idx)``) or on a model
+        (``model._reorder_cache(cache, beam_idx)``, as beam search calls it). A leading model argument,
+        ``(model, cache, beam_idx)``, is accepted and ignored, so code that saved the class attribute and
+        calls it as a method keeps working.
 
         The cache holds `batch_size * num_beams * n_docs` rows; row ``beam * n_docs + d`` moves with its beam.
         Cross-attention states are left alone: they come from the encoder outputs, identical for all beams of
         a question, and beams are only ever reordered within a question.
         """
+        if len(args) not in (2, 3):
+            raise TypeError(f"_reorder_cache takes (cache, beam_idx), got {len(args)} positional arguments.")
+        cache, beam_idx = args[-2:]
         return reorder_document_rows(cache, beam_idx)
 
     @torch.no_grad()

@@ -253,3 +253,35 @@ def test_marginalized_logits_have_the_reference_gradients(padded_pairs, question
     assert ref_scores.abs().sum() > 0
     torch.testing.assert_close(scores, ref_scores, **GRAD_TOL)
     _assert_same_gradients(grads, ref_grads)
+
+
+@pytest.mark.parametrize("how", ["argument", "config"])
+@pytest.mark.parametrize("head", ["model", "sequence", "token", "token-marginalized"])
+def test_without_decoder_inputs_the_generator_reads_whole_contexts(padded_pairs, questions, head, how):
+    """Without ``decoder_input_ids`` or ``labels`` BART makes its decoder inputs by shifting the contexts
+    right: with ``use_cache=False`` (as an argument or in the config) the contexts must not be trimmed, or
+    the logits come out shorter than the reference's (57 positions instead of 96)."""
+    pair = padded_pairs("sequence" if head == "model" else head.split("-")[0])
+    model = pair.ours.rag if head == "model" else pair.ours
+    reference = pair.reference.rag if head == "model" else pair.reference
+    kwargs = {"input_ids": questions.input_ids, "attention_mask": questions.attention_mask}
+    if head == "token-marginalized":
+        kwargs["do_marginalize"] = True
+    if how == "argument":
+        kwargs["use_cache"] = False
+    configs = [model.config, reference.config]
+    try:
+        if how == "config":
+            for config in configs:
+                config.use_cache = False
+        with torch.no_grad():
+            ours = model(**kwargs)
+            expected = reference(**kwargs)
+    finally:
+        for config in configs:
+            config.use_cache = True
+    rows = questions.input_ids.shape[0] * (1 if head == "token-marginalized" else pair.config.n_docs)
+    assert expected.logits.shape == (rows, MAX_COMBINED_LENGTH, pair.config.generator.vocab_size)
+    assert ours.logits.shape == expected.logits.shape
+    assert ours.cache is None
+    torch.testing.assert_close(ours.logits, expected.logits, atol=1e-5, rtol=0)

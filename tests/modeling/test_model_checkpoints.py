@@ -208,3 +208,21 @@ def test_missing_part_checkpoint_is_named(tmp_path):
         rk.RagTokenForGeneration.from_pretrained_question_encoder_generator(
             question_encoder, tmp_path / "missing-generator"
         )
+
+
+@pytest.mark.parametrize("head", ["model", "sequence", "token"])
+@pytest.mark.parametrize(
+    ("part", "model_type", "role"), [("gen", "bart", "generator"), ("qe", "dpr", "question encoder")]
+)
+def test_a_part_checkpoint_is_named_with_its_model_type(tmp_path, head, part, model_type, role):
+    """A bare BART or DPR checkpoint given to a RAG class: the error names the path, the model_type found and
+    the constructor that builds a RAG model from separate parts."""
+    location = _part_checkpoints(tmp_path)[0 if part == "qe" else 1]
+    for load in (CLASSES[head].from_pretrained, rk.RagConfig.from_pretrained):
+        with pytest.raises(RagInputError) as raised:
+            load(location)
+        message = str(raised.value)
+        assert f"{location} is not a RAG checkpoint" in message
+        assert f"model_type '{model_type}'" in message
+        assert "from_pretrained_question_encoder_generator" in message
+        assert f"as the {role}" in message

@@ -6,6 +6,7 @@ attention) or, for a context mask of the wrong shape, silently compute the all-o
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -296,3 +297,46 @@ def test_mismatched_context_mask_is_refused_by_generate(models, head):
     inputs["context_attention_mask"] = torch.ones(inputs["context_input_ids"].shape[0], 3, dtype=torch.long)
     with pytest.raises(RagInputError, match="`context_attention_mask` has shape"):
         models[head].generate(**inputs, max_length=4, num_beams=1)
+
+
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("n_docs", [np.int64(N_DOCS), np.int32(N_DOCS), torch.tensor(N_DOCS)])
+def test_integer_n_docs_of_any_type_is_accepted(models, head, n_docs):
+    """numpy integers (``np.arange``, pandas) and 0-d integer tensors count documents as a Python int does."""
+    expected = _call(models, head, **_contexts(), decoder_input_ids=DECODER, n_docs=N_DOCS)
+    out = _call(models, head, **_contexts(), decoder_input_ids=DECODER, n_docs=n_docs)
+    torch.testing.assert_close(out.logits, expected.logits, atol=0, rtol=0)
+    out = _call(models, head, input_ids=QUESTIONS, decoder_input_ids=DECODER, n_docs=n_docs)
+    assert out.doc_scores.shape == (2, N_DOCS)
+    if head != "model":
+        with_labels = _call(models, head, **_contexts(), labels=DECODER, n_docs=n_docs)
+        expected = _call(models, head, **_contexts(), labels=DECODER, n_docs=N_DOCS)
+        torch.testing.assert_close(with_labels.loss, expected.loss, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("n_docs", [True, np.float64(3.0), torch.tensor(3.0)])
+def test_bools_and_floats_are_not_counts(models, head, n_docs):
+    with pytest.raises(RagInputError, match=r"`n_docs` must be an integer >= 1"):
+        _call(models, head, **_contexts(), decoder_input_ids=DECODER, n_docs=n_docs)
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_numpy_doc_scores_are_named_as_such(models, head):
+    """A NumPy array is not a tensor of the wrong dtype: the message says so and how to convert it."""
+    inputs = _contexts()
+    inputs["doc_scores"] = inputs["doc_scores"].numpy()
+    with pytest.raises(
+        RagInputError, match=r"got a NumPy array \(ndarray\); pass a torch tensor \(torch\.from_numpy"
+    ):
+        _call(models, head, **inputs, decoder_input_ids=DECODER)
+    inputs["doc_scores"] = inputs["doc_scores"].tolist()
+    with pytest.raises(RagInputError, match=r"`doc_scores` must be a torch tensor .* got list"):
+        _call(models, head, **inputs, decoder_input_ids=DECODER)
+
+
+def test_numpy_doc_scores_are_named_by_token_generate(models):
+    inputs = _contexts()
+    inputs["doc_scores"] = inputs["doc_scores"].numpy()
+    with pytest.raises(RagInputError, match=r"got a NumPy array"):
+        models["token"].generate(**inputs, max_length=4, num_beams=1)
