@@ -14,6 +14,7 @@ import tempfile
 import torch
 
 from ragkit import RagRetriever, RagSequenceForGeneration, RagTokenForGeneration, RagTokenizer
+from ragkit.errors import RagkitError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +29,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--question", default="How many people live in Paris?")
     parser.add_argument("--local", action="store_true", help="a tiny local checkpoint instead (offline)")
     args = parser.parse_args(argv)
+    try:
+        return _answer(args, parser)
+    except RagkitError as err:  # offline, no network, a missing file: what to do, not a traceback
+        parser.error(str(err))
 
+
+def _answer(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Load the model and its retriever as ``args`` says and print the answer to ``args.question``."""
     with tempfile.TemporaryDirectory() as scratch:
         model_name, retriever_kwargs = (
             args.model,
@@ -54,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.load_in_4bit:
             if not torch.cuda.is_available():
                 parser.error(
-                    "--load_in_4bit needs a CUDA GPU and bitsandbytes (pip install 'ragkit-torch[cuda]')."
+                    "--load_in_4bit needs a CUDA GPU and bitsandbytes (pip install bitsandbytes, or "
+                    "pip install -e '.[cuda]' from a clone of the ragkit repository)."
                 )
             from transformers import BitsAndBytesConfig
 

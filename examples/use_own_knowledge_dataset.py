@@ -16,6 +16,8 @@ import csv
 from pathlib import Path
 
 from ragkit import RagRetriever, RagSequenceForGeneration, RagTokenizer
+from ragkit.commands import require_source
+from ragkit.errors import RagkitError
 from ragkit.retrieval.building import build_index
 
 
@@ -63,10 +65,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--work_dir", help="with --local: keep the tiny model, documents and index here")
     args = parser.parse_args(argv)
+    try:
+        return _run(args, parser)
+    except RagkitError as err:  # offline, no network, a missing file: what to do, not a traceback
+        parser.error(str(err))
+
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Index the documents ``args`` names (or the tiny ones with ``--local``) and answer the questions."""
     questions = args.question or ["What does Moses' rod turn into ?", "What is the capital of France?"]
     if not args.local:
         if not args.documents or not args.output_dir:
             parser.error("give --documents and --output_dir (or --local)")
+        # Offline or without a network, say so now (as `ragkit build-index` does), not after a traceback.
+        require_source(args.context_encoder, "--context_encoder")
+        require_source(args.rag_model_name, "--rag_model_name")
         _index_and_answer(
             args.documents,
             args.output_dir,

@@ -76,3 +76,34 @@ def test_local_examples_without_work_dir_say_their_files_are_gone(monkeypatch, c
     written = re.search(r"predictions written to (\S+)", out).group(1)
     assert not Path(written).exists()
     assert out.strip().splitlines()[-1].startswith("(--local: the files above were in a temporary directory")
+
+
+@pytest.mark.parametrize(
+    "name, argv",
+    [
+        ("generate", ["--dummy"]),
+        ("use_own_knowledge_dataset", ["--documents", "docs.tsv", "--output_dir", "my_index"]),
+    ],
+)
+def test_hub_examples_offline_end_in_one_error_not_a_traceback(name, argv, tmp_path, monkeypatch, capsys):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # no network here: the models are not cached
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "docs.tsv").write_text("title\ttext\nParis\tParis is the capital of France.\n")
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert ": error: " in err and "HF_HUB_OFFLINE=1" in err and "Traceback" not in err
+    assert not (tmp_path / "my_index").exists()
+
+
+def test_generate_names_installable_packages():
+    text = (EXAMPLES / "generate.py").read_text()
+    assert "ragkit-torch" not in text  # not a distribution on PyPI
+    assert "pip install -e '.[cuda]'" in text

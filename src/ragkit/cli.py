@@ -13,6 +13,7 @@ import importlib
 import logging
 import os
 import sys
+from typing import NoReturn
 
 __all__ = ["main"]
 
@@ -37,6 +38,17 @@ _MAX_ERROR_LINES = 8
 _DEBUG_HELP = "show the full traceback of an error (also RAGKIT_DEBUG=1)"
 
 
+class _CommandParser(argparse.ArgumentParser):
+    """A command's parser: a bad argument fails like the command does, in one line and a pointer to ``--help``.
+
+    argparse's default prints the whole usage block (a dozen lines for ``eval``) before the message, which
+    hides the one line that says what is wrong.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n  see `{self.prog} --help` for the options\n")
+
+
 class _HelpFormatter(argparse.HelpFormatter):
     """Help lines end with the default where there is one worth saying (not None/False, not said already)."""
 
@@ -53,7 +65,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     parser = argparse.ArgumentParser(prog="ragkit", description="Retrieval-augmented generation tools.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
     command_parsers = {}
     for name, (module, help_text) in _COMMANDS.items():
         command_parser = sub.add_parser(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
+import json
 import logging
 import os
 import random
@@ -38,7 +39,9 @@ _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 __all__ = [
     "DEMO_MODULES",
+    "MIN_FACTS",
     "DemoFact",
+    "check_work_dir",
     "run_offline_demo",
     "run_pretrained_demo",
     "select_facts",
@@ -237,6 +240,20 @@ def write_generator_tokenizer(
 _FULL = {"max_facts": None, "epochs": 20}
 _QUICK = {"max_facts": 200, "epochs": 15}
 _MINILM = "all-MiniLM-L6-v2"
+#: The smallest ``max_facts``: :func:`select_facts` keeps whole modules of 3+ functions, so 12 is the least
+#: that always gives the 10 facts a train/held-out split needs.
+MIN_FACTS = 12
+#: What a kept demo writes in its work directory.
+_HELD_OUT_QUESTIONS, _HELD_OUT_ANSWERS = "held_out.questions", "held_out.answers"
+_GENERATOR_TOKENIZER_FILES = (
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
+_QUESTION_LINE = re.compile(re.escape(QUESTION_TEMPLATE).replace(r"\{name\}", r"\w+"))
 
 
 def _tiny_bart_config(vocab_size: int) -> Any:
@@ -313,15 +330,88 @@ def _generate_from_contexts(
     return answers
 
 
+def _written_by_demo(path: Path, line_matches: Callable[[str], bool]) -> bool:
+    """Whether the text file ``path`` has lines and each is one the demo writes there."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return False
+    return bool(lines) and all(line_matches(line) for line in lines)
+
+
+def _is_training_metrics(path: Path) -> bool:
+    """Whether ``path`` is the ``metrics.json`` a training run writes."""
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(content, dict) and {"global_step", "train_loss"} <= content.keys()
+
+
+def check_work_dir(work_dir: str | os.PathLike) -> None:
+    """Refuse a work directory where a kept demo would replace the user's files, before any work.
+
+    ``index/`` and ``rag/`` are replaced whole and ``generator_tokenizer/`` is rewritten, so each may hold
+    only what the demo writes there; ``held_out.questions``, ``held_out.answers`` and
+    ``finetune/metrics.json`` are rewritten, so each must be absent or written by an earlier demo. Other
+    entries of ``work_dir`` are left alone.
+
+    Args:
+        work_dir: The directory given to :func:`run_offline_demo` with ``keep=True``.
+
+    Raises:
+        RagInputError: Naming the path and what to do.
+    """
+    from ._io import check_replaceable
+    from .errors import RagInputError
+    from .loading import RAG_CHECKPOINT_ENTRIES
+    from .retrieval.building import INDEX_FILENAME, MANIFEST_FILENAME, PASSAGES_DIRNAME
+
+    work_dir = Path(work_dir)
+    if work_dir.exists() and not work_dir.is_dir():
+        raise RagInputError(
+            f"the demo's work directory {os.fspath(work_dir)!r} is an existing file; give a directory."
+        )
+    another = "Give another --work_dir (a new or empty directory, or one an earlier demo wrote)"
+    directories = {
+        "index": (PASSAGES_DIRNAME, INDEX_FILENAME, MANIFEST_FILENAME),
+        "generator_tokenizer": _GENERATOR_TOKENIZER_FILES,
+        "rag": RAG_CHECKPOINT_ENTRIES,
+    }
+    for name, owned in directories.items():
+        check_replaceable(
+            work_dir / name,
+            owned,
+            "the demo's output directory",
+            owned_pattern=re.compile(r"model-\d+-of-\d+\.safetensors") if name == "rag" else None,
+            advice=f"{another}, or move them away.",
+            file_advice=f"{another}, or move it away.",
+        )
+    modules = set(DEMO_MODULES)
+    files = {
+        work_dir / _HELD_OUT_QUESTIONS: lambda p: _written_by_demo(p, _QUESTION_LINE.fullmatch),
+        work_dir / _HELD_OUT_ANSWERS: lambda p: _written_by_demo(p, modules.__contains__),
+        work_dir / "finetune" / "metrics.json": _is_training_metrics,
+    }
+    for path, ours in files.items():
+        if (path.exists() or path.is_symlink()) and not ours(path):
+            raise RagInputError(
+                f"{os.fspath(path)!r} exists and was not written by the demo; it would be overwritten. "
+                f"{another}, or move it away."
+            )
+
+
 def _save_demo(work_dir: Path, model: Any, tokenizer: Any, held_out: Sequence[DemoFact]) -> dict[str, str]:
     """Save the fine-tuned checkpoint and the held-out questions/answers; return their paths."""
-    from ._io import atomic_file
+    from ._io import atomic_directory, atomic_file
 
     checkpoint = work_dir / "rag"
-    model.save_pretrained(checkpoint)
-    # The model's directory now exists: the tokenizer's folders go beside its weights.
-    tokenizer.save_pretrained(checkpoint)
-    questions, answers = work_dir / "held_out.questions", work_dir / "held_out.answers"
+    # Whole: a checkpoint of an earlier run (other weight shards) never mixes with this one.
+    with atomic_directory(checkpoint) as tmp:
+        model.save_pretrained(tmp)
+        # The model's directory now exists: the tokenizer's folders go beside its weights.
+        tokenizer.save_pretrained(tmp)
+    questions, answers = work_dir / _HELD_OUT_QUESTIONS, work_dir / _HELD_OUT_ANSWERS
     with atomic_file(questions) as tmp:
         tmp.write_text("".join(f.question + "\n" for f in held_out), encoding="utf-8")
     with atomic_file(answers) as tmp:
@@ -379,6 +469,17 @@ def run_offline_demo(
         ``{"em", "random_em", "n_train", "n_held_out", "n_passages", "seconds"}``, plus, with ``keep``,
         ``"checkpoint"``, ``"index"``, ``"questions"`` and ``"answers"`` (paths).
     """
+    from .errors import RagInputError
+
+    started = time.perf_counter()
+    # Before the imports (seconds): a bad size or a work directory holding the user's files fails at once.
+    if max_facts is not None and max_facts < MIN_FACTS:
+        raise RagInputError(
+            f"max_facts {max_facts} is too small: the demo keeps whole modules and needs at least {MIN_FACTS}."
+        )
+    if keep:
+        check_work_dir(work_dir)
+
     import torch
     from transformers import BartForConditionalGeneration
 
@@ -390,7 +491,6 @@ def run_offline_demo(
     from .retrieval_rag import RagRetriever
     from .tokenization_rag import RagTokenizer
 
-    started = time.perf_counter()
     sizes = dict(_QUICK if quick else _FULL)
     if max_facts is not None:
         sizes["max_facts"] = max_facts

@@ -348,6 +348,10 @@ def _check_gold_question(
 def _read_lines(path: str | os.PathLike, what: str) -> list[str]:
     """Lines of a UTF-8 text file without their newlines; a clear error if it is missing or not text."""
     path = Path(path)
+    if path.is_dir():
+        raise RagInputError(
+            f"The {what} file {path} is a directory; give the text file itself (one entry per line)."
+        )
     if not path.is_file():
         raise MissingFileError(f"The {what} file {path} does not exist; check the path.")
     try:

@@ -259,10 +259,49 @@ def test_demo_refuses_a_file_as_work_dir_and_bad_values(tmp_path, capsys):
     assert main(["demo", "--quick", "--work_dir", str(work_dir)]) == 2
     assert "is an existing file" in _one_error(capsys.readouterr().err, "demo")
     assert work_dir.read_text() == "mine"
-    for flag in ("--n_docs", "--epochs", "--max_facts"):
+    for flag, least in (("--n_docs", 1), ("--epochs", 1), ("--max_facts", 12)):
         with pytest.raises(SystemExit):
             main(["demo", flag, "0"])
-        assert ">= 1" in capsys.readouterr().err
+        assert f">= {least}" in capsys.readouterr().err
+
+
+def test_a_bad_value_is_one_error_line_and_a_pointer_to_help_not_the_usage_block(tmp_path, capsys):
+    for argv in (
+        [
+            "eval",
+            "--model_name_or_path",
+            "m",
+            "--evaluation_set",
+            "q",
+            "--gold_data_path",
+            "g",
+            "--num_beams",
+            "x",
+        ],
+        ["eval", "--model_name_or_path", "m"],
+        ["build-index", str(tmp_path / "docs.tsv")],
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        command = argv[0]
+        first, *rest = capsys.readouterr().err.strip().splitlines()
+        assert first.startswith(f"ragkit {command}: error: ")
+        assert rest == [f"  see `ragkit {command} --help` for the options"]
+
+
+def test_build_index_help_says_the_train_size_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["build-index", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "vectors used to train IVF/PQ indexes (default: 262,144)" in help_text
+
+
+def test_a_directory_as_source_says_it_is_a_directory(tmp_path, capsys):
+    (tmp_path / "docs").mkdir()
+    assert main(["build-index", str(tmp_path / "docs"), str(tmp_path / "out")]) == 2
+    err = _one_error(capsys.readouterr().err, "build-index")
+    assert "is a directory; give the documents file inside it" in err and "does not exist" not in err
 
 
 def test_commands_log_ragkit_info_but_not_other_libraries_info():

@@ -29,7 +29,8 @@ __all__ = ["configure_parser", "run"]
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``ragkit build-index`` (each also accepted with dashes: ``--words-per-passage``)."""
-    from ..retrieval.building import DEFAULT_ENCODER
+    # The library's default sample, said in --help (None is passed on, so build_index applies it).
+    from ..retrieval.building import _DEFAULT_TRAIN_SIZE, DEFAULT_ENCODER
 
     parser.add_argument("source", help="documents: .csv/.tsv (title, text), .jsonl or .parquet")
     parser.add_argument(
@@ -63,16 +64,24 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max_length", type=positive_int, default=None, help="encoder truncation length")
     parser.add_argument(
-        "--train_size", type=positive_int, default=None, help="vectors used to train IVF/PQ indexes"
+        "--train_size",
+        type=positive_int,
+        default=None,
+        help=f"vectors used to train IVF/PQ indexes (default: {_DEFAULT_TRAIN_SIZE:,})",
     )
     parser.add_argument("--no_progress", action="store_true", help="hide progress bars")
 
 
 def _check_paths(source: str, output_dir: str) -> None:
     """Refuse a missing source and an output that is an existing file before anything is loaded."""
+    if os.path.isdir(source):
+        raise RagInputError(
+            f"SOURCE {source!r} is a directory; give the documents file inside it (.csv/.tsv with title and "
+            "text columns, .jsonl or .parquet)."
+        )
     if not os.path.isfile(source):
         raise MissingFileError(
-            f"SOURCE {source!r} does not exist (or is not a file); give the documents file."
+            f"SOURCE {source!r} does not exist; give the documents file (.csv/.tsv, .jsonl or .parquet)."
         )
     output = Path(output_dir)
     if output.exists() and not output.is_dir():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from ..errors import RagInputError
 from . import check_device, check_outputs, positive_int, require_source
@@ -34,7 +35,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         default="qa",
         help="qa: question<TAB>answers per line; ans: one line of tab-separated answers per question",
     )
-    parser.add_argument("--predictions_path", default="predictions.txt", help="where predictions are written")
+    parser.add_argument(
+        "--predictions_path",
+        default="predictions.txt",
+        help="where predictions are written (an existing file only with --overwrite)",
+    )
     parser.add_argument(
         "--eval_mode",
         choices=["e2e", "retrieval"],
@@ -57,7 +62,77 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--passages_path", default=None, help="override the checkpoint's passages directory")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (defaults to cuda when available)")
-    parser.add_argument("--metrics_path", default=None, help="also write the metrics as JSON here")
+    parser.add_argument(
+        "--metrics_path",
+        default=None,
+        help="also write the metrics as JSON here (an existing file only if eval wrote it, or with --overwrite)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --predictions_path or --metrics_path file (never the inputs or the index)",
+    )
+
+
+def _checkpoint_index_files(model_name_or_path: str) -> dict[str, str]:
+    """The index files a local checkpoint's config.json points at (what errors call each -> path), to protect.
+
+    ``index_path`` and ``passages_path`` are read as the retriever reads them (relative to the current
+    directory); files ``save_pretrained`` wrote next to the config lie inside the checkpoint, which is
+    protected as a whole. The config's paths are protected even when --index_path/--passages_path replace
+    them for this run: they are still the user's index.
+    """
+    config_file = os.path.join(model_name_or_path, "config.json")
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return {}  # not a local checkpoint (a Hub id), or one the loader reports on
+    if not isinstance(config, dict):
+        return {}
+    from ..retrieval.building import MANIFEST_FILENAME
+
+    protected = {}
+    for field in ("index_path", "passages_path"):
+        value = config.get(field)
+        if isinstance(value, str) and value:
+            protected[f"the {field} of {config_file}"] = value
+    index_path = protected.get(f"the index_path of {config_file}")
+    if index_path is not None:
+        # The description `ragkit build-index` writes beside index.faiss belongs to the index too.
+        manifest = os.path.join(os.path.dirname(index_path), MANIFEST_FILENAME)
+        protected[f"the index of {config_file}"] = manifest
+    return protected
+
+
+def _is_metrics_file(path: str) -> bool:
+    """Whether ``path`` holds metrics as eval writes them: a JSON object of ``n`` and em/f1 or precision@k."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            content = json.load(f)
+    except (OSError, ValueError):
+        return False
+    if not isinstance(content, dict) or "n" not in content:
+        return False
+    names = set(content) - {"n"}
+    return names == {"em", "f1"} or (len(names) == 1 and next(iter(names)).startswith("precision"))
+
+
+def _check_replaceable_outputs(args: argparse.Namespace) -> None:
+    """Refuse existing output files eval did not write (a predictions file cannot be told apart: any needs
+    --overwrite); a metrics file eval wrote is replaced."""
+    if args.overwrite:
+        return
+    if os.path.lexists(args.predictions_path):
+        raise RagInputError(
+            f"--predictions_path {args.predictions_path!r} already exists; give a new file, or add --overwrite "
+            "to replace it."
+        )
+    if args.metrics_path and os.path.lexists(args.metrics_path) and not _is_metrics_file(args.metrics_path):
+        raise RagInputError(
+            f"--metrics_path {args.metrics_path!r} already exists and does not hold metrics eval wrote; give a "
+            "new file, or add --overwrite to replace it."
+        )
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
@@ -78,8 +153,10 @@ def _check_arguments(args: argparse.Namespace) -> None:
             "--model_name_or_path": args.model_name_or_path,
             "--index_path": args.index_path,
             "--passages_path": args.passages_path,
+            **_checkpoint_index_files(args.model_name_or_path),
         },
     )
+    _check_replaceable_outputs(args)
     check_device(args.device)
 
 
