@@ -17,6 +17,7 @@ import torch
 
 from ragkit import commands
 from ragkit.cli import main
+from ragkit.errors import RagInputError
 from ragkit.testing import TINY_PASSAGES, tiny_bart_config, tiny_dpr_config
 
 QUESTION = "What is the capital of France?"
@@ -338,3 +339,12 @@ def test_an_index_the_checkpoint_cannot_use_is_refused_before_loading(
         if "width" in message:
             assert "of width 32" in err
     assert not (tmp_path / "rag").exists() and not (tmp_path / "out" / "consolidated").exists()
+
+
+def test_a_checkpoint_may_hold_the_custom_index_paths(tmp_path, parts, st_index):
+    from ragkit.commands.consolidate import check_index_fields
+
+    args = argparse.Namespace(index_name="custom", passages_path=None, index_path=None)
+    check_index_fields(args, index_name=None)  # `finetune --model_name_or_path`: its config has them
+    with pytest.raises(RagInputError, match="--index_name custom needs --passages_path and --index_path"):
+        check_index_fields(args, index_name="compressed")

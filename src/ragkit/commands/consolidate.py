@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
+from ..configuration_rag import RagConfig
 from ..encoders import resolve_encoder_name
 from ..errors import MissingFileError, RagInputError
 from ..finetuning.arguments import UnderscoreHelpFormatter, add_flag
@@ -92,8 +93,10 @@ def check_index_fields(args: argparse.Namespace, index_name: str | None = None) 
     """
     from ..retrieval.building import INDEX_FILENAME, PASSAGES_DIRNAME
 
+    config_decides = index_name is None
     index_name = args.index_name or index_name
-    if args.index_name == "custom":
+    # A checkpoint or config may hold the paths already; otherwise a custom index needs both.
+    if args.index_name == "custom" and not config_decides:
         missing = [f"--{name}" for name in ("passages_path", "index_path") if getattr(args, name) is None]
         if missing:
             raise RagInputError(
@@ -215,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
     if question_encoder_tokenizer is not None:
         question_encoder_tokenizer = resolve_encoder_name(question_encoder_tokenizer)
     # Local files first, then the Hub (seconds at most), then configs: no model is loaded before all pass.
-    check_index_fields(args, index_name=None if args.config_name_or_path else "compressed")
+    check_index_fields(args, index_name=None if args.config_name_or_path else RagConfig.index_name)
     if resolve_encoder_name(args.generator_name_or_path) != args.generator_name_or_path:
         check_generator(args.generator_name_or_path)  # the packaged sentence encoder: not a generator
     check_model_sources(

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ..configuration_rag import RagConfig
 from ..distributed import add_distributed_retriever_arguments, distributed_retriever_from_args
 from ..encoders import resolve_encoder_name
 from ..errors import RagInputError
@@ -130,7 +131,7 @@ def _check_model_flags(args: argparse.Namespace) -> None:
     """Index flags, model locations (the Hub within seconds) and the generator's kind, before anything loads."""
     from_parts = not args.model_name_or_path
     # From parts, the RAG config starts as RagConfig's; a checkpoint's own config names its index.
-    check_index_fields(args, index_name="compressed" if from_parts else None)
+    check_index_fields(args, index_name=RagConfig.index_name if from_parts else None)
     generator = args.generator_name_or_path
     if generator and resolve_encoder_name(generator) != generator:
         check_generator(generator)  # the packaged sentence encoder: not a generator
