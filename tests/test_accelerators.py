@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -577,3 +578,19 @@ def test_flash_attention_3_needs_no_more_than_transformers_does(cuda_env, monkey
     monkeypatch.setattr(acc, "_cuda_capability", lambda: (7, 5))
     with pytest.raises(AcceleratorUnavailableError, match=r"compute capability 8\.0.*7\.5"):
         acc.check_flash_attention("flash_attention_3")
+
+
+def test_install_hints_install_from_a_clone_of_the_repository():
+    # ragkit-torch is not on PyPI: the hints install the extra from a clone, or name the package itself.
+    from pathlib import Path
+
+    assert acc.CUDA_EXTRA_HINT.startswith("pip install -e '.[cuda]' in a clone of the ragkit repository")
+    pypi_install = re.compile(r"pip install\s+(-\S+\s+)*['\"]?ragkit-torch")
+    src = Path(acc.__file__).parent
+    found = [
+        f"{path.relative_to(src)}:{n}"
+        for path in (src / "_accelerators.py", src / "distributed" / "ray_service.py")
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if pypi_install.search(line)
+    ]
+    assert not found, found

@@ -92,7 +92,7 @@ def test_consolidate_replaces_an_earlier_checkpoint_and_clears_stale_temporaries
 
 def test_a_missing_generator_is_named_with_its_flag(tmp_path, parts):
     with pytest.raises(
-        MissingFileError, match=r"--generator_name_or_path '.*no/such/gen' does not exist and is not a Hub"
+        MissingFileError, match=r"--generator_name_or_path '.*no/such/gen': no such directory"
     ):
         _consolidate(parts / "qe", tmp_path / "no" / "such" / "gen", tmp_path / "rag")
     with pytest.raises(MissingFileError, match=r"`question_encoder_name_or_path` './qe-typo' does not exist"):

@@ -1,7 +1,7 @@
 """CUDA paths of the RAG models: environment checks, attention per part, 4/8-bit skip lists, device moves.
 
 Everything here runs before (or around) ``transformers``' own loading code, so that a request that
-cannot work says what is missing and how to install it (``pip install 'ragkit-torch[cuda]'``) instead of
+cannot work says what is missing and how to install it (``pip install -e '.[cuda]'`` in a clone) instead of
 failing deep inside transformers or inside a CUDA kernel. See ``docs/gpu.md``.
 """
 
@@ -40,8 +40,11 @@ __all__ = [
     "to_device",
 ]
 
-#: What every "missing CUDA piece" message tells the user to run.
-CUDA_EXTRA_HINT = "pip install 'ragkit-torch[cuda]'"
+#: What every "missing CUDA piece" message tells the user to run. ragkit-torch is installed from a clone of
+#: its repository (it is not on PyPI), so the extra is installed there.
+CUDA_EXTRA_HINT = (
+    "pip install -e '.[cuda]' in a clone of the ragkit repository (the ragkit-torch[cuda] extra)"
+)
 #: The sub-models of a RAG model, as named in ``RagConfig`` and in a per-part ``attn_implementation`` dict.
 RAG_PARTS = ("question_encoder", "generator")
 #: Keys a per-part ``attn_implementation`` dict may hold ("" is the RAG wrapper and the default for parts
@@ -138,7 +141,9 @@ def check_flash_attention(implementation: str) -> None:
         return
     pip_name = _FLASH_PIP_NAMES[implementation]
     # The cuda extra installs flash-attn (2); for the other versions it would not help.
-    install = f"{CUDA_EXTRA_HINT} (or {pip_name})" if implementation == "flash_attention_2" else pip_name
+    install = (
+        f"{CUDA_EXTRA_HINT}, or pip install {pip_name}" if implementation == "flash_attention_2" else pip_name
+    )
     if not _cuda_available():
         raise AcceleratorUnavailableError(
             f"attn_implementation='{implementation}' needs a CUDA GPU, and PyTorch sees none "
@@ -199,7 +204,7 @@ def check_bitsandbytes(quantization_config: Any) -> None:
     if not _package_available("bitsandbytes"):
         raise AcceleratorUnavailableError(
             f"{bits} quantization (quantization_config=BitsAndBytesConfig(...)) needs the bitsandbytes package, "
-            f"which is not installed: {CUDA_EXTRA_HINT} (or bitsandbytes) on a CUDA machine; or load without "
+            f"which is not installed: {CUDA_EXTRA_HINT}, or pip install bitsandbytes, on a CUDA machine; or load without "
             "quantization_config (dtype=torch.bfloat16 halves the weights' memory)."
         )
     if _cuda_available():

@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # torch is imported where it runs: resolving a name must not 
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TextEncoder", "load_text_encoder", "resolve_encoder_name"]
+__all__ = ["TextEncoder", "declared_pooling", "load_text_encoder", "resolve_encoder_name", "vector_width"]
 
 _MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 _DEFAULT_MAX_LENGTH = 512
@@ -115,6 +115,43 @@ def _sentence_transformers_settings(name_or_path: str, **hub_kwargs: Any) -> dic
     return settings
 
 
+def declared_pooling(name_or_path: str, config: Any, **hub_kwargs: Any) -> tuple[str, bool, int | None]:
+    """The pooling, normalization and max length an encoder's own files declare (what ``pooling="auto"`` reads).
+
+    DPR encoders use their pooler output; a sentence-transformers model (``modules.json``) what its
+    ``Pooling`` and ``Normalize`` modules say (all-MiniLM-L6-v2: mean, L2-normalized); any other model
+    its first token, not normalized. Only small JSON files are read, never the weights.
+
+    Args:
+        name_or_path: Local directory or Hub id (after :func:`resolve_encoder_name`).
+        config: The encoder's ``transformers`` config.
+        **hub_kwargs: ``revision``, ``cache_dir``, ``token``, ``local_files_only``.
+
+    Returns:
+        ``(pooling, normalize, max_length)``; ``max_length`` is None when the model declares none.
+
+    Raises:
+        ValueError: A sentence-transformers pooling mode ragkit does not implement.
+    """
+    if config.model_type == "dpr":
+        return "pooler", False, None
+    settings = _sentence_transformers_settings(name_or_path, **hub_kwargs)
+    if settings is None:
+        return "cls", False, None
+    return settings["pooling"], settings["normalize"], settings["max_length"]
+
+
+def vector_width(config: Any, pooling: str) -> int:
+    """Width of the vectors an encoder with ``config`` gives under ``pooling``.
+
+    DPR's pooler output goes through its projection when it has one (``projection_dim``); every other
+    pooling reads the hidden states.
+    """
+    if pooling == "pooler" and getattr(config, "projection_dim", 0):
+        return int(config.projection_dim)
+    return int(getattr(config, "hidden_size", None) or config.d_model)
+
+
 def _load_model(name_or_path: str, config: Any, **hub_kwargs: Any) -> torch.nn.Module:
     """The encoder model: the right DPR class for DPR checkpoints, ``AutoModel`` otherwise."""
     if config.model_type == "dpr":
@@ -151,10 +188,7 @@ class TextEncoder:
     @property
     def dim(self) -> int:
         """Width of the vectors :meth:`encode` returns."""
-        config = self.model.config
-        if self.pooling == "pooler" and getattr(config, "projection_dim", 0):
-            return int(config.projection_dim)
-        return int(getattr(config, "hidden_size", None) or config.d_model)
+        return vector_width(self.model.config, self.pooling)
 
     def encode(
         self,
@@ -249,13 +283,11 @@ def load_text_encoder(
     if pooling != "auto" and pooling not in POOLING_MODES:
         raise ValueError(f"`pooling` must be 'auto' or one of {POOLING_MODES}, got {pooling!r}.")
     config = AutoConfig.from_pretrained(name_or_path, **hub_kwargs)
-    settings = (
-        None if config.model_type == "dpr" else _sentence_transformers_settings(name_or_path, **hub_kwargs)
-    )
+    own_pooling, own_normalize, own_max_length = declared_pooling(name_or_path, config, **hub_kwargs)
     if pooling == "auto":
-        pooling = "pooler" if config.model_type == "dpr" else (settings["pooling"] if settings else "cls")
+        pooling = own_pooling
     if normalize is None:
-        normalize = bool(settings and settings["normalize"])
+        normalize = own_normalize
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
@@ -267,7 +299,7 @@ def load_text_encoder(
             int(getattr(config, "max_position_embeddings", None) or _DEFAULT_MAX_LENGTH),
             _DEFAULT_MAX_LENGTH,
         )
-        max_length = (settings or {}).get("max_length") or min(limits)
+        max_length = own_max_length or min(limits)
     logger.info(
         "Loaded encoder %s (pooling=%s, normalize=%s, device=%s)", name_or_path, pooling, normalize, device
     )

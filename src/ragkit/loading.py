@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ._io import atomic_directory, check_not_inside, check_replaceable
-from .encoders import resolve_encoder_name
+from .encoders import declared_pooling, resolve_encoder_name, vector_width
 from .errors import CorruptFileError, MissingFileError, RagInputError
 
 logger = logging.getLogger(__name__)
@@ -27,6 +27,7 @@ __all__ = [
     "check_model_location",
     "check_safetensors_file",
     "consolidate_rag_checkpoint",
+    "faiss_index_width",
     "is_rag_checkpoint",
     "load_rag_for_training",
     "resolve_device",
@@ -263,6 +264,39 @@ def _check_consolidate_destination(dest: Path, inputs: dict[str, str | None]) ->
     check_replaceable(dest, RAG_CHECKPOINT_ENTRIES, "`dest`")
 
 
+def faiss_index_width(path: str | os.PathLike) -> int | None:
+    """The vector width ``d`` of a faiss index file, read from its header (the index itself is not loaded).
+
+    Every float index that ``faiss.write_index`` writes starts with a four-letter type code followed by
+    ``d`` as a 32-bit integer. Returns None for a file that does not start that way (so callers skip
+    the check rather than refuse an index faiss itself may read).
+    """
+    with open(path, "rb") as f:
+        header = f.read(8)
+    if len(header) < 8 or not header[:4].isalnum():
+        return None
+    width = int.from_bytes(header[4:], "little", signed=True)
+    return width if width > 0 else None
+
+
+def _check_index_width(
+    rag_fields: dict[str, Any], question_encoder: str, pooling: str, normalize: bool
+) -> None:
+    """Refuse an index file whose vectors are not as wide as the question vectors (``retrieval_vector_size``)."""
+    index_path = rag_fields.get("index_path")
+    if index_path is None or not os.path.isfile(index_path):
+        return
+    index_width = faiss_index_width(index_path)
+    width = rag_fields["retrieval_vector_size"]
+    if index_width is not None and index_width != width:
+        raise RagInputError(
+            f"The index {os.fspath(index_path)!r} holds vectors of width {index_width}, but the question encoder "
+            f"{question_encoder!r} gives vectors of width {width} (pooling {pooling!r}, normalize {normalize}): "
+            "retrieval would fail. Use the question encoder of the encoder family the index was built with, or "
+            "rebuild the index with `ragkit build-index --encoder` of the question encoder's family."
+        )
+
+
 def consolidate_rag_checkpoint(
     model_type: str,
     question_encoder_name_or_path: str,
@@ -281,14 +315,18 @@ def consolidate_rag_checkpoint(
 
     Args:
         model_type: ``rag_sequence`` or ``rag_token``.
-        question_encoder_name_or_path: Question encoder (DPR, or a BERT-like encoder with
-            ``question_encoder_pooling="mean"``); ``all-MiniLM-L6-v2`` resolves as in every command
-            (:func:`~ragkit.encoders.resolve_encoder_name`).
+        question_encoder_name_or_path: Question encoder (DPR, a sentence-transformers model or another
+            BERT-like encoder); ``all-MiniLM-L6-v2`` resolves as in every command
+            (:func:`~ragkit.encoders.resolve_encoder_name`). Unless ``question_encoder_pooling`` /
+            ``question_encoder_normalize`` are given, they are what the encoder declares, as
+            :func:`~ragkit.encoders.load_text_encoder` reads it for an index (DPR: pooler; all-MiniLM-L6-v2:
+            mean, L2-normalized; other encoders: first token).
         generator_name_or_path: Seq2seq generator (BART, T5, ...).
         dest: Output directory.
         question_encoder_tokenizer_name_or_path: Defaults to ``question_encoder_name_or_path``.
         generator_tokenizer_name_or_path: Defaults to ``generator_name_or_path``.
-        config_name_or_path: A RAG config to start from (its sub-configs are replaced by the models').
+        config_name_or_path: A RAG config to start from (its sub-configs, and what describes its question
+            encoder's vectors, pooling, normalization and width, are replaced by the models').
         **rag_fields: RAG config fields (``n_docs``, ``index_name``, ``passages_path``, ``index_path``,
             ``retrieval_vector_size``, ``question_encoder_pooling``, ...).
 
@@ -298,6 +336,7 @@ def consolidate_rag_checkpoint(
     Raises:
         MissingFileError: A model path that does not exist and is not a Hub id.
         ValueError: ``dest`` holds files ragkit did not write, or one of the inputs.
+        RagInputError: ``index_path`` is a faiss index whose width differs from the question vectors'.
     """
     from transformers import AutoConfig, AutoTokenizer
 
@@ -327,14 +366,47 @@ def consolidate_rag_checkpoint(
     generator_config = AutoConfig.from_pretrained(generator_name_or_path)
     if config_name_or_path is not None:
         base = RagConfig.from_pretrained(config_name_or_path).to_dict()
-        for key in ("question_encoder", "generator", "model_type", "architectures", "transformers_version"):
+        # The base's question encoder is replaced, and with it what describes its vectors.
+        for key in (
+            "question_encoder",
+            "generator",
+            "model_type",
+            "architectures",
+            "transformers_version",
+            "question_encoder_pooling",
+            "question_encoder_normalize",
+            "retrieval_vector_size",
+        ):
             base.pop(key, None)
         rag_fields = {**base, **rag_fields}
-    # The question vectors' width: DPR's projection when it has one, else the hidden size.
-    width = getattr(question_encoder_config, "projection_dim", 0) or getattr(
-        question_encoder_config, "hidden_size", 768
+    # Questions must be read as the index was built from this encoder (`ragkit build-index` reads what the
+    # encoder declares), not with RagConfig's DPR default.
+    if (
+        rag_fields.get("question_encoder_pooling") is None
+        or rag_fields.get("question_encoder_normalize") is None
+    ):
+        pooling, normalize, _ = declared_pooling(question_encoder_name_or_path, question_encoder_config)
+        if rag_fields.get("question_encoder_pooling") is None:
+            rag_fields["question_encoder_pooling"] = pooling
+        if rag_fields.get("question_encoder_normalize") is None:
+            rag_fields["question_encoder_normalize"] = normalize
+    if rag_fields.get("retrieval_vector_size") is None:
+        rag_fields["retrieval_vector_size"] = vector_width(
+            question_encoder_config, rag_fields["question_encoder_pooling"]
+        )
+    logger.info(
+        "Question encoder %s: pooling=%s, normalize=%s, vectors of width %d",
+        question_encoder_name_or_path,
+        rag_fields["question_encoder_pooling"],
+        rag_fields["question_encoder_normalize"],
+        rag_fields["retrieval_vector_size"],
     )
-    rag_fields.setdefault("retrieval_vector_size", width)
+    _check_index_width(
+        rag_fields,
+        question_encoder_name_or_path,
+        rag_fields["question_encoder_pooling"],
+        rag_fields["question_encoder_normalize"],
+    )
     for key in ("pad_token_id", "eos_token_id", "bos_token_id", "decoder_start_token_id"):
         if getattr(generator_config, key, None) is not None:
             rag_fields.setdefault(key, getattr(generator_config, key))

@@ -54,8 +54,52 @@ def test_a_path_is_accepted_as_output_dir(tmp_path):
 
 
 def test_cache_retrieval_needs_a_fixed_retriever(tmp_path):
-    with pytest.raises(RagInputError, match="freeze_question_encoder=True"):
+    with pytest.raises(RagInputError, match="freeze_question_encoder=True") as error:
         TrainingArguments(output_dir=str(tmp_path), cache_retrieval=True)
+    assert "end2end" not in str(error.value)
+    # Frozen already: only end2end is in the way, and the message does not ask for what was given.
+    with pytest.raises(RagInputError, match=r"`end2end` retrains the context encoder") as error:
+        TrainingArguments(
+            output_dir=str(tmp_path), cache_retrieval=True, freeze_question_encoder=True, end2end=True
+        )
+    assert "freeze_question_encoder" not in str(error.value) and "set `end2end=False`" in str(error.value)
+
+
+_BOTH_WAYS = {"cache_retrieval": True, "freeze_question_encoder": True, "end2end": True}
+
+
+@pytest.mark.parametrize(
+    "flags, fields, message",
+    [
+        (["--num_train_epochs", "0"], {"num_train_epochs": 0}, "--num_train_epochs must be >= 1, got 0."),
+        (["--learning_rate", "0"], {"learning_rate": 0.0}, "--learning_rate must be > 0, got 0.0."),
+        (["--max_steps", "0"], {"max_steps": 0}, "--max_steps must be >= 1, got 0."),
+        (["--warmup_steps", "-1"], {"warmup_steps": -1}, "--warmup_steps must be >= 0, got -1."),
+        (
+            ["--cache_retrieval", "--freeze_question_encoder", "--end2end"],
+            _BOTH_WAYS,
+            "--cache_retrieval reuses retrieval results, so it needs a fixed retriever, but --end2end retrains the "
+            "context encoder and rebuilds the index: leave out --end2end, or leave out --cache_retrieval.",
+        ),
+        (
+            ["--cache_retrieval"],
+            {"cache_retrieval": True},
+            "the question encoder is trained: add --freeze_question_encoder, or leave out --cache_retrieval.",
+        ),
+    ],
+)
+def test_the_command_names_the_flags_the_user_typed(tmp_path, flags, fields, message, capsys):
+    from ragkit.cli import main
+
+    argv = ["finetune", "--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "o"),
+            "--model_name_or_path", str(tmp_path / "missing"), *flags]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ragkit finetune: error: ") and message in err
+    assert "`" not in err.split("error: ", 1)[1]
+    # The Python API keeps naming the fields.
+    with pytest.raises(RagInputError, match=rf"^`{next(iter(fields))}`"):
+        TrainingArguments(output_dir=str(tmp_path), **fields)
 
 
 def test_the_finetune_flags_are_the_fields_with_their_defaults():
@@ -110,12 +154,13 @@ def test_a_bad_flag_value_names_the_flag(capsys):
 def test_finetune_refuses_a_bad_setting_before_loading_anything(tmp_path, capsys):
     from ragkit.cli import main
 
-    # The model does not exist: the setting is reported first, naming the field.
+    # The model does not exist: the setting is reported first, naming the flag.
     argv = ["finetune", "--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "o"),
             "--model_name_or_path", str(tmp_path / "missing"), "--label_smoothing", "1.5"]  # fmt: skip
     assert main(argv) == 2
-    assert "ragkit finetune: error: `label_smoothing` must be in [0, 1), got 1.5" in capsys.readouterr().err
-    with pytest.raises(RagInputError, match=r"`label_smoothing` must be in \[0, 1\), got 1\.5"):
+    # The command names the flag the user typed; the Python API names the field.
+    assert "ragkit finetune: error: --label_smoothing must be in [0, 1), got 1.5" in capsys.readouterr().err
+    with pytest.raises(RagInputError, match=r"--label_smoothing must be in \[0, 1\), got 1\.5"):
         main([*argv, "--debug"])
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ..configuration_rag import RagConfig
 from ..distributed import add_distributed_retriever_arguments, distributed_retriever_from_args
 from ..encoders import resolve_encoder_name
 from ..errors import RagInputError
@@ -33,13 +34,18 @@ from ..finetuning.trainer import (
 )
 from ..loading import (
     MODEL_TYPES,
-    check_model_location,
     consolidate_rag_checkpoint,
     load_rag_for_training,
     resolve_device,
 )
 from . import check_device, hidden_progress_bars
-from .consolidate import add_rag_field_arguments, check_generator, rag_fields
+from .consolidate import (
+    add_rag_field_arguments,
+    check_generator,
+    check_index_fields,
+    check_model_sources,
+    rag_fields,
+)
 
 __all__ = ["configure_parser", "run"]
 
@@ -94,8 +100,6 @@ def _load_starting_model(args: argparse.Namespace, device: torch.device) -> tupl
             "--generator_name_or_path to start from a question encoder and a generator."
         )
     question_encoder = resolve_encoder_name(args.question_encoder_name_or_path)
-    check_model_location(question_encoder, "--question_encoder_name_or_path")
-    check_model_location(args.generator_name_or_path, "--generator_name_or_path")
     check_generator(args.generator_name_or_path)
     staging = Path(args.output_dir) / CONSOLIDATED_DIRNAME
     consolidate_rag_checkpoint(
@@ -118,10 +122,36 @@ def _load_context_encoder(name_or_path: str, device: torch.device) -> tuple[Any,
     from transformers import AutoConfig, AutoModel, AutoTokenizer, DPRContextEncoder
 
     name_or_path = resolve_encoder_name(name_or_path)
-    check_model_location(name_or_path, "--context_encoder_name_or_path")
     config = AutoConfig.from_pretrained(name_or_path)
     model_class = DPRContextEncoder if config.model_type == "dpr" else AutoModel
     return model_class.from_pretrained(name_or_path).to(device), AutoTokenizer.from_pretrained(name_or_path)
+
+
+def _check_model_flags(args: argparse.Namespace) -> None:
+    """Index flags, model locations (the Hub within seconds) and the generator's kind, before anything loads."""
+    from_parts = not args.model_name_or_path
+    # From parts, the RAG config starts as RagConfig's; a checkpoint's own config names its index.
+    check_index_fields(args, index_name=RagConfig.index_name if from_parts else None)
+    generator = args.generator_name_or_path
+    if generator and resolve_encoder_name(generator) != generator:
+        check_generator(generator)  # the packaged sentence encoder: not a generator
+    question_encoder = args.question_encoder_name_or_path
+    check_model_sources(
+        (
+            ("--model_name_or_path", args.model_name_or_path, "checkpoint"),
+            (
+                "--question_encoder_name_or_path",
+                question_encoder and resolve_encoder_name(question_encoder),
+                "model",
+            ),
+            ("--generator_name_or_path", generator, "model"),
+            (
+                "--context_encoder_name_or_path",
+                args.context_encoder_name_or_path and resolve_encoder_name(args.context_encoder_name_or_path),
+                "model",
+            ),
+        )
+    )
 
 
 def _train(args: argparse.Namespace, training_args: TrainingArguments) -> TrainResult:
@@ -185,6 +215,7 @@ def run(args: argparse.Namespace) -> int:
         )
     check_device(args.device)
     check_output_dir(training_args)
+    _check_model_flags(args)
     # --no_progress hides transformers' bars too (loading weights, writing every checkpoint).
     with hidden_progress_bars(not training_args.show_progress):
         result = _train(args, training_args)

@@ -47,7 +47,8 @@ def _import_ray() -> Any:
         import ray
     except ImportError as err:
         raise ImportError(
-            "The Ray retriever needs Ray: `pip install 'ragkit-torch[distributed]'` (or `pip install 'ray[default]'`)."
+            "The Ray retriever needs Ray: `pip install 'ray[default]'` (or, in a clone of the ragkit repository, "
+            "`pip install -e '.[distributed]'`)."
         ) from err
     return ray
 
@@ -96,7 +97,7 @@ def _check_reachable(address: str | None, timeout_s: float) -> None:
         raise RetrievalUnavailableError(
             f"Cannot reach the Ray cluster at {address!r} ({err}). Check the address and port "
             "(`ray status` on the head node prints it), that the cluster is running and reachable from here, "
-            "or pass address=None to start a local Ray."
+            "or start a local Ray instead (no address: omit --ray_address, or address=None in Python)."
         ) from err
 
 

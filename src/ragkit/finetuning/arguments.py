@@ -9,6 +9,7 @@ line, the defaults and the docs cannot drift apart. Every flag takes both spelli
 from __future__ import annotations
 
 import argparse
+import contextvars
 import copy
 import dataclasses
 import math
@@ -30,6 +31,12 @@ __all__ = [
 ]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+#: True while :func:`dataclass_from_namespace` builds settings from flags: their errors name the flag the
+#: user typed (``--num_train_epochs``) instead of the field (``num_train_epochs``).
+_FROM_FLAGS: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "ragkit_settings_from_flags", default=False
+)
 
 
 def _help(text: str, **extra: Any) -> dict[str, Any]:
@@ -123,7 +130,23 @@ def add_dataclass_arguments(
 def dataclass_from_namespace(cls: type, args: argparse.Namespace, **overrides: Any) -> Any:
     """An instance of the dataclass ``cls`` from the parsed flags of the same names (others keep defaults)."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
-    return cls(**{**values, **overrides})
+    token = _FROM_FLAGS.set(True)
+    try:
+        return cls(**{**values, **overrides})
+    finally:
+        _FROM_FLAGS.reset(token)
+
+
+def _ref(name: str) -> str:
+    """A setting as the user gave it: ``--name`` on the command line, ```name``` in Python."""
+    return f"--{name}" if _FROM_FLAGS.get() else f"`{name}`"
+
+
+def _switch(name: str, on: bool) -> str:
+    """How to turn a boolean setting on or off, in the words of the command line or of Python."""
+    if _FROM_FLAGS.get():
+        return f"add --{name}" if on else f"leave out --{name}"
+    return f"set `{name}={on}`"
 
 
 def _is_int(value: Any) -> bool:
@@ -258,24 +281,32 @@ class TrainingArguments:
         ):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise RagInputError(f"`{name}` must be >= 1, got {value!r}.")
+                raise RagInputError(f"{_ref(name)} must be >= 1, got {value!r}.")
         for name in ("warmup_steps", "save_steps", "weight_decay", "max_grad_norm"):
             if getattr(self, name) < 0:
-                raise RagInputError(f"`{name}` must be >= 0, got {getattr(self, name)!r}.")
+                raise RagInputError(f"{_ref(name)} must be >= 0, got {getattr(self, name)!r}.")
         if self.learning_rate <= 0:
-            raise RagInputError(f"`learning_rate` must be > 0, got {self.learning_rate!r}.")
+            raise RagInputError(f"{_ref('learning_rate')} must be > 0, got {self.learning_rate!r}.")
         if not 0.0 <= self.label_smoothing < 1.0:
-            raise RagInputError(f"`label_smoothing` must be in [0, 1), got {self.label_smoothing!r}.")
+            raise RagInputError(f"{_ref('label_smoothing')} must be in [0, 1), got {self.label_smoothing!r}.")
         if self.precision not in PRECISIONS:
             raise RagInputError(
-                f"`precision` must be one of {', '.join(PRECISIONS)}, got {self.precision!r}."
+                f"{_ref('precision')} must be one of {', '.join(PRECISIONS)}, got {self.precision!r}."
             )
         if not self.output_dir:
-            raise RagInputError("`output_dir` must be a directory path, got an empty string.")
+            raise RagInputError(f"{_ref('output_dir')} must be a directory path, got an empty string.")
         if self.cache_retrieval and (self.end2end or not self.freeze_question_encoder):
+            # Name only what is in the way: the user may have frozen the question encoder already.
+            problems, fixes = [], []
+            if not self.freeze_question_encoder:
+                problems.append("the question encoder is trained")
+                fixes.append(_switch("freeze_question_encoder", True))
+            if self.end2end:
+                problems.append(f"{_ref('end2end')} retrains the context encoder and rebuilds the index")
+                fixes.append(_switch("end2end", False))
             raise RagInputError(
-                "`cache_retrieval` reuses retrieval results, so it needs a fixed retriever: set "
-                "`freeze_question_encoder=True` and `end2end=False`, or turn `cache_retrieval` off."
+                f"{_ref('cache_retrieval')} reuses retrieval results, so it needs a fixed retriever, but "
+                f"{' and '.join(problems)}: {' and '.join(fixes)}, or {_switch('cache_retrieval', False)}."
             )
 
     def _check_type(self, name: str, kind: Any, optional: bool) -> None:
@@ -294,6 +325,6 @@ class TrainingArguments:
                 kind
             ]
             raise RagInputError(
-                f"`{name}` must be {expected}{' or None' if optional else ''}, got {value!r} "
+                f"{_ref(name)} must be {expected}{' or None' if optional else ''}, got {value!r} "
                 f"({type(value).__name__})."
             )
