@@ -438,7 +438,7 @@ def _prepare_accelerator_kwargs(
 ) -> dict[str, Any]:
     """Check and adapt the CUDA-path options of ``from_pretrained`` before transformers sees them.
 
-    - bitsandbytes without the package or a device: a clear error naming ``ragkit-torch[cuda]`` (also for a
+    - bitsandbytes without the package or a device: a clear error naming ``pip install -e '.[cuda]'`` (also for a
       checkpoint saved quantized);
     - ``attn_implementation``: decided per part, unsupported choices fall back (see
       :func:`ragkit._accelerators.resolve_attn_implementation`); flash-attention checked before loading;
@@ -676,7 +676,7 @@ class RagPreTrainedModel(PreTrainedModel):
           ``quantize_question_encoder=True`` (a ragkit argument). Without ``dtype``, a 4-bit load keeps the
           unquantized modules in ``bnb_4bit_compute_dtype`` when that is bf16/fp16.
         - flash-attention or bitsandbytes without CUDA or without their package raise
-          :class:`~ragkit._accelerators.AcceleratorUnavailableError` naming ``pip install 'ragkit-torch[cuda]'``.
+          :class:`~ragkit._accelerators.AcceleratorUnavailableError` naming ``pip install -e '.[cuda]'``.
 
         A checkpoint whose weights file lacks tensors of the question encoder or the generator (beyond the
         tied copies transformers expects to be absent) is refused with

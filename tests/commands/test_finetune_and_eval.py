@@ -174,6 +174,7 @@ def test_consolidate_finetune_resume_eval(tmp_path, components, data_dir, capita
                 "--predictions_path", str(predictions),
                 "--metrics_path", str(metrics_path),
                 "--n_docs", "2",
+                "--overwrite",  # the predictions of the e2e run above
             ]
         )
         == 0

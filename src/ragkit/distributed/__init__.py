@@ -8,7 +8,7 @@
 - :mod:`ragkit.distributed.sharding`: the shards and the exact merge, usable without Ray.
 
 Both retrievers are :class:`~ragkit.RagRetriever` subclasses: a RAG model takes them as it takes a
-``RagRetriever``. Ray is optional (``pip install 'ragkit-torch[distributed]'``); names are imported on
+``RagRetriever``. Ray is optional (``pip install 'ray[default]'``, or ``pip install -e '.[distributed]'`` in a clone); names are imported on
 first use so that ``import ragkit.distributed`` needs neither Ray nor the model code.
 """
 
