@@ -194,7 +194,7 @@ def _bad_given_contexts(pair, questions, case: str) -> tuple[dict, str]:
         return contexts, "`doc_scores` must be a floating-point tensor"
     if case == "numpy_doc_scores":
         contexts["doc_scores"] = contexts["doc_scores"].numpy()
-        return contexts, "`doc_scores` must be a floating-point tensor"
+        return contexts, "`doc_scores` must be a torch tensor.*NumPy array.*torch.from_numpy"
     if case == "numpy_ids":
         contexts["context_input_ids"] = ids.numpy()
         return contexts, "`context_input_ids` must be a torch tensor"
