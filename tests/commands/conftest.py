@@ -1,10 +1,14 @@
-"""Fixtures for the command tests: a tiny RAG checkpoint over the tiny passages, written by the commands."""
+"""Fixtures for the command tests: a tiny RAG checkpoint over the tiny passages, written by the commands, and a
+Hub that refuses connections."""
 
 from __future__ import annotations
+
+import socket
 
 import pytest
 import torch
 
+from ragkit import commands
 from ragkit.cli import main
 from ragkit.testing import TINY_PASSAGES, tiny_bart_config, tiny_dpr_config
 
@@ -46,3 +50,24 @@ def checkpoint(tmp_path_factory, question_encoder_tokenizer, generator_tokenizer
     )  # fmt: skip
     assert code == 0
     return root / "rag"
+
+
+def _closed_port() -> int:
+    """A local port nothing listens on (connections are refused at once)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def online_without_network(monkeypatch):
+    """Downloads allowed (HF_HUB_OFFLINE unset) but the Hub endpoint refuses connections."""
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    commands._can_connect.cache_clear()
+    yield
+    commands._can_connect.cache_clear()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 
 import pytest
@@ -17,27 +16,6 @@ def docs(tmp_path):
     path = tmp_path / "docs.tsv"
     path.write_text("title\ttext\nParis\tParis is the capital of France.\n")
     return path
-
-
-def _closed_port() -> int:
-    """A local port nothing listens on (connections are refused at once)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def online_without_network(monkeypatch):
-    """Downloads allowed (HF_HUB_OFFLINE unset) but the Hub endpoint refuses connections."""
-    from huggingface_hub import constants
-
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
-    commands._can_connect.cache_clear()
-    yield
-    commands._can_connect.cache_clear()
 
 
 def _one_error(err: str, command: str) -> str:

@@ -8,14 +8,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import time
 
 import numpy as np
 import pytest
 import torch
 
-from ragkit import commands
 from ragkit.cli import main
 from ragkit.errors import RagInputError
 from ragkit.testing import TINY_PASSAGES, tiny_bart_config, tiny_dpr_config
@@ -161,26 +159,6 @@ def test_finetune_from_parts_reads_questions_as_the_encoder_declares(
 
 
 # ----------------------------------------------------------------------------- the Hub and model flags
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def online_without_network(monkeypatch):
-    """Downloads allowed (HF_HUB_OFFLINE unset) but the Hub endpoint refuses connections."""
-    from huggingface_hub import constants
-
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
-    commands._can_connect.cache_clear()
-    yield
-    commands._can_connect.cache_clear()
 
 
 def _finetune_argv(tmp_path, *model, data_dir=None):
