@@ -343,3 +343,13 @@ def test_a_missing_package_is_a_message_but_a_broken_ragkit_import_is_a_tracebac
     monkeypatch.setattr(command, "run", broken)
     with pytest.raises(ImportError, match=r"ragkit\.loading"):
         main(["build-index", str(docs), str(tmp_path / "out")])
+
+
+def test_a_file_as_convert_legacy_source_asks_for_a_directory(tmp_path, capsys):
+    # The source is a dataset (DPR's legacy files), not a model: the message must not ask for a model.
+    source = tmp_path / "afile.txt"
+    source.write_text("not an index\n")
+    assert main(["convert-legacy", str(source), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ragkit convert-legacy: error: SRC") and "is a file; give a directory" in err
+    assert "model" not in err.split("error:", 1)[1] and not (tmp_path / "out").exists()

@@ -293,7 +293,7 @@ def require_source(
     if os.path.isdir(name):
         return
     if os.path.exists(name):
-        raise RagInputError(f"{flag} {name!r} is a file; give a model directory or a Hub id.{hint}")
+        raise RagInputError(f"{flag} {name!r} is a file; give a directory or a Hub id.{hint}")
     if _looks_like_path(name):
         raise MissingFileError(
             f"{flag} {name!r}: no such directory (and it is not a Hub id like org/name).{hint}"
