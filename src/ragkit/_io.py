@@ -8,6 +8,7 @@ successful write to the same target removes those whose process is gone (never t
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -19,7 +20,14 @@ from pathlib import Path
 
 from .errors import RagInputError
 
-__all__ = ["atomic_directory", "atomic_file", "check_not_inside", "check_replaceable", "file_above"]
+__all__ = [
+    "atomic_directory",
+    "atomic_file",
+    "check_not_inside",
+    "check_replaceable",
+    "file_above",
+    "read_json_object",
+]
 
 
 def _fsync_path(path: Path) -> None:
@@ -162,6 +170,16 @@ def check_not_inside(output_dir: str | os.PathLike, source: str | os.PathLike, w
             f"{what} {os.fspath(source)!r} is inside the output directory {os.fspath(output_dir)!r}, which is "
             "replaced as a whole (its old content deleted); write the output to another directory."
         )
+
+
+def read_json_object(path: str | os.PathLike) -> dict | None:
+    """The JSON object in the file ``path``; None when it is missing, unreadable, not JSON or not an object."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            content = json.load(f)
+    except (OSError, ValueError):  # ValueError: not JSON, or not UTF-8
+        return None
+    return content if isinstance(content, dict) else None
 
 
 def file_above(path: str | os.PathLike) -> Path | None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
-import json
 import logging
 import os
 import random
@@ -339,15 +338,6 @@ def _written_by_demo(path: Path, line_matches: Callable[[str], bool]) -> bool:
     return bool(lines) and all(line_matches(line) for line in lines)
 
 
-def _is_training_metrics(path: Path) -> bool:
-    """Whether ``path`` is the ``metrics.json`` a training run writes."""
-    try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return False
-    return isinstance(content, dict) and {"global_step", "train_loss"} <= content.keys()
-
-
 def check_work_dir(work_dir: str | os.PathLike) -> None:
     """Refuse a work directory where a kept demo would replace the user's files, before any work.
 
@@ -364,6 +354,7 @@ def check_work_dir(work_dir: str | os.PathLike) -> None:
     """
     from ._io import check_replaceable
     from .errors import RagInputError
+    from .finetuning.trainer import is_training_metrics
     from .loading import RAG_CHECKPOINT_ENTRIES
     from .retrieval.building import INDEX_FILENAME, MANIFEST_FILENAME, PASSAGES_DIRNAME
 
@@ -391,7 +382,7 @@ def check_work_dir(work_dir: str | os.PathLike) -> None:
     files = {
         work_dir / _HELD_OUT_QUESTIONS: lambda p: _written_by_demo(p, _QUESTION_LINE.fullmatch),
         work_dir / _HELD_OUT_ANSWERS: lambda p: _written_by_demo(p, modules.__contains__),
-        work_dir / "finetune" / "metrics.json": _is_training_metrics,
+        work_dir / "finetune" / "metrics.json": is_training_metrics,
     }
     for path, ours in files.items():
         if (path.exists() or path.is_symlink()) and not ours(path):

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ._io import atomic_directory, check_not_inside, check_replaceable
+from ._io import atomic_directory, check_not_inside, check_replaceable, read_json_object
 from .encoders import declared_pooling, resolve_encoder_name, vector_width
 from .errors import CorruptFileError, MissingFileError, RagInputError
 
@@ -118,14 +118,8 @@ def check_safetensors_file(path: str | os.PathLike, advice: str | None = None) -
 
 def is_rag_checkpoint(path: str | os.PathLike) -> bool:
     """True when ``path`` is a local directory whose ``config.json`` has ``model_type: "rag"``."""
-    config_file = Path(path) / "config.json"
-    if not config_file.is_file():
-        return False
-    try:
-        with open(config_file, encoding="utf-8") as f:
-            return json.load(f).get("model_type") == "rag"
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return False
+    config = read_json_object(Path(path) / "config.json")
+    return config is not None and config.get("model_type") == "rag"
 
 
 def _check_rag_checkpoint(path: str | os.PathLike) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import os
 import shutil
@@ -27,7 +26,7 @@ import numpy as np
 from datasets import load_dataset
 from transformers import BatchEncoding, PreTrainedTokenizerBase
 
-from ._io import atomic_directory, atomic_file
+from ._io import atomic_directory, atomic_file, read_json_object
 from .configuration_rag import RagConfig
 from .errors import RagInputError
 from .retrieval.base import Index, as_query_matrix, check_query_shape
@@ -100,12 +99,8 @@ def _paths_changed_from_saved(config: RagConfig, directory: str) -> set[str]:
     which files to use, as transformers takes them; unchanged fields may still follow the saved files.
     Without a readable config.json to compare with, every field counts as chosen by the caller.
     """
-    try:
-        with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
-            stored = json.load(f)
-    except (OSError, ValueError):
-        return set(_SAVED_NAMES)
-    if not isinstance(stored, dict):
+    stored = read_json_object(os.path.join(directory, "config.json"))
+    if stored is None:
         return set(_SAVED_NAMES)
     return {field for field in _SAVED_NAMES if getattr(config, field, None) != stored.get(field)}
 

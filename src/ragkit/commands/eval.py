@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 
+from .._io import read_json_object
 from ..errors import RagInputError
 from . import check_device, check_outputs, positive_int, require_source
 
@@ -83,13 +84,9 @@ def _checkpoint_index_files(model_name_or_path: str) -> dict[str, str]:
     them for this run: they are still the user's index.
     """
     config_file = os.path.join(model_name_or_path, "config.json")
-    try:
-        with open(config_file, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError):
+    config = read_json_object(config_file)
+    if config is None:
         return {}  # not a local checkpoint (a Hub id), or one the loader reports on
-    if not isinstance(config, dict):
-        return {}
     from ..retrieval.building import MANIFEST_FILENAME
 
     protected = {}
@@ -107,12 +104,8 @@ def _checkpoint_index_files(model_name_or_path: str) -> dict[str, str]:
 
 def _is_metrics_file(path: str) -> bool:
     """Whether ``path`` holds metrics as eval writes them: a JSON object of ``n`` and em/f1 or precision@k."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            content = json.load(f)
-    except (OSError, ValueError):
-        return False
-    if not isinstance(content, dict) or "n" not in content:
+    content = read_json_object(path)
+    if content is None or "n" not in content:
         return False
     names = set(content) - {"n"}
     return names == {"em", "f1"} or (len(names) == 1 and next(iter(names)).startswith("precision"))

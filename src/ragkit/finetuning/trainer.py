@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .._io import atomic_directory, atomic_file, check_replaceable
+from .._io import atomic_directory, atomic_file, check_replaceable, read_json_object
 from ..errors import CheckpointError, CorruptFileError, MissingFileError, RagInputError
 from ..evaluation import evaluate_answers, generate_answers
 from ..loading import RAG_CHECKPOINT_ENTRIES, check_safetensors_file
@@ -56,6 +56,7 @@ __all__ = [
     "TrainResult",
     "check_checkpoint_files",
     "check_output_dir",
+    "is_training_metrics",
     "refresh_index",
 ]
 
@@ -288,19 +289,17 @@ def _check_checkpoint_dir_replaceable(directory: Path) -> None:
     )
 
 
+def is_training_metrics(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a ``metrics.json`` a training run wrote (its ``global_step`` and ``train_loss``)."""
+    content = read_json_object(path)
+    return content is not None and {"global_step", "train_loss"} <= content.keys()
+
+
 def _check_metrics_file_replaceable(path: Path) -> None:
     """Raise when ``path`` exists but is not a ``metrics.json`` a training run wrote."""
     if not path.exists() and not path.is_symlink():
         return
-    ours = False
-    if path.is_file():
-        try:
-            with open(path, encoding="utf-8") as f:
-                content = json.load(f)
-            ours = isinstance(content, dict) and {"global_step", "train_loss"} <= content.keys()
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            ours = False
-    if not ours:
+    if not is_training_metrics(path):
         raise RagInputError(
             f"{path} exists and was not written by a training run; it would be overwritten. Move it away, or "
             "give a new or empty --output_dir."
