@@ -15,7 +15,6 @@ import copy
 import functools
 import inspect
 import logging
-import operator
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,6 +48,7 @@ from ._compat import reorder_document_rows
 from ._io import atomic_directory
 from .configuration_rag import RagConfig, check_local_location
 from .errors import CheckpointError, RagInputError
+from .generation.arguments import as_integer
 from .generation.calls import RAG_TOKEN_DECODING as _RAG_TOKEN_DECODING
 from .generation.contexts import trim_context_padding
 from .losses import compute_dtype
@@ -219,15 +219,9 @@ def _check_token_ids(
 
 
 def _check_n_docs(n_docs: Any) -> int:
-    """``n_docs`` as a Python int; :class:`RagInputError` unless it is a whole number >= 1.
-
-    Any integer type is accepted (``numpy.int64`` from ``np.arange`` or pandas, a 0-d integer tensor): what
-    ``operator.index`` takes. Booleans are refused: ``True`` is an int to Python, never a count here.
-    """
-    try:
-        value = None if isinstance(n_docs, bool) else operator.index(n_docs)
-    except TypeError:
-        value = None
+    """``n_docs`` as a Python int; :class:`RagInputError` unless it is a whole number >= 1 of any integer type
+    (:func:`~ragkit.generation.arguments.as_integer`)."""
+    value = as_integer(n_docs)
     if value is None or value < 1:
         raise RagInputError(f"`n_docs` must be an integer >= 1 (documents per question), got {n_docs!r}.")
     return value

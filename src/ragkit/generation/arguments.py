@@ -9,7 +9,7 @@ import torch
 
 from ..errors import RagInputError
 
-__all__ = ["check_count", "check_generation_kwargs"]
+__all__ = ["as_integer", "check_count", "check_generation_kwargs"]
 
 # Generation options that are counts, and the least value each may take.
 _LEAST = {
@@ -25,19 +25,26 @@ _LEAST = {
 }
 
 
-def check_count(name: str, value: Any, least: int) -> int | None:
-    """``value`` as an int of at least ``least`` (None stays None); a :class:`RagInputError` otherwise.
+def as_integer(value: Any) -> int | None:
+    """``value`` as a Python int when it is an integer, else None (booleans and floats included).
 
     Any integer is accepted, as Transformers does: a Python int, a numpy integer (``np.int64`` from
-    ``np.arange`` or a data frame) or a one-element integer tensor. Booleans and floats are refused.
+    ``np.arange`` or a data frame) or a one-element integer tensor. ``True`` is an int to Python, never a
+    count here.
     """
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        return None
+    try:
+        return operator.index(value)
+    except (TypeError, ValueError, RuntimeError):  # floats, arrays, tensors of several elements
+        return None
+
+
+def check_count(name: str, value: Any, least: int) -> int | None:
+    """``value`` as an int of at least ``least`` (None stays None); a :class:`RagInputError` otherwise."""
     if value is None:
         return None
-    is_bool = isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool)
-    try:
-        count = None if is_bool else operator.index(value)
-    except (TypeError, ValueError, RuntimeError):  # floats, arrays, tensors of several elements
-        count = None
+    count = as_integer(value)
     if count is None:
         raise RagInputError(f"`{name}` must be an integer of at least {least}, got {value!r}.")
     if count < least:
