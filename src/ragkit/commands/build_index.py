@@ -30,7 +30,7 @@ __all__ = ["configure_parser", "run"]
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``ragkit build-index`` (each also accepted with dashes: ``--words-per-passage``)."""
     # The library's default sample, said in --help (None is passed on, so build_index applies it).
-    from ..retrieval.building import _DEFAULT_TRAIN_SIZE, DEFAULT_ENCODER
+    from ..retrieval.building import DEFAULT_ENCODER, DEFAULT_TRAIN_SIZE
 
     parser.add_argument("source", help="documents: .csv/.tsv (title, text), .jsonl or .parquet")
     parser.add_argument(
@@ -67,7 +67,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--train_size",
         type=positive_int,
         default=None,
-        help=f"vectors used to train IVF/PQ indexes (default: {_DEFAULT_TRAIN_SIZE:,})",
+        help=f"vectors used to train IVF/PQ indexes (default: {DEFAULT_TRAIN_SIZE:,})",
     )
     parser.add_argument("--no_progress", action="store_true", help="hide progress bars")
 

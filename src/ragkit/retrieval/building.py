@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_ENCODER",
+    "DEFAULT_TRAIN_SIZE",
     "BuiltIndex",
     "build_faiss_index",
     "build_index",
@@ -52,7 +53,7 @@ INDEX_FILENAME = "index.faiss"
 MANIFEST_FILENAME = "ragkit_index.json"
 _METRICS = ("ip", "l2")
 #: Vectors used to train a trainable index (IVF, PQ); the size wiki_dpr's indexes were trained on.
-_DEFAULT_TRAIN_SIZE = 262_144
+DEFAULT_TRAIN_SIZE = 262_144
 #: Rows added to a faiss index at a time (bounds the memory of a memory-mapped source).
 _ADD_CHUNK_ROWS = 65_536
 
@@ -317,7 +318,7 @@ def build_faiss_index(
     num_rows, dim = int(embeddings.shape[0]), int(embeddings.shape[1])
     index = _new_faiss_index(dim, index_factory, metric)
     if not index.is_trained:
-        size = min(num_rows, train_size or _DEFAULT_TRAIN_SIZE)
+        size = min(num_rows, train_size or DEFAULT_TRAIN_SIZE)
         _check_trainable(index, index_factory, size)
         rows = np.arange(num_rows)
         if size < num_rows:
@@ -513,7 +514,7 @@ def build_index(
     else:
         encoder_name = getattr(encoder.model, "name_or_path", type(encoder.model).__name__)
     # A mistyped factory or metric, or too few passages for its IVF lists, fails now, not after the embedding.
-    num_train = min(len(texts), train_size or _DEFAULT_TRAIN_SIZE)
+    num_train = min(len(texts), train_size or DEFAULT_TRAIN_SIZE)
     _check_trainable(_new_faiss_index(encoder.dim, index_factory, metric), index_factory, num_train)
     logger.info("Embedding %d passages with %s", len(texts), encoder_name)
     embeddings = encoder.encode(titles, batch_size=batch_size, show_progress=show_progress, text_pairs=texts)
